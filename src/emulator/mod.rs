@@ -1,0 +1,1 @@
+//! The local Chat emulator (being built).

@@ -1,0 +1,3 @@
+//! The HTTP server: accept loop, routing, and one handler per route.
+
+pub mod listener;
