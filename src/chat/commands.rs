@@ -64,6 +64,21 @@ pub const DEFAULT_IDEMPOTENT: &[&str] = &[
     "openconfigsvr/getappinfo",
 ];
 
+/// Documented writes that the gateway knows by name (metrics label them by name).
+pub const KNOWN_WRITES: &[&str] = &[
+    "recentcontact/delete",
+    "recentcontact/mark_contact",
+    "recentcontact/create_contact_group",
+    "recentcontact/update_contact_group",
+    "recentcontact/del_contact_group",
+    "openim/sendmsg",
+    "openim/batchsendmsg",
+    "openim/admin_msgwithdraw",
+    "group_open_http_svc/send_group_msg",
+    "im_open_login_svc/account_import",
+    "im_open_login_svc/account_delete",
+];
+
 /// The class of a built-in command; commands not listed are writes unless config
 /// names them idempotent.
 pub fn builtin_class(command: &str) -> CommandClass {

@@ -1,0 +1,356 @@
+//! The page store: moka, with one entry per account holding that account's pages.
+//!
+//! Grouping pages per account makes "drop every page of this account" one moka
+//! `remove`, O(1) whatever the number of cached pages or accounts. An entry is
+//! replaced copy-on-write when a page is added (under moka's per-key compute lock), so
+//! readers never lock: a hit is one moka `get` and a scan of the account's few pages.
+//!
+//! Each page keeps its own `fresh_until` and `stale_until`; moka expires the account's
+//! entry when its last page's stale window ends (see [`PagesExpiry`]). A lookup tells
+//! fresh from stale, so stale-if-error can serve a page moka still holds.
+//!
+//! A fetch that started before an invalidation of its account must not put its
+//! (possibly stale) answer back: [`PageStore::begin_fetch`] takes an epoch, and
+//! [`PageStore::insert`] refuses when the account was invalidated after it.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
+use moka::Expiry;
+
+use super::key::PageKey;
+
+/// Bytes counted per page on top of its body and key, for the weigher.
+const PAGE_OVERHEAD: usize = 96;
+/// Bytes counted per account entry on top of its pages.
+const ENTRY_OVERHEAD: usize = 64;
+/// How long an invalidation is remembered to reject fetches that started before it.
+/// Longer than any fetch can take.
+const INVALIDATION_MEMORY: Duration = Duration::from_secs(120);
+
+/// One cached answer.
+#[derive(Debug)]
+pub struct Page {
+    /// Which page of the account.
+    pub key: PageKey,
+    /// Chat's answer, byte for byte; cloned by handle on every hit.
+    pub body: Bytes,
+    /// When it was stored, for the `age` header.
+    pub stored_at: Instant,
+    /// Served as fresh until then.
+    pub fresh_until: Instant,
+    /// Served as stale (only when Chat fails) until then.
+    pub stale_until: Instant,
+    /// GroupIds this page lists (for group-event invalidation).
+    pub groups: Box<[Arc<str>]>,
+}
+
+/// An account's cached pages: the value of one moka entry.
+#[derive(Debug, Default)]
+pub struct AccountPages {
+    /// The pages, few per account; scanned linearly.
+    pub pages: Vec<Arc<Page>>,
+    /// Weighted size, computed once when the entry is built.
+    weight: u32,
+    /// The latest `stale_until` of the pages: when moka may drop the entry.
+    stale_until: Option<Instant>,
+}
+
+impl AccountPages {
+    fn new(pages: Vec<Arc<Page>>, account_len: usize) -> Self {
+        let weight = pages
+            .iter()
+            .map(|p| p.body.len() + p.key.extra.as_ref().map_or(0, |e| e.len()) + PAGE_OVERHEAD)
+            .sum::<usize>()
+            + account_len
+            + ENTRY_OVERHEAD;
+        let stale_until = pages.iter().map(|p| p.stale_until).max();
+        AccountPages {
+            pages,
+            weight: u32::try_from(weight).unwrap_or(u32::MAX),
+            stale_until,
+        }
+    }
+
+    /// Whether any page lists `group`.
+    pub fn lists_group(&self, group: &str) -> bool {
+        self.pages
+            .iter()
+            .any(|p| p.groups.iter().any(|g| &**g == group))
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A page within its TTL.
+    Fresh(Arc<Page>),
+    /// A page past its TTL but within the stale window: only for when Chat fails.
+    Stale(Arc<Page>),
+    /// Nothing usable.
+    Miss,
+}
+
+/// Tells moka when an account's entry may go: after its last page's stale window.
+struct PagesExpiry;
+
+impl Expiry<Arc<str>, Arc<AccountPages>> for PagesExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &Arc<str>,
+        value: &Arc<AccountPages>,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        value
+            .stale_until
+            .map(|t| t.saturating_duration_since(created_at))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Arc<str>,
+        value: &Arc<AccountPages>,
+        updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        value
+            .stale_until
+            .map(|t| t.saturating_duration_since(updated_at))
+    }
+}
+
+/// Receives every entry that leaves the store (eviction, expiry, invalidation), e.g.
+/// to keep a GroupId index consistent.
+pub trait RemovalObserver: Send + Sync + 'static {
+    /// `pages` of `account` left the store.
+    fn removed(&self, account: &Arc<str>, pages: &AccountPages);
+}
+
+/// The page cache.
+pub struct PageStore {
+    /// account → its pages.
+    cache: moka::sync::Cache<Arc<str>, Arc<AccountPages>>,
+    /// Bumped by every invalidation; a fetch records it when it starts.
+    epoch: AtomicU64,
+    /// The epoch of the last "invalidate everything".
+    all_invalidated: AtomicU64,
+    /// account → epoch of its last invalidation, remembered for a while.
+    recent_invalidations: moka::sync::Cache<Arc<str>, u64>,
+    /// Pages held (for the pages gauge), kept by insert and the removal listener.
+    pages: Arc<AtomicI64>,
+}
+
+impl std::fmt::Debug for PageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageStore")
+            .field("entries", &self.cache.entry_count())
+            .field("weighted_bytes", &self.cache.weighted_size())
+            .finish()
+    }
+}
+
+impl PageStore {
+    /// A store bounded to `max_bytes` of weighted size.
+    pub fn new(max_bytes: u64, observer: Option<Arc<dyn RemovalObserver>>) -> Self {
+        let pages = Arc::new(AtomicI64::new(0));
+        let pages_l = pages.clone();
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &Arc<str>, v: &Arc<AccountPages>| {
+                v.weight.saturating_add(k.len() as u32)
+            })
+            .expire_after(PagesExpiry)
+            .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<AccountPages>, cause| {
+                if cause != RemovalCause::Replaced {
+                    pages_l.fetch_sub(v.pages.len() as i64, Ordering::Relaxed);
+                }
+                if let Some(o) = &observer {
+                    o.removed(&k, &v);
+                }
+            })
+            .build();
+        let recent_invalidations = moka::sync::Cache::builder()
+            .max_capacity(1_000_000)
+            .time_to_live(INVALIDATION_MEMORY)
+            .build();
+        PageStore {
+            cache,
+            epoch: AtomicU64::new(1),
+            all_invalidated: AtomicU64::new(0),
+            recent_invalidations,
+            pages,
+        }
+    }
+
+    /// Looks up a page. No allocation, no lock.
+    pub fn lookup(&self, account: &str, key: &PageKey, now: Instant) -> Lookup {
+        let Some(entry) = self.cache.get(account) else {
+            return Lookup::Miss;
+        };
+        match entry.pages.iter().find(|p| p.key == *key) {
+            Some(p) if now < p.fresh_until => Lookup::Fresh(p.clone()),
+            Some(p) if now < p.stale_until => Lookup::Stale(p.clone()),
+            _ => Lookup::Miss,
+        }
+    }
+
+    /// The account's entry, if cached.
+    pub fn account(&self, account: &str) -> Option<Arc<AccountPages>> {
+        self.cache.get(account)
+    }
+
+    /// Marks the start of a fetch; pass the result to [`PageStore::insert`].
+    pub fn begin_fetch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Stores a page fetched since `fetch_epoch`, unless its account was invalidated
+    /// meanwhile. Returns whether it was stored.
+    pub fn insert(&self, account: &str, page: Page, fetch_epoch: u64) -> bool {
+        let now = Instant::now();
+        let page = Arc::new(page);
+        let key: Arc<str> = Arc::from(account);
+        let mut stored = false;
+        let mut delta = 0i64;
+        self.cache.entry(key.clone()).and_compute_with(|existing| {
+            // Checked under the key's lock: an invalidation records itself before it
+            // removes, so either we see it here or it removes what we put.
+            if self.invalidated_since(&key, fetch_epoch) {
+                return Op::Nop;
+            }
+            let mut pages: Vec<Arc<Page>> = match &existing {
+                Some(e) => e
+                    .value()
+                    .pages
+                    .iter()
+                    .filter(|p| p.key != page.key && p.stale_until > now)
+                    .cloned()
+                    .collect(),
+                None => Vec::with_capacity(1),
+            };
+            let before = existing.as_ref().map_or(0, |e| e.value().pages.len()) as i64;
+            pages.push(page.clone());
+            delta = pages.len() as i64 - before;
+            stored = true;
+            Op::Put(Arc::new(AccountPages::new(pages, key.len())))
+        });
+        if stored {
+            self.pages.fetch_add(delta, Ordering::Relaxed);
+        }
+        stored
+    }
+
+    fn invalidated_since(&self, account: &Arc<str>, fetch_epoch: u64) -> bool {
+        self.all_invalidated.load(Ordering::Acquire) >= fetch_epoch
+            || self
+                .recent_invalidations
+                .get(account)
+                .is_some_and(|e| e >= fetch_epoch)
+    }
+
+    /// Drops every page of `account`. O(1). Returns how many pages were dropped.
+    pub fn invalidate(&self, account: &str) -> usize {
+        let key: Arc<str> = Arc::from(account);
+        let e = self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.recent_invalidations.insert(key.clone(), e);
+        self.cache.remove(&key).map_or(0, |v| v.pages.len())
+    }
+
+    /// Drops everything. O(1) (moka drops entries lazily). Returns the pages dropped.
+    pub fn invalidate_all(&self) -> usize {
+        let e = self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.all_invalidated.store(e, Ordering::Release);
+        let n = self.pages.load(Ordering::Relaxed).max(0) as usize;
+        self.cache.invalidate_all();
+        n
+    }
+
+    /// Accounts cached (approximate, as moka counts).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Pages cached.
+    pub fn page_count(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Weighted size, bytes.
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    /// Runs moka's pending housekeeping (tests and metrics).
+    pub fn sync(&self) {
+        self.cache.run_pending_tasks();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ts: u64) -> PageKey {
+        PageKey {
+            time_stamp: ts,
+            start_index: 0,
+            top_time_stamp: 0,
+            top_start_index: 0,
+            assist_flags: 63,
+            extra: None,
+        }
+    }
+
+    fn page(ts: u64, ttl: Duration, stale: Duration) -> Page {
+        let now = Instant::now();
+        Page {
+            key: key(ts),
+            body: Bytes::from(format!("page {ts}")),
+            stored_at: now,
+            fresh_until: now + ttl,
+            stale_until: now + ttl + stale,
+            groups: Box::new([]),
+        }
+    }
+
+    #[test]
+    fn pages_of_an_account_are_dropped_together() {
+        let s = PageStore::new(1 << 20, None);
+        let t = Duration::from_secs(60);
+        for ts in 0..3 {
+            assert!(s.insert("a", page(ts, t, t), s.begin_fetch()));
+        }
+        assert!(s.insert("b", page(0, t, t), s.begin_fetch()));
+        assert!(matches!(s.lookup("a", &key(2), Instant::now()), Lookup::Fresh(_)));
+        assert_eq!(s.page_count(), 4);
+        assert_eq!(s.invalidate("a"), 3);
+        assert!(matches!(s.lookup("a", &key(2), Instant::now()), Lookup::Miss));
+        assert!(matches!(s.lookup("b", &key(0), Instant::now()), Lookup::Fresh(_)));
+        s.sync();
+        assert_eq!(s.page_count(), 1);
+    }
+
+    #[test]
+    fn a_fetch_that_started_before_an_invalidation_is_not_stored() {
+        let s = PageStore::new(1 << 20, None);
+        let t = Duration::from_secs(60);
+        let e = s.begin_fetch();
+        s.invalidate("a");
+        assert!(!s.insert("a", page(0, t, t), e));
+        assert!(s.insert("a", page(0, t, t), s.begin_fetch()));
+        let e = s.begin_fetch();
+        s.invalidate_all();
+        assert!(!s.insert("b", page(0, t, t), e));
+    }
+
+    #[test]
+    fn stale_is_told_apart_from_fresh() {
+        let s = PageStore::new(1 << 20, None);
+        assert!(s.insert("a", page(0, Duration::ZERO, Duration::from_secs(60)), s.begin_fetch()));
+        assert!(matches!(s.lookup("a", &key(0), Instant::now()), Lookup::Stale(_)));
+    }
+}

@@ -1,0 +1,1 @@
+//! Live reload of [`super::LiveSettings`] (being built).

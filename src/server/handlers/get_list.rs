@@ -1,0 +1,216 @@
+//! `POST /v4/recentcontact/get_list`: the cached route.
+//!
+//! hit:  parse (borrowing) → key → store lookup → shared `Bytes`, `x-cache: HIT`
+//! miss: coalesced fetch task → upstream (signer, retries) → store insert → `MISS`
+//! Chat failing: a page past its TTL but within `cache.stale_if_error_secs` → `STALE`
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use crate::cache::coalesce::Role;
+use crate::cache::key::{self, PageKey};
+use crate::cache::store::{Lookup, Page};
+use crate::chat::commands::{CommandClass, GET_LIST};
+use crate::chat::envelope::CodeClass;
+use crate::error::GatewayError;
+use crate::server::body::read_bounded;
+use crate::server::response::{self, age_value, Body, X_CACHE};
+use crate::server::AppState;
+
+const HIT: HeaderValue = HeaderValue::from_static("HIT");
+const MISS: HeaderValue = HeaderValue::from_static("MISS");
+const STALE: HeaderValue = HeaderValue::from_static("STALE");
+const BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
+
+/// What one coalesced fetch produced.
+#[derive(Debug)]
+pub struct Fetched {
+    /// Chat's HTTP status.
+    pub status: StatusCode,
+    /// Chat's answer.
+    pub body: Bytes,
+    /// Whether it was stored (a success not overtaken by an invalidation).
+    pub cached: bool,
+    /// Whether Chat failed in a way that makes a stale page preferable.
+    pub upstream_failed: bool,
+}
+
+/// The shared result of a fetch, handed to every waiter.
+pub type FetchResult = Result<Arc<Fetched>, GatewayError>;
+
+/// Handles one get_list request.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let c = &state.counters;
+    let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return refuse(&state, e),
+    };
+    let parsed = match key::parse(&body) {
+        Ok(p) => p,
+        Err(e) => return refuse(&state, e),
+    };
+    let no_cache = wants_no_cache(&parts.headers);
+    let now = Instant::now();
+    let mut stale = None;
+    if !no_cache {
+        match state.store.lookup(&parsed.account, &parsed.page, now) {
+            Lookup::Fresh(page) => {
+                c.req_hit.increment(1);
+                c.hit.increment(1);
+                return cached(&page, HIT, now);
+            }
+            Lookup::Stale(page) => stale = Some(page),
+            Lookup::Miss => {}
+        }
+    }
+
+    let account: Arc<str> = Arc::from(&*parsed.account);
+    let page_key = parsed.page.clone();
+    let upstream_body = parsed.upstream_body();
+    let fetch_state = state.clone();
+    let (result, role) = state
+        .inflight
+        .run(
+            (account.clone(), page_key.clone()),
+            move || fetch(fetch_state, account, page_key, upstream_body),
+            || Err(GatewayError::Internal("get_list fetch task panicked".into())),
+        )
+        .await;
+    if role == Role::Follower {
+        c.coalesced.increment(1);
+    }
+
+    match result {
+        Ok(f) if f.cached => {
+            c.req_miss.increment(1);
+            c.miss.increment(1);
+            upstream_answer(&f, if no_cache { BYPASS } else { MISS })
+        }
+        Ok(f) if f.upstream_failed && stale.is_some() => serve_stale(&state, stale, "Chat failed"),
+        Ok(f) => {
+            c.req_bypass.increment(1);
+            c.bypass.increment(1);
+            upstream_answer(&f, BYPASS)
+        }
+        Err(e) if stale.is_some() => serve_stale(&state, stale, e.reason()),
+        Err(e) => {
+            c.req_error.increment(1);
+            c.bypass.increment(1);
+            let mut resp = e.respond();
+            resp.headers_mut().insert(X_CACHE, BYPASS);
+            resp
+        }
+    }
+}
+
+/// Runs in its own task: calls Chat and stores a success.
+async fn fetch(state: Arc<AppState>, account: Arc<str>, page_key: PageKey, body: Bytes) -> FetchResult {
+    let epoch = state.store.begin_fetch();
+    let resp = state.upstream.call(GET_LIST, CommandClass::Read, body).await?;
+    let class = resp.chat.map(|s| CodeClass::of(s.code));
+    let success = resp.status == StatusCode::OK && resp.chat.is_some_and(|s| s.is_success());
+    let upstream_failed = resp.status.is_server_error()
+        || matches!(class, Some(CodeClass::Transient | CodeClass::Throttled));
+    let mut cached = false;
+    if success {
+        let live = state.live.load();
+        let now = Instant::now();
+        let fresh_until = now + live.cache_ttl;
+        let page = Page {
+            key: page_key,
+            body: resp.body.clone(),
+            stored_at: now,
+            fresh_until,
+            stale_until: fresh_until + live.stale_if_error,
+            groups: group_ids(&resp.body),
+        };
+        cached = state.store.insert(&account, page, epoch);
+    }
+    Ok(Arc::new(Fetched {
+        status: resp.status,
+        body: resp.body,
+        cached,
+        upstream_failed,
+    }))
+}
+
+/// The GroupIds a page lists.
+fn group_ids(body: &[u8]) -> Box<[Arc<str>]> {
+    #[derive(Deserialize)]
+    struct PageDoc<'a> {
+        #[serde(rename = "SessionItem", borrow, default)]
+        items: Vec<Item<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Item<'a> {
+        #[serde(rename = "GroupId", borrow, default)]
+        group: Option<std::borrow::Cow<'a, str>>,
+    }
+    let Ok(doc) = serde_json::from_slice::<PageDoc<'_>>(body) else {
+        return Box::new([]);
+    };
+    let mut groups: Vec<Arc<str>> = doc
+        .items
+        .into_iter()
+        .filter_map(|i| i.group.map(|g| Arc::from(&*g)))
+        .collect();
+    groups.sort();
+    groups.dedup();
+    groups.into_boxed_slice()
+}
+
+fn wants_no_cache(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .map(|s| {
+                    s.split(',')
+                        .any(|d| matches!(d.trim(), "no-cache" | "no-store"))
+                })
+                .unwrap_or(false)
+        })
+}
+
+fn cached(page: &Page, x_cache: HeaderValue, now: Instant) -> Response<Body> {
+    let mut resp = response::json(StatusCode::OK, page.body.clone());
+    let h = resp.headers_mut();
+    h.insert(X_CACHE, x_cache);
+    h.insert(
+        http::header::AGE,
+        age_value(now.saturating_duration_since(page.stored_at).as_secs()),
+    );
+    resp
+}
+
+fn serve_stale(state: &AppState, page: Option<Arc<Page>>, why: &str) -> Response<Body> {
+    let Some(page) = page else {
+        return GatewayError::Internal("stale page vanished".into()).respond();
+    };
+    tracing::warn!(reason = why, "Chat failing; serving a stale page");
+    state.counters.req_stale.increment(1);
+    state.counters.stale.increment(1);
+    cached(&page, STALE, Instant::now())
+}
+
+fn upstream_answer(f: &Fetched, x_cache: HeaderValue) -> Response<Body> {
+    let mut resp = response::json(f.status, f.body.clone());
+    resp.headers_mut().insert(X_CACHE, x_cache);
+    resp
+}
+
+fn refuse(state: &AppState, e: GatewayError) -> Response<Body> {
+    tracing::debug!(error = %e, "get_list request refused");
+    state.counters.req_error.increment(1);
+    state.counters.bypass.increment(1);
+    let mut resp = e.respond();
+    resp.headers_mut().insert(X_CACHE, BYPASS);
+    resp
+}

@@ -1,0 +1,21 @@
+//! `GET /metrics` in Prometheus text format.
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::metrics::names;
+use crate::server::response::{self, Body};
+use crate::server::AppState;
+
+/// Renders every metric; the cache gauges are read at scrape time.
+pub fn render(state: &AppState) -> Response<Body> {
+    state.store.sync();
+    metrics::gauge!(names::CACHE_ENTRIES).set(state.store.entry_count() as f64);
+    metrics::gauge!(names::CACHE_PAGES).set(state.store.page_count() as f64);
+    metrics::gauge!(names::CACHE_BYTES).set(state.store.weighted_size() as f64);
+    let mut resp = response::text(StatusCode::OK, state.metrics.render());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}

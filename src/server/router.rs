@@ -1,0 +1,71 @@
+//! Routing: one match on method and path, a request id and a span per request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response};
+use hyper::body::Incoming;
+use tracing::Instrument;
+
+use super::handlers;
+use super::response::{Body, X_REQUEST_ID};
+use super::AppState;
+use crate::chat::commands::GET_LIST;
+use crate::error::GatewayError;
+
+/// The longest caller-supplied `x-request-id` we keep; longer ones are replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The caller's `x-request-id` if it is sane, else a fresh random one.
+fn request_id(req: &Request<Incoming>) -> HeaderValue {
+    if let Some(v) = req.headers().get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let n: u64 = rand::random();
+    let mut buf = [0u8; 16];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, slot) in buf.iter_mut().enumerate() {
+        *slot = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Routes one request. Never fails: every failure is a response.
+pub async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let rid = request_id(&req);
+    let span = tracing::info_span!(
+        "request",
+        request_id = rid.to_str().unwrap_or(""),
+        method = %req.method(),
+        path = req.uri().path(),
+    );
+    let mut resp = dispatch(state, req, peer).instrument(span).await;
+    resp.headers_mut().insert(X_REQUEST_ID, rid);
+    resp
+}
+
+async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path();
+    let method = req.method();
+    match (method, path) {
+        (&Method::POST, "/v4/recentcontact/get_list") => handlers::get_list::handle(state, req).await,
+        (_, "/v4/recentcontact/get_list") => GatewayError::MethodNotAllowed("POST").respond(),
+        (&Method::GET, "/healthz") => handlers::health::healthz(),
+        (&Method::GET, "/readyz") => handlers::health::readyz(&state),
+        (&Method::GET, "/metrics") => handlers::metrics::render(&state),
+        (&Method::POST, "/quitquitquit") => handlers::health::quit(&state, peer),
+        (_, "/healthz" | "/readyz" | "/metrics") => GatewayError::MethodNotAllowed("GET").respond(),
+        (_, "/quitquitquit") => GatewayError::MethodNotAllowed("POST").respond(),
+        _ => {
+            let what = if crate::chat::commands::command_of_path(path).is_some() {
+                format!("{path} (this gateway serves {GET_LIST})")
+            } else {
+                path.to_string()
+            };
+            GatewayError::NotFound(what).respond()
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Notify;
+
+use crate::cache::coalesce::Inflight;
+use crate::cache::key::PageKey;
+use crate::cache::store::PageStore;
+use crate::config::{LiveSettings, Settings};
+use crate::metrics::GetListCounters;
+use crate::server::handlers::get_list::FetchResult;
+use crate::upstream::Upstream;
+
+/// The gateway's shared state, one per server.
+pub struct AppState {
+    /// Settings fixed at start-up.
+    pub settings: Arc<Settings>,
+    /// The reloadable settings; handlers take a snapshot per request.
+    pub live: Arc<ArcSwap<LiveSettings>>,
+    /// The way to Chat.
+    pub upstream: Arc<Upstream>,
+    /// The get_list page cache.
+    pub store: Arc<PageStore>,
+    /// get_list fetches in flight, for coalescing.
+    pub inflight: Inflight<(Arc<str>, PageKey), FetchResult>,
+    /// Hot-path counters, resolved once.
+    pub counters: GetListCounters,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Notified by `POST /quitquitquit` to start the graceful shutdown.
+    pub quit: Arc<Notify>,
+}
+
+impl AppState {
+    /// Builds the state from validated settings.
+    pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
+        let metrics = crate::metrics::install();
+        let live = Arc::new(ArcSwap::from_pointee(settings.live.clone()));
+        let upstream = Arc::new(Upstream::new(&settings, live.clone())?);
+        let store = Arc::new(PageStore::new(settings.cache.max_bytes, None));
+        Ok(Arc::new(AppState {
+            settings: Arc::new(settings),
+            live,
+            upstream,
+            store,
+            inflight: Inflight::default(),
+            counters: GetListCounters::new(),
+            metrics,
+            quit: Arc::new(Notify::new()),
+        }))
+    }
+}
