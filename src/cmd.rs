@@ -25,7 +25,10 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(settings.log.format, &settings.log.level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("chat-gateway: cannot start the runtime: {e}");

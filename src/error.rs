@@ -141,7 +141,10 @@ impl GatewayError {
         let mut resp = http::Response::new(http_body_util::Full::new(self.body()));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(http::header::CONTENT_TYPE, crate::server::response::JSON.clone());
+        h.insert(
+            http::header::CONTENT_TYPE,
+            crate::server::response::JSON.clone(),
+        );
         h.insert(
             crate::server::response::X_CHAT_GATEWAY_ERROR,
             HeaderValue::from_static(self.reason()),

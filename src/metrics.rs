@@ -59,13 +59,27 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     describe_counter!(names::REQUESTS, "Requests by route and outcome");
     describe_counter!(names::CACHE, "get_list answers by cache result");
-    describe_counter!(names::COALESCED, "Callers that waited on an identical in-flight fetch");
-    describe_counter!(names::UPSTREAM_CALLS, "Calls to Chat by command and ErrorCode");
+    describe_counter!(
+        names::COALESCED,
+        "Callers that waited on an identical in-flight fetch"
+    );
+    describe_counter!(
+        names::UPSTREAM_CALLS,
+        "Calls to Chat by command and ErrorCode"
+    );
     describe_counter!(names::RETRIES, "Retried calls to Chat by command");
-    describe_histogram!(names::UPSTREAM_LATENCY, metrics::Unit::Seconds, "Latency of calls to Chat");
+    describe_histogram!(
+        names::UPSTREAM_LATENCY,
+        metrics::Unit::Seconds,
+        "Latency of calls to Chat"
+    );
     describe_gauge!(names::CACHE_ENTRIES, "Cached accounts");
     describe_gauge!(names::CACHE_PAGES, "Cached get_list pages");
-    describe_gauge!(names::CACHE_BYTES, metrics::Unit::Bytes, "Weighted size of the page cache");
+    describe_gauge!(
+        names::CACHE_BYTES,
+        metrics::Unit::Bytes,
+        "Weighted size of the page cache"
+    );
 }
 
 /// Pre-resolved counters for the get_list path.

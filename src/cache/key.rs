@@ -57,7 +57,9 @@ pub fn parse(body: &[u8]) -> Result<GetListRequest<'_>, GatewayError> {
         let syntax = serde_json::from_slice::<serde::de::IgnoredAny>(body).err();
         match (e.classify(), syntax) {
             (serde_json::error::Category::Data, None) => GatewayError::InvalidField(e.to_string()),
-            (serde_json::error::Category::Data, Some(s)) => GatewayError::InvalidJson(s.to_string()),
+            (serde_json::error::Category::Data, Some(s)) => {
+                GatewayError::InvalidJson(s.to_string())
+            }
             _ => GatewayError::InvalidJson(e.to_string()),
         }
     })
@@ -149,9 +151,8 @@ impl<'de> Deserialize<'de> for GetListRequest<'de> {
                                 return Err(de::Error::custom("duplicate field From_Account"));
                             }
                             let raw: &'de RawValue = map.next_value()?;
-                            let MaybeBorrowed(a) = serde_json::from_str(raw.get()).map_err(|_| {
-                                de::Error::custom("From_Account must be a string")
-                            })?;
+                            let MaybeBorrowed(a) = serde_json::from_str(raw.get())
+                                .map_err(|_| de::Error::custom("From_Account must be a string"))?;
                             account = Some(a);
                             continue;
                         }
@@ -230,7 +231,9 @@ fn canonical_extras(
         serde_json::to_writer(&mut out, &value)?;
     }
     out.push(b'}');
-    Ok(Some(String::from_utf8_lossy(&out).into_owned().into_boxed_str()))
+    Ok(Some(
+        String::from_utf8_lossy(&out).into_owned().into_boxed_str(),
+    ))
 }
 
 #[cfg(test)]
@@ -259,8 +262,8 @@ mod tests {
             .unwrap();
         assert_eq!(a.page, b.page);
         assert_eq!(a.account, b.account);
-        let c = parse(br#"{"From_Account":"u","TimeStamp":5,"X":{"b":2,"a":[1,2]},"Y":true}"#)
-            .unwrap();
+        let c =
+            parse(br#"{"From_Account":"u","TimeStamp":5,"X":{"b":2,"a":[1,2]},"Y":true}"#).unwrap();
         assert_ne!(a.page, c.page);
         let body: serde_json::Value = serde_json::from_slice(&a.upstream_body()).unwrap();
         assert_eq!(body["X"]["a"][1], 2);
@@ -282,7 +285,10 @@ mod tests {
             (br#"{"From_Account":"u","TimeStamp":-1}"#, 50002),
             (br#"{"From_Account":"u","TimeStamp":"1"}"#, 50002),
             (br#"{"From_Account":"u","From_Account":"v"}"#, 50002),
-            (br#"{"From_Account":"123456789012345678901234567890123"}"#, 50002),
+            (
+                br#"{"From_Account":"123456789012345678901234567890123"}"#,
+                50002,
+            ),
         ] {
             let e = parse(body).unwrap_err();
             assert_eq!(e.code(), code, "{}: {e}", String::from_utf8_lossy(body));

@@ -160,9 +160,7 @@ impl PageStore {
         let pages_l = pages.clone();
         let cache = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|k: &Arc<str>, v: &Arc<AccountPages>| {
-                v.weight.saturating_add(k.len() as u32)
-            })
+            .weigher(|k: &Arc<str>, v: &Arc<AccountPages>| v.weight.saturating_add(k.len() as u32))
             .expire_after(PagesExpiry)
             .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<AccountPages>, cause| {
                 if cause != RemovalCause::Replaced {
@@ -325,11 +323,20 @@ mod tests {
             assert!(s.insert("a", page(ts, t, t), s.begin_fetch()));
         }
         assert!(s.insert("b", page(0, t, t), s.begin_fetch()));
-        assert!(matches!(s.lookup("a", &key(2), Instant::now()), Lookup::Fresh(_)));
+        assert!(matches!(
+            s.lookup("a", &key(2), Instant::now()),
+            Lookup::Fresh(_)
+        ));
         assert_eq!(s.page_count(), 4);
         assert_eq!(s.invalidate("a"), 3);
-        assert!(matches!(s.lookup("a", &key(2), Instant::now()), Lookup::Miss));
-        assert!(matches!(s.lookup("b", &key(0), Instant::now()), Lookup::Fresh(_)));
+        assert!(matches!(
+            s.lookup("a", &key(2), Instant::now()),
+            Lookup::Miss
+        ));
+        assert!(matches!(
+            s.lookup("b", &key(0), Instant::now()),
+            Lookup::Fresh(_)
+        ));
         s.sync();
         assert_eq!(s.page_count(), 1);
     }
@@ -350,7 +357,14 @@ mod tests {
     #[test]
     fn stale_is_told_apart_from_fresh() {
         let s = PageStore::new(1 << 20, None);
-        assert!(s.insert("a", page(0, Duration::ZERO, Duration::from_secs(60)), s.begin_fetch()));
-        assert!(matches!(s.lookup("a", &key(0), Instant::now()), Lookup::Stale(_)));
+        assert!(s.insert(
+            "a",
+            page(0, Duration::ZERO, Duration::from_secs(60)),
+            s.begin_fetch()
+        ));
+        assert!(matches!(
+            s.lookup("a", &key(0), Instant::now()),
+            Lookup::Stale(_)
+        ));
     }
 }

@@ -126,13 +126,19 @@ fn region_str<S: serde::Serializer>(r: &Region, s: S) -> Result<S::Ok, S::Error>
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_secs())
     }
 }
 
 mod millis {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis() as u64)
     }
 }
@@ -186,8 +192,14 @@ impl Settings {
         let identifier = c
             .identifier
             .filter(|i| !i.trim().is_empty())
-            .ok_or_else(|| ConfigError::invalid("chat.identifier", "is required (the app admin account)"))?;
-        if identifier.len() > 32 || identifier.chars().any(|ch| ch.is_control() || ch.is_whitespace()) {
+            .ok_or_else(|| {
+                ConfigError::invalid("chat.identifier", "is required (the app admin account)")
+            })?;
+        if identifier.len() > 32
+            || identifier
+                .chars()
+                .any(|ch| ch.is_control() || ch.is_whitespace())
+        {
             return Err(ConfigError::invalid(
                 "chat.identifier",
                 "must be at most 32 bytes with no spaces or control characters",
@@ -273,7 +285,10 @@ impl Settings {
         let r = raw.retry;
         let max_attempts = positive("retry.max_attempts", r.max_attempts)?;
         if max_attempts > 10 {
-            return Err(ConfigError::invalid("retry.max_attempts", "must be at most 10"));
+            return Err(ConfigError::invalid(
+                "retry.max_attempts",
+                "must be at most 10",
+            ));
         }
         if r.max_delay_ms < r.base_delay_ms {
             return Err(ConfigError::invalid(

@@ -34,7 +34,11 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
 }
 
 /// Routes one request. Never fails: every failure is a response.
-pub async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn route(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let rid = request_id(&req);
     let span = tracing::info_span!(
         "request",
@@ -47,11 +51,17 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAdd
     resp
 }
 
-async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn dispatch(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let path = req.uri().path();
     let method = req.method();
     match (method, path) {
-        (&Method::POST, "/v4/recentcontact/get_list") => handlers::get_list::handle(state, req).await,
+        (&Method::POST, "/v4/recentcontact/get_list") => {
+            handlers::get_list::handle(state, req).await
+        }
         (_, "/v4/recentcontact/get_list") => GatewayError::MethodNotAllowed("POST").respond(),
         (&Method::GET, "/healthz") => handlers::health::healthz(),
         (&Method::GET, "/readyz") => handlers::health::readyz(&state),

@@ -44,12 +44,7 @@ impl Upstream {
             c.secret_key.clone(),
             c.usersig_ttl,
         ));
-        let client = ChatClient::new(
-            c.sdkappid,
-            signer,
-            c.ca_file.as_deref(),
-            c.request_timeout,
-        )?;
+        let client = ChatClient::new(c.sdkappid, signer, c.ca_file.as_deref(), c.request_timeout)?;
         Ok(Upstream {
             client,
             base_url: c.base_url.clone(),
@@ -87,7 +82,12 @@ impl Upstream {
                 let wait = retry::backoff(&retry, attempts);
                 if retry::may_attempt_again(&retry, attempts, wait, deadline) {
                     counter!(names::RETRIES, "command" => command_label(command)).increment(1);
-                    tracing::debug!(command, attempts, wait_ms = wait.as_millis() as u64, "retrying");
+                    tracing::debug!(
+                        command,
+                        attempts,
+                        wait_ms = wait.as_millis() as u64,
+                        "retrying"
+                    );
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -98,7 +98,9 @@ impl Upstream {
 }
 
 /// Turns the last attempt's result into what the caller gets.
-fn finish(result: Result<UpstreamResponse, TransportError>) -> Result<UpstreamResponse, GatewayError> {
+fn finish(
+    result: Result<UpstreamResponse, TransportError>,
+) -> Result<UpstreamResponse, GatewayError> {
     match result {
         Ok(resp) if resp.chat.is_some() => Ok(resp),
         Ok(resp) => Err(GatewayError::UpstreamUnavailable(format!(

@@ -87,11 +87,18 @@ mod tests {
         Ok(UpstreamResponse {
             status: StatusCode::from_u16(status).unwrap(),
             body: bytes::Bytes::new(),
-            chat: code.map(|c| Status { ok: c == 0, code: c }),
+            chat: code.map(|c| Status {
+                ok: c == 0,
+                code: c,
+            }),
         })
     }
     fn failed(reach: Reach) -> Result<UpstreamResponse, TransportError> {
-        Err(TransportError { reach, timeout: false, message: String::new() })
+        Err(TransportError {
+            reach,
+            timeout: false,
+            message: String::new(),
+        })
     }
 
     #[test]

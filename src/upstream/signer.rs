@@ -150,7 +150,14 @@ impl Signer {
 
 fn issue(sdkappid: u64, identifier: &str, key: &Secret, ttl: Duration, now: u64) -> IssuedSig {
     let life = ttl.as_secs().max(1);
-    let sig = usersig::generate(sdkappid, key.expose().as_bytes(), identifier, life, now, None);
+    let sig = usersig::generate(
+        sdkappid,
+        key.expose().as_bytes(),
+        identifier,
+        life,
+        now,
+        None,
+    );
     IssuedSig {
         sig: Arc::from(sig),
         issued_at: now,
@@ -171,7 +178,13 @@ mod tests {
 
     #[test]
     fn renews_at_half_life_and_never_hands_out_below_the_floor() {
-        let s = Signer::with_clock(7, "admin".into(), Secret::new("k"), Duration::from_secs(1000), fake_now);
+        let s = Signer::with_clock(
+            7,
+            "admin".into(),
+            Secret::new("k"),
+            Duration::from_secs(1000),
+            fake_now,
+        );
         let a = s.usersig();
         assert_eq!(a.issued_at, 1_000_000);
         NOW.store(1_000_499, Ordering::SeqCst);

@@ -47,7 +47,8 @@ pub type FetchResult = Result<Arc<Fetched>, GatewayError>;
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let c = &state.counters;
-    let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await {
+    let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await
+    {
         Ok(b) => b,
         Err(e) => return refuse(&state, e),
     };
@@ -79,7 +80,11 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         .run(
             (account.clone(), page_key.clone()),
             move || fetch(fetch_state, account, page_key, upstream_body),
-            || Err(GatewayError::Internal("get_list fetch task panicked".into())),
+            || {
+                Err(GatewayError::Internal(
+                    "get_list fetch task panicked".into(),
+                ))
+            },
         )
         .await;
     if role == Role::Follower {
@@ -110,9 +115,17 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
 }
 
 /// Runs in its own task: calls Chat and stores a success.
-async fn fetch(state: Arc<AppState>, account: Arc<str>, page_key: PageKey, body: Bytes) -> FetchResult {
+async fn fetch(
+    state: Arc<AppState>,
+    account: Arc<str>,
+    page_key: PageKey,
+    body: Bytes,
+) -> FetchResult {
     let epoch = state.store.begin_fetch();
-    let resp = state.upstream.call(GET_LIST, CommandClass::Read, body).await?;
+    let resp = state
+        .upstream
+        .call(GET_LIST, CommandClass::Read, body)
+        .await?;
     let class = resp.chat.map(|s| CodeClass::of(s.code));
     let success = resp.status == StatusCode::OK && resp.chat.is_some_and(|s| s.is_success());
     let upstream_failed = resp.status.is_server_error()

@@ -1,0 +1,376 @@
+//! Shared test helpers: a fake Chat that records and asserts what it receives, the
+//! real gateway binary started on a free loopback port, and a small HTTP client.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub const SDKAPPID: u64 = 1400000000;
+pub const IDENTIFIER: &str = "administrator";
+pub const SECRET: &str = "test-secret-key-0123456789abcdef";
+
+/// What the fake Chat received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub raw_query: String,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("upstream body is JSON")
+    }
+}
+
+/// How the fake answers one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// HTTP 200 with this JSON, after an optional delay.
+    Json(serde_json::Value, Duration),
+    /// An HTTP status with a body.
+    Status(u16, String),
+}
+
+type Responder = Box<dyn FnMut(&Recorded, usize) -> Reply + Send>;
+
+/// A fake Chat on a loopback port.
+pub struct FakeChat {
+    pub addr: SocketAddr,
+    pub calls: Arc<Mutex<Vec<Recorded>>>,
+    responder: Arc<Mutex<Responder>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A get_list success page for `account`, distinguishable per request.
+pub fn page_for(account: &str, ts: u64) -> serde_json::Value {
+    serde_json::json!({
+        "SessionItem": [
+            {"Type": 1, "To_Account": format!("{account}_peer"), "MsgTime": 1775552160u64 + ts, "TopFlag": 0},
+            {"Type": 2, "GroupId": "@TGS#1B2AUI7RZ", "MsgTime": 1775185968u64, "TopFlag": 0}
+        ],
+        "CompleteFlag": 1, "TimeStamp": ts, "StartIndex": 0, "TopTimeStamp": 0, "TopStartIndex": 0,
+        "GroupItem": [], "ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": "", "RequestId": "fake"
+    })
+}
+
+pub fn chat_error(code: i64) -> serde_json::Value {
+    serde_json::json!({"ActionStatus": "FAIL", "ErrorCode": code, "ErrorInfo": format!("fake error {code}")})
+}
+
+/// Answers every get_list with a page for its account.
+pub fn echo_pages() -> Responder {
+    Box::new(|r: &Recorded, _n| {
+        let v = r.json();
+        let acc = v["From_Account"].as_str().unwrap_or("?").to_string();
+        let ts = v["TimeStamp"].as_u64().unwrap_or(0);
+        Reply::Json(page_for(&acc, ts), Duration::ZERO)
+    })
+}
+
+impl FakeChat {
+    pub async fn start(responder: Responder) -> FakeChat {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let responder = Arc::new(Mutex::new(responder));
+        let (c, r) = (calls.clone(), responder.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                let (c, r) = (c.clone(), r.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (c, r) = (c.clone(), r.clone());
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let raw_query = req.uri().query().unwrap_or("").to_string();
+                            let query = raw_query
+                                .split('&')
+                                .filter_map(|kv| kv.split_once('='))
+                                .map(|(k, v)| (k.to_string(), v.to_string()))
+                                .collect();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let rec = Recorded {
+                                path,
+                                query,
+                                raw_query,
+                                body,
+                            };
+                            let reply = {
+                                let mut calls = c.lock().unwrap();
+                                calls.push(rec.clone());
+                                let n = calls.len();
+                                drop(calls);
+                                (r.lock().unwrap())(&rec, n)
+                            };
+                            let resp = match reply {
+                                Reply::Json(v, delay) => {
+                                    if !delay.is_zero() {
+                                        tokio::time::sleep(delay).await;
+                                    }
+                                    Response::builder()
+                                        .header("content-type", "application/json")
+                                        .body(Full::new(Bytes::from(v.to_string())))
+                                        .unwrap()
+                                }
+                                Reply::Status(s, b) => Response::builder()
+                                    .status(s)
+                                    .body(Full::new(Bytes::from(b)))
+                                    .unwrap(),
+                            };
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeChat {
+            addr,
+            calls,
+            responder,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_responder(&self, r: Responder) {
+        *self.responder.lock().unwrap() = r;
+    }
+
+    pub fn calls(&self) -> Vec<Recorded> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+
+    pub fn reset(&self) {
+        self.calls.lock().unwrap().clear();
+    }
+
+    /// Stops accepting new connections.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// The real binary, started with a config file.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub config_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A complete config for the gateway in front of `upstream`, plus `extra` TOML
+/// (which may repeat a table: tables are merged by appending keys).
+pub fn config_toml(upstream: &str, sections: &[(&str, &str)]) -> String {
+    let mut tables: Vec<(String, String)> = vec![
+        ("server".into(), "listen = \"127.0.0.1:0\"\nshutdown_grace_secs = 5\n".into()),
+        (
+            "chat".into(),
+            format!(
+                "sdkappid = {SDKAPPID}\nidentifier = \"{IDENTIFIER}\"\nsecret_key = \"{SECRET}\"\nregion = \"singapore\"\nbase_url = \"{upstream}\"\nrequest_timeout_ms = 3000\n"
+            ),
+        ),
+        ("cache".into(), String::new()),
+        ("retry".into(), "base_delay_ms = 1\nmax_delay_ms = 5\n".into()),
+        ("log".into(), "level = \"info\"\n".into()),
+    ];
+    for (name, body) in sections {
+        match tables.iter_mut().find(|(n, _)| n == name) {
+            Some((_, b)) => {
+                // Later keys override earlier ones: drop the earlier line of the same key.
+                for line in body.lines() {
+                    if let Some((k, _)) = line.split_once('=') {
+                        let k = k.trim();
+                        *b = b
+                            .lines()
+                            .filter(|l| l.split_once('=').map(|(x, _)| x.trim()) != Some(k))
+                            .map(|l| format!("{l}\n"))
+                            .collect();
+                    }
+                }
+                b.push_str(body);
+                b.push('\n');
+            }
+            None => tables.push((name.to_string(), format!("{body}\n"))),
+        }
+    }
+    tables
+        .into_iter()
+        .map(|(n, b)| format!("[{n}]\n{b}\n"))
+        .collect()
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_chat-gateway")
+}
+
+impl Gateway {
+    /// Starts the binary with `toml` and waits until `/readyz` answers 200.
+    pub async fn start(toml: &str) -> Gateway {
+        Self::start_with_env(toml, &[]).await
+    }
+
+    pub async fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(toml.as_bytes())
+            .unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start gateway");
+        let stderr = child.stderr.take().unwrap();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find("listen=") {
+                    let addr: String = line[i + 7..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    if let (Ok(a), Some(tx)) = (addr.parse::<SocketAddr>(), tx.take()) {
+                        let _ = tx.send(a);
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .unwrap_or_else(|_| {
+                panic!(
+                    "gateway did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                )
+            });
+        let gw = Gateway {
+            child,
+            addr,
+            log,
+            config_path: path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((s, _, _)) = get(&gw.url("/readyz")).await {
+                if s == StatusCode::OK {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "gateway never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        gw
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub type Answer = (StatusCode, http::HeaderMap, Bytes);
+
+pub async fn send(req: Request<Full<Bytes>>) -> Result<Answer, String> {
+    let resp = client().request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts.status, parts.headers, body))
+}
+
+pub async fn get(url: &str) -> Result<Answer, String> {
+    send(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await
+}
+
+pub async fn post(url: &str, body: impl Into<Bytes>) -> Answer {
+    send(
+        Request::post(url)
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap(),
+    )
+    .await
+    .expect("request")
+}
+
+pub fn header<'a>(a: &'a Answer, name: &str) -> &'a str {
+    a.1.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+pub fn json(a: &Answer) -> serde_json::Value {
+    serde_json::from_slice(&a.2).unwrap_or_else(|_| panic!("not JSON: {:?}", a.2))
+}

@@ -1,0 +1,117 @@
+//! Config precedence and validation, through the library's loader.
+
+use std::io::Write;
+
+use chat_gateway::config::{load_with_env, ConfigError};
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+const BASE: &str = r#"
+[chat]
+sdkappid = 1400000000
+identifier = "administrator"
+secret_key = "k"
+region = "tokyo"
+"#;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn precedence_is_default_then_file_then_env() {
+    let f = file(BASE);
+    let s = load_with_env(Some(f.path()), env(&[])).unwrap();
+    assert_eq!(s.live.cache_ttl.as_secs(), 10, "built-in default");
+    assert_eq!(
+        s.chat.base_url, "https://adminapijpn.im.qcloud.com",
+        "region's domain"
+    );
+    assert_eq!(s.server.max_body_bytes, 65536);
+    assert_eq!(s.live.retry.max_attempts, 3);
+
+    let f = file(&format!(
+        "{BASE}\n[cache]\nttl_secs = 20\n[retry]\nmax_attempts = 5\n"
+    ));
+    let s = load_with_env(Some(f.path()), env(&[])).unwrap();
+    assert_eq!(s.live.cache_ttl.as_secs(), 20, "file beats default");
+    assert_eq!(s.live.retry.max_attempts, 5);
+
+    let s = load_with_env(
+        Some(f.path()),
+        env(&[
+            ("CHAT_GATEWAY__CACHE__TTL_SECS", "5"),
+            ("CHAT_GATEWAY__CHAT__BASE_URL", "http://127.0.0.1:9000"),
+            ("CHAT_GATEWAY_CONFIG", "/not/a/key"),
+            ("UNRELATED", "x"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.live.cache_ttl.as_secs(), 5, "env beats file");
+    assert_eq!(
+        s.live.retry.max_attempts, 5,
+        "file value kept where env is silent"
+    );
+    assert_eq!(s.chat.base_url, "http://127.0.0.1:9000");
+}
+
+#[test]
+fn invalid_values_name_their_key() {
+    let cases = [
+        ("[cache]\nttl_secs = 0", "cache.ttl_secs"),
+        ("[chat]\nsdkappid = 1400000000\nidentifier = \"a\"\nsecret_key = \"k\"\nregion = \"atlantis\"", "chat.region"),
+        ("[chat]\nsdkappid = 1400000000\nidentifier = \"a\"\nregion = \"tokyo\"", "chat.secret_key"),
+        ("[chat]\nidentifier = \"a\"\nsecret_key = \"k\"\nregion = \"tokyo\"", "chat.sdkappid"),
+        ("[retry]\nbase_delay_ms = 100\nmax_delay_ms = 10", "retry.max_delay_ms"),
+        ("[server]\nmax_body_bytes = 0", "server.max_body_bytes"),
+        ("[log]\nformat = \"yaml\"", "log.format"),
+        ("[chat]\nsdkappid = 1\nidentifier = \"a\"\nsecret_key = \"k\"\nregion = \"tokyo\"\nbase_url = \"ftp://x\"", "chat.base_url"),
+        ("[chat]\nsdkappid = 1\nidentifier = \"a\"\nsecret_key = \"k\"\nregion = \"tokyo\"\nca_file = \"/nonexistent.pem\"", "chat.ca_file"),
+    ];
+    for (extra, key) in cases {
+        // Put the override after BASE where the section differs; for [chat] replace it.
+        let text = if extra.starts_with("[chat]") {
+            extra.to_string()
+        } else {
+            format!("{BASE}\n{extra}")
+        };
+        let f = file(&text);
+        let e = load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(e.to_string().contains(key), "{extra:?}: {e}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    let f = file(&format!("{BASE}\n[cache]\nttl_sec = 5\n"));
+    let e = load_with_env(Some(f.path()), env(&[])).unwrap_err();
+    assert!(matches!(e, ConfigError::Load(_)));
+    assert!(e.to_string().contains("ttl_sec"), "{e}");
+    let f = file(BASE);
+    let e = load_with_env(
+        Some(f.path()),
+        env(&[("CHAT_GATEWAY__CACHE__TLL_SECS", "5")]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("tll_secs"), "{e}");
+}
+
+#[test]
+fn secret_key_file_is_read_and_never_debug_printed() {
+    let key = file("super-secret-value\n");
+    let f = file(&format!(
+        "[chat]\nsdkappid = 1\nidentifier = \"a\"\nregion = \"tokyo\"\nsecret_key_file = \"{}\"\n",
+        key.path().display()
+    ));
+    let s = load_with_env(Some(f.path()), env(&[])).unwrap();
+    assert_eq!(s.chat.secret_key.expose(), "super-secret-value");
+    assert!(!format!("{s:?}").contains("super-secret-value"));
+    assert!(!s.to_redacted_json().contains("super-secret-value"));
+}
