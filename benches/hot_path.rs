@@ -1,1 +1,71 @@
-fn main() {}
+//! Micro-benchmarks of the cache-hit path and of UserSig work.
+//!
+//! Run: `cargo bench --bench hot_path`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+
+use chat_gateway::cache::key;
+use chat_gateway::cache::store::{Lookup, Page, PageStore};
+use chat_gateway::chat::usersig;
+use chat_gateway::config::Secret;
+use chat_gateway::upstream::signer::Signer;
+
+const BODY: &[u8] = br#"{"From_Account":"user_0042","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}"#;
+
+fn filled_store(accounts: usize) -> PageStore {
+    let store = PageStore::new(1 << 30, None);
+    let page_body = Bytes::from(vec![b'x'; 2048]);
+    for i in 0..accounts {
+        let acc = format!("user_{i:04}");
+        let body = format!(r#"{{"From_Account":"{acc}"}}"#);
+        let req = key::parse(body.as_bytes()).unwrap();
+        let now = Instant::now();
+        let page = Page {
+            key: req.page.clone(),
+            body: page_body.clone(),
+            stored_at: now,
+            fresh_until: now + Duration::from_secs(3600),
+            stale_until: now + Duration::from_secs(3900),
+            groups: Box::new([]),
+        };
+        store.insert(&acc, page, store.begin_fetch());
+    }
+    store.sync();
+    store
+}
+
+fn hit_path(c: &mut Criterion) {
+    let store = filled_store(10_000);
+    c.bench_function("get_list hit: parse + key + lookup", |b| {
+        b.iter(|| {
+            let req = key::parse(black_box(BODY)).unwrap();
+            match store.lookup(&req.account, &req.page, Instant::now()) {
+                Lookup::Fresh(p) => black_box(p.body.clone()),
+                _ => panic!("expected a hit"),
+            }
+        })
+    });
+    c.bench_function("get_list parse only", |b| {
+        b.iter(|| black_box(key::parse(black_box(BODY)).unwrap().page.assist_flags))
+    });
+}
+
+fn usersig_bench(c: &mut Criterion) {
+    let key = b"5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e";
+    c.bench_function("usersig generate", |b| {
+        b.iter(|| usersig::generate(1400000000, key, black_box("administrator"), 86400, 1_700_000_000, None))
+    });
+    let sig = usersig::generate(1400000000, key, "administrator", 86400, 1_700_000_000, None);
+    c.bench_function("usersig verify", |b| {
+        b.iter(|| usersig::verify(black_box(&sig), 1400000000, key, "administrator", 1_700_000_001).unwrap())
+    });
+    let signer = Signer::new(1400000000, "administrator".into(), Secret::new("k"), Duration::from_secs(86400));
+    c.bench_function("signer cached usersig", |b| b.iter(|| black_box(signer.usersig())));
+}
+
+criterion_group!(benches, hit_path, usersig_bench);
+criterion_main!(benches);

@@ -1,0 +1,103 @@
+//! Property test: arbitrary bytes and arbitrary JSON thrown at the running binary's
+//! get_list route. It never panics and always answers with a Chat envelope.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use proptest::prelude::*;
+
+struct Env {
+    rt: tokio::runtime::Runtime,
+    gw: Gateway,
+    _fake: FakeChat,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let (fake, gw) = rt.block_on(async {
+            let fake = FakeChat::start(echo_pages()).await;
+            let gw = Gateway::start(&config_toml(&fake.url(), &[("server", "max_body_bytes = 4096")])).await;
+            (fake, gw)
+        });
+        Env { rt, gw, _fake: fake }
+    })
+}
+
+fn check(body: Vec<u8>) -> Result<(), TestCaseError> {
+    let e = env();
+    let a = e.rt.block_on(post(&e.gw.url("/v4/recentcontact/get_list"), body));
+    let v: serde_json::Value = serde_json::from_slice(&a.2)
+        .map_err(|_| TestCaseError::fail(format!("not JSON: {:?}", a.2)))?;
+    prop_assert!(v["ActionStatus"] == "OK" || v["ActionStatus"] == "FAIL", "{v}");
+    prop_assert!(v["ErrorCode"].is_i64(), "{v}");
+    prop_assert!(["HIT", "MISS", "BYPASS"].contains(&header(&a, "x-cache")));
+    if v["ActionStatus"] == "FAIL" {
+        prop_assert!(!header(&a, "x-chat-gateway-error").is_empty());
+    }
+    Ok(())
+}
+
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<u64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        ".{0,40}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("From_Account".to_string()),
+                    Just("TimeStamp".to_string()),
+                    Just("StartIndex".to_string()),
+                    Just("TopTimeStamp".to_string()),
+                    Just("TopStartIndex".to_string()),
+                    Just("AssistFlags".to_string()),
+                    ".{0,12}",
+                ],
+                inner,
+                0..8
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_get_an_envelope(body in prop::collection::vec(any::<u8>(), 0..6000)) {
+        check(body)?;
+    }
+
+    #[test]
+    fn arbitrary_json_gets_an_envelope(v in json_value()) {
+        check(serde_json::to_vec(&v).unwrap())?;
+    }
+
+    #[test]
+    fn near_valid_requests_get_an_envelope(
+        account in prop_oneof![".{0,40}", "user_[0-9]{4}"],
+        ts in any::<i64>(),
+        extra in json_value(),
+    ) {
+        let body = serde_json::json!({"From_Account": account, "TimeStamp": ts, "X": extra});
+        check(serde_json::to_vec(&body).unwrap())?;
+    }
+}
+
+#[test]
+fn the_process_is_still_alive_after_the_properties() {
+    let e = env();
+    let a = e.rt.block_on(get(&e.gw.url("/healthz"))).unwrap();
+    assert_eq!(a.0, 200);
+}
