@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 use chat_gateway::cache::key;
 use chat_gateway::cache::store::{Lookup, Page, PageStore};
+use chat_gateway::cache::PageCache;
 use chat_gateway::chat::usersig;
 use chat_gateway::config::Secret;
 use chat_gateway::upstream::signer::Signer;
@@ -17,7 +18,7 @@ use chat_gateway::upstream::signer::Signer;
 const BODY: &[u8] = br#"{"From_Account":"user_0042","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}"#;
 
 fn filled_store(accounts: usize) -> PageStore {
-    let store = PageStore::new(1 << 30, None);
+    let store = PageStore::new(1 << 30);
     let page_body = Bytes::from(vec![b'x'; 2048]);
     for i in 0..accounts {
         let acc = format!("user_{i:04}");
@@ -34,7 +35,7 @@ fn filled_store(accounts: usize) -> PageStore {
         };
         store.insert(&acc, page, store.begin_fetch());
     }
-    store.sync();
+    store.stats();
     store
 }
 
@@ -57,14 +58,39 @@ fn hit_path(c: &mut Criterion) {
 fn usersig_bench(c: &mut Criterion) {
     let key = b"5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e";
     c.bench_function("usersig generate", |b| {
-        b.iter(|| usersig::generate(1400000000, key, black_box("administrator"), 86400, 1_700_000_000, None))
+        b.iter(|| {
+            usersig::generate(
+                1400000000,
+                key,
+                black_box("administrator"),
+                86400,
+                1_700_000_000,
+                None,
+            )
+        })
     });
     let sig = usersig::generate(1400000000, key, "administrator", 86400, 1_700_000_000, None);
     c.bench_function("usersig verify", |b| {
-        b.iter(|| usersig::verify(black_box(&sig), 1400000000, key, "administrator", 1_700_000_001).unwrap())
+        b.iter(|| {
+            usersig::verify(
+                black_box(&sig),
+                1400000000,
+                key,
+                "administrator",
+                1_700_000_001,
+            )
+            .unwrap()
+        })
     });
-    let signer = Signer::new(1400000000, "administrator".into(), Secret::new("k"), Duration::from_secs(86400));
-    c.bench_function("signer cached usersig", |b| b.iter(|| black_box(signer.usersig())));
+    let signer = Signer::new(
+        1400000000,
+        "administrator".into(),
+        Secret::new("k"),
+        Duration::from_secs(86400),
+    );
+    c.bench_function("signer cached usersig", |b| {
+        b.iter(|| black_box(signer.usersig()))
+    });
 }
 
 criterion_group!(benches, hit_path, usersig_bench);

@@ -52,6 +52,12 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let _watcher = config::reload::Reloader::new(
+            config_path.map(Path::to_path_buf),
+            state.settings.clone(),
+            state.live.clone(),
+        )
+        .spawn();
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listen = %addr, upstream = %state.settings.chat.base_url, "chat-gateway serving");
         let drained = server::run(listener, state, server::listener::termination_signal()).await;

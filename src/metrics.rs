@@ -31,6 +31,14 @@ pub mod names {
     pub const CACHE_PAGES: &str = "chat_gateway_cache_pages";
     /// Weighted size of the cache, bytes.
     pub const CACHE_BYTES: &str = "chat_gateway_cache_weighted_bytes";
+    /// Invalidations by `source` (admin, write_through, webhook).
+    pub const INVALIDATIONS: &str = "chat_gateway_invalidations_total";
+    /// Pages dropped by invalidations, by `source`.
+    pub const INVALIDATED_PAGES: &str = "chat_gateway_invalidated_pages_total";
+    /// Webhooks by `command` class and `outcome` (accepted, rejected).
+    pub const CALLBACKS: &str = "chat_gateway_callbacks_total";
+    /// Config reloads by `outcome` (applied, unchanged, rejected).
+    pub const RELOADS: &str = "chat_gateway_config_reloads_total";
 }
 
 /// The process's Prometheus recorder (installed once; later calls reuse it, so tests

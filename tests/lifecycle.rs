@@ -121,7 +121,7 @@ fn check_config_prints_effective_config_without_the_secret() {
     assert!(!stdout.contains(SECRET), "secret printed: {stdout}");
     assert!(stdout.contains("<redacted>"));
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(v["live"]["cache_ttl"], 42, "env override is applied");
+    assert_eq!(v["live"]["cache_ttl_secs"], 42, "env override is applied");
     assert_eq!(v["chat"]["sdkappid"], SDKAPPID);
 }
 

@@ -22,7 +22,9 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::Expiry;
 
+use super::groups::GroupIndex;
 use super::key::PageKey;
+use super::{CacheStats, PageCache};
 
 /// Bytes counted per page on top of its body and key, for the weigher.
 const PAGE_OVERHEAD: usize = 96;
@@ -58,10 +60,12 @@ pub struct AccountPages {
     weight: u32,
     /// The latest `stale_until` of the pages: when moka may drop the entry.
     stale_until: Option<Instant>,
+    /// Unique per entry built, so the GroupId index can tell entries apart.
+    id: u64,
 }
 
 impl AccountPages {
-    fn new(pages: Vec<Arc<Page>>, account_len: usize) -> Self {
+    fn new(pages: Vec<Arc<Page>>, account_len: usize, id: u64) -> Self {
         let weight = pages
             .iter()
             .map(|p| p.body.len() + p.key.extra.as_ref().map_or(0, |e| e.len()) + PAGE_OVERHEAD)
@@ -73,7 +77,13 @@ impl AccountPages {
             pages,
             weight: u32::try_from(weight).unwrap_or(u32::MAX),
             stale_until,
+            id,
         }
+    }
+
+    /// Every GroupId its pages list (with repeats).
+    fn groups(&self) -> impl Iterator<Item = Arc<str>> + '_ {
+        self.pages.iter().flat_map(|p| p.groups.iter().cloned())
     }
 
     /// Whether any page lists `group`.
@@ -123,13 +133,6 @@ impl Expiry<Arc<str>, Arc<AccountPages>> for PagesExpiry {
     }
 }
 
-/// Receives every entry that leaves the store (eviction, expiry, invalidation), e.g.
-/// to keep a GroupId index consistent.
-pub trait RemovalObserver: Send + Sync + 'static {
-    /// `pages` of `account` left the store.
-    fn removed(&self, account: &Arc<str>, pages: &AccountPages);
-}
-
 /// The page cache.
 pub struct PageStore {
     /// account → its pages.
@@ -142,6 +145,10 @@ pub struct PageStore {
     recent_invalidations: moka::sync::Cache<Arc<str>, u64>,
     /// Pages held (for the pages gauge), kept by insert and the removal listener.
     pages: Arc<AtomicI64>,
+    /// GroupId → accounts, kept in step with the entries.
+    groups: Arc<GroupIndex>,
+    /// Source of entry ids.
+    next_id: AtomicU64,
 }
 
 impl std::fmt::Debug for PageStore {
@@ -155,9 +162,11 @@ impl std::fmt::Debug for PageStore {
 
 impl PageStore {
     /// A store bounded to `max_bytes` of weighted size.
-    pub fn new(max_bytes: u64, observer: Option<Arc<dyn RemovalObserver>>) -> Self {
+    pub fn new(max_bytes: u64) -> Self {
         let pages = Arc::new(AtomicI64::new(0));
         let pages_l = pages.clone();
+        let groups = Arc::new(GroupIndex::default());
+        let groups_l = groups.clone();
         let cache = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &Arc<str>, v: &Arc<AccountPages>| v.weight.saturating_add(k.len() as u32))
@@ -166,9 +175,7 @@ impl PageStore {
                 if cause != RemovalCause::Replaced {
                     pages_l.fetch_sub(v.pages.len() as i64, Ordering::Relaxed);
                 }
-                if let Some(o) = &observer {
-                    o.removed(&k, &v);
-                }
+                groups_l.remove(&k, v.id, v.groups());
             })
             .build();
         let recent_invalidations = moka::sync::Cache::builder()
@@ -181,65 +188,9 @@ impl PageStore {
             all_invalidated: AtomicU64::new(0),
             recent_invalidations,
             pages,
+            groups,
+            next_id: AtomicU64::new(1),
         }
-    }
-
-    /// Looks up a page. No allocation, no lock.
-    pub fn lookup(&self, account: &str, key: &PageKey, now: Instant) -> Lookup {
-        let Some(entry) = self.cache.get(account) else {
-            return Lookup::Miss;
-        };
-        match entry.pages.iter().find(|p| p.key == *key) {
-            Some(p) if now < p.fresh_until => Lookup::Fresh(p.clone()),
-            Some(p) if now < p.stale_until => Lookup::Stale(p.clone()),
-            _ => Lookup::Miss,
-        }
-    }
-
-    /// The account's entry, if cached.
-    pub fn account(&self, account: &str) -> Option<Arc<AccountPages>> {
-        self.cache.get(account)
-    }
-
-    /// Marks the start of a fetch; pass the result to [`PageStore::insert`].
-    pub fn begin_fetch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    /// Stores a page fetched since `fetch_epoch`, unless its account was invalidated
-    /// meanwhile. Returns whether it was stored.
-    pub fn insert(&self, account: &str, page: Page, fetch_epoch: u64) -> bool {
-        let now = Instant::now();
-        let page = Arc::new(page);
-        let key: Arc<str> = Arc::from(account);
-        let mut stored = false;
-        let mut delta = 0i64;
-        self.cache.entry(key.clone()).and_compute_with(|existing| {
-            // Checked under the key's lock: an invalidation records itself before it
-            // removes, so either we see it here or it removes what we put.
-            if self.invalidated_since(&key, fetch_epoch) {
-                return Op::Nop;
-            }
-            let mut pages: Vec<Arc<Page>> = match &existing {
-                Some(e) => e
-                    .value()
-                    .pages
-                    .iter()
-                    .filter(|p| p.key != page.key && p.stale_until > now)
-                    .cloned()
-                    .collect(),
-                None => Vec::with_capacity(1),
-            };
-            let before = existing.as_ref().map_or(0, |e| e.value().pages.len()) as i64;
-            pages.push(page.clone());
-            delta = pages.len() as i64 - before;
-            stored = true;
-            Op::Put(Arc::new(AccountPages::new(pages, key.len())))
-        });
-        if stored {
-            self.pages.fetch_add(delta, Ordering::Relaxed);
-        }
-        stored
     }
 
     fn invalidated_since(&self, account: &Arc<str>, fetch_epoch: u64) -> bool {
@@ -250,16 +201,90 @@ impl PageStore {
                 .is_some_and(|e| e >= fetch_epoch)
     }
 
-    /// Drops every page of `account`. O(1). Returns how many pages were dropped.
-    pub fn invalidate(&self, account: &str) -> usize {
+    /// The GroupId index (for tests).
+    pub fn group_index(&self) -> &GroupIndex {
+        &self.groups
+    }
+}
+
+impl PageCache for PageStore {
+    fn lookup(&self, account: &str, key: &PageKey, now: Instant) -> Lookup {
+        let Some(entry) = self.cache.get(account) else {
+            return Lookup::Miss;
+        };
+        match entry.pages.iter().find(|p| p.key == *key) {
+            Some(p) if now < p.fresh_until => Lookup::Fresh(p.clone()),
+            Some(p) if now < p.stale_until => Lookup::Stale(p.clone()),
+            _ => Lookup::Miss,
+        }
+    }
+
+    fn begin_fetch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn insert(&self, account: &str, page: Page, fetch_epoch: u64) -> bool {
+        let now = Instant::now();
+        let page = Arc::new(page);
+        let key: Arc<str> = Arc::from(account);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut stored = false;
+        let mut delta = 0i64;
+        self.cache.entry(key.clone()).and_compute_with(|existing| {
+            // Checked under the key's lock: an invalidation records itself before it
+            // removes, so either we see it here or it removes what we put.
+            if self.invalidated_since(&key, fetch_epoch) {
+                return Op::Nop;
+            }
+            let old = existing.as_ref().map(|e| e.value());
+            let mut pages: Vec<Arc<Page>> = match old {
+                Some(e) => e
+                    .pages
+                    .iter()
+                    .filter(|p| p.key != page.key && p.stale_until > now)
+                    .cloned()
+                    .collect(),
+                None => Vec::with_capacity(1),
+            };
+            let before = old.map_or(0, |e| e.pages.len()) as i64;
+            pages.push(page.clone());
+            delta = pages.len() as i64 - before;
+            stored = true;
+            let entry = AccountPages::new(pages, key.len(), id);
+            // Indexed before the entry is visible and under the key's lock, so a group
+            // event never misses a page that lists its group.
+            self.groups.add(&key, id, entry.groups());
+            Op::Put(Arc::new(entry))
+        });
+        if stored {
+            self.pages.fetch_add(delta, Ordering::Relaxed);
+        }
+        stored
+    }
+
+    fn invalidate(&self, account: &str) -> usize {
         let key: Arc<str> = Arc::from(account);
         let e = self.epoch.fetch_add(1, Ordering::AcqRel);
         self.recent_invalidations.insert(key.clone(), e);
         self.cache.remove(&key).map_or(0, |v| v.pages.len())
     }
 
-    /// Drops everything. O(1) (moka drops entries lazily). Returns the pages dropped.
-    pub fn invalidate_all(&self) -> usize {
+    fn invalidate_group(&self, group: &str) -> Vec<(Arc<str>, usize)> {
+        let mut dropped = Vec::new();
+        for account in self.groups.take(group) {
+            let lists = self
+                .cache
+                .get(&account)
+                .is_some_and(|e| e.lists_group(group));
+            if lists {
+                let n = self.invalidate(&account);
+                dropped.push((account, n));
+            }
+        }
+        dropped
+    }
+
+    fn invalidate_all(&self) -> usize {
         let e = self.epoch.fetch_add(1, Ordering::AcqRel);
         self.all_invalidated.store(e, Ordering::Release);
         let n = self.pages.load(Ordering::Relaxed).max(0) as usize;
@@ -267,24 +292,13 @@ impl PageStore {
         n
     }
 
-    /// Accounts cached (approximate, as moka counts).
-    pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
-    }
-
-    /// Pages cached.
-    pub fn page_count(&self) -> u64 {
-        self.pages.load(Ordering::Relaxed).max(0) as u64
-    }
-
-    /// Weighted size, bytes.
-    pub fn weighted_size(&self) -> u64 {
-        self.cache.weighted_size()
-    }
-
-    /// Runs moka's pending housekeeping (tests and metrics).
-    pub fn sync(&self) {
+    fn stats(&self) -> CacheStats {
         self.cache.run_pending_tasks();
+        CacheStats {
+            accounts: self.cache.entry_count(),
+            pages: self.pages.load(Ordering::Relaxed).max(0) as u64,
+            weighted_bytes: self.cache.weighted_size(),
+        }
     }
 }
 
@@ -304,6 +318,10 @@ mod tests {
     }
 
     fn page(ts: u64, ttl: Duration, stale: Duration) -> Page {
+        page_in(ts, ttl, stale, &[])
+    }
+
+    fn page_in(ts: u64, ttl: Duration, stale: Duration, groups: &[&str]) -> Page {
         let now = Instant::now();
         Page {
             key: key(ts),
@@ -311,13 +329,13 @@ mod tests {
             stored_at: now,
             fresh_until: now + ttl,
             stale_until: now + ttl + stale,
-            groups: Box::new([]),
+            groups: groups.iter().map(|g| Arc::from(*g)).collect(),
         }
     }
 
     #[test]
     fn pages_of_an_account_are_dropped_together() {
-        let s = PageStore::new(1 << 20, None);
+        let s = PageStore::new(1 << 20);
         let t = Duration::from_secs(60);
         for ts in 0..3 {
             assert!(s.insert("a", page(ts, t, t), s.begin_fetch()));
@@ -327,7 +345,7 @@ mod tests {
             s.lookup("a", &key(2), Instant::now()),
             Lookup::Fresh(_)
         ));
-        assert_eq!(s.page_count(), 4);
+        assert_eq!(s.stats().pages, 4);
         assert_eq!(s.invalidate("a"), 3);
         assert!(matches!(
             s.lookup("a", &key(2), Instant::now()),
@@ -337,13 +355,12 @@ mod tests {
             s.lookup("b", &key(0), Instant::now()),
             Lookup::Fresh(_)
         ));
-        s.sync();
-        assert_eq!(s.page_count(), 1);
+        assert_eq!(s.stats().pages, 1);
     }
 
     #[test]
     fn a_fetch_that_started_before_an_invalidation_is_not_stored() {
-        let s = PageStore::new(1 << 20, None);
+        let s = PageStore::new(1 << 20);
         let t = Duration::from_secs(60);
         let e = s.begin_fetch();
         s.invalidate("a");
@@ -356,7 +373,7 @@ mod tests {
 
     #[test]
     fn stale_is_told_apart_from_fresh() {
-        let s = PageStore::new(1 << 20, None);
+        let s = PageStore::new(1 << 20);
         assert!(s.insert(
             "a",
             page(0, Duration::ZERO, Duration::from_secs(60)),
@@ -366,5 +383,44 @@ mod tests {
             s.lookup("a", &key(0), Instant::now()),
             Lookup::Stale(_)
         ));
+    }
+
+    #[test]
+    fn group_invalidation_drops_exactly_the_listing_accounts() {
+        let s = PageStore::new(1 << 20);
+        let t = Duration::from_secs(60);
+        assert!(s.insert("a", page_in(0, t, t, &["@g1"]), s.begin_fetch()));
+        assert!(s.insert("b", page_in(0, t, t, &["@g1", "@g2"]), s.begin_fetch()));
+        assert!(s.insert("c", page_in(0, t, t, &["@g2"]), s.begin_fetch()));
+        // b's page is replaced by one that no longer lists @g1.
+        assert!(s.insert("b", page_in(0, t, t, &["@g2"]), s.begin_fetch()));
+        let mut dropped: Vec<String> = s
+            .invalidate_group("@g1")
+            .into_iter()
+            .map(|(a, _)| a.to_string())
+            .collect();
+        dropped.sort();
+        assert_eq!(dropped, vec!["a"]);
+        assert!(matches!(
+            s.lookup("b", &key(0), Instant::now()),
+            Lookup::Fresh(_)
+        ));
+        assert!(matches!(
+            s.lookup("c", &key(0), Instant::now()),
+            Lookup::Fresh(_)
+        ));
+        let mut dropped: Vec<String> = s
+            .invalidate_group("@g2")
+            .into_iter()
+            .map(|(a, _)| a.to_string())
+            .collect();
+        dropped.sort();
+        assert_eq!(dropped, vec!["b", "c"]);
+        s.stats();
+        assert_eq!(
+            s.group_index().group_count(),
+            0,
+            "index pruned as entries leave"
+        );
     }
 }

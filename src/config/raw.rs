@@ -15,6 +15,14 @@ pub struct RawConfig {
     pub cache: RawCache,
     pub retry: RawRetry,
     pub log: RawLog,
+    pub callback: RawCallback,
+}
+
+/// `[callback]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCallback {
+    pub token: Option<Secret>,
 }
 
 /// `[server]`

@@ -23,6 +23,16 @@ pub struct Settings {
     pub live: LiveSettings,
     /// Log output.
     pub log: LogSettings,
+    /// Chat's webhooks.
+    pub callback: CallbackSettings,
+}
+
+/// `[callback]`
+#[derive(Debug, Clone, Serialize)]
+pub struct CallbackSettings {
+    /// The callback token set in the Chat console; when set, every webhook must carry
+    /// a valid `Sign`.
+    pub token: Option<Secret>,
 }
 
 /// `[server]`
@@ -33,12 +43,12 @@ pub struct ServerSettings {
     /// Largest request body accepted; larger ones are answered 413 without reading on.
     pub max_body_bytes: usize,
     /// How long in-flight requests may finish after SIGTERM.
-    #[serde(with = "secs")]
+    #[serde(with = "secs", rename = "shutdown_grace_secs")]
     pub shutdown_grace: Duration,
     /// Open connections at most.
     pub max_connections: usize,
     /// Deadline for a connection's request head (slow-loris protection).
-    #[serde(with = "millis")]
+    #[serde(with = "millis", rename = "header_read_timeout_ms")]
     pub header_read_timeout: Duration,
 }
 
@@ -61,10 +71,10 @@ pub struct ChatSettings {
     /// Extra PEM roots trusted for the upstream, besides the bundled web PKI roots.
     pub ca_file: Option<PathBuf>,
     /// Lifetime of each admin UserSig the gateway issues.
-    #[serde(with = "secs")]
+    #[serde(with = "secs", rename = "usersig_ttl_secs")]
     pub usersig_ttl: Duration,
     /// Deadline for one caller request's whole upstream exchange, retries included.
-    #[serde(with = "millis")]
+    #[serde(with = "millis", rename = "request_timeout_ms")]
     pub request_timeout: Duration,
 }
 
@@ -79,11 +89,11 @@ pub struct CacheSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LiveSettings {
     /// `cache.ttl_secs`: how long a page is served as fresh.
-    #[serde(with = "secs")]
+    #[serde(with = "secs", rename = "cache_ttl_secs")]
     pub cache_ttl: Duration,
     /// `cache.stale_if_error_secs`: how long after its TTL a page may still be served
     /// when Chat fails.
-    #[serde(with = "secs")]
+    #[serde(with = "secs", rename = "cache_stale_if_error_secs")]
     pub stale_if_error: Duration,
     /// `[retry]`
     pub retry: RetrySettings,
@@ -95,10 +105,10 @@ pub struct RetrySettings {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
     /// Lower bound of the backoff before the first retry.
-    #[serde(with = "millis")]
+    #[serde(with = "millis", rename = "base_delay_ms")]
     pub base_delay: Duration,
     /// Upper bound of any backoff.
-    #[serde(with = "millis")]
+    #[serde(with = "millis", rename = "max_delay_ms")]
     pub max_delay: Duration,
 }
 
@@ -329,6 +339,17 @@ impl Settings {
             log: LogSettings {
                 format,
                 level: raw.log.level,
+            },
+            callback: CallbackSettings {
+                token: match raw.callback.token {
+                    Some(t) if t.is_empty() => {
+                        return Err(ConfigError::invalid(
+                            "callback.token",
+                            "must not be empty (leave it out to accept unsigned callbacks)",
+                        ))
+                    }
+                    t => t,
+                },
             },
         })
     }

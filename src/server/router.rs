@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::handlers;
 use super::response::{Body, X_REQUEST_ID};
 use super::AppState;
-use crate::chat::commands::GET_LIST;
+use crate::chat::commands;
 use crate::error::GatewayError;
 
 /// The longest caller-supplied `x-request-id` we keep; longer ones are replaced.
@@ -69,13 +69,17 @@ async fn dispatch(
         (&Method::POST, "/quitquitquit") => handlers::health::quit(&state, peer),
         (_, "/healthz" | "/readyz" | "/metrics") => GatewayError::MethodNotAllowed("GET").respond(),
         (_, "/quitquitquit") => GatewayError::MethodNotAllowed("POST").respond(),
-        _ => {
-            let what = if crate::chat::commands::command_of_path(path).is_some() {
-                format!("{path} (this gateway serves {GET_LIST})")
-            } else {
-                path.to_string()
-            };
-            GatewayError::NotFound(what).respond()
-        }
+        (&Method::POST, "/admin/cache/invalidate") => handlers::admin::invalidate(state, req).await,
+        (_, "/admin/cache/invalidate") => GatewayError::MethodNotAllowed("POST").respond(),
+        (&Method::POST, "/callback") => handlers::callback::handle(state, req).await,
+        (_, "/callback") => GatewayError::MethodNotAllowed("POST").respond(),
+        _ => match commands::command_of_path(path) {
+            Some(command) if method == Method::POST => {
+                let command = command.to_string();
+                handlers::passthrough::handle(state, req, &command).await
+            }
+            Some(_) => GatewayError::MethodNotAllowed("POST").respond(),
+            None => GatewayError::NotFound(path.to_string()).respond(),
+        },
     }
 }

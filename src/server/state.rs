@@ -7,8 +7,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Notify;
 
 use crate::cache::coalesce::Inflight;
+use crate::cache::invalidate::Invalidator;
 use crate::cache::key::PageKey;
 use crate::cache::store::PageStore;
+use crate::cache::PageCache;
 use crate::config::{LiveSettings, Settings};
 use crate::metrics::GetListCounters;
 use crate::server::handlers::get_list::FetchResult;
@@ -23,7 +25,9 @@ pub struct AppState {
     /// The way to Chat.
     pub upstream: Arc<Upstream>,
     /// The get_list page cache.
-    pub store: Arc<PageStore>,
+    pub store: Arc<dyn PageCache>,
+    /// The one door for invalidations.
+    pub invalidator: Invalidator,
     /// get_list fetches in flight, for coalescing.
     pub inflight: Inflight<(Arc<str>, PageKey), FetchResult>,
     /// Hot-path counters, resolved once.
@@ -35,16 +39,22 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Whether `command` is a read (retried on transient errors) or a write.
+    pub fn command_class(&self, command: &str) -> crate::chat::commands::CommandClass {
+        crate::chat::commands::builtin_class(command)
+    }
+
     /// Builds the state from validated settings.
     pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
         let metrics = crate::metrics::install();
         let live = Arc::new(ArcSwap::from_pointee(settings.live.clone()));
         let upstream = Arc::new(Upstream::new(&settings, live.clone())?);
-        let store = Arc::new(PageStore::new(settings.cache.max_bytes, None));
+        let store: Arc<dyn PageCache> = Arc::new(PageStore::new(settings.cache.max_bytes));
         Ok(Arc::new(AppState {
             settings: Arc::new(settings),
             live,
             upstream,
+            invalidator: Invalidator::new(store.clone()),
             store,
             inflight: Inflight::default(),
             counters: GetListCounters::new(),

@@ -189,12 +189,17 @@ pub struct Gateway {
 /// A complete config for the gateway in front of `upstream`, plus `extra` TOML
 /// (which may repeat a table: tables are merged by appending keys).
 pub fn config_toml(upstream: &str, sections: &[(&str, &str)]) -> String {
+    config_toml_with(upstream, SECRET, sections)
+}
+
+/// Like [`config_toml`] with another secret key (e.g. the emulator's).
+pub fn config_toml_with(upstream: &str, secret: &str, sections: &[(&str, &str)]) -> String {
     let mut tables: Vec<(String, String)> = vec![
         ("server".into(), "listen = \"127.0.0.1:0\"\nshutdown_grace_secs = 5\n".into()),
         (
             "chat".into(),
             format!(
-                "sdkappid = {SDKAPPID}\nidentifier = \"{IDENTIFIER}\"\nsecret_key = \"{SECRET}\"\nregion = \"singapore\"\nbase_url = \"{upstream}\"\nrequest_timeout_ms = 3000\n"
+                "sdkappid = {SDKAPPID}\nidentifier = \"{IDENTIFIER}\"\nsecret_key = \"{secret}\"\nregion = \"singapore\"\nbase_url = \"{upstream}\"\nrequest_timeout_ms = 3000\n"
             ),
         ),
         ("cache".into(), String::new()),
@@ -329,6 +334,30 @@ impl Gateway {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle` (at most `timeout`).
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 }
 

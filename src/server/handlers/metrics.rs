@@ -8,10 +8,10 @@ use crate::server::AppState;
 
 /// Renders every metric; the cache gauges are read at scrape time.
 pub fn render(state: &AppState) -> Response<Body> {
-    state.store.sync();
-    metrics::gauge!(names::CACHE_ENTRIES).set(state.store.entry_count() as f64);
-    metrics::gauge!(names::CACHE_PAGES).set(state.store.page_count() as f64);
-    metrics::gauge!(names::CACHE_BYTES).set(state.store.weighted_size() as f64);
+    let stats = state.store.stats();
+    metrics::gauge!(names::CACHE_ENTRIES).set(stats.accounts as f64);
+    metrics::gauge!(names::CACHE_PAGES).set(stats.pages as f64);
+    metrics::gauge!(names::CACHE_BYTES).set(stats.weighted_bytes as f64);
     let mut resp = response::text(StatusCode::OK, state.metrics.render());
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

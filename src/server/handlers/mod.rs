@@ -1,5 +1,8 @@
 //! One handler per route.
 
+pub mod admin;
+pub mod callback;
 pub mod get_list;
 pub mod health;
 pub mod metrics;
+pub mod passthrough;

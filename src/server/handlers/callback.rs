@@ -1,0 +1,175 @@
+//! `POST /callback`: Chat's third-party callbacks (webhooks), which tell us whose
+//! conversation lists changed (`shared/chat-api/callbacks.md`).
+//!
+//! Checked first: `SdkAppid` must be ours and, with `callback.token` set, `Sign` must
+//! be hex sha256(token + RequestTime) (compared in constant time) with `RequestTime`
+//! within 60 s of now. A rejected callback invalidates nothing. Accepted ones are
+//! acknowledged with Chat's OK envelope at once; unknown commands are acknowledged and
+//! ignored.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use metrics::counter;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::cache::invalidate::Source;
+use crate::metrics::names;
+use crate::server::body::read_bounded;
+use crate::server::response::{self, Body};
+use crate::server::AppState;
+use crate::upstream::signer::unix_now;
+
+/// How far `RequestTime` may be from now.
+pub const MAX_SKEW_SECS: u64 = 60;
+
+/// Chat's acknowledgement.
+const ACK: &[u8] = br#"{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}"#;
+
+#[derive(Deserialize, Default)]
+struct Event<'a> {
+    #[serde(rename = "CallbackCommand", borrow, default)]
+    command: Option<Cow<'a, str>>,
+    #[serde(rename = "From_Account", borrow, default)]
+    from: Option<Cow<'a, str>>,
+    #[serde(rename = "To_Account", borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(rename = "GroupId", borrow, default)]
+    group: Option<Cow<'a, str>>,
+    #[serde(rename = "NewMemberList", borrow, default)]
+    new_members: Vec<Member<'a>>,
+    #[serde(rename = "ExitMemberList", borrow, default)]
+    exit_members: Vec<Member<'a>>,
+    #[serde(rename = "MemberList", borrow, default)]
+    members: Vec<Member<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Member<'a> {
+    #[serde(rename = "Member_Account", borrow)]
+    account: Cow<'a, str>,
+}
+
+/// The query parameters Chat puts on a callback.
+#[derive(Default, Debug)]
+struct CallbackQuery<'a> {
+    sdkappid: Option<&'a str>,
+    command: Option<&'a str>,
+    sign: Option<&'a str>,
+    request_time: Option<&'a str>,
+}
+
+fn parse_query(q: &str) -> CallbackQuery<'_> {
+    let mut out = CallbackQuery::default();
+    for kv in q.split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "SdkAppid" => out.sdkappid = Some(v),
+            "CallbackCommand" => out.command = Some(v),
+            "Sign" => out.sign = Some(v),
+            "RequestTime" => out.request_time = Some(v),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Why a callback was refused (logged; the caller only learns it was refused).
+fn verify(state: &AppState, q: &CallbackQuery<'_>, now: u64) -> Result<(), &'static str> {
+    let ours = state.settings.chat.sdkappid;
+    match q.sdkappid.and_then(|s| s.parse::<u64>().ok()) {
+        Some(id) if id == ours => {}
+        Some(_) => return Err("SdkAppid is not ours"),
+        None => return Err("SdkAppid missing"),
+    }
+    let Some(token) = &state.settings.callback.token else {
+        return Ok(());
+    };
+    let (Some(sign), Some(rt)) = (q.sign, q.request_time) else {
+        return Err("Sign or RequestTime missing");
+    };
+    let t: u64 = rt.parse().map_err(|_| "RequestTime is not a number")?;
+    if now.abs_diff(t) > MAX_SKEW_SECS {
+        return Err("RequestTime is more than 60 s from now");
+    }
+    let expected = hex::encode(Sha256::digest(format!("{}{}", token.expose(), rt)));
+    if expected.len() == sign.len() && bool::from(expected.as_bytes().ct_eq(sign.as_bytes())) {
+        Ok(())
+    } else {
+        Err("Sign does not match")
+    }
+}
+
+/// Handles one callback.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let query = parts.uri.query().unwrap_or("");
+    let q = parse_query(query);
+    if let Err(why) = verify(&state, &q, unix_now()) {
+        tracing::warn!(reason = why, "callback rejected; nothing invalidated");
+        counter!(names::CALLBACKS, "outcome" => "rejected").increment(1);
+        let mut resp = response::json(
+            StatusCode::FORBIDDEN,
+            crate::chat::envelope::fail_body(60004, &format!("callback rejected: {why}")),
+        );
+        resp.headers_mut().insert(
+            response::X_CHAT_GATEWAY_ERROR,
+            http::HeaderValue::from_static("callback-rejected"),
+        );
+        return resp;
+    }
+    let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await
+    {
+        Ok(b) => b,
+        Err(e) => return e.respond(),
+    };
+    let event: Event<'_> = serde_json::from_slice(&body).unwrap_or_default();
+    let command = q.command.map(Cow::Borrowed).or(event.command.clone());
+    let command = command.as_deref().unwrap_or("");
+    let handled = apply(&state, command, &event);
+    counter!(names::CALLBACKS, "outcome" => if handled { "applied" } else { "ignored" })
+        .increment(1);
+    response::json(StatusCode::OK, Bytes::from_static(ACK))
+}
+
+/// Invalidates what `command` changed. Returns whether the command is one we use.
+fn apply(state: &AppState, command: &str, e: &Event<'_>) -> bool {
+    let inv = &state.invalidator;
+    let accounts = |list: &[Option<&Cow<'_, str>>]| -> Vec<String> {
+        list.iter().flatten().map(|a| a.to_string()).collect()
+    };
+    match command {
+        "C2C.CallbackAfterSendMsg" | "C2C.CallbackAfterMsgWithDraw" => {
+            let a = accounts(&[e.from.as_ref(), e.to.as_ref()]);
+            inv.accounts(Source::Webhook, a.iter().map(String::as_str));
+            true
+        }
+        "Group.CallbackAfterSendMsg" | "Group.CallbackAfterRecallMsg" => {
+            if let Some(g) = &e.group {
+                inv.group(Source::Webhook, g);
+            }
+            true
+        }
+        "Group.CallbackAfterNewMemberJoin"
+        | "Group.CallbackAfterMemberExit"
+        | "Group.CallbackAfterGroupDestroyed" => {
+            if let Some(g) = &e.group {
+                inv.group(Source::Webhook, g);
+            }
+            let members = e
+                .new_members
+                .iter()
+                .chain(&e.exit_members)
+                .chain(&e.members)
+                .map(|m| m.account.as_ref());
+            inv.accounts(Source::Webhook, members);
+            true
+        }
+        _ => false,
+    }
+}

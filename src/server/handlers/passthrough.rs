@@ -1,0 +1,56 @@
+//! `POST /v4/<service>/<command>` for every command but get_list: forwarded with the
+//! gateway's credentials, the body as is (an empty body as `{}`), Chat's answer
+//! returned as is. Writes that change conversation lists invalidate the accounts
+//! they name once Chat has answered, whatever the outcome (a failed write may still
+//! have been applied).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use crate::cache::invalidate::Source;
+use crate::chat::commands::{self, Staleness};
+use crate::server::body::read_bounded;
+use crate::server::response::{self, Body};
+use crate::server::AppState;
+
+#[derive(Deserialize, Default)]
+struct Accounts<'a> {
+    #[serde(rename = "From_Account", borrow, default)]
+    from: Option<Cow<'a, str>>,
+    #[serde(rename = "To_Account", borrow, default)]
+    to: Option<Cow<'a, str>>,
+}
+
+/// Forwards one command.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, command: &str) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let mut body =
+        match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await {
+            Ok(b) => b,
+            Err(e) => return e.respond(),
+        };
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        body = Bytes::from_static(b"{}");
+    }
+    let class = state.command_class(command);
+    let staleness = commands::staleness(command);
+    let result = state.upstream.call(command, class, body.clone()).await;
+    if staleness != Staleness::None {
+        let a: Accounts<'_> = serde_json::from_slice(&body).unwrap_or_default();
+        let named = match staleness {
+            Staleness::FromAndTo => vec![a.from, a.to],
+            _ => vec![a.from],
+        };
+        let names: Vec<&str> = named.iter().flatten().map(|c| c.as_ref()).collect();
+        state.invalidator.accounts(Source::WriteThrough, names);
+    }
+    match result {
+        Ok(resp) => response::json(resp.status, resp.body),
+        Err(e) => e.respond(),
+    }
+}

@@ -1,0 +1,422 @@
+//! Freshness: write-through, webhooks, admin invalidation, stale-if-error, hot reload.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+const GET_LIST: &str = "/v4/recentcontact/get_list";
+
+/// The peer of the newest general (unpinned) conversation: pinned ones come first in
+/// a page, and a new message moves its conversation to the top of the general list.
+fn first_peer(a: &Answer) -> String {
+    let v = json(a);
+    let items = v["SessionItem"].as_array().cloned().unwrap_or_default();
+    let item = items
+        .iter()
+        .find(|i| i["TopFlag"] == 0)
+        .cloned()
+        .unwrap_or_default();
+    item["To_Account"]
+        .as_str()
+        .or(item["GroupId"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn get_list(gw: &Gateway, account: &str) -> Answer {
+    post(
+        &gw.url(GET_LIST),
+        format!(r#"{{"From_Account":"{account}"}}"#),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn sendmsg_through_the_gateway_invalidates_both_sides() {
+    let emu = chat_gateway::emulator::spawn(chat_gateway::emulator::EmulatorConfig::default())
+        .await
+        .unwrap();
+    let cfg = emu.config().clone();
+    let toml = config_toml_with(&emu.base_url(), &cfg.secret_key, &[]);
+    let gw = Gateway::start(&toml).await;
+
+    let a = get_list(&gw, "user_0001").await;
+    assert_eq!(json(&a)["ErrorCode"], 0, "{:?}", json(&a));
+    assert_eq!(header(&a, "x-cache"), "MISS");
+    assert_eq!(header(&get_list(&gw, "user_0001").await, "x-cache"), "HIT");
+    assert_eq!(header(&get_list(&gw, "user_0777").await, "x-cache"), "MISS");
+    assert_eq!(header(&get_list(&gw, "user_0777").await, "x-cache"), "HIT");
+    assert_ne!(first_peer(&a), "user_0777");
+
+    let send = post(
+        &gw.url("/v4/openim/sendmsg"),
+        r#"{"SyncOtherMachine":1,"From_Account":"user_0001","To_Account":"user_0777","MsgRandom":42,
+            "MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"hi"}}]}"#,
+    )
+    .await;
+    assert_eq!(json(&send)["ErrorCode"], 0, "{:?}", json(&send));
+
+    let after = get_list(&gw, "user_0001").await;
+    assert_eq!(
+        header(&after, "x-cache"),
+        "MISS",
+        "the sender's page was invalidated"
+    );
+    assert_eq!(
+        first_peer(&after),
+        "user_0777",
+        "the new conversation order shows"
+    );
+    let other = get_list(&gw, "user_0777").await;
+    assert_eq!(
+        header(&other, "x-cache"),
+        "MISS",
+        "the receiver's page was invalidated"
+    );
+    assert_eq!(first_peer(&other), "user_0001");
+
+    let m = String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).to_string();
+    assert!(
+        m.contains("chat_gateway_invalidations_total{source=\"write_through\"} 1"),
+        "{m}"
+    );
+    emu.shutdown().await;
+}
+
+fn sign(token: &str, t: u64) -> String {
+    hex::encode(Sha256::digest(format!("{token}{t}")))
+}
+
+async fn callback(
+    gw: &Gateway,
+    sdkappid: u64,
+    command: &str,
+    sig: Option<(String, u64)>,
+    body: serde_json::Value,
+) -> Answer {
+    let mut url = gw.url(&format!(
+        "/callback?SdkAppid={sdkappid}&CallbackCommand={command}&contenttype=json&ClientIP=127.0.0.1&OptPlatform=RESTAPI"
+    ));
+    if let Some((s, t)) = sig {
+        url.push_str(&format!("&Sign={s}&RequestTime={t}"));
+    }
+    post(&url, body.to_string()).await
+}
+
+#[tokio::test]
+async fn webhooks_invalidate_only_when_signed_by_us() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("callback", "token = \"tok-123\"")],
+    ))
+    .await;
+    get_list(&gw, "alice").await;
+    get_list(&gw, "bob").await;
+    let now = chat_gateway::upstream::signer::unix_now();
+    let body = serde_json::json!({"CallbackCommand":"C2C.CallbackAfterSendMsg","From_Account":"alice","To_Account":"bob",
+        "MsgTime": now, "SendMsgResult": 0, "MsgKey": "k", "EventTime": now * 1000});
+    const C2C: &str = "C2C.CallbackAfterSendMsg";
+
+    for (what, appid, sig) in [
+        ("bad Sign", SDKAPPID, Some((sign("wrong", now), now))),
+        (
+            "old RequestTime",
+            SDKAPPID,
+            Some((sign("tok-123", now - 120), now - 120)),
+        ),
+        (
+            "another SdkAppid",
+            SDKAPPID + 1,
+            Some((sign("tok-123", now), now)),
+        ),
+        ("no Sign", SDKAPPID, None),
+    ] {
+        let a = callback(&gw, appid, C2C, sig, body.clone()).await;
+        assert_eq!(a.0, 403, "{what} is rejected");
+        assert_eq!(json(&a)["ActionStatus"], "FAIL");
+        assert_eq!(
+            header(&get_list(&gw, "alice").await, "x-cache"),
+            "HIT",
+            "{what} invalidated nothing"
+        );
+    }
+    assert_eq!(fake.count(), 2);
+
+    let a = callback(
+        &gw,
+        SDKAPPID,
+        C2C,
+        Some((sign("tok-123", now), now)),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(a.0, 200);
+    assert_eq!(
+        json(&a),
+        serde_json::json!({"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0})
+    );
+    assert_eq!(header(&get_list(&gw, "alice").await, "x-cache"), "MISS");
+    assert_eq!(header(&get_list(&gw, "bob").await, "x-cache"), "MISS");
+
+    let a = callback(
+        &gw,
+        SDKAPPID,
+        "State.StateChange",
+        Some((sign("tok-123", now), now)),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(a.0, 200, "unknown commands are acknowledged");
+    assert!(
+        gw.log_text().contains("callback rejected"),
+        "rejections are logged"
+    );
+}
+
+#[tokio::test]
+async fn group_webhook_invalidates_exactly_the_members_listing_the_group() {
+    let fake = FakeChat::start(Box::new(|r: &Recorded, _| {
+        let acc = r.json()["From_Account"].as_str().unwrap().to_string();
+        let group = if acc == "carol" {
+            "@TGS#other"
+        } else {
+            "@TGS#team"
+        };
+        let mut page = page_for(&acc, 0);
+        page["SessionItem"][1]["GroupId"] = serde_json::json!(group);
+        Reply::Json(page, Duration::ZERO)
+    }))
+    .await;
+    let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    for a in ["alice", "bob", "carol"] {
+        assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "MISS");
+    }
+    let a = callback(
+        &gw,
+        SDKAPPID,
+        "Group.CallbackAfterSendMsg",
+        None,
+        serde_json::json!({"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":"@TGS#team","From_Account":"alice","Type":"Public"}),
+    )
+    .await;
+    assert_eq!(a.0, 200);
+    assert_eq!(header(&get_list(&gw, "alice").await, "x-cache"), "MISS");
+    assert_eq!(header(&get_list(&gw, "bob").await, "x-cache"), "MISS");
+    assert_eq!(
+        header(&get_list(&gw, "carol").await, "x-cache"),
+        "HIT",
+        "carol's page does not list the group"
+    );
+
+    // A member who joins is invalidated by name, with the group's listers.
+    let a = callback(
+        &gw,
+        SDKAPPID,
+        "Group.CallbackAfterNewMemberJoin",
+        None,
+        serde_json::json!({"GroupId":"@TGS#other","NewMemberList":[{"Member_Account":"bob"}]}),
+    )
+    .await;
+    assert_eq!(a.0, 200);
+    assert_eq!(
+        header(&get_list(&gw, "carol").await, "x-cache"),
+        "MISS",
+        "carol lists @TGS#other"
+    );
+    assert_eq!(
+        header(&get_list(&gw, "bob").await, "x-cache"),
+        "MISS",
+        "bob joined"
+    );
+    assert_eq!(header(&get_list(&gw, "alice").await, "x-cache"), "HIT");
+}
+
+#[tokio::test]
+async fn admin_invalidation_by_account_list_and_all() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    for a in ["u1", "u2", "u3", "u4"] {
+        get_list(&gw, a).await;
+    }
+    post(&gw.url(GET_LIST), r#"{"From_Account":"u1","TimeStamp":9}"#).await;
+    let url = gw.url("/admin/cache/invalidate");
+    let a = post(&url, r#"{"From_Account":"u1"}"#).await;
+    assert_eq!(json(&a)["ErrorCode"], 0);
+    assert_eq!(
+        json(&a)["Invalidated"],
+        serde_json::json!({"Accounts":1,"Pages":2})
+    );
+    assert_eq!(header(&get_list(&gw, "u1").await, "x-cache"), "MISS");
+    assert_eq!(header(&get_list(&gw, "u2").await, "x-cache"), "HIT");
+
+    let a = post(&url, r#"{"From_Account":["u2","u3","nobody"]}"#).await;
+    assert_eq!(
+        json(&a)["Invalidated"],
+        serde_json::json!({"Accounts":2,"Pages":2})
+    );
+    assert_eq!(header(&get_list(&gw, "u3").await, "x-cache"), "MISS");
+    assert_eq!(header(&get_list(&gw, "u4").await, "x-cache"), "HIT");
+
+    let a = post(&url, r#"{"All":true}"#).await;
+    assert_eq!(json(&a)["ErrorCode"], 0);
+    assert_eq!(
+        json(&a)["Invalidated"],
+        serde_json::json!({"Accounts":3,"Pages":3})
+    );
+    for acc in ["u1", "u2", "u3", "u4"] {
+        assert_eq!(header(&get_list(&gw, acc).await, "x-cache"), "MISS");
+    }
+    for bad in [
+        r#"{}"#,
+        r#"{"From_Account":[]}"#,
+        r#"{"From_Account":5}"#,
+        r#"{"All":false}"#,
+        r#"{"Everything":true}"#,
+    ] {
+        let a = post(&url, bad).await;
+        assert_eq!(json(&a)["ErrorCode"], 50002, "{bad}");
+    }
+    assert_eq!(json(&post(&url, "nope").await)["ErrorCode"], 60003);
+}
+
+#[tokio::test]
+async fn stale_pages_are_served_only_while_chat_fails_and_only_within_the_window() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("cache", "ttl_secs = 1\nstale_if_error_secs = 2")],
+    ))
+    .await;
+    let first = get_list(&gw, "user_0001").await;
+    let stored = Instant::now();
+    get_list(&gw, "user_0002").await;
+    let until = |d: u64| async move {
+        let target = stored + Duration::from_millis(d);
+        let now = Instant::now();
+        if target > now {
+            tokio::time::sleep(target - now).await;
+        }
+    };
+    until(1100).await;
+    // Past the TTL with Chat healthy: a normal MISS, never STALE.
+    assert_eq!(header(&get_list(&gw, "user_0002").await, "x-cache"), "MISS");
+
+    fake.set_responder(Box::new(|_, _| {
+        Reply::Json(chat_error(50005), Duration::ZERO)
+    }));
+    let s = get_list(&gw, "user_0001").await;
+    assert_eq!(header(&s, "x-cache"), "STALE");
+    assert_eq!(s.2, first.2, "the stale page, byte for byte");
+    assert!(
+        gw.wait_log("serving a stale page", Duration::from_secs(2))
+            .await
+    );
+
+    fake.set_responder(Box::new(|_, _| Reply::Status(503, "down".into())));
+    assert_eq!(
+        header(&get_list(&gw, "user_0001").await, "x-cache"),
+        "STALE"
+    );
+
+    until(3200).await;
+    fake.set_responder(Box::new(|_, _| {
+        Reply::Json(chat_error(50005), Duration::ZERO)
+    }));
+    let e = get_list(&gw, "user_0001").await;
+    assert_eq!(
+        json(&e)["ErrorCode"],
+        50005,
+        "past the stale window the caller gets the error"
+    );
+    assert_ne!(header(&e, "x-cache"), "STALE");
+}
+
+#[tokio::test]
+async fn ttl_edit_in_the_file_applies_without_a_restart() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let toml = config_toml(&fake.url(), &[("cache", "ttl_secs = 60")]);
+    let gw = Gateway::start(&toml).await;
+    assert_eq!(header(&get_list(&gw, "before").await, "x-cache"), "MISS");
+
+    // An invalid edit is rejected and the old values stay.
+    std::fs::write(
+        &gw.config_path,
+        toml.replace("ttl_secs = 60", "ttl_secs = 0"),
+    )
+    .unwrap();
+    assert!(
+        gw.wait_log("config reload rejected", Duration::from_secs(2))
+            .await,
+        "{}",
+        gw.log_text()
+    );
+    assert!(gw.log_text().contains("cache.ttl_secs"));
+
+    let edited = Instant::now();
+    std::fs::write(
+        &gw.config_path,
+        toml.replace("ttl_secs = 60", "ttl_secs = 1"),
+    )
+    .unwrap();
+    assert!(
+        gw.wait_log("config reloaded", Duration::from_secs(1)).await,
+        "reloaded within a second"
+    );
+    assert!(edited.elapsed() < Duration::from_secs(1));
+    assert!(
+        gw.log_text().contains("cache.ttl_secs: 60 -> 1"),
+        "{}",
+        gw.log_text()
+    );
+
+    let stored = Instant::now();
+    assert_eq!(header(&get_list(&gw, "after").await, "x-cache"), "MISS");
+    assert_eq!(header(&get_list(&gw, "after").await, "x-cache"), "HIT");
+    let wait = Duration::from_millis(1100).saturating_sub(stored.elapsed());
+    tokio::time::sleep(wait).await;
+    assert_eq!(
+        header(&get_list(&gw, "after").await, "x-cache"),
+        "MISS",
+        "new entries use the 1 s TTL"
+    );
+
+    // A key that cannot change live is reported as needing a restart; SIGHUP reloads.
+    let n = gw.log_count("config re-read");
+    std::fs::write(
+        &gw.config_path,
+        toml.replace("ttl_secs = 60", "ttl_secs = 1")
+            .replace("shutdown_grace_secs = 5", "shutdown_grace_secs = 7"),
+    )
+    .unwrap();
+    assert!(
+        gw.wait_log("only after a restart", Duration::from_secs(2))
+            .await
+    );
+    assert!(gw.log_text().contains("server.shutdown_grace_secs"));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gw.log_count("config re-read") == n {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let n = gw.log_count("config re-read");
+    gw.signal(libc::SIGHUP);
+    assert!(gw.wait_log("SIGHUP received", Duration::from_secs(2)).await);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while gw.log_count("config re-read") == n {
+        assert!(Instant::now() < deadline, "SIGHUP reloads");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let m = String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).to_string();
+    assert!(
+        m.contains("chat_gateway_config_reloads_total{outcome=\"applied\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("chat_gateway_config_reloads_total{outcome=\"rejected\"} 1"),
+        "{m}"
+    );
+}
