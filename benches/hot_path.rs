@@ -93,5 +93,52 @@ fn usersig_bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hit_path, usersig_bench);
+/// Invalidating one account while 1,000,000 pages are cached (100,000 accounts with 10
+/// pages each): the cost must not depend on how much is cached.
+fn invalidation(c: &mut Criterion) {
+    let store = PageStore::new(u64::MAX / 2);
+    let body = Bytes::from_static(b"{}");
+    let now = Instant::now();
+    let page = |ts: u64| Page {
+        key: key::PageKey {
+            time_stamp: ts,
+            start_index: 0,
+            top_time_stamp: 0,
+            top_start_index: 0,
+            assist_flags: 63,
+            extra: None,
+        },
+        body: body.clone(),
+        stored_at: now,
+        fresh_until: now + Duration::from_secs(3600),
+        stale_until: now + Duration::from_secs(3900),
+        groups: Box::new([]),
+    };
+    for a in 0..100_000u64 {
+        let acc = format!("user_{a:06}");
+        for ts in 0..10 {
+            store.insert(&acc, page(ts), store.begin_fetch());
+        }
+    }
+    let stats = store.stats();
+    assert_eq!(stats.pages, 1_000_000);
+    let mut n = 0u64;
+    c.bench_function("invalidate one account of 1,000,000 cached pages", |b| {
+        b.iter_batched(
+            || {
+                // Re-cache the account about to be dropped (not measured).
+                n = (n + 7919) % 100_000;
+                let acc = format!("user_{n:06}");
+                for ts in 0..10 {
+                    store.insert(&acc, page(ts), store.begin_fetch());
+                }
+                acc
+            },
+            |acc| assert_eq!(store.invalidate(&acc), 10),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, hit_path, usersig_bench, invalidation);
 criterion_main!(benches);

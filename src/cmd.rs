@@ -105,18 +105,159 @@ pub fn init_default_logging() {
     telemetry::init(LogFormat::Text, "info");
 }
 
+/// A multi-threaded runtime, or a message and exit code 1.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("chat-gateway: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
 /// `chat-gateway emulator`: runs the local Chat until SIGTERM/SIGINT.
 pub fn emulator(args: &crate::cli::EmulatorArgs) -> ExitCode {
     init_default_logging();
-    let _ = args;
-    eprintln!("chat-gateway: the emulator is not built yet");
-    ExitCode::from(2)
+    let cfg = crate::emulator::EmulatorConfig::from_args(args);
+    if let Err(e) = cfg.validate() {
+        eprintln!("chat-gateway emulator: {e}");
+        return ExitCode::from(1);
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let listener = match TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "chat-gateway emulator: cannot listen on {}: {e}",
+                    args.listen
+                );
+                return ExitCode::from(1);
+            }
+        };
+        match crate::emulator::run(listener, cfg, server::listener::termination_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chat-gateway emulator: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
 }
 
-/// `chat-gateway demo`: emulator plus gateway, and curl commands to try.
+/// `chat-gateway demo`: the emulator and the gateway in one process on loopback, the
+/// gateway pointed at the emulator, and curl commands to paste. Ctrl-C stops both.
 pub fn demo(args: &crate::cli::DemoArgs) -> ExitCode {
-    init_default_logging();
-    let _ = args;
-    eprintln!("chat-gateway: the demo is not built yet");
-    ExitCode::from(2)
+    telemetry::init(LogFormat::Text, "warn");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        match run_demo(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chat-gateway demo: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+async fn run_demo(args: &crate::cli::DemoArgs) -> Result<(), String> {
+    let emu_cfg = crate::emulator::EmulatorConfig {
+        listen: args.emulator_listen,
+        ..Default::default()
+    };
+    let emu = crate::emulator::spawn(emu_cfg.clone())
+        .await
+        .map_err(|e| format!("emulator: {e}"))?;
+    let env = [
+        ("CHAT_GATEWAY__SERVER__LISTEN", args.listen.to_string()),
+        ("CHAT_GATEWAY__CHAT__SDKAPPID", emu_cfg.sdkappid.to_string()),
+        ("CHAT_GATEWAY__CHAT__IDENTIFIER", emu_cfg.identifier.clone()),
+        ("CHAT_GATEWAY__CHAT__SECRET_KEY", emu_cfg.secret_key.clone()),
+        ("CHAT_GATEWAY__CHAT__REGION", "singapore".to_string()),
+        ("CHAT_GATEWAY__CHAT__BASE_URL", emu.base_url()),
+        ("CHAT_GATEWAY__CACHE__TTL_SECS", "30".to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    let settings = config::load_with_env(None, env).map_err(|e| e.to_string())?;
+    let state = AppState::new(settings)?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let gw = listener.local_addr().map_err(|e| e.to_string())?;
+    let next = next_page_cursor(&emu).await.unwrap_or_default();
+    let url = format!("http://{gw}/v4/recentcontact/get_list");
+    let curl = |body: &str| {
+        format!("curl -s -i -X POST {url} -H 'content-type: application/json' -d '{body}'")
+    };
+    say(format!(
+        "chat-gateway demo: gateway on http://{gw}, local Chat emulator on {}",
+        emu.base_url()
+    ));
+    say(format!(
+        "(sdkappid {}, admin {}; the gateway adds the credentials)",
+        emu_cfg.sdkappid, emu_cfg.identifier
+    ));
+    say("");
+    say("# 1. the first page of user_0001's conversations (x-cache: MISS)");
+    say(curl(r#"{"From_Account":"user_0001"}"#));
+    say("# 2. the same page again, from the cache (x-cache: HIT)");
+    say(curl(r#"{"From_Account":"user_0001"}"#));
+    say("# 3. the next page, with the cursors the first page returned");
+    say(curl(&next));
+    say("# 4. the gateway's metrics");
+    say(format!("curl -s http://{gw}/metrics"));
+    say("");
+    say("Press Ctrl-C to stop.");
+    let drained = server::run(listener, state, server::listener::termination_signal()).await;
+    emu.shutdown().await;
+    say(format!("chat-gateway demo: stopped (drained: {drained})"));
+    Ok(())
+}
+
+/// Prints a line, ignoring a closed stdout (a demo piped into `head` must not panic).
+fn say(line: impl AsRef<str>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line.as_ref());
+    let _ = out.flush();
+}
+
+/// The body of user_0001's second page, from the emulator's first page's cursors.
+async fn next_page_cursor(emu: &crate::emulator::EmulatorHandle) -> Option<String> {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let cfg = emu.config();
+    let uri = format!(
+        "{}/v4/recentcontact/get_list?sdkappid={}&identifier={}&usersig={}&random=1&contenttype=json",
+        emu.base_url(),
+        cfg.sdkappid,
+        cfg.identifier,
+        emu.admin_usersig()
+    );
+    let req = http::Request::post(uri)
+        .body(Full::new(bytes::Bytes::from_static(br#"{"From_Account":"user_0001","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}"#)))
+        .ok()?;
+    let body = client
+        .request(req)
+        .await
+        .ok()?
+        .into_body()
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    Some(format!(
+        r#"{{"From_Account":"user_0001","TimeStamp":{},"StartIndex":{},"TopTimeStamp":{},"TopStartIndex":{}}}"#,
+        v["TimeStamp"], v["StartIndex"], v["TopTimeStamp"], v["TopStartIndex"]
+    ))
 }
