@@ -150,8 +150,10 @@ impl<'de> Deserialize<'de> for GetListRequest<'de> {
                             if account.is_some() {
                                 return Err(de::Error::custom("duplicate field From_Account"));
                             }
-                            let raw: &'de RawValue = map.next_value()?;
-                            let MaybeBorrowed(a) = serde_json::from_str(raw.get())
+                            // A syntax error reported as this message is put right by
+                            // `parse`, which re-checks the whole body's syntax on error.
+                            let MaybeBorrowed(a) = map
+                                .next_value()
                                 .map_err(|_| de::Error::custom("From_Account must be a string"))?;
                             account = Some(a);
                             continue;
@@ -174,8 +176,7 @@ impl<'de> Deserialize<'de> for GetListRequest<'de> {
                         return Err(de::Error::custom(format!("duplicate field {key}")));
                     }
                     seen[slot] = true;
-                    let raw: &'de RawValue = map.next_value()?;
-                    let Cursor(v) = serde_json::from_str(raw.get()).map_err(|_| {
+                    let Cursor(v) = map.next_value().map_err(|_| {
                         de::Error::custom(format!("{key} must be a non-negative integer"))
                     })?;
                     nums[slot] = v;
