@@ -16,6 +16,35 @@ pub struct RawConfig {
     pub retry: RawRetry,
     pub log: RawLog,
     pub callback: RawCallback,
+    pub routes: RawRoutes,
+    pub ratelimit: RawRateLimit,
+}
+
+/// `[routes]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRoutes {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+/// `[ratelimit]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    pub per_command_per_sec: u64,
+    pub max_wait_ms: u64,
+    pub commands: std::collections::BTreeMap<String, u64>,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        RawRateLimit {
+            per_command_per_sec: 200,
+            max_wait_ms: 500,
+            commands: Default::default(),
+        }
+    }
 }
 
 /// `[callback]`
@@ -34,6 +63,9 @@ pub struct RawServer {
     pub shutdown_grace_secs: u64,
     pub max_connections: u64,
     pub header_read_timeout_ms: u64,
+    pub auth_tokens: Vec<Secret>,
+    pub allow_unauthenticated: bool,
+    pub protect_metrics: bool,
 }
 
 impl Default for RawServer {
@@ -44,6 +76,9 @@ impl Default for RawServer {
             shutdown_grace_secs: 10,
             max_connections: 10_000,
             header_read_timeout_ms: 5000,
+            auth_tokens: Vec::new(),
+            allow_unauthenticated: false,
+            protect_metrics: false,
         }
     }
 }
@@ -61,6 +96,8 @@ pub struct RawChat {
     pub ca_file: Option<PathBuf>,
     pub usersig_ttl_secs: u64,
     pub request_timeout_ms: u64,
+    pub backup_base_url: Option<String>,
+    pub failover_cooldown_secs: u64,
 }
 
 impl Default for RawChat {
@@ -75,6 +112,8 @@ impl Default for RawChat {
             ca_file: None,
             usersig_ttl_secs: 86400,
             request_timeout_ms: 3000,
+            backup_base_url: None,
+            failover_cooldown_secs: 60,
         }
     }
 }
@@ -105,6 +144,9 @@ pub struct RawRetry {
     pub max_attempts: u64,
     pub base_delay_ms: u64,
     pub max_delay_ms: u64,
+    pub idempotent_commands: Vec<String>,
+    pub budget_percent: u64,
+    pub budget_min_per_sec: u64,
 }
 
 impl Default for RawRetry {
@@ -113,6 +155,12 @@ impl Default for RawRetry {
             max_attempts: 3,
             base_delay_ms: 50,
             max_delay_ms: 1000,
+            idempotent_commands: crate::chat::commands::DEFAULT_IDEMPOTENT
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            budget_percent: 20,
+            budget_min_per_sec: 10,
         }
     }
 }
@@ -163,6 +211,11 @@ impl RawConfig {
                 .prefix_separator(ENV_SEPARATOR)
                 .separator(ENV_SEPARATOR)
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("server.auth_tokens")
+                .with_list_parse_key("retry.idempotent_commands")
+                .with_list_parse_key("routes.allow")
+                .with_list_parse_key("routes.deny")
                 .source(Some(env_map)),
         );
         let cfg = builder

@@ -25,6 +25,31 @@ pub struct Settings {
     pub log: LogSettings,
     /// Chat's webhooks.
     pub callback: CallbackSettings,
+    /// Which commands may pass.
+    pub routes: RouteSettings,
+    /// The per-command rate limit towards Chat.
+    pub ratelimit: RateLimitSettings,
+}
+
+/// `[routes]`: command patterns (`service/command`, `service/*` or `*`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RouteSettings {
+    /// When not empty, only matching commands pass.
+    pub allow: Vec<String>,
+    /// Matching commands never pass (deny wins over allow).
+    pub deny: Vec<String>,
+}
+
+/// `[ratelimit]`
+#[derive(Debug, Clone, Serialize)]
+pub struct RateLimitSettings {
+    /// Calls per second per command (Chat allows 200).
+    pub per_command_per_sec: u32,
+    /// Per-command overrides of the rate.
+    pub commands: std::collections::BTreeMap<String, u32>,
+    /// How long a request may wait for its turn before it fails with 60007.
+    #[serde(with = "millis", rename = "max_wait_ms")]
+    pub max_wait: Duration,
 }
 
 /// `[callback]`
@@ -47,9 +72,16 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Open connections at most.
     pub max_connections: usize,
-    /// Deadline for a connection's request head (slow-loris protection).
+    /// Deadline for a connection's request head (slow-loris protection); also how
+    /// long an idle keep-alive connection is kept.
     #[serde(with = "millis", rename = "header_read_timeout_ms")]
     pub header_read_timeout: Duration,
+    /// Bearer tokens callers must present on `/v4/*` and `/admin/*` (none: no auth).
+    pub auth_tokens: Vec<Secret>,
+    /// Allows a non-loopback `listen` without tokens.
+    pub allow_unauthenticated: bool,
+    /// Whether `/metrics` requires a token too.
+    pub protect_metrics: bool,
 }
 
 /// `[chat]`
@@ -68,6 +100,12 @@ pub struct ChatSettings {
     pub base_url: String,
     /// Whether `base_url` came from config (only then is `http://` allowed).
     pub base_url_overridden: bool,
+    /// Base URL of the backup upstream, used after connection-level failures of the
+    /// primary: the region's backup domain, or `chat.backup_base_url`.
+    pub backup_base_url: Option<String>,
+    /// How long new requests stay on the backup before trying the primary again.
+    #[serde(with = "secs", rename = "failover_cooldown_secs")]
+    pub failover_cooldown: Duration,
     /// Extra PEM roots trusted for the upstream, besides the bundled web PKI roots.
     pub ca_file: Option<PathBuf>,
     /// Lifetime of each admin UserSig the gateway issues.
@@ -110,6 +148,12 @@ pub struct RetrySettings {
     /// Upper bound of any backoff.
     #[serde(with = "millis", rename = "max_delay_ms")]
     pub max_delay: Duration,
+    /// Commands besides the built-in reads that are safe to retry like reads.
+    pub idempotent_commands: std::collections::BTreeSet<String>,
+    /// Retries may be at most this percentage of recent requests...
+    pub budget_percent: u32,
+    /// ...plus this many per second.
+    pub budget_min_per_sec: u32,
 }
 
 /// `[log]`
@@ -187,7 +231,32 @@ impl Settings {
                 "server.header_read_timeout_ms",
                 s.header_read_timeout_ms,
             )?),
+            auth_tokens: s.auth_tokens,
+            allow_unauthenticated: s.allow_unauthenticated,
+            protect_metrics: s.protect_metrics,
         };
+        if server
+            .auth_tokens
+            .iter()
+            .any(|t| t.expose().trim().len() < 16)
+        {
+            return Err(ConfigError::invalid(
+                "server.auth_tokens",
+                "every token must be at least 16 characters",
+            ));
+        }
+        if !server.listen.ip().is_loopback()
+            && server.auth_tokens.is_empty()
+            && !server.allow_unauthenticated
+        {
+            return Err(ConfigError::invalid(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address and server.auth_tokens is empty: anyone who can reach it could use the app's admin key. Set server.auth_tokens, or server.allow_unauthenticated = true if the network is trusted",
+                    server.listen
+                ),
+            ));
+        }
 
         let c = raw.chat;
         let sdkappid = c
@@ -274,6 +343,12 @@ impl Settings {
                 "must be at least 60 (Chat advises 86400 or more)",
             ));
         }
+        let backup_base_url = match (&c.backup_base_url, overridden) {
+            (Some(u), _) => Some(validate_base_url("chat.backup_base_url", u)?),
+            (None, false) => region.backup_domain().map(|d| format!("https://{d}")),
+            // An overridden primary (emulator, proxy) has no implied backup.
+            (None, true) => None,
+        };
         let chat = ChatSettings {
             sdkappid,
             identifier,
@@ -281,6 +356,11 @@ impl Settings {
             region,
             base_url,
             base_url_overridden: overridden,
+            backup_base_url,
+            failover_cooldown: Duration::from_secs(positive(
+                "chat.failover_cooldown_secs",
+                c.failover_cooldown_secs,
+            )?),
             ca_file: c.ca_file,
             usersig_ttl: Duration::from_secs(usersig_ttl),
             request_timeout: Duration::from_millis(positive(
@@ -313,7 +393,44 @@ impl Settings {
                 max_attempts: max_attempts as u32,
                 base_delay: Duration::from_millis(r.base_delay_ms),
                 max_delay: Duration::from_millis(r.max_delay_ms),
+                idempotent_commands: validate_patterns(
+                    "retry.idempotent_commands",
+                    r.idempotent_commands,
+                    false,
+                )?
+                .into_iter()
+                .collect(),
+                budget_percent: u32::try_from(r.budget_percent)
+                    .ok()
+                    .filter(|p| *p <= 1000)
+                    .ok_or_else(|| {
+                        ConfigError::invalid("retry.budget_percent", "must be 0 to 1000")
+                    })?,
+                budget_min_per_sec: u32::try_from(r.budget_min_per_sec)
+                    .map_err(|_| ConfigError::invalid("retry.budget_min_per_sec", "too large"))?,
             },
+        };
+        let routes = RouteSettings {
+            allow: validate_patterns("routes.allow", raw.routes.allow, true)?,
+            deny: validate_patterns("routes.deny", raw.routes.deny, true)?,
+        };
+        let rl = raw.ratelimit;
+        let rate = |key: &str, v: u64| -> Result<u32, ConfigError> {
+            u32::try_from(v)
+                .ok()
+                .filter(|v| (1..=1_000_000).contains(v))
+                .ok_or_else(|| ConfigError::invalid(key, "must be 1 to 1000000 calls per second"))
+        };
+        let mut commands = std::collections::BTreeMap::new();
+        for (cmd, v) in rl.commands {
+            let key = format!("ratelimit.commands.{cmd}");
+            validate_patterns(&key, vec![cmd.clone()], false)?;
+            commands.insert(cmd, rate(&key, v)?);
+        }
+        let ratelimit = RateLimitSettings {
+            per_command_per_sec: rate("ratelimit.per_command_per_sec", rl.per_command_per_sec)?,
+            commands,
+            max_wait: Duration::from_millis(rl.max_wait_ms),
         };
         let format = match raw.log.format.as_str() {
             "text" => LogFormat::Text,
@@ -351,6 +468,8 @@ impl Settings {
                     t => t,
                 },
             },
+            routes,
+            ratelimit,
         })
     }
 
@@ -358,6 +477,40 @@ impl Settings {
     pub fn to_redacted_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into())
     }
+}
+
+/// Checks command names (`service/command`) or, with `wildcards`, patterns
+/// (`service/*`, `*`).
+fn validate_patterns(
+    key: &str,
+    list: Vec<String>,
+    wildcards: bool,
+) -> Result<Vec<String>, ConfigError> {
+    for p in &list {
+        let ok = (wildcards && p == "*")
+            || p.split_once('/').is_some_and(|(svc, cmd)| {
+                let plain = |s: &str| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                };
+                plain(svc) && (plain(cmd) || (wildcards && cmd == "*"))
+            });
+        if !ok {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{p:?} is not a command like \"openim/sendmsg\"{}",
+                    if wildcards {
+                        " or a pattern like \"openim/*\" or \"*\""
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(list)
 }
 
 fn validate_base_url(key: &str, u: &str) -> Result<String, ConfigError> {
