@@ -50,6 +50,9 @@ pub enum GatewayError {
     /// A known route with the wrong method.
     #[error("method not allowed; use {0}")]
     MethodNotAllowed(&'static str),
+    /// `server.auth_tokens` is set and the caller sent no valid bearer token.
+    #[error("missing or invalid bearer token in Authorization")]
+    Unauthorized,
     /// The route is only for callers on loopback.
     #[error("this endpoint only answers loopback callers")]
     LoopbackOnly,
@@ -59,6 +62,12 @@ pub enum GatewayError {
     /// Chat could not be reached or answered garbage, after retries.
     #[error("Chat is unavailable: {0}")]
     UpstreamUnavailable(String),
+    /// The gateway's own per-command rate limit: no slot within `ratelimit.max_wait_ms`.
+    #[error("over the rate limit for this command; retry in {} ms", .0.as_millis())]
+    RateLimited(std::time::Duration),
+    /// The command is refused by `routes.allow` / `routes.deny`.
+    #[error("command {0} is not allowed through this gateway")]
+    RouteDenied(String),
     /// A bug or an unexpected state in the gateway.
     #[error("internal gateway error")]
     Internal(String),
@@ -74,10 +83,13 @@ impl GatewayError {
             | GatewayError::BodyRead
             | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed(_)
+            | GatewayError::Unauthorized
             | GatewayError::LoopbackOnly => Origin::Caller,
             GatewayError::UpstreamTimeout | GatewayError::UpstreamUnavailable(_) => {
                 Origin::Upstream
             }
+            GatewayError::RouteDenied(_) => Origin::Caller,
+            GatewayError::RateLimited(_) => Origin::Gateway,
             GatewayError::Internal(_) => Origin::Gateway,
         }
     }
@@ -91,10 +103,13 @@ impl GatewayError {
             GatewayError::BodyRead => StatusCode::BAD_REQUEST,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::LoopbackOnly => StatusCode::FORBIDDEN,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RouteDenied(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -105,9 +120,12 @@ impl GatewayError {
             GatewayError::InvalidField(_) => 50002,
             GatewayError::BodyTooLarge(_) | GatewayError::BodyRead => 60008,
             GatewayError::NotFound(_) | GatewayError::MethodNotAllowed(_) => 60009,
+            GatewayError::Unauthorized => 60004,
             GatewayError::LoopbackOnly => 60021,
             GatewayError::UpstreamTimeout | GatewayError::UpstreamUnavailable(_) => 50005,
             GatewayError::Internal(_) => 50004,
+            GatewayError::RateLimited(_) => 60007,
+            GatewayError::RouteDenied(_) => 60009,
         }
     }
 
@@ -120,10 +138,13 @@ impl GatewayError {
             GatewayError::BodyRead => "body-read",
             GatewayError::NotFound(_) => "not-found",
             GatewayError::MethodNotAllowed(_) => "method-not-allowed",
+            GatewayError::Unauthorized => "unauthorized",
             GatewayError::LoopbackOnly => "loopback-only",
             GatewayError::UpstreamTimeout => "upstream-timeout",
             GatewayError::UpstreamUnavailable(_) => "upstream-unavailable",
             GatewayError::Internal(_) => "internal",
+            GatewayError::RateLimited(_) => "rate-limited",
+            GatewayError::RouteDenied(_) => "route-denied",
         }
     }
 
@@ -149,6 +170,12 @@ impl GatewayError {
             crate::server::response::X_CHAT_GATEWAY_ERROR,
             HeaderValue::from_static(self.reason()),
         );
+        if let GatewayError::Unauthorized = self {
+            h.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
         resp
     }
 }

@@ -37,6 +37,14 @@ pub mod names {
     pub const INVALIDATED_PAGES: &str = "chat_gateway_invalidated_pages_total";
     /// Webhooks by `command` class and `outcome` (accepted, rejected).
     pub const CALLBACKS: &str = "chat_gateway_callbacks_total";
+    /// Failovers by `to` (backup, primary).
+    pub const FAILOVERS: &str = "chat_gateway_upstream_failovers_total";
+    /// Calls refused by the gateway's own rate limit, by `command`.
+    pub const RATE_LIMITED: &str = "chat_gateway_rate_limited_total";
+    /// Retries refused by the retry budget.
+    pub const BUDGET_EXHAUSTED: &str = "chat_gateway_retry_budget_exhausted_total";
+    /// UserSig renewals after Chat refused one.
+    pub const SIG_RENEWALS: &str = "chat_gateway_usersig_renewals_total";
     /// Config reloads by `outcome` (applied, unchanged, rejected).
     pub const RELOADS: &str = "chat_gateway_config_reloads_total";
 }

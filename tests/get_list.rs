@@ -127,13 +127,6 @@ async fn concurrent_identical_cold_requests_make_one_upstream_call() {
     assert_eq!(coalesced + hits, 199.0, "the others waited or hit: {text}");
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn transient_errors_are_retried_and_final_ones_are_not() {

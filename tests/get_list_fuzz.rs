@@ -17,22 +17,37 @@ struct Env {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let (fake, gw) = rt.block_on(async {
             let fake = FakeChat::start(echo_pages()).await;
-            let gw = Gateway::start(&config_toml(&fake.url(), &[("server", "max_body_bytes = 4096")])).await;
+            let gw = Gateway::start(&config_toml(
+                &fake.url(),
+                &[("server", "max_body_bytes = 4096")],
+            ))
+            .await;
             (fake, gw)
         });
-        Env { rt, gw, _fake: fake }
+        Env {
+            rt,
+            gw,
+            _fake: fake,
+        }
     })
 }
 
 fn check(body: Vec<u8>) -> Result<(), TestCaseError> {
     let e = env();
-    let a = e.rt.block_on(post(&e.gw.url("/v4/recentcontact/get_list"), body));
+    let a =
+        e.rt.block_on(post(&e.gw.url("/v4/recentcontact/get_list"), body));
     let v: serde_json::Value = serde_json::from_slice(&a.2)
         .map_err(|_| TestCaseError::fail(format!("not JSON: {:?}", a.2)))?;
-    prop_assert!(v["ActionStatus"] == "OK" || v["ActionStatus"] == "FAIL", "{v}");
+    prop_assert!(
+        v["ActionStatus"] == "OK" || v["ActionStatus"] == "FAIL",
+        "{v}"
+    );
     prop_assert!(v["ErrorCode"].is_i64(), "{v}");
     prop_assert!(["HIT", "MISS", "BYPASS"].contains(&header(&a, "x-cache")));
     if v["ActionStatus"] == "FAIL" {
@@ -47,7 +62,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
         any::<u64>().prop_map(serde_json::Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
         ".{0,40}".prop_map(serde_json::Value::from),
     ];
     leaf.prop_recursive(3, 32, 6, |inner| {

@@ -103,6 +103,18 @@ pub fn staleness(command: &str) -> Staleness {
     }
 }
 
+/// Whether a `routes.*` pattern (`service/command`, `service/*` or `*`) matches
+/// `command` (`service/command`).
+pub fn pattern_matches(pattern: &str, command: &str) -> bool {
+    match pattern.strip_suffix("/*") {
+        _ if pattern == "*" => true,
+        Some(service) => command
+            .split_once('/')
+            .is_some_and(|(s, _)| s == service),
+        None => pattern == command,
+    }
+}
+
 /// Splits a request path `/v4/<service>/<command>` into `service/command`, checking
 /// that each part is a plain name. Returns `None` for anything else.
 pub fn command_of_path(path: &str) -> Option<&str> {
@@ -134,5 +146,10 @@ mod tests {
         assert_eq!(builtin_class("openim/sendmsg"), CommandClass::Write);
         assert_eq!(staleness("openim/sendmsg"), Staleness::FromAndTo);
         assert!(DEFAULT_IDEMPOTENT.contains(&GET_LIST));
+        assert!(pattern_matches("*", "a/b"));
+        assert!(pattern_matches("openim/*", "openim/sendmsg"));
+        assert!(!pattern_matches("openim/*", "openimx/sendmsg"));
+        assert!(pattern_matches("a/b", "a/b"));
+        assert!(!pattern_matches("a/b", "a/bc"));
     }
 }

@@ -86,6 +86,22 @@ pub(crate) fn parse_params(query: &str) -> Params<'_> {
     p
 }
 
+/// Every `key=value` pair of a query string, values percent-decoded (for the
+/// control endpoints).
+pub(crate) fn parse_params_any(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (
+                percent_decode(k).into_owned(),
+                percent_decode(v).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Checks calls against one app's SDKAppID, key and admin.
 pub(crate) struct Auth {
     sdkappid: u64,
@@ -135,7 +151,10 @@ impl Auth {
         if app != self.sdkappid {
             return Err(ApiError::new(
                 60006,
-                format!("SDKAppID {app} is invalid (this emulator hosts {})", self.sdkappid),
+                format!(
+                    "SDKAppID {app} is invalid (this emulator hosts {})",
+                    self.sdkappid
+                ),
             ));
         }
         if identifier == self.admin {
@@ -229,11 +248,15 @@ mod tests {
         let code = |query: &str| a.check(Some(query), NOW).err().map(|e| e.code);
         assert_eq!(code(""), Some(60012));
         assert_eq!(
-            code(&format!("identifier=administrator&usersig={sig}&random=1&contenttype=json")),
+            code(&format!(
+                "identifier=administrator&usersig={sig}&random=1&contenttype=json"
+            )),
             Some(60012)
         );
         assert_eq!(
-            code(&format!("sdkappid=1400000000&usersig={sig}&random=1&contenttype=json")),
+            code(&format!(
+                "sdkappid=1400000000&usersig={sig}&random=1&contenttype=json"
+            )),
             Some(60002)
         );
         assert_eq!(
@@ -246,10 +269,19 @@ mod tests {
             code(&format!("{base}&random=4294967296&contenttype=json")),
             Some(60002)
         );
-        assert_eq!(code(&format!("{base}&random=-1&contenttype=json")), Some(60002));
-        assert_eq!(code(&format!("{base}&random=1&contenttype=xml")), Some(60002));
+        assert_eq!(
+            code(&format!("{base}&random=-1&contenttype=json")),
+            Some(60002)
+        );
+        assert_eq!(
+            code(&format!("{base}&random=1&contenttype=xml")),
+            Some(60002)
+        );
         assert_eq!(code(&format!("{base}&random=1")), Some(60002));
-        assert_eq!(code(&format!("{base}&random=4294967295&contenttype=json")), None);
+        assert_eq!(
+            code(&format!("{base}&random=4294967295&contenttype=json")),
+            None
+        );
         assert_eq!(
             code(&format!(
                 "sdkappid=1400000001&identifier=administrator&usersig={sig}&random=1&contenttype=json"

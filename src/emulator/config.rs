@@ -13,7 +13,7 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Pinned conversations per `get_list` page by default.
 pub const DEFAULT_TOP_PAGE_SIZE: usize = 20;
 /// The most accounts a world may have (memory stays well under 1 GiB).
-pub const MAX_ACCOUNTS: u32 = 1_000_000;
+pub const MAX_ACCOUNTS: u32 = 200_000;
 
 /// Fault injection, as set by the CLI flags and changed at run time through
 /// `POST /__emulator/faults`. Applies only to `/v4` calls.

@@ -71,7 +71,8 @@ impl LiveFaults {
             .store(s.fail_50004.to_bits(), Ordering::Relaxed);
         self.fail_50005
             .store(s.fail_50005.to_bits(), Ordering::Relaxed);
-        self.drop_rate.store(s.drop_rate.to_bits(), Ordering::Relaxed);
+        self.drop_rate
+            .store(s.drop_rate.to_bits(), Ordering::Relaxed);
         self.latency_ms.store(s.latency_ms, Ordering::Relaxed);
         self.jitter_ms.store(s.jitter_ms, Ordering::Relaxed);
         self.rate_limit.store(s.rate_limit, Ordering::Relaxed);

@@ -19,7 +19,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use super::protocol::{parse_body, raw, ApiError, GroupItemOut, Reply};
+use super::protocol::{parse_body, ApiError, Reply};
 use super::world::{read, Account, Conv, Peer, World};
 
 /// A position in one of the lists.
@@ -112,6 +112,8 @@ struct SessionItemOut<'a> {
     contact_group_id: &'a [u32],
 }
 
+/// The answer's fields in documented order (the reference form of `write_page`).
+#[cfg(test)]
 #[derive(Serialize)]
 struct GetListOut<'a> {
     #[serde(rename = "SessionItem")]
@@ -127,7 +129,7 @@ struct GetListOut<'a> {
     #[serde(rename = "TopStartIndex")]
     top_start_index: u64,
     #[serde(rename = "GroupItem")]
-    group_item: Vec<GroupItemOut<'a>>,
+    group_item: Vec<super::protocol::GroupItemOut<'a>>,
 }
 
 fn item<'a>(world: &'a World, acct: &'a Account, c: &Conv, top: bool) -> SessionItemOut<'a> {
@@ -187,14 +189,28 @@ pub(crate) fn get_list(
         },
         page_size,
     );
-    let mut items = Vec::with_capacity((top.end - top.start) + (general.end - general.start));
-    for c in &acct.top[top.start..top.end] {
-        items.push(item(world, &acct, c, true));
-    }
-    for c in &acct.general[general.start..general.end] {
-        items.push(item(world, &acct, c, false));
-    }
-    let out = GetListOut {
+    let mut buf = Vec::with_capacity(
+        256 + 112 * ((top.end - top.start) + (general.end - general.start))
+            + 48 * acct.contact_groups.len(),
+    );
+    write_page(&mut buf, world, &acct, &top, &general);
+    Ok(Reply::Raw(buf))
+}
+
+/// The answer's fields as typed structs: the reference form, which the hand-written
+/// [`write_page`] must reproduce byte for byte (a unit test checks it).
+#[cfg(test)]
+fn page<'a>(world: &'a World, acct: &'a Account, top: &Slice, general: &Slice) -> GetListOut<'a> {
+    let items = acct.top[top.start..top.end]
+        .iter()
+        .map(|c| item(world, acct, c, true))
+        .chain(
+            acct.general[general.start..general.end]
+                .iter()
+                .map(|c| item(world, acct, c, false)),
+        )
+        .collect();
+    GetListOut {
         items,
         complete: u8::from(!top.more && !general.more),
         time_stamp: general.next.time,
@@ -204,13 +220,141 @@ pub(crate) fn get_list(
         group_item: acct
             .contact_groups
             .iter()
-            .map(|g| GroupItemOut {
+            .map(|g| super::protocol::GroupItemOut {
                 name: &g.name,
                 id: g.id,
             })
             .collect(),
-    };
-    Ok(raw(&out))
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+/// Appends `s` as a JSON string, escaped exactly as serde_json does.
+fn push_str(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else if serde_json::to_writer(&mut *buf, s).is_err() {
+        buf.extend_from_slice(b"\"\"");
+    }
+}
+
+/// Appends one `SessionItem`.
+fn write_item(buf: &mut Vec<u8>, world: &World, acct: &Account, c: &Conv, top: bool) {
+    match c.peer {
+        Peer::User(_) => buf.extend_from_slice(br#"{"Type":1,"To_Account":"#),
+        Peer::Group(_) => buf.extend_from_slice(br#"{"Type":2,"GroupId":"#),
+    }
+    push_str(buf, world.peer_id(c.peer));
+    buf.extend_from_slice(br#","MsgTime":"#);
+    push_u64(buf, c.msg_time);
+    buf.extend_from_slice(if top {
+        br#","TopFlag":1"#
+    } else {
+        br#","TopFlag":0"#
+    });
+    if let Some(m) = acct.marks.get(&c.peer) {
+        if m.standard != 0 {
+            buf.extend_from_slice(br#","StandardMark":""#);
+            let high = 63 - m.standard.leading_zeros();
+            for bit in (0..=high).rev() {
+                buf.push(if m.standard >> bit & 1 == 1 {
+                    b'1'
+                } else {
+                    b'0'
+                });
+            }
+            buf.push(b'"');
+        }
+        if !m.custom.is_empty() {
+            buf.extend_from_slice(br#","CustomMark":"#);
+            push_str(buf, &m.custom);
+        }
+        if !m.groups.is_empty() {
+            buf.extend_from_slice(br#","ContactGroupId":["#);
+            for (i, id) in m.groups.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                push_u64(buf, u64::from(*id));
+            }
+            buf.push(b']');
+        }
+    }
+    buf.push(b'}');
+}
+
+/// Writes the answer's fields, in the documented order, straight into `buf`: the
+/// hot path's serializer (no intermediate structs, no allocation but `buf`).
+fn write_page(buf: &mut Vec<u8>, world: &World, acct: &Account, top: &Slice, general: &Slice) {
+    buf.extend_from_slice(br#"{"SessionItem":["#);
+    let items = acct.top[top.start..top.end]
+        .iter()
+        .map(|c| (c, true))
+        .chain(
+            acct.general[general.start..general.end]
+                .iter()
+                .map(|c| (c, false)),
+        );
+    for (i, (c, pinned)) in items.enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_item(buf, world, acct, c, pinned);
+    }
+    buf.extend_from_slice(br#"],"CompleteFlag":"#);
+    buf.push(if !top.more && !general.more {
+        b'1'
+    } else {
+        b'0'
+    });
+    buf.extend_from_slice(br#","TimeStamp":"#);
+    push_u64(buf, general.next.time);
+    buf.extend_from_slice(br#","StartIndex":"#);
+    push_u64(buf, general.next.index);
+    buf.extend_from_slice(br#","TopTimeStamp":"#);
+    push_u64(buf, top.next.time);
+    buf.extend_from_slice(br#","TopStartIndex":"#);
+    push_u64(buf, top.next.index);
+    buf.extend_from_slice(br#","GroupItem":["#);
+    for (i, g) in acct.contact_groups.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(br#"{"GroupName":"#);
+        push_str(buf, &g.name);
+        buf.extend_from_slice(br#","GroupId":"#);
+        push_u64(buf, u64::from(g.id));
+        buf.push(b'}');
+    }
+    buf.extend_from_slice(b"]}");
+}
+
+/// Every conversation of an account in `get_list` item form, pinned first (for
+/// `GET /__emulator/accounts/<name>`).
+pub(crate) fn dump(world: &World, acct: &Account) -> serde_json::Value {
+    let items: Vec<SessionItemOut<'_>> = acct
+        .top
+        .iter()
+        .map(|c| item(world, acct, c, true))
+        .chain(acct.general.iter().map(|c| item(world, acct, c, false)))
+        .collect();
+    serde_json::to_value(items).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -246,6 +390,39 @@ mod tests {
     }
 
     #[test]
+    fn hand_written_page_matches_the_typed_structs() {
+        let world = World::generate(300, 3);
+        for i in 0..world.account_count() {
+            let mut acct = read(world.account(i).unwrap()).clone();
+            if i == 5 {
+                // Strings that need escaping, and big numbers.
+                acct.contact_groups.push(super::super::world::ContactGroup {
+                    id: u32::MAX,
+                    name: "q\"\\\u{1}\u{e9}".into(),
+                });
+                if let Some(c) = acct.general.first().copied() {
+                    let m = acct.marks.entry(c.peer).or_default();
+                    m.custom = "tab\there \"x\"".into();
+                    m.standard = u64::MAX;
+                    m.groups = vec![1, u32::MAX];
+                }
+            }
+            for (size, cursor) in [(100, Cursor::default()), (3, Cursor::default())] {
+                let top = cut(&acct.top, cursor, size);
+                let general = cut(&acct.general, cursor, size);
+                let want = serde_json::to_vec(&page(&world, &acct, &top, &general)).unwrap();
+                let mut got = Vec::new();
+                write_page(&mut got, &world, &acct, &top, &general);
+                assert_eq!(
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(&want),
+                    "account {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn walk_returns_everything_once_with_ties_across_pages() {
         let l = list(&[100, 90, 90, 90, 90, 90, 80, 80, 70, 60, 60, 60]);
         for size in 1..=13 {
@@ -259,13 +436,7 @@ mod tests {
     fn cursor_points_inside_a_tie() {
         let l = list(&[100, 90, 90, 90, 80]);
         let s = cut(&l, Cursor::default(), 3);
-        assert_eq!(
-            s.next,
-            Cursor {
-                time: 90,
-                index: 2
-            }
-        );
+        assert_eq!(s.next, Cursor { time: 90, index: 2 });
         let s2 = cut(&l, s.next, 3);
         assert_eq!((s2.start, s2.end, s2.more), (3, 5, false));
         // Exhausted lists echo their cursor and stay exhausted.

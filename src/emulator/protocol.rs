@@ -67,15 +67,6 @@ impl Command {
     pub(crate) fn index(self) -> usize {
         self as usize
     }
-
-    /// The code for a body that is JSON but has missing or mistyped fields. The
-    /// recentcontact family documents 50002; for messages the emulator answers 90001.
-    pub(crate) fn param_error_code(self) -> i64 {
-        match self {
-            Command::SendMsg | Command::SendGroupMsg => 90001,
-            _ => 50002,
-        }
-    }
 }
 
 /// A failed call: Chat's `ErrorCode` and `ErrorInfo`.
@@ -163,7 +154,9 @@ pub(crate) fn ok(reply: Reply, request_id: &str) -> Bytes {
                 if obj.last() != Some(&b'{') {
                     obj.push(b',');
                 }
-                obj.extend_from_slice(br#""ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","RequestId":""#);
+                obj.extend_from_slice(
+                    br#""ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","RequestId":""#,
+                );
                 obj.extend_from_slice(request_id.as_bytes());
                 obj.extend_from_slice(b"\"}");
             }
@@ -176,16 +169,6 @@ pub(crate) fn ok(reply: Reply, request_id: &str) -> Bytes {
             envelope::ok_body(v)
         }
     }
-}
-
-/// Serializes a typed reply. Serializing structs of strings and integers into a
-/// `Vec` cannot fail; should it, the reply is an empty object.
-pub(crate) fn raw<T: Serialize>(body: &T) -> Reply {
-    let mut buf = Vec::with_capacity(1024);
-    if serde_json::to_writer(&mut buf, body).is_err() {
-        buf = b"{}".to_vec();
-    }
-    Reply::Raw(buf)
 }
 
 /// Parses a request body. Not JSON → `60003`; JSON of the wrong shape →

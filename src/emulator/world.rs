@@ -124,13 +124,21 @@ impl Account {
     /// Removes `peer`'s conversation; returns it and whether it was pinned.
     pub(crate) fn remove(&mut self, peer: Peer) -> Option<(Conv, bool)> {
         let (top, i) = self.position(peer)?;
-        let list = if top { &mut self.top } else { &mut self.general };
+        let list = if top {
+            &mut self.top
+        } else {
+            &mut self.general
+        };
         Some((list.remove(i), top))
     }
 
     /// Inserts a conversation at its sorted place.
     pub(crate) fn insert(&mut self, conv: Conv, top: bool) {
-        let list = if top { &mut self.top } else { &mut self.general };
+        let list = if top {
+            &mut self.top
+        } else {
+            &mut self.general
+        };
         let key = order_key(&conv);
         let at = list.partition_point(|c| order_key(c) < key);
         list.insert(at, conv);
@@ -204,7 +212,9 @@ fn random_group_id(rng: &mut SplitMix64) -> String {
     s.push_str("@TGS#");
     s.push(char::from(b'1' + rng.below(9) as u8));
     for _ in 0..8 {
-        s.push(char::from(ALPHABET[rng.below(ALPHABET.len() as u64) as usize]));
+        s.push(char::from(
+            ALPHABET[rng.below(ALPHABET.len() as u64) as usize],
+        ));
     }
     s
 }
@@ -230,7 +240,11 @@ impl World {
         let msg_time = |rng: &mut SplitMix64| {
             let off = rng.below(SPAN_SECS);
             // About a third of the times fall on the hour, so ties are common.
-            let off = if rng.chance(0.3) { off - off % 3600 } else { off };
+            let off = if rng.chance(0.3) {
+                off - off % 3600
+            } else {
+                off
+            };
             epoch - off
         };
         let pin_chance = |i: u32| if is_heavy(i) { 0.15 } else { 0.05 };
@@ -333,7 +347,12 @@ impl World {
                 });
             }
             acct.next_group_id = ngroups + 1;
-            let convs: Vec<Conv> = acct.top.iter().chain(acct.general.iter()).copied().collect();
+            let convs: Vec<Conv> = acct
+                .top
+                .iter()
+                .chain(acct.general.iter())
+                .copied()
+                .collect();
             for c in convs {
                 let mut mark = Mark {
                     timestamp: c.msg_time,
@@ -473,7 +492,10 @@ mod tests {
                 }
                 assert!(c.msg_time > 0 && c.msg_time <= w.epoch());
             }
-            assert!(a.top.windows(2).all(|p| order_key(&p[0]) < order_key(&p[1])));
+            assert!(a
+                .top
+                .windows(2)
+                .all(|p| order_key(&p[0]) < order_key(&p[1])));
             assert!(a
                 .general
                 .windows(2)

@@ -13,6 +13,11 @@ use super::AppState;
 use crate::chat::commands;
 use crate::error::GatewayError;
 
+// Declared here because this change may only touch the router; move to
+// `server/mod.rs` as `pub mod auth;` (and drop these two lines) when convenient.
+#[path = "auth.rs"]
+pub mod auth;
+
 /// The longest caller-supplied `x-request-id` we keep; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -58,6 +63,21 @@ async fn dispatch(
 ) -> Response<Body> {
     let path = req.uri().path();
     let method = req.method();
+    let server = &state.settings.server;
+    if !server.auth_tokens.is_empty()
+        && !auth::is_open(path, server.protect_metrics)
+        && !auth::authorized(&server.auth_tokens, req.headers())
+    {
+        // Never log the header: it may hold a real token with a typo.
+        tracing::debug!(%peer, "caller not authorized");
+        return GatewayError::Unauthorized.respond();
+    }
+    if let Some(command) = commands::command_of_path(path) {
+        if !state.route_allowed(command) {
+            tracing::info!(command, "command refused by routes.allow / routes.deny");
+            return GatewayError::RouteDenied(command.to_string()).respond();
+        }
+    }
     match (method, path) {
         (&Method::POST, "/v4/recentcontact/get_list") => {
             handlers::get_list::handle(state, req).await

@@ -11,6 +11,7 @@ use crate::cache::invalidate::Invalidator;
 use crate::cache::key::PageKey;
 use crate::cache::store::PageStore;
 use crate::cache::PageCache;
+use crate::chat::commands::{self, CommandClass};
 use crate::config::{LiveSettings, Settings};
 use crate::metrics::GetListCounters;
 use crate::server::handlers::get_list::FetchResult;
@@ -39,9 +40,23 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Whether `command` is a read (retried on transient errors) or a write.
-    pub fn command_class(&self, command: &str) -> crate::chat::commands::CommandClass {
-        crate::chat::commands::builtin_class(command)
+    /// Whether `command` is a read (retried on transient errors) or a write: the
+    /// built-in reads plus `retry.idempotent_commands`.
+    pub fn command_class(&self, command: &str) -> CommandClass {
+        match commands::builtin_class(command) {
+            CommandClass::Read => CommandClass::Read,
+            CommandClass::Write if self.live.load().retry.idempotent_commands.contains(command) => {
+                CommandClass::Read
+            }
+            CommandClass::Write => CommandClass::Write,
+        }
+    }
+
+    /// Whether `routes.allow` / `routes.deny` let `command` through (deny wins).
+    pub fn route_allowed(&self, command: &str) -> bool {
+        let r = &self.settings.routes;
+        let matches = |p: &String| commands::pattern_matches(p, command);
+        !r.deny.iter().any(matches) && (r.allow.is_empty() || r.allow.iter().any(matches))
     }
 
     /// Builds the state from validated settings.

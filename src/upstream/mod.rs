@@ -1,37 +1,71 @@
-//! Everything between a handler and Chat: the signer (cached UserSig), the retry policy
-//! and the pooled rustls client. Handlers call [`Upstream::call`] and get either Chat's
-//! answer or one [`GatewayError`].
+//! Everything between a handler and Chat: the signer (cached UserSig), the per-command
+//! rate limit, the retry policy and budget, failover between domains, and the pooled
+//! rustls client. Handlers call [`Upstream::call`] and get either Chat's answer or one
+//! [`GatewayError`].
 
+pub mod budget;
 pub mod client;
+pub mod failover;
+pub mod ratelimit;
 pub mod retry;
 pub mod signer;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use metrics::{counter, histogram};
 
 use crate::chat::commands::CommandClass;
+use crate::chat::envelope::CodeClass;
 use crate::config::{LiveSettings, Settings};
 use crate::error::GatewayError;
 use crate::metrics::names;
-use client::{ChatClient, TransportError, UpstreamResponse};
+use budget::RetryBudget;
+use client::{ChatClient, Reach, TransportError, UpstreamResponse};
+use failover::Failover;
+use ratelimit::{LocalRateLimiter, RateLimiter};
 use retry::Decision;
 use signer::Signer;
 
+/// How long Chat's 70050 asks callers to pause.
+const PAUSE_70050: Duration = Duration::from_secs(60);
+/// How long other throttling codes pause a command.
+const PAUSE_THROTTLED: Duration = Duration::from_secs(1);
+/// At most one "Chat keeps refusing our UserSig" error log per this interval.
+const SIG_ALARM_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The way to Chat, shared by every handler.
-#[derive(Debug)]
 pub struct Upstream {
     /// The pooled client (and signer).
     client: ChatClient,
-    /// Base URL of Chat: the region's domain or `chat.base_url`.
-    base_url: String,
+    /// Primary and backup base URLs, and which is in use.
+    failover: Failover,
+    /// Per-command rate limit.
+    limiter: Arc<dyn RateLimiter>,
+    /// How long a call may wait for its rate-limit slot.
+    max_wait: Duration,
+    /// Retries across all commands, bounded.
+    budget: RetryBudget,
     /// Deadline of one caller request, retries included.
-    request_timeout: std::time::Duration,
+    request_timeout: Duration,
     /// Retry settings, reloadable.
     live: Arc<ArcSwap<LiveSettings>>,
+    /// Milliseconds since `started` of the last loud UserSig-refusal log.
+    last_sig_alarm: AtomicU64,
+    /// Time origin for `last_sig_alarm`.
+    started: Instant,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("client", &self.client)
+            .field("failover", &self.failover)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upstream {
@@ -45,11 +79,24 @@ impl Upstream {
             c.usersig_ttl,
         ));
         let client = ChatClient::new(c.sdkappid, signer, c.ca_file.as_deref(), c.request_timeout)?;
+        let rl = &settings.ratelimit;
         Ok(Upstream {
             client,
-            base_url: c.base_url.clone(),
+            failover: Failover::new(
+                c.base_url.clone(),
+                c.backup_base_url.clone(),
+                c.failover_cooldown,
+            ),
+            limiter: Arc::new(LocalRateLimiter::new(
+                rl.per_command_per_sec,
+                rl.commands.clone(),
+            )),
+            max_wait: rl.max_wait,
+            budget: RetryBudget::new(),
             request_timeout: c.request_timeout,
             live,
+            last_sig_alarm: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
         })
     }
 
@@ -58,9 +105,10 @@ impl Upstream {
         self.client.signer()
     }
 
-    /// Calls `command` with `body`, retrying as the policy allows for `class`, all within
-    /// `chat.request_timeout_ms`. Returns Chat's last answer when there was one with an
-    /// envelope (success or not); otherwise the failure.
+    /// Calls `command` with `body` within `chat.request_timeout_ms`: waits for the
+    /// command's rate-limit slot, renews a refused UserSig once, and retries as the
+    /// policy and the retry budget allow for `class`. Returns Chat's last answer when
+    /// it had an envelope (success or not); otherwise the failure.
     pub async fn call(
         &self,
         command: &str,
@@ -68,31 +116,101 @@ impl Upstream {
         body: Bytes,
     ) -> Result<UpstreamResponse, GatewayError> {
         let deadline = Instant::now() + self.request_timeout;
-        let retry = self.live.load().retry.clone();
+        let live = self.live.load_full();
+        let retry = &live.retry;
+        self.budget.record_request();
         let mut attempts = 0u32;
+        let mut renewed = false;
+        let mut after_throttle = false;
         loop {
+            // A retry after Chat throttled us may wait for the pause up to the deadline;
+            // a first attempt only up to ratelimit.max_wait_ms.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let max_wait = if after_throttle { remaining } else { self.max_wait.min(remaining) };
+            match self.limiter.reserve(command, max_wait) {
+                Ok(wait) if wait.is_zero() => {}
+                Ok(wait) => tokio::time::sleep(wait).await,
+                Err(t) => {
+                    counter!(names::RATE_LIMITED, "command" => command_label(command)).increment(1);
+                    return Err(GatewayError::RateLimited(t.retry_after));
+                }
+            }
             attempts += 1;
+            let (endpoint, base) = self.failover.current();
             let started = Instant::now();
-            let result = self
-                .client
-                .send(&self.base_url, command, body.clone(), deadline)
-                .await;
+            let result = self.client.send(base, command, body.clone(), deadline).await;
             record_call(command, &result, started);
-            if retry::decide(class, &result) == Decision::Retry {
-                let wait = retry::backoff(&retry, attempts);
-                if retry::may_attempt_again(&retry, attempts, wait, deadline) {
-                    counter!(names::RETRIES, "command" => command_label(command)).increment(1);
-                    tracing::debug!(
-                        command,
-                        attempts,
-                        wait_ms = wait.as_millis() as u64,
-                        "retrying"
-                    );
-                    tokio::time::sleep(wait).await;
+            if matches!(&result, Err(e) if e.reach == Reach::NotSent) {
+                self.failover.connection_failed(endpoint);
+            }
+            let code_class = match &result {
+                Ok(r) => r.chat.map(|s| CodeClass::of(s.code)),
+                Err(_) => None,
+            };
+            match code_class {
+                // Chat refused the UserSig before doing anything: renew it and try once
+                // more, whatever the command.
+                Some(CodeClass::SigRejected) if !renewed => {
+                    renewed = true;
+                    self.client.signer().force_renew();
+                    counter!(names::SIG_RENEWALS).increment(1);
+                    tracing::warn!(command, "Chat refused the UserSig; renewed it, trying once more");
                     continue;
+                }
+                Some(CodeClass::SigRejected) => self.sig_alarm(&result),
+                Some(CodeClass::Throttled) => {
+                    let code = result.as_ref().ok().and_then(|r| r.chat).map_or(0, |s| s.code);
+                    let pause = if code == 70050 { PAUSE_70050 } else { PAUSE_THROTTLED };
+                    self.limiter.pause(command, pause);
+                    tracing::warn!(command, code, pause_ms = pause.as_millis() as u64, "Chat throttled us; pausing the command");
+                    if class == CommandClass::Read
+                        && attempts < retry.max_attempts
+                        && Instant::now() + pause < deadline
+                        && self.budget.try_retry(retry.budget_percent, retry.budget_min_per_sec)
+                    {
+                        after_throttle = true;
+                        counter!(names::RETRIES, "command" => command_label(command)).increment(1);
+                        continue;
+                    }
+                    return finish(result);
+                }
+                _ => {}
+            }
+            if retry::decide(class, &result) == Decision::Retry {
+                let wait = retry::backoff(retry, attempts);
+                if retry::may_attempt_again(retry, attempts, wait, deadline) {
+                    if self.budget.try_retry(retry.budget_percent, retry.budget_min_per_sec) {
+                        counter!(names::RETRIES, "command" => command_label(command)).increment(1);
+                        tracing::debug!(command, attempts, wait_ms = wait.as_millis() as u64, "retrying");
+                        tokio::time::sleep(wait).await;
+                        after_throttle = false;
+                        continue;
+                    }
+                    counter!(names::BUDGET_EXHAUSTED).increment(1);
+                    tracing::debug!(command, "retry budget exhausted; returning the first error");
                 }
             }
             return finish(result);
+        }
+    }
+
+    /// Logs, at most once a minute, that Chat keeps refusing a freshly made UserSig:
+    /// a configuration error (key, SDKAppID or region).
+    fn sig_alarm(&self, result: &Result<UpstreamResponse, TransportError>) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_sig_alarm.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now.saturating_sub(last) >= SIG_ALARM_INTERVAL.as_millis() as u64;
+        if due
+            && self
+                .last_sig_alarm
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let code = result.as_ref().ok().and_then(|r| r.chat).map_or(0, |s| s.code);
+            tracing::error!(
+                code,
+                "CONFIGURATION ERROR: Chat refuses even a freshly made UserSig; check chat.secret_key, chat.sdkappid, chat.identifier and chat.region"
+            );
         }
     }
 }

@@ -117,12 +117,15 @@ impl Signer {
     /// current one). Returns the new sig.
     pub fn force_renew(&self) -> Arc<IssuedSig> {
         let _guard = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
+        // A sig is a function of its issue second: issue at least one second after the
+        // refused one so that the new sig differs from it.
+        let now = (self.clock)().max(self.current.load().issued_at + 1);
         let fresh = Arc::new(issue(
             self.sdkappid,
             &self.identifier,
             &self.key,
             self.ttl,
-            (self.clock)(),
+            now,
         ));
         self.current.store(fresh.clone());
         tracing::info!(identifier = %self.identifier, "UserSig renewed on demand");
@@ -202,7 +205,8 @@ mod tests {
         }
         let before = s.usersig();
         let forced = s.force_renew();
-        assert!(!Arc::ptr_eq(&before, &forced));
+        assert_ne!(before.sig, forced.sig, "a forced renewal gives a different sig");
+        assert!(Arc::ptr_eq(&forced, &s.usersig()));
         assert!(!format!("{s:?}").contains("\"k\""));
     }
 }

@@ -24,6 +24,7 @@ pub const SECRET: &str = "test-secret-key-0123456789abcdef";
 /// What the fake Chat received.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    pub at: Instant,
     pub path: String,
     pub query: HashMap<String, String>,
     pub raw_query: String,
@@ -83,7 +84,12 @@ pub fn echo_pages() -> Responder {
 
 impl FakeChat {
     pub async fn start(responder: Responder) -> FakeChat {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), responder).await
+    }
+
+    /// Starts on a given address (e.g. a port reserved earlier).
+    pub async fn start_on(addr: SocketAddr, responder: Responder) -> FakeChat {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls: Arc<Mutex<Vec<Recorded>>> = Arc::default();
         let responder = Arc::new(Mutex::new(responder));
@@ -107,6 +113,7 @@ impl FakeChat {
                                 .collect();
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let rec = Recorded {
+                                at: Instant::now(),
                                 path,
                                 query,
                                 raw_query,
@@ -230,6 +237,21 @@ pub fn config_toml_with(upstream: &str, secret: &str, sections: &[(&str, &str)])
         .into_iter()
         .map(|(n, b)| format!("[{n}]\n{b}\n"))
         .collect()
+}
+
+/// A loopback address where nothing listens (connections are refused).
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Reads a counter or gauge from a Prometheus text page (0 when absent).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn bin() -> &'static str {

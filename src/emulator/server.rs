@@ -1,0 +1,290 @@
+//! The request pipeline for `/v4` calls and the shared state behind it.
+//!
+//! Every `/v4` call goes through these steps; the first that fails answers:
+//! 1. added latency (fault injection);
+//! 2. the path must be a known `/v4/<service>/<command>` → else 60009;
+//! 3. POST only → else 60002;
+//! 4. authentication (see `auth`) → 600xx / 700xx;
+//! 5. the body: at most 1 MiB (60008), not empty (60003);
+//! 6. the per-command rate limit → 60007;
+//! 7. injected 50004 / 50005, instead of running the command (nothing changes);
+//! 8. the command itself;
+//! 9. an injected drop: the command ran, then the connection closes unanswered.
+//!
+//! All answers are HTTP 200 with Chat's envelope and a `RequestId`.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::auth::Auth;
+use super::config::{EmulatorConfig, FaultSettings};
+use super::faults::{Fate, LiveFaults, RateLimiter};
+use super::protocol::{self, ApiError, Command, Reply, RequestIds};
+use super::stats::{FaultKind, Stats};
+use super::webhooks::Webhooks;
+use super::world::World;
+use super::{contact_groups, control, paging, writes};
+use crate::chat::commands::command_of_path;
+
+/// Largest request body accepted.
+pub(crate) const MAX_BODY: usize = 1024 * 1024;
+
+/// Unix seconds now.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Unix milliseconds now.
+pub(crate) fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything a request handler needs, shared by all connections.
+pub(crate) struct State {
+    /// The configuration the emulator started with (faults live in `faults`).
+    pub cfg: EmulatorConfig,
+    /// The synthetic world.
+    pub world: World,
+    /// UserSig and parameter checks.
+    pub auth: Auth,
+    /// Fault settings in force.
+    pub faults: LiveFaults,
+    /// Per-command rate limit windows.
+    pub limiter: RateLimiter,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Webhook sender, when a callback URL is configured.
+    pub webhooks: Option<Arc<Webhooks>>,
+    /// Request id generator.
+    pub request_ids: RequestIds,
+    /// Message sequence numbers (MsgSeq, MsgKey).
+    pub msg_seq: AtomicU64,
+}
+
+impl State {
+    /// State for `cfg` around a generated `world`.
+    pub(crate) fn new(cfg: EmulatorConfig, world: World) -> Result<State, String> {
+        let stats = Arc::new(Stats::new(world.account_count()));
+        let webhooks = match &cfg.callback_url {
+            Some(url) => Some(Arc::new(Webhooks::new(
+                url,
+                cfg.callback_token.clone(),
+                cfg.sdkappid,
+                Arc::clone(&stats),
+            )?)),
+            None => None,
+        };
+        Ok(State {
+            auth: Auth::new(cfg.sdkappid, &cfg.secret_key, &cfg.identifier),
+            faults: LiveFaults::new(cfg.faults, cfg.seed),
+            limiter: RateLimiter::new(Command::ALL.len(), Instant::now()),
+            stats,
+            webhooks,
+            request_ids: RequestIds::new(unix_now_ms()),
+            msg_seq: AtomicU64::new(0),
+            world,
+            cfg,
+        })
+    }
+}
+
+/// A response with a body and a content type.
+pub(crate) fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// A response hyper refuses to write: it carries both `Transfer-Encoding` and a
+/// later `Content-Length`, which hyper's HTTP/1 encoder rejects before writing a
+/// byte, and then it closes the connection. The client sees the connection closed
+/// without an answer, which is exactly the fault being injected.
+fn dropped_connection() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    let h = resp.headers_mut();
+    h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    resp
+}
+
+/// Routes one request: control endpoints or the Chat API.
+pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == "/__emulator" || path.starts_with("/__emulator/") {
+        return control::handle(&state, req).await;
+    }
+    api(&state, req).await
+}
+
+async fn api(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let request_id = state.request_ids.next();
+    let settings = state.faults.get();
+    if let Some(delay) = state.faults.delay(&settings) {
+        state.stats.fault(FaultKind::Delay);
+        tokio::time::sleep(delay).await;
+    }
+    let dropped = state.faults.drops(&settings);
+    let body = match process(state, req, &settings).await {
+        Ok(reply) => {
+            state.stats.answered(0);
+            protocol::ok(reply, &request_id)
+        }
+        Err(e) => {
+            state.stats.answered(e.code);
+            protocol::fail(&e, &request_id)
+        }
+    };
+    if dropped {
+        state.stats.fault(FaultKind::Drop);
+        return dropped_connection();
+    }
+    respond(StatusCode::OK, "application/json", body)
+}
+
+/// Reads a body of at most `limit` bytes; 60008 when larger or unreadable.
+pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::new(
+            60008,
+            format!("request body is over {limit} bytes"),
+        ));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
+            60008,
+            format!("request body is over {limit} bytes"),
+        )),
+        Err(e) => Err(ApiError::new(
+            60008,
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct AccountPeek {
+    #[serde(rename = "From_Account", default)]
+    from: Option<String>,
+}
+
+/// Counts a call that did not reach its command under its From_Account, if any.
+fn count_account(state: &State, body: &[u8]) {
+    if let Ok(peek) = serde_json::from_slice::<AccountPeek>(body) {
+        if let Some(i) = peek.from.and_then(|n| state.world.account_index(&n)) {
+            state.stats.account(i);
+        }
+    }
+}
+
+async fn process(
+    state: &State,
+    req: Request<Incoming>,
+    settings: &FaultSettings,
+) -> Result<Reply, ApiError> {
+    let command = command_of_path(req.uri().path()).and_then(Command::parse);
+    state.stats.call(command);
+    let Some(command) = command else {
+        return Err(ApiError::new(
+            60009,
+            format!(
+                "unknown API {:?}: expected /v4/<service>/<command> of a known command",
+                req.uri().path()
+            ),
+        ));
+    };
+    if req.method() != Method::POST {
+        return Err(ApiError::new(60002, "only POST is accepted"));
+    }
+    state.auth.check(req.uri().query(), unix_now())?;
+    let body = read_body(req, MAX_BODY).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            60003,
+            "request body is empty (send {} for no fields)",
+        ));
+    }
+    if !state
+        .limiter
+        .admit(command.index(), settings.rate_limit, Instant::now())
+    {
+        count_account(state, &body);
+        return Err(ApiError::new(
+            60007,
+            format!(
+                "{} is limited to {} calls per second",
+                command.as_str(),
+                settings.rate_limit
+            ),
+        ));
+    }
+    if let Fate::Fail(code) = state.faults.fate(settings) {
+        state.stats.fault(if code == 50004 {
+            FaultKind::Fail50004
+        } else {
+            FaultKind::Fail50005
+        });
+        count_account(state, &body);
+        let info = if code == 50004 {
+            "internal server error (injected by the emulator); try again"
+        } else {
+            "network timeout (injected by the emulator); try again later"
+        };
+        return Err(ApiError::new(code, info));
+    }
+    let mut who = None;
+    let result = dispatch(state, command, &body, &mut who);
+    if let Some(i) = who {
+        state.stats.account(i);
+    }
+    result
+}
+
+fn dispatch(
+    state: &State,
+    command: Command,
+    body: &[u8],
+    who: &mut Option<u32>,
+) -> Result<Reply, ApiError> {
+    match command {
+        Command::GetList => paging::get_list(
+            &state.world,
+            state.cfg.page_size,
+            state.cfg.top_page_size,
+            body,
+            who,
+        ),
+        Command::Delete => writes::delete(state, body, who),
+        Command::SendMsg => writes::sendmsg(state, body, who),
+        Command::SendGroupMsg => writes::send_group_msg(state, body, who),
+        Command::MarkContact => contact_groups::mark_contact(state, body, who),
+        Command::CreateContactGroup => contact_groups::create_contact_group(state, body, who),
+        Command::UpdateContactGroup => contact_groups::update_contact_group(state, body, who),
+        Command::DelContactGroup => contact_groups::del_contact_group(state, body, who),
+        Command::GetContactGroup => contact_groups::get_contact_group(state, body, who),
+        Command::SearchContactGroup => contact_groups::search_contact_group(state, body, who),
+    }
+}

@@ -1,0 +1,563 @@
+//! Connection and request limits against the real binary over real sockets:
+//! header read timeout (slow-loris), idle keep-alive timeout, many keep-alive clients,
+//! `server.max_connections`, and `server.max_body_bytes` while the body streams in.
+//!
+//! Every wait has a deadline; nothing sleeps and hopes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use common::*;
+
+const GET_LIST: &str = "/v4/recentcontact/get_list";
+const BODY: &str = r#"{"From_Account":"user_0001"}"#;
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit (children inherit it).
+fn raise_nofile() -> u64 {
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+        lim.rlim_cur as u64
+    }
+}
+
+/// The soft open-files limit of process `pid`, from `/proc/<pid>/limits`.
+fn nofile_of(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// A limits config in front of `upstream`, with `server` keys on top of the shared
+/// `header_read_timeout_ms = 1000`.
+fn limits_config(upstream: &str, server: &str) -> String {
+    config_toml(
+        upstream,
+        &[
+            ("server", "header_read_timeout_ms = 1000"),
+            ("server", server),
+            ("cache", "ttl_secs = 600"),
+        ],
+    )
+}
+
+/// A complete get_list request for `account`.
+fn get_list_request(account: &str) -> Vec<u8> {
+    let body = format!(r#"{{"From_Account":"{account}"}}"#);
+    format!(
+        "POST {GET_LIST} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// One parsed HTTP/1.1 response.
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A raw HTTP/1.1 connection: we write bytes, and parse what comes back.
+struct RawConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+#[derive(Debug, PartialEq)]
+enum ReadErr {
+    /// Nothing complete arrived in time.
+    Timeout,
+    /// The server closed the connection (or reset it).
+    Closed,
+}
+
+impl RawConn {
+    async fn connect(addr: SocketAddr) -> RawConn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Reads more bytes into the buffer until `deadline`.
+    async fn fill(&mut self, deadline: Instant) -> Result<(), ReadErr> {
+        if self.eof {
+            return Err(ReadErr::Closed);
+        }
+        let mut tmp = [0u8; 16 * 1024];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.stream.read(&mut tmp)).await {
+            Err(_) => Err(ReadErr::Timeout),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                self.eof = true;
+                Err(ReadErr::Closed)
+            }
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                Ok(())
+            }
+        }
+    }
+
+    /// The next complete response (an interim `100 Continue` counts as one), within
+    /// `within`.
+    async fn response(&mut self, within: Duration) -> Result<RawResponse, ReadErr> {
+        let deadline = Instant::now() + within;
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill(deadline).await?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_string();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .expect("a status line");
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.parse().expect("content-length"))
+            .unwrap_or(0);
+        while self.buf.len() < head_end + len {
+            self.fill(deadline).await?;
+        }
+        let body = self.buf[head_end..head_end + len].to_vec();
+        self.buf.drain(..head_end + len);
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Waits until the server closes the connection, discarding whatever it sends
+    /// first (e.g. a 408). `None` if still open at `deadline`.
+    async fn closed_by(&mut self, deadline: Instant) -> Option<Instant> {
+        loop {
+            match self.fill(deadline).await {
+                Ok(()) => self.buf.clear(),
+                Err(ReadErr::Closed) => return Some(Instant::now()),
+                Err(ReadErr::Timeout) => return None,
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Asserts a 200 cache hit.
+fn assert_hit(r: &RawResponse) {
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-cache"), "HIT");
+}
+
+/// Slow-loris: connections that never finish their request head are closed at the
+/// header read timeout, and real requests are served quickly all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_loris_connections_are_closed_and_others_are_served() {
+    const LORIS: usize = 300;
+    raise_nofile();
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&limits_config(&fake.url(), "")).await;
+    let url = gw.url(GET_LIST);
+    assert_eq!(header(&post(&url, BODY).await, "x-cache"), "MISS");
+
+    let addr = gw.addr;
+    let mut lorises = Vec::new();
+    for _ in 0..LORIS {
+        lorises.push(tokio::spawn(async move {
+            let mut c = RawConn::connect(addr).await;
+            let start = Instant::now();
+            let _ = c
+                .send(format!("POST {GET_LIST} HTTP/1.1\r\nHost: x\r\nX-Slow: ").as_bytes())
+                .await;
+            let deadline = start + Duration::from_secs(10);
+            loop {
+                // One more header byte every 200 ms, never the end of the head.
+                let tick = (Instant::now() + Duration::from_millis(200)).min(deadline);
+                if let Some(at) = c.closed_by(tick).await {
+                    return Some(at - start);
+                }
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                if c.send(b"a").await.is_err() {
+                    return Some(start.elapsed());
+                }
+            }
+        }));
+    }
+
+    // Real requests while the lorises drip, until they are all gone.
+    let done = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (url, done) = (url.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut times = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let a = post(&url, BODY).await;
+                times.push(t.elapsed());
+                assert_eq!(a.0, 200);
+                assert_eq!(header(&a, "x-cache"), "HIT");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            times
+        })
+    };
+
+    let mut closed = Vec::new();
+    for l in lorises {
+        closed.push(l.await.unwrap());
+    }
+    done.store(true, Ordering::Relaxed);
+    let times = prober.await.unwrap();
+
+    let open = closed.iter().filter(|c| c.is_none()).count();
+    assert_eq!(open, 0, "{open} slow-loris connections still open after 10 s");
+    let closed: Vec<Duration> = closed.into_iter().flatten().collect();
+    let (min, max) = (
+        closed.iter().min().unwrap(),
+        closed.iter().max().unwrap(),
+    );
+    eprintln!(
+        "slow-loris: {LORIS} closed after {min:?}..{max:?}; {} requests meanwhile, slowest {:?}",
+        times.len(),
+        times.iter().max().unwrap()
+    );
+    assert!(
+        *min >= Duration::from_millis(800),
+        "closed before the 1 s header timeout: {min:?}"
+    );
+    assert!(*max <= Duration::from_secs(3), "closed too late: {max:?}");
+    assert!(times.len() >= 5, "only {} requests during the attack", times.len());
+    let slow: Vec<_> = times
+        .iter()
+        .filter(|t| **t > Duration::from_millis(200))
+        .collect();
+    assert!(slow.is_empty(), "requests over 200 ms: {slow:?}");
+    assert_eq!(fake.count(), 1);
+}
+
+/// 1000 concurrent keep-alive connections, 10 requests each, all cache hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_keep_alive_clients_see_no_errors() {
+    const CLIENTS: usize = 1000;
+    const REQUESTS: usize = 10;
+    let nofile = raise_nofile();
+    assert!(
+        nofile >= 2 * CLIENTS as u64 + 100,
+        "the open-files limit {nofile} is too low for this test"
+    );
+    let fake = FakeChat::start(echo_pages()).await;
+    // The default 5 s header timeout: a client delayed by the scheduler between its
+    // requests must not count as idle.
+    let gw = Gateway::start(&config_toml(&fake.url(), &[("cache", "ttl_secs = 600")])).await;
+    let gw_nofile = nofile_of(gw.child.id());
+    assert!(
+        gw_nofile.is_none_or(|n| n >= CLIENTS as u64 + 100),
+        "the gateway's open-files limit {gw_nofile:?} is too low"
+    );
+    assert_eq!(header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"), "MISS");
+
+    let addr = gw.addr;
+    let start = Instant::now();
+    let barrier = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("client {i}: connect: {e}"))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("client {i}: handshake: {e}"))?;
+            let conn = tokio::spawn(conn);
+            // Every connection is open before any request is sent.
+            barrier.wait().await;
+            for n in 0..REQUESTS {
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("client {i} request {n}: not ready: {e}"))?;
+                let req = http::Request::post(GET_LIST)
+                    .header("host", "gw")
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(BODY.as_bytes())))
+                    .unwrap();
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("client {i} request {n}: {e}"))?;
+                let (parts, body) = resp.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map_err(|e| format!("client {i} request {n}: body: {e}"))?;
+                if parts.status != 200 || parts.headers.get("x-cache").is_none_or(|v| v != "HIT")
+                {
+                    return Err(format!(
+                        "client {i} request {n}: {} {:?} {:?}",
+                        parts.status,
+                        parts.headers.get("x-cache"),
+                        body.to_bytes()
+                    ));
+                }
+            }
+            drop(sender);
+            let _ = conn.await;
+            Ok::<usize, String>(REQUESTS)
+        }));
+    }
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(n) => ok += n,
+            Err(e) => errors.push(e),
+        }
+    }
+    eprintln!(
+        "{CLIENTS} keep-alive clients: {ok} answers in {:?}; gateway open-files limit {gw_nofile:?}",
+        start.elapsed()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} clients failed, e.g. {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert_eq!(ok, CLIENTS * REQUESTS);
+    assert_eq!(fake.count(), 1);
+}
+
+/// At `server.max_connections` a new connection waits (in the kernel's backlog) until
+/// one of the open ones closes; the open ones keep working.
+#[tokio::test]
+async fn max_connections_queues_new_connections_until_one_closes() {
+    let fake = FakeChat::start(echo_pages()).await;
+    // A long header timeout, so the idle connections are not closed under us.
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[(
+            "server",
+            "max_connections = 5\nheader_read_timeout_ms = 60000",
+        )],
+    ))
+    .await;
+    assert_eq!(header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"), "MISS");
+
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let mut c = RawConn::connect(gw.addr).await;
+        c.send(&get_list_request("user_0001")).await.unwrap();
+        // Connections of earlier helpers may take a moment to be noticed as closed.
+        let r = c.response(Duration::from_secs(5)).await.expect("served");
+        assert_hit(&r);
+        open.push(c);
+    }
+
+    // The sixth connects (the kernel accepts it) but is not served.
+    let mut sixth = RawConn::connect(gw.addr).await;
+    sixth.send(&get_list_request("user_0001")).await.unwrap();
+    assert_eq!(
+        sixth.response(Duration::from_millis(500)).await.unwrap_err(),
+        ReadErr::Timeout,
+        "a sixth connection was served past max_connections = 5"
+    );
+
+    // The open ones keep working meanwhile.
+    for c in open.iter_mut() {
+        c.send(&get_list_request("user_0001")).await.unwrap();
+        assert_hit(&c.response(Duration::from_secs(2)).await.expect("served"));
+    }
+    assert_eq!(
+        sixth.response(Duration::from_millis(200)).await.unwrap_err(),
+        ReadErr::Timeout
+    );
+
+    // One closes: the sixth is served promptly.
+    drop(open.pop());
+    let t = Instant::now();
+    let r = sixth
+        .response(Duration::from_secs(5))
+        .await
+        .expect("the queued connection is served once a slot frees");
+    assert_hit(&r);
+    eprintln!("queued connection served {:?} after a slot freed", t.elapsed());
+    // And it is now a normal keep-alive connection.
+    sixth.send(&get_list_request("user_0001")).await.unwrap();
+    assert_hit(&sixth.response(Duration::from_secs(2)).await.expect("served"));
+    assert_eq!(fake.count(), 1);
+}
+
+/// The body bound holds for chunked bodies while they stream in, and a declared
+/// length over the bound is refused before any of the body is sent.
+#[tokio::test]
+async fn body_bound_is_enforced_while_streaming() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&limits_config(&fake.url(), "max_body_bytes = 1024")).await;
+    let head = format!(
+        "POST {GET_LIST} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let assert_413 = |r: &RawResponse| {
+        assert_eq!(r.status, 413, "{:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("x-chat-gateway-error"), "body-too-large");
+        let v = r.json();
+        assert_eq!(v["ActionStatus"], "FAIL");
+        assert_eq!(v["ErrorCode"], 60008);
+    };
+
+    // A small chunked body is fine.
+    let mut c = RawConn::connect(gw.addr).await;
+    let small = format!("{head}{:x}\r\n{BODY}\r\n0\r\n\r\n", BODY.len());
+    c.send(small.as_bytes()).await.unwrap();
+    let r = c.response(Duration::from_secs(5)).await.expect("answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(fake.count(), 1);
+
+    // A chunked body past the bound: 413 as soon as 1024 bytes have passed, while the
+    // body is still unfinished (no last chunk is ever sent).
+    let mut c = RawConn::connect(gw.addr).await;
+    c.send(head.as_bytes()).await.unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 800, "a".repeat(800));
+    c.send(chunk.as_bytes()).await.unwrap();
+    assert_eq!(
+        c.response(Duration::from_millis(300)).await.unwrap_err(),
+        ReadErr::Timeout,
+        "800 bytes are within the bound: the gateway waits for more"
+    );
+    c.send(chunk.as_bytes()).await.unwrap();
+    let r = c.response(Duration::from_secs(3)).await.expect("a 413 before the body ends");
+    assert_413(&r);
+    assert!(
+        c.closed_by(Instant::now() + Duration::from_secs(3)).await.is_some(),
+        "the connection with the unread rest of the body is closed"
+    );
+
+    // A declared length over the bound: 413 at once, without sending the body.
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let mut c = RawConn::connect(gw.addr).await;
+        let head = format!(
+            "POST {GET_LIST} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n{expect}\r\n"
+        );
+        c.send(head.as_bytes()).await.unwrap();
+        let r = c
+            .response(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|e| panic!("no answer to the head alone ({expect:?}): {e:?}"));
+        assert_ne!(r.status, 100, "100-continue must not be granted");
+        assert_413(&r);
+    }
+    assert_eq!(fake.count(), 1, "no oversized body reached Chat");
+}
+
+/// An idle keep-alive connection is closed about `header_read_timeout_ms` after its
+/// last answer; until then it is reusable.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&limits_config(&fake.url(), "")).await;
+    let mut c = RawConn::connect(gw.addr).await;
+    c.send(&get_list_request("user_0001")).await.unwrap();
+    assert_eq!(c.response(Duration::from_secs(5)).await.unwrap().status, 200);
+    // Idle for 600 ms (under the 1 s timeout), then reused.
+    assert!(
+        c.closed_by(Instant::now() + Duration::from_millis(600))
+            .await
+            .is_none(),
+        "closed while idle for less than the timeout"
+    );
+    c.send(&get_list_request("user_0001")).await.unwrap();
+    assert_hit(&c.response(Duration::from_secs(2)).await.unwrap());
+    let idle_from = Instant::now();
+    let closed = c
+        .closed_by(idle_from + Duration::from_secs(5))
+        .await
+        .expect("an idle keep-alive connection is closed");
+    let idle = closed - idle_from;
+    eprintln!("idle keep-alive connection closed after {idle:?}");
+    assert!(
+        idle >= Duration::from_millis(900) && idle <= Duration::from_secs(3),
+        "closed after {idle:?}, not about 1 s"
+    );
+}
+
+/// A connection that sends nothing at all is closed at the header timeout too.
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_header_timeout() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&limits_config(&fake.url(), "")).await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push((RawConn::connect(gw.addr).await, Instant::now()));
+    }
+    // One that starts what looks like the HTTP/2 preface, and stops.
+    let mut h2ish = RawConn::connect(gw.addr).await;
+    h2ish.send(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    silent.push((h2ish, Instant::now()));
+    for (i, (c, start)) in silent.iter_mut().enumerate() {
+        let closed = c
+            .closed_by(*start + Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("silent connection {i} still open after 5 s"));
+        let after = closed - *start;
+        assert!(
+            after <= Duration::from_secs(3),
+            "silent connection {i} closed after {after:?}"
+        );
+    }
+}
