@@ -18,8 +18,26 @@ fn load(path: Option<&Path>) -> Result<Settings, ExitCode> {
     })
 }
 
+/// Raises the soft open-files limit to the hard limit: every connection is a file
+/// descriptor, and the default soft limit (often 1024) is below `server.max_connections`.
+pub fn raise_fd_limit() {
+    #[cfg(unix)]
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// `chat-gateway [serve]`: serves until SIGTERM/SIGINT or `/quitquitquit`.
 pub fn serve(config_path: Option<&Path>) -> ExitCode {
+    raise_fd_limit();
     let settings = match load(config_path) {
         Ok(s) => s,
         Err(code) => return code,
@@ -119,6 +137,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 /// `chat-gateway emulator`: runs the local Chat until SIGTERM/SIGINT.
 pub fn emulator(args: &crate::cli::EmulatorArgs) -> ExitCode {
     init_default_logging();
+    raise_fd_limit();
     let cfg = crate::emulator::EmulatorConfig::from_args(args);
     if let Err(e) = cfg.validate() {
         eprintln!("chat-gateway emulator: {e}");
@@ -153,6 +172,7 @@ pub fn emulator(args: &crate::cli::EmulatorArgs) -> ExitCode {
 /// gateway pointed at the emulator, and curl commands to paste. Ctrl-C stops both.
 pub fn demo(args: &crate::cli::DemoArgs) -> ExitCode {
     telemetry::init(LogFormat::Text, "warn");
+    raise_fd_limit();
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
