@@ -3,8 +3,6 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use tokio::net::TcpListener;
-
 use crate::cli::UsersigArgs;
 use crate::config::{self, LogFormat, Settings};
 use crate::server::{self, AppState};
@@ -63,7 +61,7 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let listener = match TcpListener::bind(listen).await {
+        let listener = match server::listener::bind(listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("chat-gateway: cannot listen on {listen}: {e}");
@@ -148,7 +146,7 @@ pub fn emulator(args: &crate::cli::EmulatorArgs) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async move {
-        let listener = match TcpListener::bind(args.listen).await {
+        let listener = match server::listener::bind(args.listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!(
@@ -208,8 +206,7 @@ async fn run_demo(args: &crate::cli::DemoArgs) -> Result<(), String> {
     .map(|(k, v)| (k.to_string(), v));
     let settings = config::load_with_env(None, env).map_err(|e| e.to_string())?;
     let state = AppState::new(settings)?;
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let listener = server::listener::bind(args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let gw = listener.local_addr().map_err(|e| e.to_string())?;
     let next = next_page_cursor(&emu).await.unwrap_or_default();

@@ -62,7 +62,10 @@ async fn tokens_guard_v4_and_admin_but_not_the_probes() {
         (None, "no authorization"),
         (Some(format!("Bearer {WRONG}")), "wrong token"),
         (Some(format!("Bearer {TOKEN_A}x")), "token with a suffix"),
-        (Some(format!("Bearer {}", &TOKEN_A[..TOKEN_A.len() - 1])), "prefix of a token"),
+        (
+            Some(format!("Bearer {}", &TOKEN_A[..TOKEN_A.len() - 1])),
+            "prefix of a token",
+        ),
         (Some(format!("Basic {TOKEN_A}")), "wrong scheme"),
         (Some(TOKEN_A.to_string()), "no scheme"),
         (Some("Bearer ".to_string()), "empty token"),
@@ -94,11 +97,27 @@ async fn tokens_guard_v4_and_admin_but_not_the_probes() {
     let inv = gw.url("/admin/cache/invalidate");
     let a = call("POST", &inv, None, r#"{"All":true}"#).await;
     assert_unauthorized(&a, "admin without token");
-    let a = call("POST", &inv, Some(&format!("Bearer {WRONG}")), r#"{"All":true}"#).await;
+    let a = call(
+        "POST",
+        &inv,
+        Some(&format!("Bearer {WRONG}")),
+        r#"{"All":true}"#,
+    )
+    .await;
     assert_unauthorized(&a, "admin with a wrong token");
     let a = call("POST", &get_list, Some(&format!("Bearer {TOKEN_A}")), body).await;
-    assert_eq!(header(&a, "x-cache"), "HIT", "the failed invalidations did nothing");
-    let a = call("POST", &inv, Some(&format!("Bearer {TOKEN_B}")), r#"{"All":true}"#).await;
+    assert_eq!(
+        header(&a, "x-cache"),
+        "HIT",
+        "the failed invalidations did nothing"
+    );
+    let a = call(
+        "POST",
+        &inv,
+        Some(&format!("Bearer {TOKEN_B}")),
+        r#"{"All":true}"#,
+    )
+    .await;
     assert_eq!(a.0, 200, "{:?}", a.2);
     assert_eq!(json(&a)["ActionStatus"], "OK");
     let a = call("POST", &get_list, Some(&format!("Bearer {TOKEN_A}")), body).await;
@@ -130,9 +149,21 @@ async fn protect_metrics_puts_metrics_behind_the_token() {
     .await;
     let a = call("GET", &gw.url("/metrics"), None, "").await;
     assert_unauthorized(&a, "/metrics without token");
-    let a = call("GET", &gw.url("/metrics"), Some(&format!("Bearer {WRONG}")), "").await;
+    let a = call(
+        "GET",
+        &gw.url("/metrics"),
+        Some(&format!("Bearer {WRONG}")),
+        "",
+    )
+    .await;
     assert_unauthorized(&a, "/metrics with a wrong token");
-    let a = call("GET", &gw.url("/metrics"), Some(&format!("Bearer {TOKEN_A}")), "").await;
+    let a = call(
+        "GET",
+        &gw.url("/metrics"),
+        Some(&format!("Bearer {TOKEN_A}")),
+        "",
+    )
+    .await;
     assert_eq!(a.0, 200);
     for p in ["/healthz", "/readyz"] {
         assert_eq!(get(&gw.url(p)).await.unwrap().0, 200, "{p} is open");

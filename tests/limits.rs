@@ -22,8 +22,13 @@ use common::*;
 const GET_LIST: &str = "/v4/recentcontact/get_list";
 const BODY: &str = r#"{"From_Account":"user_0001"}"#;
 
+/// The thousand-client test takes this exclusively, the timing-sensitive tests shared:
+/// on a small machine a thousand busy clients would otherwise slow the others' clocks.
+static HEAVY: std::sync::LazyLock<tokio::sync::RwLock<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
+
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit (children inherit it).
-fn raise_nofile() -> u64 {
+fn raise_nofile() -> libc::rlim_t {
     unsafe {
         let mut lim = libc::rlimit {
             rlim_cur: 0,
@@ -34,7 +39,7 @@ fn raise_nofile() -> u64 {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         }
-        lim.rlim_cur as u64
+        lim.rlim_cur
     }
 }
 
@@ -206,6 +211,7 @@ fn assert_hit(r: &RawResponse) {
 /// header read timeout, and real requests are served quickly all the while.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_loris_connections_are_closed_and_others_are_served() {
+    let _guard = HEAVY.read().await;
     const LORIS: usize = 300;
     raise_nofile();
     let fake = FakeChat::start(echo_pages()).await;
@@ -215,13 +221,21 @@ async fn slow_loris_connections_are_closed_and_others_are_served() {
 
     let addr = gw.addr;
     let mut lorises = Vec::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+    // At most 64 connects at a time: the gateway's listen backlog is only 128, and a
+    // connection dropped from a full accept queue would muddle the timings.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
     for _ in 0..LORIS {
+        let (ready_tx, connecting) = (ready_tx.clone(), connecting.clone());
         lorises.push(tokio::spawn(async move {
+            let permit = connecting.acquire_owned().await.unwrap();
             let mut c = RawConn::connect(addr).await;
+            drop(permit);
             let start = Instant::now();
             let _ = c
                 .send(format!("POST {GET_LIST} HTTP/1.1\r\nHost: x\r\nX-Slow: ").as_bytes())
                 .await;
+            let _ = ready_tx.send(());
             let deadline = start + Duration::from_secs(10);
             loop {
                 // One more header byte every 200 ms, never the end of the head.
@@ -237,6 +251,15 @@ async fn slow_loris_connections_are_closed_and_others_are_served() {
                 }
             }
         }));
+    }
+
+    // Every loris is connected before the real requests start, so that those do not
+    // compete with the lorises for the listen backlog (a dropped SYN costs 1 s).
+    let connected = Instant::now() + Duration::from_secs(10);
+    for i in 0..LORIS {
+        tokio::time::timeout_at(connected.into(), ready_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {i} of {LORIS} lorises connected in 10 s"));
     }
 
     // Real requests while the lorises drip, until they are all gone.
@@ -265,12 +288,12 @@ async fn slow_loris_connections_are_closed_and_others_are_served() {
     let times = prober.await.unwrap();
 
     let open = closed.iter().filter(|c| c.is_none()).count();
-    assert_eq!(open, 0, "{open} slow-loris connections still open after 10 s");
-    let closed: Vec<Duration> = closed.into_iter().flatten().collect();
-    let (min, max) = (
-        closed.iter().min().unwrap(),
-        closed.iter().max().unwrap(),
+    assert_eq!(
+        open, 0,
+        "{open} slow-loris connections still open after 10 s"
     );
+    let closed: Vec<Duration> = closed.into_iter().flatten().collect();
+    let (min, max) = (closed.iter().min().unwrap(), closed.iter().max().unwrap());
     eprintln!(
         "slow-loris: {LORIS} closed after {min:?}..{max:?}; {} requests meanwhile, slowest {:?}",
         times.len(),
@@ -281,7 +304,11 @@ async fn slow_loris_connections_are_closed_and_others_are_served() {
         "closed before the 1 s header timeout: {min:?}"
     );
     assert!(*max <= Duration::from_secs(3), "closed too late: {max:?}");
-    assert!(times.len() >= 5, "only {} requests during the attack", times.len());
+    assert!(
+        times.len() >= 5,
+        "only {} requests during the attack",
+        times.len()
+    );
     let slow: Vec<_> = times
         .iter()
         .filter(|t| **t > Duration::from_millis(200))
@@ -293,11 +320,12 @@ async fn slow_loris_connections_are_closed_and_others_are_served() {
 /// 1000 concurrent keep-alive connections, 10 requests each, all cache hits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_keep_alive_clients_see_no_errors() {
+    let _guard = HEAVY.write().await;
     const CLIENTS: usize = 1000;
     const REQUESTS: usize = 10;
     let nofile = raise_nofile();
     assert!(
-        nofile >= 2 * CLIENTS as u64 + 100,
+        nofile >= (2 * CLIENTS + 100) as libc::rlim_t,
         "the open-files limit {nofile} is too low for this test"
     );
     let fake = FakeChat::start(echo_pages()).await;
@@ -306,10 +334,13 @@ async fn a_thousand_keep_alive_clients_see_no_errors() {
     let gw = Gateway::start(&config_toml(&fake.url(), &[("cache", "ttl_secs = 600")])).await;
     let gw_nofile = nofile_of(gw.child.id());
     assert!(
-        gw_nofile.is_none_or(|n| n >= CLIENTS as u64 + 100),
+        gw_nofile.map_or(true, |n| n >= CLIENTS as u64 + 100),
         "the gateway's open-files limit {gw_nofile:?} is too low"
     );
-    assert_eq!(header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"), "MISS");
+    assert_eq!(
+        header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"),
+        "MISS"
+    );
 
     let addr = gw.addr;
     let start = Instant::now();
@@ -318,9 +349,11 @@ async fn a_thousand_keep_alive_clients_see_no_errors() {
     for i in 0..CLIENTS {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
             let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|e| format!("client {i}: connect: {e}"))?;
+            let connect_time = t.elapsed();
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
                     .await
@@ -347,7 +380,7 @@ async fn a_thousand_keep_alive_clients_see_no_errors() {
                     .collect()
                     .await
                     .map_err(|e| format!("client {i} request {n}: body: {e}"))?;
-                if parts.status != 200 || parts.headers.get("x-cache").is_none_or(|v| v != "HIT")
+                if parts.status != 200 || parts.headers.get("x-cache").map_or(true, |v| v != "HIT")
                 {
                     return Err(format!(
                         "client {i} request {n}: {} {:?} {:?}",
@@ -359,19 +392,23 @@ async fn a_thousand_keep_alive_clients_see_no_errors() {
             }
             drop(sender);
             let _ = conn.await;
-            Ok::<usize, String>(REQUESTS)
+            Ok::<_, String>((REQUESTS, connect_time))
         }));
     }
     let mut ok = 0;
+    let mut slowest_connect = Duration::ZERO;
     let mut errors = Vec::new();
     for t in tasks {
         match t.await.unwrap() {
-            Ok(n) => ok += n,
+            Ok((n, c)) => {
+                ok += n;
+                slowest_connect = slowest_connect.max(c);
+            }
             Err(e) => errors.push(e),
         }
     }
     eprintln!(
-        "{CLIENTS} keep-alive clients: {ok} answers in {:?}; gateway open-files limit {gw_nofile:?}",
+        "{CLIENTS} keep-alive clients: {ok} answers in {:?}, slowest connect {slowest_connect:?}; gateway open-files limit {gw_nofile:?}",
         start.elapsed()
     );
     assert!(
@@ -388,6 +425,7 @@ async fn a_thousand_keep_alive_clients_see_no_errors() {
 /// one of the open ones closes; the open ones keep working.
 #[tokio::test]
 async fn max_connections_queues_new_connections_until_one_closes() {
+    let _guard = HEAVY.read().await;
     let fake = FakeChat::start(echo_pages()).await;
     // A long header timeout, so the idle connections are not closed under us.
     let gw = Gateway::start(&config_toml(
@@ -398,7 +436,10 @@ async fn max_connections_queues_new_connections_until_one_closes() {
         )],
     ))
     .await;
-    assert_eq!(header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"), "MISS");
+    assert_eq!(
+        header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"),
+        "MISS"
+    );
 
     let mut open = Vec::new();
     for _ in 0..5 {
@@ -414,7 +455,10 @@ async fn max_connections_queues_new_connections_until_one_closes() {
     let mut sixth = RawConn::connect(gw.addr).await;
     sixth.send(&get_list_request("user_0001")).await.unwrap();
     assert_eq!(
-        sixth.response(Duration::from_millis(500)).await.unwrap_err(),
+        sixth
+            .response(Duration::from_millis(500))
+            .await
+            .unwrap_err(),
         ReadErr::Timeout,
         "a sixth connection was served past max_connections = 5"
     );
@@ -425,7 +469,10 @@ async fn max_connections_queues_new_connections_until_one_closes() {
         assert_hit(&c.response(Duration::from_secs(2)).await.expect("served"));
     }
     assert_eq!(
-        sixth.response(Duration::from_millis(200)).await.unwrap_err(),
+        sixth
+            .response(Duration::from_millis(200))
+            .await
+            .unwrap_err(),
         ReadErr::Timeout
     );
 
@@ -437,10 +484,18 @@ async fn max_connections_queues_new_connections_until_one_closes() {
         .await
         .expect("the queued connection is served once a slot frees");
     assert_hit(&r);
-    eprintln!("queued connection served {:?} after a slot freed", t.elapsed());
+    eprintln!(
+        "queued connection served {:?} after a slot freed",
+        t.elapsed()
+    );
     // And it is now a normal keep-alive connection.
     sixth.send(&get_list_request("user_0001")).await.unwrap();
-    assert_hit(&sixth.response(Duration::from_secs(2)).await.expect("served"));
+    assert_hit(
+        &sixth
+            .response(Duration::from_secs(2))
+            .await
+            .expect("served"),
+    );
     assert_eq!(fake.count(), 1);
 }
 
@@ -448,6 +503,7 @@ async fn max_connections_queues_new_connections_until_one_closes() {
 /// length over the bound is refused before any of the body is sent.
 #[tokio::test]
 async fn body_bound_is_enforced_while_streaming() {
+    let _guard = HEAVY.read().await;
     let fake = FakeChat::start(echo_pages()).await;
     let gw = Gateway::start(&limits_config(&fake.url(), "max_body_bytes = 1024")).await;
     let head = format!(
@@ -481,10 +537,15 @@ async fn body_bound_is_enforced_while_streaming() {
         "800 bytes are within the bound: the gateway waits for more"
     );
     c.send(chunk.as_bytes()).await.unwrap();
-    let r = c.response(Duration::from_secs(3)).await.expect("a 413 before the body ends");
+    let r = c
+        .response(Duration::from_secs(3))
+        .await
+        .expect("a 413 before the body ends");
     assert_413(&r);
     assert!(
-        c.closed_by(Instant::now() + Duration::from_secs(3)).await.is_some(),
+        c.closed_by(Instant::now() + Duration::from_secs(3))
+            .await
+            .is_some(),
         "the connection with the unread rest of the body is closed"
     );
 
@@ -509,11 +570,15 @@ async fn body_bound_is_enforced_while_streaming() {
 /// last answer; until then it is reusable.
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
+    let _guard = HEAVY.read().await;
     let fake = FakeChat::start(echo_pages()).await;
     let gw = Gateway::start(&limits_config(&fake.url(), "")).await;
     let mut c = RawConn::connect(gw.addr).await;
     c.send(&get_list_request("user_0001")).await.unwrap();
-    assert_eq!(c.response(Duration::from_secs(5)).await.unwrap().status, 200);
+    assert_eq!(
+        c.response(Duration::from_secs(5)).await.unwrap().status,
+        200
+    );
     // Idle for 600 ms (under the 1 s timeout), then reused.
     assert!(
         c.closed_by(Instant::now() + Duration::from_millis(600))
@@ -539,6 +604,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
 /// A connection that sends nothing at all is closed at the header timeout too.
 #[tokio::test]
 async fn silent_connections_are_closed_after_the_header_timeout() {
+    let _guard = HEAVY.read().await;
     let fake = FakeChat::start(echo_pages()).await;
     let gw = Gateway::start(&limits_config(&fake.url(), "")).await;
     let mut silent = Vec::new();
@@ -560,4 +626,32 @@ async fn silent_connections_are_closed_after_the_header_timeout() {
             "silent connection {i} closed after {after:?}"
         );
     }
+}
+
+/// Silent connections cannot hold every slot of `server.max_connections` for long:
+/// each is closed at the header timeout, and a real caller gets in.
+#[tokio::test]
+async fn silent_connections_do_not_starve_the_connection_limit() {
+    let _guard = HEAVY.read().await;
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&limits_config(&fake.url(), "max_connections = 5")).await;
+    assert_eq!(
+        header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"),
+        "MISS"
+    );
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(RawConn::connect(gw.addr).await);
+    }
+    let start = Instant::now();
+    let mut c = RawConn::connect(gw.addr).await;
+    c.send(&get_list_request("user_0001")).await.unwrap();
+    let r = c
+        .response(Duration::from_secs(6))
+        .await
+        .expect("served once the silent connections time out");
+    assert_hit(&r);
+    let waited = start.elapsed();
+    eprintln!("a caller behind 10 silent connections was served after {waited:?}");
+    assert!(waited <= Duration::from_secs(3), "waited {waited:?}");
 }

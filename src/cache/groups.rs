@@ -11,11 +11,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// account → id of the account entry that listed the group.
+type Listers = HashMap<Arc<str>, u64>;
+
 /// The index.
 #[derive(Debug, Default)]
 pub struct GroupIndex {
-    /// group → (account → id of the account entry that listed it).
-    map: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, u64>>>,
+    /// group → the accounts whose cached pages list it.
+    map: Mutex<HashMap<Arc<str>, Listers>>,
 }
 
 impl GroupIndex {

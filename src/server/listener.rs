@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,14 +102,34 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let got_request = Arc::new(AtomicBool::new(false));
+        let seen = got_request.clone();
         let svc = service_fn(move |req| {
+            seen.store(true, Ordering::Relaxed);
             let fut = handler(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn.into_owned());
+        let first_head_deadline = opts.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper's header_read_timeout only starts once the auto builder has sniffed
+            // the protocol from the first bytes, and HTTP/2 has none: a connection that
+            // sends nothing (or a slow HTTP/2 preface) would hold its slot forever. So
+            // the first request head must also arrive within the timeout of the accept.
+            tokio::pin!(conn);
+            let res = tokio::select! {
+                res = &mut conn => res,
+                _ = tokio::time::sleep(first_head_deadline) => {
+                    if !got_request.load(Ordering::Relaxed) {
+                        tracing::debug!(%peer, "no request head in time; closing");
+                        drop(permit);
+                        return;
+                    }
+                    conn.await
+                }
+            };
+            if let Err(e) = res {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             drop(permit);
@@ -123,6 +144,23 @@ where
             false
         }
     }
+}
+
+/// Pending connections the kernel queues for us (the default of 128 overflows under a
+/// burst of new clients, and this queue is where connections wait past
+/// `max_connections`).
+pub const BACKLOG: u32 = 4096;
+
+/// Binds a listener with a deep backlog and `SO_REUSEADDR`.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

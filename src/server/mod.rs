@@ -1,6 +1,7 @@
 //! The HTTP server: the accept loop ([`listener`]), routing ([`router`]) and one
 //! handler per route ([`handlers`]).
 
+pub mod auth;
 pub mod body;
 pub mod handlers;
 pub mod listener;

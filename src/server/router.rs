@@ -7,16 +7,12 @@ use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use super::auth;
 use super::handlers;
 use super::response::{Body, X_REQUEST_ID};
 use super::AppState;
 use crate::chat::commands;
 use crate::error::GatewayError;
-
-// Declared here because this change may only touch the router; move to
-// `server/mod.rs` as `pub mod auth;` (and drop these two lines) when convenient.
-#[path = "auth.rs"]
-pub mod auth;
 
 /// The longest caller-supplied `x-request-id` we keep; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;

@@ -127,6 +127,9 @@ mod tests {
             max_attempts: 5,
             base_delay: Duration::from_millis(50),
             max_delay: Duration::from_millis(300),
+            idempotent_commands: Default::default(),
+            budget_percent: 20,
+            budget_min_per_sec: 10,
         };
         for retry in 1..10 {
             for _ in 0..200 {
