@@ -1167,33 +1167,3 @@ async fn shutdown_stops_serving_and_bad_config_is_refused() {
     let err = emulator::spawn(bad).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
 }
-
-/// Not a test: serves an emulator for `bench/emulator.sh` when the `chat-gateway`
-/// binary has no `emulator` command yet. Listens on `EMULATOR_BENCH_LISTEN`
-/// (default 127.0.0.1:9000), with the rate limit off, until SIGTERM/SIGINT or
-/// `EMULATOR_BENCH_SECS` (default 120) have passed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "serves the emulator for bench/emulator.sh"]
-async fn serve_for_benchmark() {
-    let listen: SocketAddr = std::env::var("EMULATOR_BENCH_LISTEN")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| "127.0.0.1:9000".parse().unwrap());
-    let secs: u64 = std::env::var("EMULATOR_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
-    let emu = emulator::spawn(EmulatorConfig {
-        listen,
-        faults: no_limit(),
-        ..EmulatorConfig::default()
-    })
-    .await
-    .expect("emulator starts");
-    println!("emulator listening on {}", emu.base_url());
-    tokio::select! {
-        _ = chat_gateway::server::listener::termination_signal() => {}
-        _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
-    }
-    emu.shutdown().await;
-}
