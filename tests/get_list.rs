@@ -127,7 +127,6 @@ async fn concurrent_identical_cold_requests_make_one_upstream_call() {
     assert_eq!(coalesced + hits, 199.0, "the others waited or hit: {text}");
 }
 
-
 #[tokio::test]
 async fn transient_errors_are_retried_and_final_ones_are_not() {
     let fake = FakeChat::start(Box::new(|r: &Recorded, n| {

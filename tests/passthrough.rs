@@ -20,8 +20,14 @@ fn verify_creds(r: &Recorded) {
     assert_eq!(r.query["identifier"], IDENTIFIER);
     assert_eq!(r.query["contenttype"], "json");
     let now = chat_gateway::upstream::signer::unix_now();
-    chat_gateway::chat::usersig::verify(&r.query["usersig"], SDKAPPID, SECRET.as_bytes(), IDENTIFIER, now)
-        .expect("the gateway's UserSig");
+    chat_gateway::chat::usersig::verify(
+        &r.query["usersig"],
+        SDKAPPID,
+        SECRET.as_bytes(),
+        IDENTIFIER,
+        now,
+    )
+    .expect("the gateway's UserSig");
 }
 
 #[tokio::test]
@@ -39,10 +45,18 @@ async fn any_command_is_forwarded_with_the_gateways_credentials() {
     assert_eq!(calls[0].path, "/v4/profile/portrait_get");
     verify_creds(&calls[0]);
     assert!(!calls[0].raw_query.contains("forged") && !calls[0].raw_query.contains("mallory"));
-    assert_eq!(&calls[0].body[..], br#"{"To_Account":["u1"],"TagList":["Tag_Profile_IM_Nick"]}"#, "body as is");
+    assert_eq!(
+        &calls[0].body[..],
+        br#"{"To_Account":["u1"],"TagList":["Tag_Profile_IM_Nick"]}"#,
+        "body as is"
+    );
 
     post(&gw.url("/v4/im_open_login_svc/account_check"), "").await;
-    assert_eq!(&fake.calls()[1].body[..], b"{}", "an empty body is sent as {{}}");
+    assert_eq!(
+        &fake.calls()[1].body[..],
+        b"{}",
+        "an empty body is sent as {{}}"
+    );
 }
 
 #[tokio::test]
@@ -53,7 +67,10 @@ async fn denied_commands_never_reach_chat() {
         &[("routes", "allow = [\"openim/*\", \"recentcontact/*\", \"im_open_login_svc/*\"]\ndeny = [\"im_open_login_svc/account_delete\"]")],
     ))
     .await;
-    for path in ["/v4/im_open_login_svc/account_delete", "/v4/group_open_http_svc/destroy_group"] {
+    for path in [
+        "/v4/im_open_login_svc/account_delete",
+        "/v4/group_open_http_svc/destroy_group",
+    ] {
         let a = post(&gw.url(path), "{}").await;
         assert_eq!(a.0, 403, "{path}");
         assert_eq!(json(&a)["ErrorCode"], 60009);
@@ -61,14 +78,26 @@ async fn denied_commands_never_reach_chat() {
     }
     assert_eq!(fake.count(), 0);
     assert_eq!(post(&gw.url(SENDMSG), SEND_BODY).await.0, 200);
-    assert_eq!(post(&gw.url("/v4/im_open_login_svc/account_check"), "{}").await.0, 200);
+    assert_eq!(
+        post(&gw.url("/v4/im_open_login_svc/account_check"), "{}")
+            .await
+            .0,
+        200
+    );
     assert_eq!(fake.count(), 2);
 }
 
 #[tokio::test]
 async fn a_send_that_may_have_reached_chat_is_never_retried() {
-    let fake = FakeChat::start(Box::new(|_, _| Reply::Json(chat_error(50005), Duration::ZERO))).await;
-    let gw = Gateway::start(&config_toml(&fake.url(), &[("chat", "request_timeout_ms = 500")])).await;
+    let fake = FakeChat::start(Box::new(|_, _| {
+        Reply::Json(chat_error(50005), Duration::ZERO)
+    }))
+    .await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("chat", "request_timeout_ms = 500")],
+    ))
+    .await;
     let a = post(&gw.url(SENDMSG), SEND_BODY).await;
     assert_eq!(json(&a)["ErrorCode"], 50005);
     assert_eq!(fake.count(), 1, "50005 on sendmsg: one call");
@@ -86,12 +115,22 @@ async fn a_send_that_may_have_reached_chat_is_never_retried() {
 
     // The same failures on a read are retried.
     fake.reset();
-    fake.set_responder(Box::new(|_, _| Reply::Json(chat_error(50005), Duration::ZERO)));
-    post(&gw.url("/v4/recentcontact/get_contact_group"), r#"{"From_Account":"a","StartIndex":0}"#).await;
+    fake.set_responder(Box::new(|_, _| {
+        Reply::Json(chat_error(50005), Duration::ZERO)
+    }));
+    post(
+        &gw.url("/v4/recentcontact/get_contact_group"),
+        r#"{"From_Account":"a","StartIndex":0}"#,
+    )
+    .await;
     assert_eq!(fake.count(), 3, "reads are retried");
     // And commands named in retry.idempotent_commands.
     fake.reset();
-    post(&gw.url("/v4/profile/portrait_get"), r#"{"To_Account":["a"]}"#).await;
+    post(
+        &gw.url("/v4/profile/portrait_get"),
+        r#"{"To_Account":["a"]}"#,
+    )
+    .await;
     assert_eq!(fake.count(), 3, "profile/portrait_get ships as idempotent");
 }
 
@@ -101,29 +140,54 @@ async fn connect_refused_is_retried_even_for_a_send_on_the_backup() {
     let primary = dead_addr();
     let gw = Gateway::start(&config_toml(
         &format!("http://{primary}"),
-        &[("chat", &format!("backup_base_url = \"{}\"\nfailover_cooldown_secs = 1", backup.url()))],
+        &[(
+            "chat",
+            &format!(
+                "backup_base_url = \"{}\"\nfailover_cooldown_secs = 1",
+                backup.url()
+            ),
+        )],
     ))
     .await;
     let a = post(&gw.url(SENDMSG), SEND_BODY).await;
-    assert_eq!(json(&a)["ErrorCode"], 0, "connect refused never reached Chat: retried on the backup");
+    assert_eq!(
+        json(&a)["ErrorCode"],
+        0,
+        "connect refused never reached Chat: retried on the backup"
+    );
     assert_eq!(backup.count(), 1, "sent exactly once");
     let failed_over = Instant::now();
-    assert!(gw.wait_log("failing over to the backup", Duration::from_secs(2)).await);
+    assert!(
+        gw.wait_log("failing over to the backup", Duration::from_secs(2))
+            .await
+    );
 
     // New requests stay on the backup during the cooldown...
     post(&gw.url(SENDMSG), SEND_BODY).await;
     assert_eq!(backup.count(), 2);
     // ...and go back to the primary after it.
-    let primary_fake = FakeChat::start_on(primary, Box::new(|_, _| Reply::Json(ok(), Duration::ZERO))).await;
+    let primary_fake =
+        FakeChat::start_on(primary, Box::new(|_, _| Reply::Json(ok(), Duration::ZERO))).await;
     let wait = Duration::from_millis(1100).saturating_sub(failed_over.elapsed());
     tokio::time::sleep(wait).await;
     let a = post(&gw.url(SENDMSG), SEND_BODY).await;
     assert_eq!(json(&a)["ErrorCode"], 0);
-    assert_eq!(primary_fake.count(), 1, "back on the primary after the cooldown");
+    assert_eq!(
+        primary_fake.count(),
+        1,
+        "back on the primary after the cooldown"
+    );
     assert_eq!(backup.count(), 2);
     let m = String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).to_string();
-    assert_eq!(metric(&m, "chat_gateway_upstream_failovers_total{to=\"backup\"}"), 1.0, "{m}");
-    assert_eq!(metric(&m, "chat_gateway_upstream_failovers_total{to=\"primary\"}"), 1.0);
+    assert_eq!(
+        metric(&m, "chat_gateway_upstream_failovers_total{to=\"backup\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "chat_gateway_upstream_failovers_total{to=\"primary\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -141,25 +205,41 @@ async fn an_expired_usersig_is_renewed_and_the_call_succeeds() {
     assert_eq!(json(&a)["ErrorCode"], 0);
     let calls = fake.calls();
     assert_eq!(calls.len(), 2, "one renewal, one retry");
-    assert_ne!(calls[0].query["usersig"], calls[1].query["usersig"], "a fresh UserSig");
+    assert_ne!(
+        calls[0].query["usersig"], calls[1].query["usersig"],
+        "a fresh UserSig"
+    );
     verify_creds(&calls[1]);
 
     // Repeated refusal: returned after one renewal, and logged as a configuration error.
     fake.reset();
-    fake.set_responder(Box::new(|_, _| Reply::Json(chat_error(70009), Duration::ZERO)));
+    fake.set_responder(Box::new(|_, _| {
+        Reply::Json(chat_error(70009), Duration::ZERO)
+    }));
     for _ in 0..3 {
         let a = post(&gw.url(SENDMSG), SEND_BODY).await;
         assert_eq!(json(&a)["ErrorCode"], 70009);
     }
     assert_eq!(fake.count(), 6, "one renewal per request, never more");
-    assert!(gw.wait_log("CONFIGURATION ERROR", Duration::from_secs(2)).await);
-    assert_eq!(gw.log_count("CONFIGURATION ERROR"), 1, "at most once a minute");
+    assert!(
+        gw.wait_log("CONFIGURATION ERROR", Duration::from_secs(2))
+            .await
+    );
+    assert_eq!(
+        gw.log_count("CONFIGURATION ERROR"),
+        1,
+        "at most once a minute"
+    );
 }
 
 #[tokio::test]
 async fn one_command_is_held_under_its_rate_limit() {
     let fake = FakeChat::start(Box::new(|_, _| Reply::Json(ok(), Duration::ZERO))).await;
-    let gw = Gateway::start(&config_toml(&fake.url(), &[("ratelimit", "max_wait_ms = 500")])).await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("ratelimit", "max_wait_ms = 500")],
+    ))
+    .await;
     let url = Arc::new(gw.url("/v4/openim/query_online_status"));
     let started = Instant::now();
     let tasks: Vec<_> = (0..300)
@@ -188,11 +268,17 @@ async fn one_command_is_held_under_its_rate_limit() {
     assert_eq!(times.len(), served);
     // In any one-second window Chat saw at most 200 calls (+1 at the window's edge).
     for (i, t) in times.iter().enumerate() {
-        let in_window = times[i..].iter().take_while(|u| u.duration_since(*t) < Duration::from_secs(1)).count();
+        let in_window = times[i..]
+            .iter()
+            .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+            .count();
         assert!(in_window <= 201, "{in_window} calls within a second");
     }
     // Another command has its own budget.
-    assert_eq!(json(&post(&gw.url(SENDMSG), SEND_BODY).await)["ErrorCode"], 0);
+    assert_eq!(
+        json(&post(&gw.url(SENDMSG), SEND_BODY).await)["ErrorCode"],
+        0
+    );
 }
 
 #[tokio::test]
@@ -207,15 +293,28 @@ async fn chat_throttling_pauses_the_command_and_reads_retry_after_the_pause() {
     .await;
     let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
     let started = Instant::now();
-    let a = post(&gw.url("/v4/recentcontact/get_contact_group"), r#"{"From_Account":"a","StartIndex":0}"#).await;
-    assert_eq!(json(&a)["ErrorCode"], 0, "the read was retried after the pause");
-    assert!(started.elapsed() >= Duration::from_millis(900), "it waited out Chat's pause");
+    let a = post(
+        &gw.url("/v4/recentcontact/get_contact_group"),
+        r#"{"From_Account":"a","StartIndex":0}"#,
+    )
+    .await;
+    assert_eq!(
+        json(&a)["ErrorCode"],
+        0,
+        "the read was retried after the pause"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "it waited out Chat's pause"
+    );
     let calls = fake.calls();
     assert_eq!(calls.len(), 2);
     assert!(calls[1].at.duration_since(calls[0].at) >= Duration::from_millis(900));
 
     fake.reset();
-    fake.set_responder(Box::new(|_, _| Reply::Json(chat_error(60007), Duration::ZERO)));
+    fake.set_responder(Box::new(|_, _| {
+        Reply::Json(chat_error(60007), Duration::ZERO)
+    }));
     let a = post(&gw.url(SENDMSG), SEND_BODY).await;
     assert_eq!(json(&a)["ErrorCode"], 60007, "a write gets Chat's answer");
     assert_eq!(fake.count(), 1);
@@ -223,12 +322,18 @@ async fn chat_throttling_pauses_the_command_and_reads_retry_after_the_pause() {
 
 #[tokio::test]
 async fn a_failing_upstream_gets_no_more_than_the_retry_budget() {
-    let fake = FakeChat::start(Box::new(|_, _| Reply::Json(chat_error(50004), Duration::ZERO))).await;
+    let fake = FakeChat::start(Box::new(|_, _| {
+        Reply::Json(chat_error(50004), Duration::ZERO)
+    }))
+    .await;
     let gw = Gateway::start(&config_toml(
         &fake.url(),
         &[
             ("ratelimit", "per_command_per_sec = 100000"),
-            ("retry", "max_attempts = 3\nbudget_percent = 20\nbudget_min_per_sec = 1"),
+            (
+                "retry",
+                "max_attempts = 3\nbudget_percent = 20\nbudget_min_per_sec = 1",
+            ),
         ],
     ))
     .await;
@@ -236,16 +341,25 @@ async fn a_failing_upstream_gets_no_more_than_the_retry_budget() {
     let tasks: Vec<_> = (0..300)
         .map(|i| {
             let url = url.clone();
-            tokio::spawn(async move { post(&url, format!(r#"{{"From_Account":"user_{i}"}}"#)).await })
+            tokio::spawn(
+                async move { post(&url, format!(r#"{{"From_Account":"user_{i}"}}"#)).await },
+            )
         })
         .collect();
     for t in tasks {
-        assert_eq!(json(&t.await.unwrap())["ErrorCode"], 50004, "the first error is returned");
+        assert_eq!(
+            json(&t.await.unwrap())["ErrorCode"],
+            50004,
+            "the first error is returned"
+        );
     }
     let calls = fake.count();
     // 300 requests; retries within 20% of them plus 1/s over the 10 s window.
     assert!(calls > 300, "some retries were allowed");
-    assert!(calls <= 300 + 60 + 10, "{calls} calls: over budget (900 without one)");
+    assert!(
+        calls <= 300 + 60 + 10,
+        "{calls} calls: over budget (900 without one)"
+    );
     let m = String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).to_string();
     assert!(metric(&m, "chat_gateway_retry_budget_exhausted_total") > 0.0);
 }

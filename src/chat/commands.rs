@@ -108,9 +108,7 @@ pub fn staleness(command: &str) -> Staleness {
 pub fn pattern_matches(pattern: &str, command: &str) -> bool {
     match pattern.strip_suffix("/*") {
         _ if pattern == "*" => true,
-        Some(service) => command
-            .split_once('/')
-            .is_some_and(|(s, _)| s == service),
+        Some(service) => command.split_once('/').is_some_and(|(s, _)| s == service),
         None => pattern == command,
     }
 }

@@ -62,7 +62,9 @@ impl Failover {
             Some(t) if t.elapsed() < self.cooldown => (Endpoint::Backup, backup),
             Some(_) => {
                 *since = None;
-                tracing::info!("failover cooldown over; new requests go to the primary Chat domain again");
+                tracing::info!(
+                    "failover cooldown over; new requests go to the primary Chat domain again"
+                );
                 counter!(names::FAILOVERS, "to" => "primary").increment(1);
                 (Endpoint::Primary, &self.primary)
             }

@@ -126,7 +126,11 @@ impl Upstream {
             // A retry after Chat throttled us may wait for the pause up to the deadline;
             // a first attempt only up to ratelimit.max_wait_ms.
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let max_wait = if after_throttle { remaining } else { self.max_wait.min(remaining) };
+            let max_wait = if after_throttle {
+                remaining
+            } else {
+                self.max_wait.min(remaining)
+            };
             match self.limiter.reserve(command, max_wait) {
                 Ok(wait) if wait.is_zero() => {}
                 Ok(wait) => tokio::time::sleep(wait).await,
@@ -138,7 +142,10 @@ impl Upstream {
             attempts += 1;
             let (endpoint, base) = self.failover.current();
             let started = Instant::now();
-            let result = self.client.send(base, command, body.clone(), deadline).await;
+            let result = self
+                .client
+                .send(base, command, body.clone(), deadline)
+                .await;
             record_call(command, &result, started);
             if matches!(&result, Err(e) if e.reach == Reach::NotSent) {
                 self.failover.connection_failed(endpoint);
@@ -154,19 +161,37 @@ impl Upstream {
                     renewed = true;
                     self.client.signer().force_renew();
                     counter!(names::SIG_RENEWALS).increment(1);
-                    tracing::warn!(command, "Chat refused the UserSig; renewed it, trying once more");
+                    tracing::warn!(
+                        command,
+                        "Chat refused the UserSig; renewed it, trying once more"
+                    );
                     continue;
                 }
                 Some(CodeClass::SigRejected) => self.sig_alarm(&result),
                 Some(CodeClass::Throttled) => {
-                    let code = result.as_ref().ok().and_then(|r| r.chat).map_or(0, |s| s.code);
-                    let pause = if code == 70050 { PAUSE_70050 } else { PAUSE_THROTTLED };
+                    let code = result
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.chat)
+                        .map_or(0, |s| s.code);
+                    let pause = if code == 70050 {
+                        PAUSE_70050
+                    } else {
+                        PAUSE_THROTTLED
+                    };
                     self.limiter.pause(command, pause);
-                    tracing::warn!(command, code, pause_ms = pause.as_millis() as u64, "Chat throttled us; pausing the command");
+                    tracing::warn!(
+                        command,
+                        code,
+                        pause_ms = pause.as_millis() as u64,
+                        "Chat throttled us; pausing the command"
+                    );
                     if class == CommandClass::Read
                         && attempts < retry.max_attempts
                         && Instant::now() + pause < deadline
-                        && self.budget.try_retry(retry.budget_percent, retry.budget_min_per_sec)
+                        && self
+                            .budget
+                            .try_retry(retry.budget_percent, retry.budget_min_per_sec)
                     {
                         after_throttle = true;
                         counter!(names::RETRIES, "command" => command_label(command)).increment(1);
@@ -179,9 +204,17 @@ impl Upstream {
             if retry::decide(class, &result) == Decision::Retry {
                 let wait = retry::backoff(retry, attempts);
                 if retry::may_attempt_again(retry, attempts, wait, deadline) {
-                    if self.budget.try_retry(retry.budget_percent, retry.budget_min_per_sec) {
+                    if self
+                        .budget
+                        .try_retry(retry.budget_percent, retry.budget_min_per_sec)
+                    {
                         counter!(names::RETRIES, "command" => command_label(command)).increment(1);
-                        tracing::debug!(command, attempts, wait_ms = wait.as_millis() as u64, "retrying");
+                        tracing::debug!(
+                            command,
+                            attempts,
+                            wait_ms = wait.as_millis() as u64,
+                            "retrying"
+                        );
                         tokio::time::sleep(wait).await;
                         after_throttle = false;
                         continue;
@@ -199,14 +232,19 @@ impl Upstream {
     fn sig_alarm(&self, result: &Result<UpstreamResponse, TransportError>) {
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_sig_alarm.load(Ordering::Relaxed);
-        let due = last == u64::MAX || now.saturating_sub(last) >= SIG_ALARM_INTERVAL.as_millis() as u64;
+        let due =
+            last == u64::MAX || now.saturating_sub(last) >= SIG_ALARM_INTERVAL.as_millis() as u64;
         if due
             && self
                 .last_sig_alarm
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let code = result.as_ref().ok().and_then(|r| r.chat).map_or(0, |s| s.code);
+            let code = result
+                .as_ref()
+                .ok()
+                .and_then(|r| r.chat)
+                .map_or(0, |s| s.code);
             tracing::error!(
                 code,
                 "CONFIGURATION ERROR: Chat refuses even a freshly made UserSig; check chat.secret_key, chat.sdkappid, chat.identifier and chat.region"

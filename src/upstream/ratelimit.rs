@@ -78,7 +78,12 @@ impl LocalRateLimiter {
         } else {
             command
         };
-        let rate = self.overrides.get(name).copied().unwrap_or(self.default_rate).max(1);
+        let rate = self
+            .overrides
+            .get(name)
+            .copied()
+            .unwrap_or(self.default_rate)
+            .max(1);
         map.entry(name.to_string())
             .or_insert_with(|| {
                 Arc::new(Mutex::new(Gcra {

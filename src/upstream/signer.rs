@@ -205,7 +205,10 @@ mod tests {
         }
         let before = s.usersig();
         let forced = s.force_renew();
-        assert_ne!(before.sig, forced.sig, "a forced renewal gives a different sig");
+        assert_ne!(
+            before.sig, forced.sig,
+            "a forced renewal gives a different sig"
+        );
         assert!(Arc::ptr_eq(&forced, &s.usersig()));
         assert!(!format!("{s:?}").contains("\"k\""));
     }
