@@ -254,6 +254,19 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Makes the child die when the thread that started it does (Linux), so a gateway
+/// held in a `static` by a test never outlives the test process.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_chat-gateway")
 }
@@ -280,6 +293,7 @@ impl Gateway {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().expect("start gateway");
         let stderr = child.stderr.take().unwrap();
         let log: Arc<Mutex<Vec<String>>> = Arc::default();
