@@ -21,7 +21,9 @@ fn env() -> &'static Env {
             .enable_all()
             .build()
             .unwrap();
-        let (fake, gw) = rt.block_on(async {
+        // Started on a runtime worker thread, which lives as long as this static: the
+        // gateway dies with the thread that started it (see `die_with_parent`).
+        let started = rt.spawn(async {
             let fake = FakeChat::start(echo_pages()).await;
             let gw = Gateway::start(&config_toml(
                 &fake.url(),
@@ -30,6 +32,7 @@ fn env() -> &'static Env {
             .await;
             (fake, gw)
         });
+        let (fake, gw) = rt.block_on(started).expect("start");
         Env {
             rt,
             gw,

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use crate::cache::coalesce::Role;
 use crate::cache::key::{self, PageKey};
@@ -44,7 +45,11 @@ pub struct Fetched {
 pub type FetchResult = Result<Arc<Fetched>, GatewayError>;
 
 /// Handles one get_list request.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let c = &state.counters;
     let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await
@@ -71,6 +76,23 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         }
     }
 
+    // Past the cache: an info-level span, so what the miss path logs carries the id.
+    let span = tracing::info_span!(
+        "get_list_miss",
+        request_id = request_id.to_str().unwrap_or(""),
+        account = &*parsed.account,
+    );
+    miss(state, parsed, no_cache, stale).instrument(span).await
+}
+
+/// The miss path: a coalesced fetch, then MISS, STALE or BYPASS.
+async fn miss(
+    state: Arc<AppState>,
+    parsed: key::GetListRequest<'_>,
+    no_cache: bool,
+    stale: Option<Arc<Page>>,
+) -> Response<Body> {
+    let c = &state.counters;
     let account: Arc<str> = Arc::from(&*parsed.account);
     let page_key = parsed.page.clone();
     let upstream_body = parsed.upstream_body();
