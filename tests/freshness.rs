@@ -420,3 +420,36 @@ async fn ttl_edit_in_the_file_applies_without_a_restart() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_is_reloaded() {
+    // Kubernetes mounts a ConfigMap as config.toml -> ..data/config.toml with
+    // ..data -> ..<timestamp>/, and updates it by swapping the ..data symlink.
+    let fake = FakeChat::start(echo_pages()).await;
+    let toml = config_toml(&fake.url(), &[("cache", "ttl_secs = 60")]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("..v1")).unwrap();
+    std::fs::write(d.join("..v1/gateway.toml"), &toml).unwrap();
+    std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/gateway.toml", d.join("gateway.toml")).unwrap();
+    let path = d.join("gateway.toml");
+    let gw = Gateway::start_file(dir, path, &[]).await;
+    let d = gw.config_path.parent().unwrap().to_path_buf();
+
+    for (version, ttl) in [("..v2", 7), ("..v3", 9)] {
+        std::fs::create_dir(d.join(version)).unwrap();
+        std::fs::write(
+            d.join(version).join("gateway.toml"),
+            toml.replace("ttl_secs = 60", &format!("ttl_secs = {ttl}")),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(version, d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        assert!(
+            gw.wait_log(&format!("-> {ttl}"), Duration::from_secs(2)).await,
+            "swap to {version} reloaded: {}",
+            gw.log_text()
+        );
+    }
+}

@@ -131,17 +131,23 @@ impl Reloader {
     }
 }
 
-/// Watches the file's directory (editors replace files by renaming) for events on it.
+/// Watches the file's directory, not the file: editors replace files by renaming, and
+/// a Kubernetes ConfigMap volume updates by swapping its `..data` symlink. The path is
+/// deliberately not canonicalized, so the watch stays on the directory the operator
+/// named while the symlink targets come and go.
 fn watch(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let dir = path.parent()?.to_path_buf();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let name = path.file_name()?.to_os_string();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            let ours = ev
-                .paths
-                .iter()
-                .any(|p| p.file_name() == Some(name.as_os_str()));
+            let ours = ev.paths.iter().any(|p| {
+                p.file_name().is_some_and(|f| {
+                    f == name.as_os_str() || f.to_string_lossy().starts_with("..")
+                })
+            });
             if ours && !matches!(ev.kind, notify::EventKind::Access(_)) {
                 let _ = tx.send(());
             }

@@ -284,6 +284,15 @@ impl Gateway {
             .unwrap()
             .write_all(toml.as_bytes())
             .unwrap();
+        Self::start_file(dir, path, env).await
+    }
+
+    /// Starts the binary with the config at `path` (kept alive with `dir`).
+    pub async fn start_file(
+        dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let mut cmd = Command::new(bin());
         cmd.arg("--config")
             .arg(&path)
