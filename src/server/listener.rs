@@ -109,7 +109,7 @@ where
             let fut = handler(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn.into_owned());
         let first_head_deadline = opts.header_read_timeout;
         tokio::spawn(async move {
