@@ -447,7 +447,8 @@ async fn a_configmap_style_symlink_swap_is_reloaded() {
         std::os::unix::fs::symlink(version, d.join("..data_tmp")).unwrap();
         std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
         assert!(
-            gw.wait_log(&format!("-> {ttl}"), Duration::from_secs(2)).await,
+            gw.wait_log(&format!("-> {ttl}"), Duration::from_secs(2))
+                .await,
             "swap to {version} reloaded: {}",
             gw.log_text()
         );

@@ -13,26 +13,7 @@ const GET_LIST: &str = "/v4/recentcontact/get_list";
 /// Asserts everything Chat must see on a get_list call.
 fn assert_upstream_request(r: &Recorded, account: &str) {
     assert_eq!(r.path, GET_LIST);
-    assert_eq!(r.query["sdkappid"], SDKAPPID.to_string());
-    assert_eq!(r.query["identifier"], IDENTIFIER);
-    assert_eq!(r.query["contenttype"], "json");
-    let random: u64 = r.query["random"].parse().expect("random is a number");
-    assert!(random <= u32::MAX as u64);
-    let now = chat_gateway::upstream::signer::unix_now();
-    chat_gateway::chat::usersig::verify(
-        &r.query["usersig"],
-        SDKAPPID,
-        SECRET.as_bytes(),
-        IDENTIFIER,
-        now,
-    )
-    .expect("UserSig verifies for the configured app");
-    assert_eq!(
-        r.query.len(),
-        5,
-        "exactly the five parameters: {}",
-        r.raw_query
-    );
+    r.assert_gateway_credentials();
     let b = r.json();
     assert_eq!(b["From_Account"], account);
     for f in [

@@ -27,20 +27,17 @@ const BODY: &str = r#"{"From_Account":"user_0001"}"#;
 static HEAVY: std::sync::LazyLock<tokio::sync::RwLock<()>> =
     std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
 
-/// Raises this process's soft RLIMIT_NOFILE to its hard limit (children inherit it).
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit (children inherit it)
+/// and returns the new soft limit.
 fn raise_nofile() -> libc::rlim_t {
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
-        lim.rlim_cur
-    }
+    chat_gateway::cmd::raise_fd_limit();
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim.rlim_cur
 }
 
 /// The soft open-files limit of process `pid`, from `/proc/<pid>/limits`.

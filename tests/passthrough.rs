@@ -15,21 +15,6 @@ fn ok() -> serde_json::Value {
     serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","MsgTime":1,"MsgKey":"k"})
 }
 
-fn verify_creds(r: &Recorded) {
-    assert_eq!(r.query["sdkappid"], SDKAPPID.to_string());
-    assert_eq!(r.query["identifier"], IDENTIFIER);
-    assert_eq!(r.query["contenttype"], "json");
-    let now = chat_gateway::upstream::signer::unix_now();
-    chat_gateway::chat::usersig::verify(
-        &r.query["usersig"],
-        SDKAPPID,
-        SECRET.as_bytes(),
-        IDENTIFIER,
-        now,
-    )
-    .expect("the gateway's UserSig");
-}
-
 #[tokio::test]
 async fn any_command_is_forwarded_with_the_gateways_credentials() {
     let fake = FakeChat::start(Box::new(|_, _| Reply::Json(ok(), Duration::ZERO))).await;
@@ -43,7 +28,7 @@ async fn any_command_is_forwarded_with_the_gateways_credentials() {
     assert_eq!(json(&a), ok(), "Chat's answer as is");
     let calls = fake.calls();
     assert_eq!(calls[0].path, "/v4/profile/portrait_get");
-    verify_creds(&calls[0]);
+    calls[0].assert_gateway_credentials();
     assert!(!calls[0].raw_query.contains("forged") && !calls[0].raw_query.contains("mallory"));
     assert_eq!(
         &calls[0].body[..],
@@ -209,7 +194,7 @@ async fn an_expired_usersig_is_renewed_and_the_call_succeeds() {
         calls[0].query["usersig"], calls[1].query["usersig"],
         "a fresh UserSig"
     );
-    verify_creds(&calls[1]);
+    calls[1].assert_gateway_credentials();
 
     // Repeated refusal: returned after one renewal, and logged as a configuration error.
     fake.reset();

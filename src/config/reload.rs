@@ -144,9 +144,8 @@ fn watch(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::Recommend
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
             let ours = ev.paths.iter().any(|p| {
-                p.file_name().is_some_and(|f| {
-                    f == name.as_os_str() || f.to_string_lossy().starts_with("..")
-                })
+                p.file_name()
+                    .is_some_and(|f| f == name.as_os_str() || f.to_string_lossy().starts_with(".."))
             });
             if ours && !matches!(ev.kind, notify::EventKind::Access(_)) {
                 let _ = tx.send(());

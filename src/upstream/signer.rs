@@ -120,16 +120,8 @@ impl Signer {
         // A sig is a function of its issue second: issue at least one second after the
         // refused one so that the new sig differs from it.
         let now = (self.clock)().max(self.current.load().issued_at + 1);
-        let fresh = Arc::new(issue(
-            self.sdkappid,
-            &self.identifier,
-            &self.key,
-            self.ttl,
-            now,
-        ));
-        self.current.store(fresh.clone());
         tracing::info!(identifier = %self.identifier, "UserSig renewed on demand");
-        fresh
+        self.store_fresh(now)
     }
 
     /// Renews unless another caller did while we waited for the lock.
@@ -138,6 +130,12 @@ impl Signer {
         if now < cur.renew_at {
             return cur;
         }
+        tracing::debug!(identifier = %self.identifier, "UserSig renewed");
+        self.store_fresh(now)
+    }
+
+    /// Issues a sig at `now` and hands it out from then on. Call with `renewing` held.
+    fn store_fresh(&self, now: u64) -> Arc<IssuedSig> {
         let fresh = Arc::new(issue(
             self.sdkappid,
             &self.identifier,
@@ -146,7 +144,6 @@ impl Signer {
             now,
         ));
         self.current.store(fresh.clone());
-        tracing::debug!(identifier = %self.identifier, "UserSig renewed");
         fresh
     }
 }

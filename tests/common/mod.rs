@@ -32,6 +32,31 @@ pub struct Recorded {
 }
 
 impl Recorded {
+    /// Asserts the gateway's credentials: sdkappid, identifier, contenttype, a u32
+    /// `random` and a UserSig that verifies for the configured app.
+    pub fn assert_gateway_credentials(&self) {
+        assert_eq!(self.query["sdkappid"], SDKAPPID.to_string());
+        assert_eq!(self.query["identifier"], IDENTIFIER);
+        assert_eq!(self.query["contenttype"], "json");
+        let random: u64 = self.query["random"].parse().expect("random is a number");
+        assert!(random <= u32::MAX as u64);
+        let now = chat_gateway::upstream::signer::unix_now();
+        chat_gateway::chat::usersig::verify(
+            &self.query["usersig"],
+            SDKAPPID,
+            SECRET.as_bytes(),
+            IDENTIFIER,
+            now,
+        )
+        .expect("UserSig verifies for the configured app");
+        assert_eq!(
+            self.query.len(),
+            5,
+            "exactly the five parameters: {}",
+            self.raw_query
+        );
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("upstream body is JSON")
     }
