@@ -1167,3 +1167,40 @@ async fn shutdown_stops_serving_and_bad_config_is_refused() {
     let err = emulator::spawn(bad).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
 }
+
+/// A UserSig made by the official library (shared/chat-api/usersig-vectors.json,
+/// copied to tests/data) is accepted as genuine: with the app's key it gets past the
+/// sdkappid, identifier and HMAC checks and is refused only as expired (70001; every
+/// vector's lifetime is over by now), while with another key it is refused as forged
+/// (70009).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usersig_from_the_official_library_is_verified() {
+    let vectors: Value =
+        serde_json::from_str(include_str!("data/usersig-vectors.json")).expect("vectors");
+    let v = vectors["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["identifier"] == ADMIN && v["sdkappid"] == APP)
+        .expect("a vector for the administrator of app 1400000000")
+        .clone();
+    let sig = v["usersig"].as_str().unwrap();
+    let body = json!({"From_Account": "user_0001", "TimeStamp": 0, "StartIndex": 0,
+                      "TopTimeStamp": 0, "TopStartIndex": 0, "AssistFlags": 63})
+    .to_string();
+    let official_key = EmulatorConfig {
+        secret_key: v["key"].as_str().unwrap().to_string(),
+        ..EmulatorConfig::default()
+    };
+    let (_emu, api) = start(official_key).await;
+    let answer = api
+        .call_raw("recentcontact/get_list", &api.query_with(sig, ADMIN), &body)
+        .await;
+    assert_eq!(code(&answer), 70001, "{answer}");
+
+    let (_emu, api) = start(EmulatorConfig::default()).await;
+    let answer = api
+        .call_raw("recentcontact/get_list", &api.query_with(sig, ADMIN), &body)
+        .await;
+    assert_eq!(code(&answer), 70009, "{answer}");
+}
