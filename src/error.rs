@@ -157,8 +157,14 @@ impl GatewayError {
         envelope::fail_body(self.code(), &info)
     }
 
-    /// The whole response.
+    /// The whole response; counts it in `chat_gateway_errors_total{origin,reason}`.
     pub fn respond(&self) -> http::Response<http_body_util::Full<Bytes>> {
+        metrics::counter!(
+            crate::metrics::names::ERRORS,
+            "origin" => self.origin().as_str(),
+            "reason" => self.reason()
+        )
+        .increment(1);
         let mut resp = http::Response::new(http_body_util::Full::new(self.body()));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();

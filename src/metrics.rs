@@ -13,6 +13,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Metric names (a contract with dashboards).
 pub mod names {
+    /// Answers the gateway made itself, by `origin` (caller, upstream, gateway) and
+    /// `reason` (the `x-chat-gateway-error` value).
+    pub const ERRORS: &str = "chat_gateway_errors_total";
     /// Requests by `route` and `outcome`.
     pub const REQUESTS: &str = "chat_gateway_requests_total";
     /// get_list answers by `result` (hit, miss, stale, bypass).
@@ -74,6 +77,10 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_counter!(names::REQUESTS, "Requests by route and outcome");
+    describe_counter!(
+        names::ERRORS,
+        "Answers the gateway made itself, by origin and reason"
+    );
     describe_counter!(names::CACHE, "get_list answers by cache result");
     describe_counter!(
         names::COALESCED,
@@ -149,7 +156,8 @@ impl Default for GetListCounters {
     }
 }
 
-/// Counts one request on a route other than get_list.
+/// Counts one request on a route other than get_list (which counts its own, with
+/// pre-resolved handles).
 pub fn request(route: &'static str, outcome: &'static str) {
     counter!(names::REQUESTS, "route" => route, "outcome" => outcome).increment(1);
 }

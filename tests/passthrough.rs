@@ -70,6 +70,29 @@ async fn denied_commands_never_reach_chat() {
         200
     );
     assert_eq!(fake.count(), 2);
+    let m = String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).to_string();
+    assert_eq!(
+        metric(
+            &m,
+            "chat_gateway_errors_total{origin=\"caller\",reason=\"route-denied\"}"
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "chat_gateway_requests_total{route=\"passthrough\",outcome=\"ok\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "chat_gateway_requests_total{route=\"passthrough\",outcome=\"error\"}"
+        ),
+        2.0
+    );
 }
 
 #[tokio::test]

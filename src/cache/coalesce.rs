@@ -43,16 +43,6 @@ where
     K: Eq + Hash + Clone + Send + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// Fetches in flight (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Whether nothing is in flight.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Joins the fetch of `key`, or starts it with `fetch` (spawned as a task).
     /// `on_panic` makes the value every waiter gets if the task panics.
     pub async fn run<F, Fut>(&self, key: K, fetch: F, on_panic: fn() -> V) -> (V, Role)

@@ -67,17 +67,6 @@ impl CodeClass {
             _ => CodeClass::Final,
         }
     }
-
-    /// Label for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CodeClass::Success => "success",
-            CodeClass::Transient => "transient",
-            CodeClass::Throttled => "throttled",
-            CodeClass::SigRejected => "sig_rejected",
-            CodeClass::Final => "final",
-        }
-    }
 }
 
 /// Builds `{"ActionStatus":"FAIL","ErrorCode":code,"ErrorInfo":info}`.

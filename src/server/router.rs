@@ -20,6 +20,20 @@ const GET_LIST_PATH: &str = "/v4/recentcontact/get_list";
 /// The longest caller-supplied `x-request-id` we keep; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
+/// The `route` label of `requests_total` for paths other than get_list.
+fn route_label(path: &str) -> Option<&'static str> {
+    Some(match path {
+        GET_LIST_PATH => return None,
+        "/healthz" | "/readyz" => "health",
+        "/metrics" => "metrics",
+        "/quitquitquit" => "quit",
+        "/callback" => "callback",
+        p if p.starts_with("/admin/") => "admin",
+        p if p.starts_with("/v4/") => "passthrough",
+        _ => "other",
+    })
+}
+
 /// The caller's `x-request-id` if it is sane, else a fresh random one.
 fn request_id(req: &Request<Incoming>) -> HeaderValue {
     if let Some(v) = req.headers().get(&X_REQUEST_ID) {
@@ -53,7 +67,17 @@ pub async fn route(
     } else {
         tracing::info_span!("request", request_id = id, method = %req.method(), path = req.uri().path())
     };
+    // get_list counts its own outcomes (hit, miss, ...) with pre-resolved handles.
+    let route = route_label(req.uri().path());
     let mut resp = dispatch(state, req, peer, &rid).instrument(span).await;
+    if let Some(route) = route {
+        let outcome = if resp.status().is_success() {
+            "ok"
+        } else {
+            "error"
+        };
+        crate::metrics::request(route, outcome);
+    }
     resp.headers_mut().insert(X_REQUEST_ID, rid);
     resp
 }

@@ -25,7 +25,7 @@ use crate::error::GatewayError;
 use crate::metrics::names;
 use budget::RetryBudget;
 use client::{ChatClient, Reach, TransportError, UpstreamResponse};
-use failover::Failover;
+use failover::{Endpoint, Failover};
 use ratelimit::{LocalRateLimiter, RateLimiter};
 use retry::Decision;
 use signer::Signer;
@@ -146,7 +146,7 @@ impl Upstream {
                 .client
                 .send(base, command, body.clone(), deadline)
                 .await;
-            record_call(command, &result, started);
+            record_call(command, endpoint, &result, started);
             if matches!(&result, Err(e) if e.reach == Reach::NotSent) {
                 self.failover.connection_failed(endpoint);
             }
@@ -211,6 +211,7 @@ impl Upstream {
                         counter!(names::RETRIES, "command" => command_label(command)).increment(1);
                         tracing::debug!(
                             command,
+                            class = class.as_str(),
                             attempts,
                             wait_ms = wait.as_millis() as u64,
                             "retrying"
@@ -279,7 +280,12 @@ pub fn command_label(command: &str) -> &'static str {
         .unwrap_or("other")
 }
 
-fn record_call(command: &str, result: &Result<UpstreamResponse, TransportError>, started: Instant) {
+fn record_call(
+    command: &str,
+    endpoint: Endpoint,
+    result: &Result<UpstreamResponse, TransportError>,
+    started: Instant,
+) {
     let label = command_label(command);
     let code: String = match result {
         Ok(r) => match r.chat {
@@ -292,6 +298,6 @@ fn record_call(command: &str, result: &Result<UpstreamResponse, TransportError>,
     counter!(names::UPSTREAM_CALLS, "command" => label, "code" => code).increment(1);
     histogram!(names::UPSTREAM_LATENCY, "command" => label).record(started.elapsed().as_secs_f64());
     if let Err(e) = result {
-        tracing::warn!(command, error = %e.message, "call to Chat failed");
+        tracing::warn!(command, endpoint = endpoint.as_str(), error = %e.message, "call to Chat failed");
     }
 }

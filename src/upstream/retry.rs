@@ -27,16 +27,6 @@ pub enum Decision {
     Retry,
 }
 
-impl Decision {
-    /// Label for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Decision::Done => "done",
-            Decision::Retry => "retry",
-        }
-    }
-}
-
 /// Decides, from one attempt's result and the command's class, whether to retry.
 pub fn decide(class: CommandClass, result: &Result<UpstreamResponse, TransportError>) -> Decision {
     let transient = match result {
