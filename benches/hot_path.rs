@@ -102,11 +102,7 @@ fn invalidation(c: &mut Criterion) {
     let page = |ts: u64| Page {
         key: key::PageKey {
             time_stamp: ts,
-            start_index: 0,
-            top_time_stamp: 0,
-            top_start_index: 0,
-            assist_flags: 63,
-            extra: None,
+            ..Default::default()
         },
         body: body.clone(),
         stored_at: now,

@@ -142,6 +142,18 @@ impl Api {
     }
 }
 
+/// The GroupId of the first group conversation in an account dump.
+fn first_group(dump: &Value) -> String {
+    dump["SessionItem"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["Type"] == 2)
+        .and_then(|i| i["GroupId"].as_str())
+        .expect("the account has a group conversation")
+        .to_owned()
+}
+
 fn code(v: &Value) -> i64 {
     v["ErrorCode"].as_i64().unwrap_or(-1)
 }
@@ -576,14 +588,7 @@ async fn sendmsg_moves_the_conversation_to_the_top_on_both_sides() {
     );
 
     // A group message reaches every member.
-    let group = dump["SessionItem"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["Type"] == 2)
-        .and_then(|i| i["GroupId"].as_str())
-        .unwrap()
-        .to_owned();
+    let group = first_group(&dump);
     let v = api
         .call(
             "group_open_http_svc/send_group_msg",
@@ -1000,14 +1005,7 @@ async fn webhooks_follow_messages_with_a_valid_sign() {
 
     // A group message fires Group.CallbackAfterSendMsg.
     let dump = api.get("/__emulator/accounts/user_0010").await;
-    let group = dump["SessionItem"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["Type"] == 2)
-        .and_then(|i| i["GroupId"].as_str())
-        .unwrap()
-        .to_owned();
+    let group = first_group(&dump);
     let v = api
         .call(
             "group_open_http_svc/send_group_msg",

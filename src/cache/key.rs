@@ -38,6 +38,21 @@ pub struct PageKey {
     pub extra: Option<Box<str>>,
 }
 
+impl Default for PageKey {
+    /// The first page, as a request with only `From_Account` asks for it: all cursors
+    /// 0, `AssistFlags` 63, no extra fields.
+    fn default() -> Self {
+        PageKey {
+            time_stamp: 0,
+            start_index: 0,
+            top_time_stamp: 0,
+            top_start_index: 0,
+            assist_flags: DEFAULT_ASSIST_FLAGS,
+            extra: None,
+        }
+    }
+}
+
 /// A checked get_list request, borrowing from the body it was parsed from.
 #[derive(Debug)]
 pub struct GetListRequest<'a> {
@@ -194,13 +209,16 @@ impl<'de> Deserialize<'de> for GetListRequest<'de> {
                 let extra = canonical_extras(&mut extras).map_err(de::Error::custom)?;
                 Ok(GetListRequest {
                     account,
-                    page: PageKey {
-                        time_stamp: nums[0].unwrap_or(0),
-                        start_index: nums[1].unwrap_or(0),
-                        top_time_stamp: nums[2].unwrap_or(0),
-                        top_start_index: nums[3].unwrap_or(0),
-                        assist_flags: nums[4].unwrap_or(DEFAULT_ASSIST_FLAGS),
-                        extra,
+                    page: {
+                        let d = PageKey::default();
+                        PageKey {
+                            time_stamp: nums[0].unwrap_or(d.time_stamp),
+                            start_index: nums[1].unwrap_or(d.start_index),
+                            top_time_stamp: nums[2].unwrap_or(d.top_time_stamp),
+                            top_start_index: nums[3].unwrap_or(d.top_start_index),
+                            assist_flags: nums[4].unwrap_or(d.assist_flags),
+                            extra,
+                        }
                     },
                     extras,
                 })
@@ -245,8 +263,8 @@ mod tests {
     fn defaults_and_borrowing() {
         let r = parse(br#"{"From_Account":"user_0001"}"#).unwrap();
         assert!(matches!(r.account, Cow::Borrowed("user_0001")));
+        assert_eq!(r.page, PageKey::default());
         assert_eq!(r.page.assist_flags, 63);
-        assert_eq!(r.page.time_stamp, 0);
         let v: serde_json::Value = serde_json::from_slice(&r.upstream_body()).unwrap();
         assert_eq!(
             v,

@@ -309,11 +309,7 @@ mod tests {
     fn key(ts: u64) -> PageKey {
         PageKey {
             time_stamp: ts,
-            start_index: 0,
-            top_time_stamp: 0,
-            top_start_index: 0,
-            assist_flags: 63,
-            extra: None,
+            ..PageKey::default()
         }
     }
 
