@@ -44,6 +44,12 @@ pub enum GatewayError {
     /// The body could not be read from the caller.
     #[error("request body could not be read")]
     BodyRead,
+    /// The body did not fully arrive within `server.body_read_timeout_ms`.
+    #[error("request body did not arrive within {} ms", .0.as_millis())]
+    BodyTimeout(std::time::Duration),
+    /// A webhook failed its checks (`SdkAppid`, `Sign`, `RequestTime`).
+    #[error("callback rejected: {0}")]
+    CallbackRejected(&'static str),
     /// No such route.
     #[error("no such route: {0}")]
     NotFound(String),
@@ -74,6 +80,30 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// One value of every variant, so metrics can show each `(origin, reason)` pair
+    /// at zero from the first scrape. A variant added to the enum must be added here:
+    /// the test below fails otherwise.
+    pub fn one_of_each() -> Vec<GatewayError> {
+        use std::time::Duration;
+        vec![
+            GatewayError::InvalidJson(String::new()),
+            GatewayError::InvalidField(String::new()),
+            GatewayError::BodyTooLarge(0),
+            GatewayError::BodyRead,
+            GatewayError::BodyTimeout(Duration::ZERO),
+            GatewayError::CallbackRejected(""),
+            GatewayError::NotFound(String::new()),
+            GatewayError::MethodNotAllowed("POST"),
+            GatewayError::Unauthorized,
+            GatewayError::LoopbackOnly,
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamUnavailable(String::new()),
+            GatewayError::RateLimited(Duration::ZERO),
+            GatewayError::RouteDenied(String::new()),
+            GatewayError::Internal(String::new()),
+        ]
+    }
+
     /// Who is at fault.
     pub fn origin(&self) -> Origin {
         match self {
@@ -81,6 +111,8 @@ impl GatewayError {
             | GatewayError::InvalidField(_)
             | GatewayError::BodyTooLarge(_)
             | GatewayError::BodyRead
+            | GatewayError::BodyTimeout(_)
+            | GatewayError::CallbackRejected(_)
             | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed(_)
             | GatewayError::Unauthorized
@@ -101,6 +133,8 @@ impl GatewayError {
             GatewayError::InvalidJson(_) | GatewayError::InvalidField(_) => StatusCode::OK,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyRead => StatusCode::BAD_REQUEST,
+            GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::CallbackRejected(_) => StatusCode::FORBIDDEN,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -118,7 +152,10 @@ impl GatewayError {
         match self {
             GatewayError::InvalidJson(_) => 60003,
             GatewayError::InvalidField(_) => 50002,
-            GatewayError::BodyTooLarge(_) | GatewayError::BodyRead => 60008,
+            GatewayError::BodyTooLarge(_)
+            | GatewayError::BodyRead
+            | GatewayError::BodyTimeout(_) => 60008,
+            GatewayError::CallbackRejected(_) => 60004,
             GatewayError::NotFound(_) | GatewayError::MethodNotAllowed(_) => 60009,
             GatewayError::Unauthorized => 60004,
             GatewayError::LoopbackOnly => 60021,
@@ -136,6 +173,8 @@ impl GatewayError {
             GatewayError::InvalidField(_) => "invalid-field",
             GatewayError::BodyTooLarge(_) => "body-too-large",
             GatewayError::BodyRead => "body-read",
+            GatewayError::BodyTimeout(_) => "body-timeout",
+            GatewayError::CallbackRejected(_) => "callback-rejected",
             GatewayError::NotFound(_) => "not-found",
             GatewayError::MethodNotAllowed(_) => "method-not-allowed",
             GatewayError::Unauthorized => "unauthorized",
@@ -183,5 +222,42 @@ impl GatewayError {
             );
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails to compile when a variant is added without a line here, and fails when
+    /// `one_of_each` misses one.
+    #[test]
+    fn one_of_each_lists_every_variant() {
+        let all = GatewayError::one_of_each();
+        let ordinal = |e: &GatewayError| match e {
+            GatewayError::InvalidJson(_) => 0,
+            GatewayError::InvalidField(_) => 1,
+            GatewayError::BodyTooLarge(_) => 2,
+            GatewayError::BodyRead => 3,
+            GatewayError::BodyTimeout(_) => 4,
+            GatewayError::CallbackRejected(_) => 5,
+            GatewayError::NotFound(_) => 6,
+            GatewayError::MethodNotAllowed(_) => 7,
+            GatewayError::Unauthorized => 8,
+            GatewayError::LoopbackOnly => 9,
+            GatewayError::UpstreamTimeout => 10,
+            GatewayError::UpstreamUnavailable(_) => 11,
+            GatewayError::RateLimited(_) => 12,
+            GatewayError::RouteDenied(_) => 13,
+            GatewayError::Internal(_) => 14,
+        };
+        let mut seen: Vec<usize> = all.iter().map(ordinal).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, (0..15).collect::<Vec<_>>());
+        let mut reasons: Vec<&str> = all.iter().map(|e| e.reason()).collect();
+        reasons.sort();
+        reasons.dedup();
+        assert_eq!(reasons.len(), 15, "every variant has its own reason");
     }
 }

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::cache::invalidate::Source;
+use crate::error::GatewayError;
 use crate::metrics::names;
 use crate::server::body::read_bounded;
 use crate::server::response::{self, Body};
@@ -113,15 +114,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     if let Err(why) = verify(&state, &q, unix_now()) {
         tracing::warn!(reason = why, "callback rejected; nothing invalidated");
         counter!(names::CALLBACKS, "outcome" => "rejected").increment(1);
-        let mut resp = response::json(
-            StatusCode::FORBIDDEN,
-            crate::chat::envelope::fail_body(60004, &format!("callback rejected: {why}")),
-        );
-        resp.headers_mut().insert(
-            response::X_CHAT_GATEWAY_ERROR,
-            http::HeaderValue::from_static("callback-rejected"),
-        );
-        return resp;
+        return GatewayError::CallbackRejected(why).respond();
     }
     let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await
     {
