@@ -121,23 +121,19 @@ impl Upstream {
         self.budget.record_request();
         let mut attempts = 0u32;
         let mut renewed = false;
-        let mut after_throttle = false;
         loop {
-            // A retry after Chat throttled us may wait for the pause up to the deadline;
-            // a first attempt only up to ratelimit.max_wait_ms.
+            // A first attempt waits for its rate-limit slot up to ratelimit.max_wait_ms;
+            // a retry (or the attempt after a renewal) was already admitted once, so it
+            // waits for its slot up to the request's deadline.
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let max_wait = if after_throttle {
-                remaining
-            } else {
+            let max_wait = if attempts == 0 {
                 self.max_wait.min(remaining)
+            } else {
+                remaining
             };
-            match self.limiter.reserve(command, max_wait) {
-                Ok(wait) if wait.is_zero() => {}
-                Ok(wait) => tokio::time::sleep(wait).await,
-                Err(t) => {
-                    counter!(names::RATE_LIMITED, "command" => command_label(command)).increment(1);
-                    return Err(GatewayError::RateLimited(t.retry_after));
-                }
+            if let Err(t) = self.limiter.acquire(command, max_wait).await {
+                counter!(names::RATE_LIMITED, "command" => command_label(command)).increment(1);
+                return Err(GatewayError::RateLimited(t.retry_after));
             }
             attempts += 1;
             let (endpoint, base) = self.failover.current();
@@ -147,6 +143,9 @@ impl Upstream {
                 .send(base, command, body.clone(), deadline)
                 .await;
             record_call(command, endpoint, &result, started);
+            if attempts > 1 && answered(&result) {
+                self.budget.retry_succeeded();
+            }
             if matches!(&result, Err(e) if e.reach == Reach::NotSent) {
                 self.failover.connection_failed(endpoint);
             }
@@ -193,7 +192,6 @@ impl Upstream {
                             .budget
                             .try_retry(retry.budget_percent, retry.budget_min_per_sec)
                     {
-                        after_throttle = true;
                         counter!(names::RETRIES, "command" => command_label(command)).increment(1);
                         continue;
                     }
@@ -217,7 +215,6 @@ impl Upstream {
                             "retrying"
                         );
                         tokio::time::sleep(wait).await;
-                        after_throttle = false;
                         continue;
                     }
                     counter!(names::BUDGET_EXHAUSTED).increment(1);
@@ -252,6 +249,13 @@ impl Upstream {
             );
         }
     }
+}
+
+/// Whether an attempt got a real answer from a working Chat: an envelope that is
+/// neither a transient failure nor throttling (a retry that gets one earns budget).
+fn answered(result: &Result<UpstreamResponse, TransportError>) -> bool {
+    matches!(result, Ok(r) if !r.status.is_server_error()
+        && r.chat.is_some_and(|s| !matches!(CodeClass::of(s.code), CodeClass::Transient | CodeClass::Throttled)))
 }
 
 /// Turns the last attempt's result into what the caller gets.

@@ -1,23 +1,32 @@
-//! The per-command rate limit towards Chat (200 calls per second per command).
+//! The per-command rate limit towards Chat: at most N calls of a command in **any**
+//! one-second window (Chat allows 200 per second per command), bursts of up to N at
+//! once allowed.
 //!
-//! Each command has a GCRA bucket with no burst: calls are spaced at least `1/rate`
-//! apart, so any one-second window holds at most `rate + 1` calls. A caller reserves its
-//! slot and sleeps until it; if the slot is further away than it may wait, it is refused
-//! at once (and reserves nothing). Chat's throttling answers pause a command's bucket.
+//! [`LocalRateLimiter`] keeps, per command, the admission instants of its calls of the
+//! last second (a sliding-window log, oldest first). A call is admitted at once while
+//! fewer than N calls were admitted in the last second; otherwise its slot is one
+//! second after the oldest of the last N, and it waits for that slot if it may wait
+//! that long. A slot is reserved when it is granted, so waiters never overtake each
+//! other's slots. The log holds at most N instants per command and only those of the
+//! last second, so its memory follows the calls actually made.
 //!
-//! [`RateLimiter`] is the small interface the upstream uses, so a limiter shared by many
-//! sidecars (Redis) can replace [`LocalRateLimiter`] later.
+//! [`RateLimiter`] is the small interface the upstream uses: a fleet of gateways
+//! shares one limit through Redis behind the same interface.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-/// Commands with a bucket of their own at most; past it, unknown commands share one.
+use futures_util::future::BoxFuture;
+
+/// The window every limit is counted over.
+pub const WINDOW: Duration = Duration::from_secs(1);
+/// Commands with a log of their own at most; past it, unknown commands share one.
 const MAX_BUCKETS: usize = 4096;
-/// The shared bucket's name.
+/// The shared log's name.
 const OVERFLOW: &str = "(other)";
 
-/// A refusal: the next free slot is `retry_after` away.
+/// A refusal: the command's next free slot is `retry_after` away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Throttled {
     /// How long until the command's next free slot.
@@ -26,31 +35,78 @@ pub struct Throttled {
 
 /// What the upstream needs from a rate limiter.
 pub trait RateLimiter: Send + Sync + 'static {
-    /// Reserves a slot for one call of `command`; returns how long to wait for it, or
-    /// refuses when that is longer than `max_wait`.
-    fn reserve(&self, command: &str, max_wait: Duration) -> Result<Duration, Throttled>;
+    /// Waits until one call of `command` may go, for at most `max_wait`; refuses at
+    /// once (without waiting) when the command's next free slot is further away.
+    fn acquire<'a>(
+        &'a self,
+        command: &'a str,
+        max_wait: Duration,
+    ) -> BoxFuture<'a, Result<(), Throttled>>;
     /// Chat throttled `command`: no call before `pause` from now.
     fn pause(&self, command: &str, pause: Duration);
 }
 
-/// One command's bucket.
+/// One command's sliding-window log.
 #[derive(Debug)]
-struct Gcra {
-    /// Time between two calls.
-    interval: Duration,
-    /// The earliest time the next call may go.
-    next_free: Instant,
+struct Log {
+    /// Calls allowed in any window.
+    limit: usize,
+    /// Admission instants of the calls of the last window, oldest first; never more
+    /// than `limit`. Non-decreasing: a new slot is never before the newest.
+    admitted: VecDeque<Instant>,
+    /// No call before this (Chat asked us to pause).
+    paused_until: Option<Instant>,
 }
 
-/// Buckets in this process.
+impl Log {
+    fn new(limit: u32) -> Self {
+        Log {
+            limit: limit.max(1) as usize,
+            admitted: VecDeque::new(),
+            paused_until: None,
+        }
+    }
+
+    /// Grants the earliest slot at or after `now`, if it is within `max_wait`.
+    fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Duration, Throttled> {
+        while self
+            .admitted
+            .front()
+            .is_some_and(|t| *t + WINDOW <= now)
+        {
+            self.admitted.pop_front();
+        }
+        let mut slot = now;
+        if let Some(p) = self.paused_until {
+            slot = slot.max(p);
+        }
+        if self.admitted.len() >= self.limit {
+            // The oldest of the last `limit` leaves the window one second after it.
+            if let Some(oldest) = self.admitted.get(self.admitted.len() - self.limit) {
+                slot = slot.max(*oldest + WINDOW);
+            }
+        }
+        let wait = slot - now;
+        if wait > max_wait {
+            return Err(Throttled { retry_after: wait });
+        }
+        if self.admitted.len() >= self.limit {
+            self.admitted.pop_front();
+        }
+        self.admitted.push_back(slot);
+        Ok(wait)
+    }
+}
+
+/// Sliding-window logs in this process.
 #[derive(Debug)]
 pub struct LocalRateLimiter {
     /// Calls per second for commands without an override.
     default_rate: u32,
     /// Per-command rates.
     overrides: BTreeMap<String, u32>,
-    /// command → bucket, created on first use.
-    buckets: RwLock<HashMap<String, Arc<Mutex<Gcra>>>>,
+    /// command → log, created on first use.
+    logs: RwLock<HashMap<String, Arc<Mutex<Log>>>>,
 }
 
 impl LocalRateLimiter {
@@ -59,60 +115,70 @@ impl LocalRateLimiter {
         LocalRateLimiter {
             default_rate: default_rate.max(1),
             overrides,
-            buckets: RwLock::new(HashMap::new()),
+            logs: RwLock::new(HashMap::new()),
         }
     }
 
-    fn bucket(&self, command: &str) -> Arc<Mutex<Gcra>> {
+    /// The limit of `command`: its override or the default.
+    pub fn rate_of(&self, command: &str) -> u32 {
+        self.overrides
+            .get(command)
+            .copied()
+            .unwrap_or(self.default_rate)
+            .max(1)
+    }
+
+    fn log(&self, command: &str) -> Arc<Mutex<Log>> {
         if let Some(b) = self
-            .buckets
+            .logs
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(command)
         {
             return b.clone();
         }
-        let mut map = self.buckets.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.logs.write().unwrap_or_else(|p| p.into_inner());
         let name = if map.len() >= MAX_BUCKETS && !map.contains_key(command) {
             OVERFLOW
         } else {
             command
         };
-        let rate = self
-            .overrides
-            .get(name)
-            .copied()
-            .unwrap_or(self.default_rate)
-            .max(1);
+        let rate = self.rate_of(name);
         map.entry(name.to_string())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(Gcra {
-                    interval: Duration::from_secs(1) / rate,
-                    next_free: Instant::now(),
-                }))
-            })
+            .or_insert_with(|| Arc::new(Mutex::new(Log::new(rate))))
             .clone()
+    }
+
+    /// Reserves the earliest slot for one call of `command`: how long to wait for it,
+    /// or a refusal when that is longer than `max_wait`.
+    pub fn reserve(&self, command: &str, max_wait: Duration) -> Result<Duration, Throttled> {
+        let log = self.log(command);
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        log.reserve(Instant::now(), max_wait)
     }
 }
 
 impl RateLimiter for LocalRateLimiter {
-    fn reserve(&self, command: &str, max_wait: Duration) -> Result<Duration, Throttled> {
-        let bucket = self.bucket(command);
-        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let slot = b.next_free.max(now);
-        let wait = slot - now;
-        if wait > max_wait {
-            return Err(Throttled { retry_after: wait });
-        }
-        b.next_free = slot + b.interval;
-        Ok(wait)
+    fn acquire<'a>(
+        &'a self,
+        command: &'a str,
+        max_wait: Duration,
+    ) -> BoxFuture<'a, Result<(), Throttled>> {
+        let reserved = self.reserve(command, max_wait);
+        Box::pin(async move {
+            let wait = reserved?;
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            Ok(())
+        })
     }
 
     fn pause(&self, command: &str, pause: Duration) {
-        let bucket = self.bucket(command);
-        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        b.next_free = b.next_free.max(Instant::now() + pause);
+        let log = self.log(command);
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + pause;
+        log.paused_until = Some(log.paused_until.map_or(until, |p| p.max(until)));
     }
 }
 
@@ -120,24 +186,73 @@ impl RateLimiter for LocalRateLimiter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn spaces_calls_and_refuses_past_the_wait() {
-        let l = LocalRateLimiter::new(10, BTreeMap::from([("a/fast".to_string(), 1000)]));
-        let max = Duration::from_millis(250);
-        let mut waits = Vec::new();
-        while let Ok(w) = l.reserve("a/b", max) {
-            waits.push(w);
+    /// At most `limit` slots in any window of one second.
+    fn assert_window(slots: &[Instant], limit: usize) {
+        for (i, a) in slots.iter().enumerate() {
+            let within = slots[i..].iter().take_while(|b| **b < *a + WINDOW).count();
+            assert!(within <= limit, "{within} slots in one second (limit {limit})");
         }
-        // 100 ms apart within 250 ms of waiting: slots at 0, 100 and 200 ms.
-        assert_eq!(waits.len(), 3, "{waits:?}");
-        assert!(waits[2] >= Duration::from_millis(150), "{waits:?}");
-        let t = l.reserve("a/b", max).unwrap_err();
-        assert!(t.retry_after > max);
-        // Another command has its own bucket; an override its own rate.
+    }
+
+    #[test]
+    fn bursts_up_to_the_limit_then_one_second_after_the_oldest() {
+        let t0 = Instant::now();
+        let mut log = Log::new(5);
+        // A burst of five goes at once.
+        for _ in 0..5 {
+            assert_eq!(log.reserve(t0, Duration::ZERO), Ok(Duration::ZERO));
+        }
+        // The sixth must wait a full second after the first.
+        let later = t0 + Duration::from_millis(300);
+        assert_eq!(
+            log.reserve(later, Duration::from_millis(100)),
+            Err(Throttled {
+                retry_after: Duration::from_millis(700)
+            })
+        );
+        assert_eq!(
+            log.reserve(later, Duration::from_secs(1)),
+            Ok(Duration::from_millis(700))
+        );
+        // A refused call reserved nothing; past a second the window is free again.
+        let much_later = t0 + Duration::from_secs(3);
+        for _ in 0..5 {
+            assert_eq!(log.reserve(much_later, Duration::ZERO), Ok(Duration::ZERO));
+        }
+        assert!(log.admitted.len() <= 5, "the log never holds more than the limit");
+    }
+
+    #[test]
+    fn any_one_second_window_holds_at_most_the_limit() {
+        let t0 = Instant::now();
+        let mut log = Log::new(20);
+        let mut slots = Vec::new();
+        // Calls arriving every 7 ms for 3 s, each willing to wait up to 2 s.
+        for i in 0..430u64 {
+            let now = t0 + Duration::from_millis(7 * i);
+            if let Ok(w) = log.reserve(now, Duration::from_secs(2)) {
+                slots.push(now + w);
+            }
+        }
+        slots.sort();
+        assert_window(&slots, 20);
+        // ... and the limit is used: 20 per second over the 3 s plus the waiting tail.
+        assert!(slots.len() >= 60, "{} slots", slots.len());
+    }
+
+    #[test]
+    fn pause_defers_every_slot_and_overrides_apply() {
+        let l = LocalRateLimiter::new(10, BTreeMap::from([("a/fast".to_string(), 1000)]));
+        assert_eq!(l.rate_of("a/fast"), 1000);
+        assert_eq!(l.rate_of("a/b"), 10);
+        for _ in 0..10 {
+            assert_eq!(l.reserve("a/b", Duration::ZERO), Ok(Duration::ZERO));
+        }
+        assert!(l.reserve("a/b", Duration::ZERO).is_err());
+        // Another command has its own log.
         assert_eq!(l.reserve("c/d", Duration::ZERO), Ok(Duration::ZERO));
-        assert_eq!(l.reserve("a/fast", Duration::ZERO), Ok(Duration::ZERO));
-        assert!(l.reserve("a/fast", Duration::from_millis(1)).is_ok());
         l.pause("c/d", Duration::from_secs(60));
-        assert!(l.reserve("c/d", Duration::from_secs(1)).is_err());
+        let t = l.reserve("c/d", Duration::from_secs(1)).unwrap_err();
+        assert!(t.retry_after > Duration::from_secs(59));
     }
 }
