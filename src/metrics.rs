@@ -48,6 +48,8 @@ pub mod names {
     pub const BUDGET_EXHAUSTED: &str = "chat_gateway_retry_budget_exhausted_total";
     /// UserSig renewals after Chat refused one.
     pub const SIG_RENEWALS: &str = "chat_gateway_usersig_renewals_total";
+    /// Open client connections by `listener` (main, admin, callback).
+    pub const OPEN_CONNECTIONS: &str = "chat_gateway_open_connections";
     /// Config reloads by `outcome` (applied, unchanged, rejected).
     pub const RELOADS: &str = "chat_gateway_config_reloads_total";
 }

@@ -63,6 +63,8 @@ pub struct RawServer {
     pub shutdown_grace_secs: u64,
     pub max_connections: u64,
     pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub max_invalidate_accounts: u64,
     pub auth_tokens: Vec<Secret>,
     pub allow_unauthenticated: bool,
     pub protect_metrics: bool,
@@ -76,6 +78,8 @@ impl Default for RawServer {
             shutdown_grace_secs: 10,
             max_connections: 10_000,
             header_read_timeout_ms: 5000,
+            body_read_timeout_ms: 10_000,
+            max_invalidate_accounts: 1000,
             auth_tokens: Vec::new(),
             allow_unauthenticated: false,
             protect_metrics: false,
@@ -125,6 +129,7 @@ pub struct RawCache {
     pub ttl_secs: u64,
     pub max_bytes: u64,
     pub stale_if_error_secs: u64,
+    pub max_pages_per_account: u64,
 }
 
 impl Default for RawCache {
@@ -133,6 +138,7 @@ impl Default for RawCache {
             ttl_secs: 10,
             max_bytes: 64 * 1024 * 1024,
             stale_if_error_secs: 300,
+            max_pages_per_account: 64,
         }
     }
 }

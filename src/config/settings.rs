@@ -76,6 +76,12 @@ pub struct ServerSettings {
     /// long an idle keep-alive connection is kept.
     #[serde(with = "millis", rename = "header_read_timeout_ms")]
     pub header_read_timeout: Duration,
+    /// Deadline for a request's whole body once its head has arrived; past it the
+    /// caller gets 408 and the connection is closed.
+    #[serde(with = "millis", rename = "body_read_timeout_ms")]
+    pub body_read_timeout: Duration,
+    /// Most accounts one invalidation request may name.
+    pub max_invalidate_accounts: usize,
     /// Bearer tokens callers must present on `/v4/*` and `/admin/*` (none: no auth).
     pub auth_tokens: Vec<Secret>,
     /// Allows a non-loopback `listen` without tokens.
@@ -119,8 +125,10 @@ pub struct ChatSettings {
 /// `[cache]` (fixed part)
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheSettings {
-    /// Capacity of the page cache, in bytes of stored bodies and keys.
+    /// Capacity of the page cache, in bytes, weighed at what entries really cost.
     pub max_bytes: u64,
+    /// Pages one account may hold; past it the account's oldest page goes.
+    pub max_pages_per_account: usize,
 }
 
 /// The settings that may change while the gateway runs (hot reload).
@@ -231,6 +239,14 @@ impl Settings {
                 "server.header_read_timeout_ms",
                 s.header_read_timeout_ms,
             )?),
+            body_read_timeout: Duration::from_millis(positive(
+                "server.body_read_timeout_ms",
+                s.body_read_timeout_ms,
+            )?),
+            max_invalidate_accounts: positive(
+                "server.max_invalidate_accounts",
+                s.max_invalidate_accounts,
+            )? as usize,
             auth_tokens: s.auth_tokens,
             allow_unauthenticated: s.allow_unauthenticated,
             protect_metrics: s.protect_metrics,
@@ -371,6 +387,15 @@ impl Settings {
 
         let cache = CacheSettings {
             max_bytes: positive("cache.max_bytes", raw.cache.max_bytes)?,
+            max_pages_per_account: match raw.cache.max_pages_per_account {
+                n @ 1..=4096 => n as usize,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "cache.max_pages_per_account",
+                        "must be 1 to 4096",
+                    ))
+                }
+            },
         };
         let r = raw.retry;
         let max_attempts = positive("retry.max_attempts", r.max_attempts)?;

@@ -69,11 +69,7 @@ impl Log {
 
     /// Grants the earliest slot at or after `now`, if it is within `max_wait`.
     fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Duration, Throttled> {
-        while self
-            .admitted
-            .front()
-            .is_some_and(|t| *t + WINDOW <= now)
-        {
+        while self.admitted.front().is_some_and(|t| *t + WINDOW <= now) {
             self.admitted.pop_front();
         }
         let mut slot = now;
@@ -190,7 +186,10 @@ mod tests {
     fn assert_window(slots: &[Instant], limit: usize) {
         for (i, a) in slots.iter().enumerate() {
             let within = slots[i..].iter().take_while(|b| **b < *a + WINDOW).count();
-            assert!(within <= limit, "{within} slots in one second (limit {limit})");
+            assert!(
+                within <= limit,
+                "{within} slots in one second (limit {limit})"
+            );
         }
     }
 
@@ -219,7 +218,10 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(log.reserve(much_later, Duration::ZERO), Ok(Duration::ZERO));
         }
-        assert!(log.admitted.len() <= 5, "the log never holds more than the limit");
+        assert!(
+            log.admitted.len() <= 5,
+            "the log never holds more than the limit"
+        );
     }
 
     #[test]
