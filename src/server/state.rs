@@ -74,6 +74,8 @@ impl AppState {
     /// Builds the state from validated settings.
     pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
         let metrics = crate::metrics::install();
+        // Redis is not configurable yet: redis_enabled stays 0.
+        crate::metrics::set_static(settings.cache.max_bytes, false);
         let live = Arc::new(ArcSwap::from_pointee(settings.live.clone()));
         let upstream = Arc::new(Upstream::new(&settings, live.clone())?);
         let store: Arc<dyn PageCache> = Arc::new(PageStore::new(
