@@ -223,6 +223,11 @@ impl GatewayError {
         ) {
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if let GatewayError::RateLimited(wait) = self {
+            // Whole seconds, rounded up (never 0: "retry at once" is not what we mean).
+            let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if let GatewayError::Unauthorized = self {
             h.insert(
                 http::header::WWW_AUTHENTICATE,

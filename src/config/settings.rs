@@ -467,12 +467,7 @@ impl Settings {
                 ))
             }
         };
-        if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
-            return Err(ConfigError::invalid(
-                "log.level",
-                format!("{:?} is not a level or filter directive", raw.log.level),
-            ));
-        }
+        validate_log_level(&raw.log.level).map_err(|why| ConfigError::invalid("log.level", why))?;
         Ok(Settings {
             server,
             chat,
@@ -502,6 +497,31 @@ impl Settings {
     pub fn to_redacted_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into())
     }
+}
+
+/// Log levels a `log.level` directive may end in.
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks `log.level`: comma-separated directives, each a level (`info`) or
+/// `target=level` (`chat_gateway=debug`, `hyper=warn`), as tracing's `EnvFilter`
+/// reads them. A bare word that is not a level (`verbose`) would be read as a target
+/// name and silence everything else, so it is refused.
+pub fn validate_log_level(level: &str) -> Result<(), String> {
+    let shape = format!(
+        "{level:?} is not a level ({}) or comma-separated target=level directives",
+        LEVELS.join(", ")
+    );
+    if level.trim().is_empty() {
+        return Err(shape);
+    }
+    for d in level.split(',').map(str::trim) {
+        let lvl = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !LEVELS.contains(&lvl.to_ascii_lowercase().as_str()) {
+            return Err(shape);
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|_| shape)?;
+    Ok(())
 }
 
 /// Checks command names (`service/command`) or, with `wildcards`, patterns
