@@ -61,8 +61,14 @@ fn metadata() -> Value {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
     let mut cmd = Command::new(&cargo);
-    cmd.args(["metadata", "--locked", "--format-version", "1", "--manifest-path"])
-        .arg(&manifest);
+    cmd.args([
+        "metadata",
+        "--locked",
+        "--format-version",
+        "1",
+        "--manifest-path",
+    ])
+    .arg(&manifest);
     for p in PLATFORMS {
         cmd.args(["--filter-platform", p]);
     }
@@ -113,10 +119,11 @@ fn rust_version_covers_every_locked_dependency() {
         }
         resolved += 1;
         if let Some(v) = p["rust_version"].as_str() {
-            needs
-                .entry(parse_version(v))
-                .or_default()
-                .push(format!("{} {}", p["name"].as_str().unwrap(), p["version"].as_str().unwrap()));
+            needs.entry(parse_version(v)).or_default().push(format!(
+                "{} {}",
+                p["name"].as_str().unwrap(),
+                p["version"].as_str().unwrap()
+            ));
         }
     }
     assert!(
@@ -130,7 +137,10 @@ fn rust_version_covers_every_locked_dependency() {
     let too_new: Vec<String> = needs
         .range((declared.0, declared.1, declared.2 + 1)..)
         .rev()
-        .flat_map(|(v, pkgs)| pkgs.iter().map(move |p| format!("  {p} needs {}", show(*v))))
+        .flat_map(|(v, pkgs)| {
+            pkgs.iter()
+                .map(move |p| format!("  {p} needs {}", show(*v)))
+        })
         .collect();
     assert!(
         too_new.is_empty(),
