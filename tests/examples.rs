@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -330,7 +330,9 @@ async fn check_example(lang: Lang) {
         if std::env::var_os("CHAT_GATEWAY_EXAMPLES_REQUIRED").is_some_and(|v| v == "1") {
             panic!("{}: {why}", lang.example().display());
         }
-        eprintln!(
+        // Straight to stderr: libtest would hide eprintln! output of a passing test.
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED {}: {why} (set CHAT_GATEWAY_EXAMPLES_REQUIRED=1 to fail instead)",
             lang.example().display()
         );
