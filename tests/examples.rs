@@ -10,7 +10,7 @@
 //! HTTP 429 answers and still print the whole list; without the token it must report
 //! the 401 and exit 1.
 //!
-//! A missing runtime (`python3`, `node` >= 18, `java` >= 17) skips that language with
+//! A missing runtime (`python3`, `node` >= 20, `java` >= 17) skips that language with
 //! a notice on stderr; with `CHAT_GATEWAY_EXAMPLES_REQUIRED=1` it fails instead.
 
 mod common;
@@ -272,7 +272,7 @@ impl Lang {
     fn missing(self) -> Option<String> {
         let (flag, min) = match self {
             Lang::Python => ("--version", 3),
-            Lang::Node => ("--version", 18), // the built-in fetch
+            Lang::Node => ("--version", 20), // the built-in fetch, as documented
             Lang::Java => ("-version", 17),  // single-file launch, pattern matching
         };
         let out = match Command::new(self.program()).arg(flag).output() {
