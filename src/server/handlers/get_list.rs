@@ -10,7 +10,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde::Deserialize;
 use tracing::Instrument;
 
 use crate::cache::coalesce::Role;
@@ -167,7 +166,7 @@ async fn fetch(
             now,
             fresh_until,
             fresh_until + live.stale_if_error,
-            group_ids(&body),
+            crate::cache::groups::group_keys(&body),
         );
         // Answer with the stored copy: the buffer Chat's answer was read into is
         // freed as soon as this request is done.
@@ -180,31 +179,6 @@ async fn fetch(
         cached,
         upstream_failed,
     }))
-}
-
-/// The GroupIds a page lists.
-fn group_ids(body: &[u8]) -> Box<[Arc<str>]> {
-    #[derive(Deserialize)]
-    struct PageDoc<'a> {
-        #[serde(rename = "SessionItem", borrow, default)]
-        items: Vec<Item<'a>>,
-    }
-    #[derive(Deserialize)]
-    struct Item<'a> {
-        #[serde(rename = "GroupId", borrow, default)]
-        group: Option<std::borrow::Cow<'a, str>>,
-    }
-    let Ok(doc) = serde_json::from_slice::<PageDoc<'_>>(body) else {
-        return Box::new([]);
-    };
-    let mut groups: Vec<Arc<str>> = doc
-        .items
-        .into_iter()
-        .filter_map(|i| i.group.map(|g| Arc::from(&*g)))
-        .collect();
-    groups.sort();
-    groups.dedup();
-    groups.into_boxed_slice()
 }
 
 fn wants_no_cache(headers: &http::HeaderMap) -> bool {
