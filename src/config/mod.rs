@@ -9,6 +9,7 @@
 pub mod raw;
 pub mod reload;
 pub mod secret;
+pub mod secrets;
 pub mod settings;
 
 use std::path::Path;

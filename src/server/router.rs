@@ -1,4 +1,9 @@
-//! Routing: one match on method and path, a request id and a span per request.
+//! Routing: one match on method and path per listener, a request id, a span and
+//! (with `log.access`) an access-log line per request.
+//!
+//! Each listener serves its own routes: the main one everything; the admin one
+//! (`server.admin_listen`) only the probes and `/metrics`; the callback one
+//! (`server.callback_listen`) only `POST /callback`. Anything else there is 404.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,6 +12,7 @@ use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use super::access::RequestLine;
 use super::auth;
 use super::handlers;
 use super::response::{Body, X_REQUEST_ID};
@@ -51,13 +57,41 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// The listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `server.listen`: every route.
+    Main,
+    /// `server.admin_listen`: `/healthz`, `/readyz`, `/metrics`.
+    Admin,
+    /// `server.callback_listen`: `POST /callback`.
+    Callback,
+}
+
+impl Listener {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Main => "main",
+            Listener::Admin => "admin",
+            Listener::Callback => "callback",
+        }
+    }
+}
+
 /// Routes one request. Never fails: every failure is a response.
 pub async fn route(
     state: Arc<AppState>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    listener: Listener,
 ) -> Response<Body> {
     let rid = request_id(&req);
+    let access = state
+        .settings
+        .log
+        .access
+        .then(|| RequestLine::new(&req, peer, listener.as_str()));
     let id = rid.to_str().unwrap_or("");
     // The get_list route's span is at debug level: a cache hit logs nothing, and an
     // enabled span costs a formatted allocation per request on the hot path. Its miss
@@ -69,7 +103,11 @@ pub async fn route(
     };
     // get_list counts its own outcomes (hit, miss, ...) with pre-resolved handles.
     let route = route_label(req.uri().path());
-    let mut resp = dispatch(state, req, peer, &rid).instrument(span).await;
+    let mut resp = match listener {
+        Listener::Main => dispatch(state, req, peer, &rid).instrument(span).await,
+        Listener::Admin => dispatch_admin(&state, &req),
+        Listener::Callback => dispatch_callback(state, req).instrument(span).await,
+    };
     if let Some(route) = route {
         let outcome = if resp.status().is_success() {
             "ok"
@@ -78,8 +116,34 @@ pub async fn route(
         };
         crate::metrics::request(route, outcome);
     }
+    if let Some(line) = access {
+        line.write(&resp, &rid);
+    }
     resp.headers_mut().insert(X_REQUEST_ID, rid);
     resp
+}
+
+/// The admin listener: the probes and `/metrics`, open to anyone who reaches it.
+fn dispatch_admin(state: &AppState, req: &Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => handlers::health::healthz(),
+        (&Method::GET, "/readyz") => handlers::health::readyz(state),
+        (&Method::GET, "/metrics") => handlers::metrics::render(state),
+        (_, "/healthz" | "/readyz" | "/metrics") => GatewayError::MethodNotAllowed("GET").respond(),
+        (_, path) => GatewayError::NotFound(path.to_string()).respond(),
+    }
+}
+
+/// The callback listener: `POST /callback`, with its own body limits.
+async fn dispatch_callback(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/callback") => {
+            let limits = state.callback_body_limits();
+            handlers::callback::handle(state, req, limits).await
+        }
+        (_, "/callback") => GatewayError::MethodNotAllowed("POST").respond(),
+        (_, path) => GatewayError::NotFound(path.to_string()).respond(),
+    }
 }
 
 async fn dispatch(
@@ -91,9 +155,9 @@ async fn dispatch(
     let path = req.uri().path();
     let method = req.method();
     let server = &state.settings.server;
-    if !server.auth_tokens.is_empty()
+    if state.auth_required
         && !auth::is_open(path, server.protect_metrics)
-        && !auth::authorized(&server.auth_tokens, req.headers())
+        && !auth::authorized(&state.secrets.auth_tokens.load(), req.headers())
     {
         // Never log the header: it may hold a real token with a typo.
         tracing::debug!(%peer, "caller not authorized");
@@ -116,7 +180,10 @@ async fn dispatch(
         (_, "/quitquitquit") => GatewayError::MethodNotAllowed("POST").respond(),
         (&Method::POST, "/admin/cache/invalidate") => handlers::admin::invalidate(state, req).await,
         (_, "/admin/cache/invalidate") => GatewayError::MethodNotAllowed("POST").respond(),
-        (&Method::POST, "/callback") => handlers::callback::handle(state, req).await,
+        (&Method::POST, "/callback") => {
+            let limits = state.body_limits();
+            handlers::callback::handle(state, req, limits).await
+        }
         (_, "/callback") => GatewayError::MethodNotAllowed("POST").respond(),
         _ => match commands::command_of_path(path) {
             Some(command) if method == Method::POST => {

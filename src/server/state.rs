@@ -12,8 +12,10 @@ use crate::cache::key::PageKey;
 use crate::cache::store::PageStore;
 use crate::cache::PageCache;
 use crate::chat::commands::{self, CommandClass};
+use crate::config::secrets::LiveSecrets;
 use crate::config::{LiveSettings, Settings};
 use crate::metrics::GetListCounters;
+use crate::server::body::BodyLimits;
 use crate::server::handlers::get_list::FetchResult;
 use crate::upstream::Upstream;
 
@@ -37,6 +39,13 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Notified by `POST /quitquitquit` to start the graceful shutdown.
     pub quit: Arc<Notify>,
+    /// The secrets that may change while the gateway runs (key, callback token,
+    /// caller tokens).
+    pub secrets: Arc<LiveSecrets>,
+    /// Whether callers must present a token (`server.auth_tokens` or
+    /// `server.auth_tokens_file` set); fixed at start-up, so the hot path reads a
+    /// bool.
+    pub auth_required: bool,
 }
 
 impl AppState {
@@ -59,16 +68,44 @@ impl AppState {
         !r.deny.iter().any(matches) && (r.allow.is_empty() || r.allow.iter().any(matches))
     }
 
-    /// Reads a request body within `server.max_body_bytes` and
+    /// The main listener's body limits: `server.max_body_bytes` and
     /// `server.body_read_timeout_ms`.
+    pub fn body_limits(&self) -> BodyLimits {
+        let s = &self.settings.server;
+        BodyLimits {
+            max_bytes: s.max_body_bytes,
+            timeout: s.body_read_timeout,
+        }
+    }
+
+    /// The callback listener's body limits: `callback.max_body_bytes` and
+    /// `callback.body_read_timeout_ms`.
+    pub fn callback_body_limits(&self) -> BodyLimits {
+        let c = &self.settings.callback;
+        BodyLimits {
+            max_bytes: c.max_body_bytes,
+            timeout: c.body_read_timeout,
+        }
+    }
+
+    /// Reads a request body within the main listener's limits.
     pub async fn read_body(
         &self,
         headers: &http::HeaderMap,
         body: hyper::body::Incoming,
     ) -> Result<bytes::Bytes, crate::error::GatewayError> {
-        let s = &self.settings.server;
-        crate::server::body::read_bounded(headers, body, s.max_body_bytes, s.body_read_timeout)
+        self.read_body_within(headers, body, self.body_limits())
             .await
+    }
+
+    /// Reads a request body within `limits`.
+    pub async fn read_body_within(
+        &self,
+        headers: &http::HeaderMap,
+        body: hyper::body::Incoming,
+        limits: BodyLimits,
+    ) -> Result<bytes::Bytes, crate::error::GatewayError> {
+        crate::server::body::read_bounded(headers, body, limits.max_bytes, limits.timeout).await
     }
 
     /// Builds the state from validated settings.
@@ -78,6 +115,10 @@ impl AppState {
         crate::metrics::set_static(settings.cache.max_bytes, false);
         let live = Arc::new(ArcSwap::from_pointee(settings.live.clone()));
         let upstream = Arc::new(Upstream::new(&settings, live.clone())?);
+        let signer = upstream.signer().clone();
+        let secrets =
+            Arc::new(LiveSecrets::new(&settings).on_key_change(move |k| signer.set_key(k.clone())));
+        let auth_required = !settings.server.auth_tokens.is_empty();
         let store: Arc<dyn PageCache> = Arc::new(PageStore::new(
             settings.cache.max_bytes,
             settings.cache.max_pages_per_account,
@@ -92,6 +133,8 @@ impl AppState {
             counters: GetListCounters::new(),
             metrics,
             quit: Arc::new(Notify::new()),
+            secrets,
+            auth_required,
         }))
     }
 }

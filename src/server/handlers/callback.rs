@@ -21,6 +21,7 @@ use subtle::ConstantTimeEq;
 use crate::cache::invalidate::Source;
 use crate::error::GatewayError;
 use crate::metrics::names;
+use crate::server::body::BodyLimits;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
 use crate::upstream::signer::unix_now;
@@ -87,7 +88,8 @@ fn verify(state: &AppState, q: &CallbackQuery<'_>, now: u64) -> Result<(), &'sta
         Some(_) => return Err("SdkAppid is not ours"),
         None => return Err("SdkAppid missing"),
     }
-    let Some(token) = &state.settings.callback.token else {
+    let token = state.secrets.callback_token.load();
+    let Some(token) = token.as_deref() else {
         return Ok(());
     };
     let (Some(sign), Some(rt)) = (q.sign, q.request_time) else {
@@ -106,7 +108,11 @@ fn verify(state: &AppState, q: &CallbackQuery<'_>, now: u64) -> Result<(), &'sta
 }
 
 /// Handles one callback.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    limits: BodyLimits,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().unwrap_or("");
     let q = parse_query(query);
@@ -115,7 +121,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         counter!(names::CALLBACKS, "outcome" => "rejected").increment(1);
         return GatewayError::CallbackRejected(why).respond();
     }
-    let body = match state.read_body(&parts.headers, body).await {
+    let body = match state.read_body_within(&parts.headers, body, limits).await {
         Ok(b) => b,
         Err(e) => return e.respond(),
     };

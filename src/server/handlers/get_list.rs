@@ -18,8 +18,10 @@ use crate::cache::store::{Lookup, Page};
 use crate::chat::commands::{CommandClass, GET_LIST};
 use crate::chat::envelope::CodeClass;
 use crate::error::GatewayError;
+use crate::server::access::AccessInfo;
 use crate::server::response::{self, age_value, Body, X_CACHE};
 use crate::server::AppState;
+use crate::upstream::CallStats;
 
 const HIT: HeaderValue = HeaderValue::from_static("HIT");
 const MISS: HeaderValue = HeaderValue::from_static("MISS");
@@ -37,6 +39,8 @@ pub struct Fetched {
     pub cached: bool,
     /// Whether Chat failed in a way that makes a stale page preferable.
     pub upstream_failed: bool,
+    /// Chat's `ErrorCode`, when the answer is an envelope.
+    pub code: Option<i64>,
 }
 
 /// The shared result of a fetch, handed to every waiter.
@@ -94,6 +98,9 @@ async fn miss(
     let page_key = parsed.page.clone();
     let upstream_body = parsed.upstream_body();
     let fetch_state = state.clone();
+    // What the fetch spends on Chat; a follower's stays empty (it made no call).
+    let stats = Arc::new(CallStats::default());
+    let fetch_stats = stats.clone();
     let (result, role) = state
         .inflight
         .run(
@@ -101,7 +108,7 @@ async fn miss(
             // The fetch runs as its own task: it carries this request's span, so what
             // it logs has the request id.
             move || {
-                fetch(fetch_state, account, page_key, upstream_body)
+                fetch(fetch_state, account, page_key, upstream_body, fetch_stats)
                     .instrument(tracing::Span::current())
             },
             || {
@@ -115,27 +122,43 @@ async fn miss(
         c.coalesced.increment(1);
     }
 
-    match result {
+    let mut info = AccessInfo {
+        code: None,
+        attempts: stats.attempts(),
+        upstream: stats.upstream_time(),
+    };
+    let mut resp = match result {
         Ok(f) if f.cached => {
             c.req_miss.increment(1);
             c.miss.increment(1);
+            info.code = f.code;
             upstream_answer(&f, if no_cache { BYPASS } else { MISS })
         }
-        Ok(f) if f.upstream_failed && stale.is_some() => serve_stale(&state, stale, "Chat failed"),
+        Ok(f) if f.upstream_failed && stale.is_some() => {
+            info.code = Some(0);
+            serve_stale(&state, stale, "Chat failed")
+        }
         Ok(f) => {
             c.req_bypass.increment(1);
             c.bypass.increment(1);
+            info.code = f.code;
             upstream_answer(&f, BYPASS)
         }
-        Err(e) if stale.is_some() => serve_stale(&state, stale, e.reason()),
+        Err(e) if stale.is_some() => {
+            info.code = Some(0);
+            serve_stale(&state, stale, e.reason())
+        }
         Err(e) => {
             c.req_error.increment(1);
             c.bypass.increment(1);
+            info.code = Some(e.code());
             let mut resp = e.respond();
             resp.headers_mut().insert(X_CACHE, BYPASS);
             resp
         }
-    }
+    };
+    info.attach(&mut resp);
+    resp
 }
 
 /// Runs in its own task: calls Chat and stores a success.
@@ -144,11 +167,12 @@ async fn fetch(
     account: Arc<str>,
     page_key: PageKey,
     body: Bytes,
+    stats: Arc<CallStats>,
 ) -> FetchResult {
     let epoch = state.store.begin_fetch();
     let resp = state
         .upstream
-        .call(GET_LIST, CommandClass::Read, body)
+        .call(GET_LIST, CommandClass::Read, body, &stats)
         .await?;
     let class = resp.chat.map(|s| CodeClass::of(s.code));
     let success = resp.status == StatusCode::OK && resp.chat.is_some_and(|s| s.is_success());
@@ -178,6 +202,7 @@ async fn fetch(
         body,
         cached,
         upstream_failed,
+        code: resp.chat.map(|s| s.code),
     }))
 }
 

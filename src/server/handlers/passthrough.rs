@@ -14,8 +14,10 @@ use serde::Deserialize;
 
 use crate::cache::invalidate::Source;
 use crate::chat::commands::{self, Staleness};
+use crate::server::access::AccessInfo;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
+use crate::upstream::CallStats;
 
 #[derive(Deserialize, Default)]
 struct Accounts<'a> {
@@ -37,7 +39,11 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, command: &str)
     }
     let class = state.command_class(command);
     let staleness = commands::staleness(command);
-    let result = state.upstream.call(command, class, body.clone()).await;
+    let stats = CallStats::default();
+    let result = state
+        .upstream
+        .call(command, class, body.clone(), &stats)
+        .await;
     if staleness != Staleness::None {
         let a: Accounts<'_> = serde_json::from_slice(&body).unwrap_or_default();
         let named = match staleness {
@@ -47,8 +53,18 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, command: &str)
         let names: Vec<&str> = named.iter().flatten().map(|c| c.as_ref()).collect();
         state.invalidator.accounts(Source::WriteThrough, names);
     }
-    match result {
-        Ok(resp) => response::json(resp.status, resp.body),
-        Err(e) => e.respond(),
+    let (mut resp, code) = match result {
+        Ok(r) => {
+            let code = r.chat.map(|s| s.code);
+            (response::json(r.status, r.body), code)
+        }
+        Err(e) => (e.respond(), Some(e.code())),
+    };
+    AccessInfo {
+        code,
+        attempts: stats.attempts(),
+        upstream: stats.upstream_time(),
     }
+    .attach(&mut resp);
+    resp
 }
