@@ -178,7 +178,7 @@ async fn the_callback_port_serves_only_webhooks() {
 }
 
 /// A fake Chat that checks every UserSig against the key it currently holds.
-fn strict_chat(key: Arc<Mutex<String>>) -> Box<dyn FnMut(&Recorded, usize) -> Reply + Send> {
+fn strict_chat(key: Arc<Mutex<String>>) -> Responder {
     Box::new(move |r: &Recorded, _| {
         let k = key.lock().unwrap().clone();
         let now = chat_gateway::upstream::signer::unix_now();
