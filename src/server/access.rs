@@ -62,10 +62,15 @@ pub struct RequestLine {
 }
 
 impl RequestLine {
-    /// Captures what the line needs from a request.
-    pub fn new<B>(req: &http::Request<B>, peer: SocketAddr, listener: &'static str) -> RequestLine {
+    /// Captures what the line needs from a request that arrived at `started`.
+    pub fn new(
+        req: &http::request::Parts,
+        peer: SocketAddr,
+        listener: &'static str,
+        started: Instant,
+    ) -> RequestLine {
         let ua = req
-            .headers()
+            .headers
             .get(http::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
@@ -74,9 +79,9 @@ impl RequestLine {
             None => ua,
         };
         RequestLine {
-            started: Instant::now(),
-            method: req.method().clone(),
-            path: req.uri().path().chars().take(256).collect(),
+            started,
+            method: req.method.clone(),
+            path: req.uri.path().chars().take(256).collect(),
             user_agent: ua.to_string(),
             peer,
             listener,

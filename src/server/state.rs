@@ -88,26 +88,6 @@ impl AppState {
         }
     }
 
-    /// Reads a request body within the main listener's limits.
-    pub async fn read_body(
-        &self,
-        headers: &http::HeaderMap,
-        body: hyper::body::Incoming,
-    ) -> Result<bytes::Bytes, crate::error::GatewayError> {
-        self.read_body_within(headers, body, self.body_limits())
-            .await
-    }
-
-    /// Reads a request body within `limits`.
-    pub async fn read_body_within(
-        &self,
-        headers: &http::HeaderMap,
-        body: hyper::body::Incoming,
-        limits: BodyLimits,
-    ) -> Result<bytes::Bytes, crate::error::GatewayError> {
-        crate::server::body::read_bounded(headers, body, limits.max_bytes, limits.timeout).await
-    }
-
     /// Builds the state from validated settings.
     pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
         let metrics = crate::metrics::install();

@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use metrics::counter;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -22,7 +21,6 @@ use subtle::ConstantTimeEq;
 use crate::cache::invalidate::Source;
 use crate::error::GatewayError;
 use crate::metrics::names;
-use crate::server::body::BodyLimits;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
 use crate::upstream::signer::unix_now;
@@ -52,7 +50,10 @@ impl LogLimit {
     /// `Some(lines held back since the last one)` when this line may be written.
     fn permit(&self) -> Option<u64> {
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START.get_or_init(std::time::Instant::now).elapsed().as_secs();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs();
         let last = self.last.load(Ordering::Relaxed);
         if last != u64::MAX && last >= now {
             self.held.fetch_add(1, Ordering::Relaxed);
@@ -148,11 +149,7 @@ fn verify(state: &AppState, q: &CallbackQuery<'_>, now: u64) -> Result<(), &'sta
 }
 
 /// Handles one callback.
-pub async fn handle(
-    state: Arc<AppState>,
-    req: Request<Incoming>,
-    limits: BodyLimits,
-) -> Response<Body> {
+pub async fn handle(state: Arc<AppState>, req: Request<Bytes>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().unwrap_or("");
     let q = parse_query(query);
@@ -169,10 +166,6 @@ pub async fn handle(
         counter!(names::CALLBACKS, "outcome" => "rejected").increment(1);
         return GatewayError::CallbackRejected(why).respond();
     }
-    let body = match state.read_body_within(&parts.headers, body, limits).await {
-        Ok(b) => b,
-        Err(e) => return e.respond(),
-    };
     let event: Event<'_> = serde_json::from_slice(&body).unwrap_or_default();
     let command = q.command.map(Cow::Borrowed).or(event.command.clone());
     let command = command.as_deref().unwrap_or("");

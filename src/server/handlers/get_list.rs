@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tracing::Instrument;
 
 use crate::cache::coalesce::Role;
@@ -49,15 +48,11 @@ pub type FetchResult = Result<Arc<Fetched>, GatewayError>;
 /// Handles one get_list request.
 pub async fn handle(
     state: Arc<AppState>,
-    req: Request<Incoming>,
+    req: Request<Bytes>,
     request_id: &HeaderValue,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let c = &state.counters;
-    let body = match state.read_body(&parts.headers, body).await {
-        Ok(b) => b,
-        Err(e) => return refuse(&state, e),
-    };
     let parsed = match key::parse(&body) {
         Ok(p) => p,
         Err(e) => return refuse(&state, e),
@@ -247,7 +242,9 @@ fn upstream_answer(f: &Fetched, x_cache: HeaderValue) -> Response<Body> {
     resp
 }
 
-fn refuse(state: &AppState, e: GatewayError) -> Response<Body> {
+/// Answers a get_list request the gateway refuses itself (its body could not be
+/// read, or is invalid).
+pub fn refuse(state: &AppState, e: GatewayError) -> Response<Body> {
     tracing::debug!(error = %e, "get_list request refused");
     state.counters.req_error.increment(1);
     state.counters.bypass.increment(1);

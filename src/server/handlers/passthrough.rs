@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::cache::invalidate::Source;
@@ -28,12 +27,8 @@ struct Accounts<'a> {
 }
 
 /// Forwards one command.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, command: &str) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let mut body = match state.read_body(&parts.headers, body).await {
-        Ok(b) => b,
-        Err(e) => return e.respond(),
-    };
+pub async fn handle(state: Arc<AppState>, req: Request<Bytes>, command: &str) -> Response<Body> {
+    let mut body = req.into_body();
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         body = Bytes::from_static(b"{}");
     }
