@@ -382,10 +382,7 @@ impl Connection<'_> {
             // Only the access log reads when a request started (and the hit path runs
             // only without it).
             let started = self.front.state.settings.log.access.then(Instant::now);
-            {
-                let path = std::str::from_utf8(&self.buf[head.path.clone()]).unwrap_or("");
-                self.conn.admit(path).await;
-            }
+            self.conn.admit(&self.buf[head.path.clone()]).await;
             // The body.
             let body_end = head.len + head.content_length;
             let body = if head.content_length > self.front.limits.max_bytes {

@@ -106,7 +106,7 @@ pub async fn run(
             max_connections: s.max_connections,
             reserve: Some(listener::Reserve {
                 connections: HEALTH_RESERVE,
-                admits: |path| matches!(path, "/healthz" | "/readyz"),
+                admits: |path| matches!(path, b"/healthz" | b"/readyz"),
             }),
             gauge: Some("main"),
             header_read_timeout: s.header_read_timeout,
