@@ -38,7 +38,9 @@
 #   K (100000)          working-set: accounts cached (at most 200000, the emulator's cap)
 #   FILL_CONNECTIONS (8) working-set: wrk threads/connections filling each cache
 #   SAMPLE (200)        working-set: random accounts checked for HITs after the rounds
-#   NGX_OPEN_FILES      working-set: nginx open_file_cache size (K + 1000)
+#   NGX_OPEN_FILES      working-set: nginx open_file_cache size (K + 1000, capped
+#                       below the open-files hard limit, `ulimit -Hn`)
+#   FILL_TIMEOUT (300)  working-set: seconds one fill pass may take
 #   ROUNDS (3)          measured rounds per server
 #   DURATION (10s)      wrk duration of one round
 #   WARMUP (3s)         wrk warm-up per server before the rounds (not measured)
@@ -95,8 +97,19 @@ else
     ((FILL_CONNECTIONS >= 1 && FILL_CONNECTIONS <= K)) || die "FILL_CONNECTIONS=$FILL_CONNECTIONS: must be 1 to K"
     SAMPLE=${SAMPLE:-200}
     # nginx keeps about 8000 keys per MB of keys_zone; files are a page plus ~600
-    # bytes of header and key each.
-    NGX_SIZES=("$((K / 4000 + 16))m" 16g "${NGX_OPEN_FILES:-$((K + 1000))}")
+    # bytes of header and key each. open_file_cache holds a descriptor per cached
+    # file, all K when the open-files limit allows (nginx can raise its soft limit
+    # up to the hard one, not beyond without CAP_SYS_RESOURCE); past it nginx
+    # opens and closes the other files per request.
+    NOFILE_HARD=$(ulimit -Hn)
+    [[ "$NOFILE_HARD" == unlimited ]] && NOFILE_HARD=1048576
+    NGX_OPEN_FILES=${NGX_OPEN_FILES:-$((K + 1000))}
+    if ((NGX_OPEN_FILES > NOFILE_HARD - 2048)); then
+        NGX_OPEN_FILES=$((NOFILE_HARD - 2048))
+        log "warning: nginx's open_file_cache capped at $NGX_OPEN_FILES descriptors by the open-files limit ($NOFILE_HARD) for $K files"
+        NGX_CAPPED=" (capped by the open-files hard limit $NOFILE_HARD: nginx opens the other cache files per request)"
+    fi
+    NGX_SIZES=("$((K / 4000 + 16))m" 16g "$NGX_OPEN_FILES")
     GW_EXTRA=$'[cache]\nttl_secs = 3600\nmax_bytes = 8589934592\n\n[ratelimit]\nper_command_per_sec = 1000000'
     GW_DESC="cache.ttl_secs 3600, cache.max_bytes 8 GiB, ratelimit.per_command_per_sec 1000000"
 fi
@@ -192,7 +205,7 @@ EOF
         local out="$TMP/fill-$1-$2.txt" marks="$TMP/fill-$1-$2.marks" got rc=0 start
         start=$(date +%s.%N)
         mkdir -p "$marks"
-        taskset -c "$CLIENT_CPU" wrk -t"$FILL_CONNECTIONS" -c"$FILL_CONNECTIONS" -d"${FILL_TIMEOUT:-900}s" \
+        taskset -c "$CLIENT_CPU" wrk -t"$FILL_CONNECTIONS" -c"$FILL_CONNECTIONS" -d"${FILL_TIMEOUT:-300}s" \
             -s "$FILL_LUA" "$3" -- "$marks" >"$out" 2>&1 &
         WRK_PID=$!
         while (($(find "$marks" -type f | wc -l) < FILL_CONNECTIONS)) && kill -0 "$WRK_PID" 2>/dev/null; do
@@ -355,7 +368,7 @@ fi
     echo "gateway: TOKIO_WORKER_THREADS=1, log warn, $GW_DESC;" \
         "answers $AVG_GW bytes on average; RSS $((GW_RSS / 1024)) MB after the rounds"
     echo "nginx: worker_processes 1, proxy_cache keyed on \$request_body (keys_zone ${NGX_SIZES[0]}," \
-        "max_size ${NGX_SIZES[1]}, open_file_cache max=${NGX_SIZES[2]}), access_log off, sendfile off," \
+        "max_size ${NGX_SIZES[1]}, open_file_cache max=${NGX_SIZES[2]}${NGX_CAPPED:-}), access_log off, sendfile off," \
         "keepalive both sides; answers $AVG_NGX bytes on average; RSS $((NGX_RSS / 1024)) MB," \
         "cache files $NGX_CACHE_MB MB (tmpfs)"
     [[ "$MODE" == hit ]] || echo "$FILLED"

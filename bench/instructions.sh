@@ -232,8 +232,10 @@ for s in gateway nginx-proxy nginx-static bare; do
             echo "# inclusive (a function and what it calls):"
             callgrind_annotate --auto=no --inclusive=yes --threshold=99 "${ANNOTATE[$s]}" 2>&1 | head -120
             echo
-            echo "# self (instructions in the function itself):"
-            callgrind_annotate --auto=no --threshold=99 "${ANNOTATE[$s]}" 2>&1 | sed -n '/file:function/,$p' | head -80
+            echo "# self (instructions in the function itself; the thread's outermost frames,"
+            echo "# shown first at 100%, are an artifact of zeroing the counters mid-run):"
+            callgrind_annotate --auto=no --inclusive=no --threshold=100 "${ANNOTATE[$s]}" 2>&1 \
+                | sed -n '/file:function/,$p' | head -80
         } >"$BASE-$s.annotate.txt"
     fi
 done

@@ -248,6 +248,12 @@ start_gateway() {
 # render_nginx KEYS_ZONE MAX_SIZE OPEN_FILES: NGX_PORT, NGX, $TMP/nginx/nginx.conf
 # from NGINX_TMPL (bench/nginx/nginx.conf.tmpl). Extra server blocks may be put
 # in $TMP/nginx/conf.d/*.conf.
+nofile() { # OPEN_FILES -> worker_rlimit_nofile: room for them and 4096 more, within the hard limit
+    local hard want=$(($1 + 4096))
+    hard=$(ulimit -Hn)
+    [[ "$hard" == unlimited ]] || ((want <= hard)) || want=$hard
+    echo "$want"
+}
 render_nginx() {
     free_port NGX_PORT
     NGX="http://127.0.0.1:$NGX_PORT"
@@ -260,7 +266,7 @@ render_nginx() {
         -e "s|@KEYS_ZONE@|$1|g" \
         -e "s|@MAX_SIZE@|$2|g" \
         -e "s|@OPEN_FILES@|$3|g" \
-        -e "s|@NOFILE@|$(($3 + 4096))|g" \
+        -e "s|@NOFILE@|$(nofile "$3")|g" \
         "${NGINX_TMPL:-$ROOT/bench/nginx/nginx.conf.tmpl}" >"$TMP/nginx/nginx.conf"
 }
 
