@@ -398,10 +398,13 @@ other_pct() {
 # measured_round NAME URL DURATION OUTFILE LUA [WRK ARGS...]: one round after the
 # machine is quiet, repeated while other work took more than QUIET_PCT of the
 # CPUs (up to ROUND_TRIES); sets bg (before) and other (during, ! when kept anyway).
+# BEFORE_TRY, when set, names a function called right before each try's wrk.
+BEFORE_TRY=""
 measured_round() {
     local try o0 o1 b0 b1 t0 t1
     for ((try = 1; ; try++)); do
         wait_quiet
+        [[ -z "$BEFORE_TRY" ]] || "$BEFORE_TRY"
         o0=$(our_ticks)
         read -r b0 t0 < <(machine_ticks)
         run_wrk "$@"

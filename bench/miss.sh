@@ -94,6 +94,7 @@ for s in gateway emulator; do
     run_wrk "$s" "${URL[$s]}" "$WARMUP" "$TMP/warmup-$s.txt" "$TMP/$s.lua" -t1 -c1
 done
 
+count_calls_before() { c0=$(emulator_calls); }
 us() { awk -v m="$1" 'BEGIN { printf "%.0f", m * 1000 }'; } # ms -> µs
 curl -fsS -X POST "$EMU/__emulator/reset-stats" >/dev/null
 ROWS=""
@@ -101,7 +102,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for s in gateway emulator; do
         out="$TMP/round-$r-$s.txt"
         log "round $r/$ROUNDS: $s for $DURATION"
-        c0=$(emulator_calls)
+        BEFORE_TRY=count_calls_before
         measured_round "$s" "${URL[$s]}" "$DURATION" "$out" "$TMP/$s.lua" -t1 -c1
         c1=$(emulator_calls)
         n=$(requests_of "$out")
@@ -131,7 +132,8 @@ diff_us() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f µs", a - b }'; }
 OUT=$(out_file miss)
 {
     report_head "bench/miss.sh: the miss path, chat-gateway (Cache-Control: no-cache) vs the emulator directly"
-    wrk -v 2>&1 | head -1 | awk '{print $1, $2}'
+    # (wrk -v exits 1)
+    printf '%s\n' "$(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
     echo "wrk -t1 -c1 -d$DURATION --latency on CPU $CLIENT_CPU; gateway and emulator on CPU $SERVER_CPU;" \
         "$ROUNDS rounds each, alternating, after a $WARMUP warm-up"
     echo "request: get_list of user_$(printf %04d "$ACCOUNT")'s first page; answers: gateway $GW_LEN bytes, emulator $EMU_LEN bytes"
