@@ -143,7 +143,7 @@ measure() {
     PER_REQ[$name]=$(awk -v a="$t1" -v b="$t2" -v n1="$N1" -v n2="$N2" 'BEGIN { printf "%.0f", (b - a) / (n2 - n1) }')
     BATCH1[$name]=$(awk -v a="$t1" -v n="$N1" 'BEGIN { printf "%.0f", a / n }')
     BATCH2[$name]=$(awk -v a="$t2" -v n="$N2" 'BEGIN { printf "%.0f", a / n }')
-    THREADS[$name]=$(awk -v n1="$N1" -v n2="$N2" 'NR == FNR { a[$1] = $2; next } { printf "%s%d:%.0f", sep, $1, ($2 - a[$1]) / (n2 - n1); sep = " " }' \
+    THREADS[$name]=$(awk -v n1="$N1" -v n2="$N2" 'NR == FNR { a[$1] = $2; next } { v = sprintf("%.0f", ($2 - a[$1]) / (n2 - n1)) + 0; printf "%s%d:%d", sep, $1, v; sep = " " }' \
         "$TMP/cg/$name-b1.txt" "$TMP/cg/$name-b2.txt")
     # The busiest thread's file of the larger batch, for callgrind_annotate.
     local busiest
@@ -227,15 +227,17 @@ OUT=$(out_file instructions)
 BASE=${OUT%.txt}
 for s in gateway nginx-proxy nginx-static bare; do
     if [[ -n "${ANNOTATE[$s]:-}" ]]; then
+        # Whole listings into files first: head closing a pipe would stop the script.
+        callgrind_annotate --auto=no --inclusive=yes --threshold=99 "${ANNOTATE[$s]}" >"$TMP/incl.txt" 2>&1 || true
+        callgrind_annotate --auto=no --inclusive=no --threshold=100 "${ANNOTATE[$s]}" >"$TMP/self.txt" 2>&1 || true
         {
             echo "# $s: callgrind_annotate of its busiest thread over the N2=$N2 batch (divide by $N2 for per request)"
             echo "# inclusive (a function and what it calls):"
-            callgrind_annotate --auto=no --inclusive=yes --threshold=99 "${ANNOTATE[$s]}" 2>&1 | head -120
+            sed -n '1,120p' "$TMP/incl.txt"
             echo
             echo "# self (instructions in the function itself; the thread's outermost frames,"
             echo "# shown first at 100%, are an artifact of zeroing the counters mid-run):"
-            callgrind_annotate --auto=no --inclusive=no --threshold=100 "${ANNOTATE[$s]}" 2>&1 \
-                | sed -n '/file:function/,$p' | head -80
+            sed -n '/file:function/,$p' "$TMP/self.txt" | sed -n '1,80p'
         } >"$BASE-$s.annotate.txt"
     fi
 done
