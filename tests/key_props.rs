@@ -178,7 +178,8 @@ proptest! {
     #[test]
     fn common_bodies_take_the_fast_path(
         account in "[a-z_0-9]{1,32}",
-        nums in prop::collection::vec(prop::option::of(any::<u64>()), 5),
+        // The scanner takes cursors of up to 19 digits (larger ones go the general way).
+        nums in prop::collection::vec(prop::option::of(0..10_000_000_000_000_000_000u64), 5),
         w in ws(),
     ) {
         let names = ["TimeStamp", "StartIndex", "TopTimeStamp", "TopStartIndex", "AssistFlags"];

@@ -186,53 +186,72 @@ pub fn parse_general(body: &[u8]) -> Result<GetListRequest<'_>, GatewayError> {
 }
 
 /// The fast scanner: a body that is one object of only the six known fields (each at
-/// most once, names and `From_Account` without escapes, cursors as plain integers or
-/// null, JSON whitespace anywhere), checked exactly as the general parser checks it.
-/// Returns `None` (never an error) for anything else, so that the general parser
-/// decides.
+/// most once, names and `From_Account` without escapes, cursors as plain integers of
+/// at most 19 digits or null, JSON whitespace anywhere), checked exactly as the
+/// general parser checks it. Returns `None` (never an error) for anything else, so
+/// that the general parser decides.
 pub fn fast(body: &[u8]) -> Option<GetListRequest<'_>> {
-    let mut s = Scanner { b: body, i: 0 };
-    s.ws();
-    s.eat(b'{')?;
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(body, i + 1);
     let mut account: Option<&str> = None;
     let mut nums: [Option<u64>; 5] = [None; 5];
     let mut seen = [false; 5];
-    s.ws();
-    if s.peek()? == b'}' {
-        return None; // `{}`: From_Account is missing; the general parser says so.
-    }
     loop {
-        s.ws();
-        let name = s.plain_string()?;
-        s.ws();
-        s.eat(b':')?;
-        s.ws();
-        if name == b"From_Account" {
-            if account.is_some() {
-                return None;
+        let (name, j) = plain_string(body, i)?;
+        i = skip_ws(body, j);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(body, i + 1);
+        // Told apart by length and first byte, then compared once.
+        let known: &[u8] = match (name.len(), name.first()) {
+            (12, Some(b'F')) => b"From_Account",
+            (9, _) => b"TimeStamp",
+            (10, _) => b"StartIndex",
+            (12, _) => b"TopTimeStamp",
+            (13, _) => b"TopStartIndex",
+            (11, _) => b"AssistFlags",
+            _ => return None,
+        };
+        if name != known {
+            return None;
+        }
+        let slot = match name.len() {
+            12 if name[0] == b'F' => {
+                let (a, j) = plain_string(body, i)?;
+                if account.is_some() || a.is_empty() || a.len() > MAX_ACCOUNT_BYTES {
+                    return None;
+                }
+                account = Some(std::str::from_utf8(a).ok()?);
+                i = j;
+                None
             }
-            let a = s.plain_string()?;
-            if a.is_empty() || a.len() > MAX_ACCOUNT_BYTES {
-                return None;
-            }
-            account = Some(std::str::from_utf8(a).ok()?);
-        } else {
-            let slot = NUMERIC_FIELDS.iter().position(|f| f.as_bytes() == name)?;
+            9 => Some(0),
+            10 => Some(1),
+            12 => Some(2),
+            13 => Some(3),
+            _ => Some(4),
+        };
+        if let Some(slot) = slot {
             if seen[slot] {
                 return None;
             }
             seen[slot] = true;
-            nums[slot] = s.cursor()?;
+            let (v, j) = cursor(body, i)?;
+            nums[slot] = v;
+            i = j;
         }
-        s.ws();
-        match s.next()? {
-            b',' => continue,
-            b'}' => break,
+        i = skip_ws(body, i);
+        match body.get(i) {
+            Some(b',') => i = skip_ws(body, i + 1),
+            Some(b'}') => break,
             _ => return None,
         }
     }
-    s.ws();
-    if s.i != body.len() {
+    if skip_ws(body, i + 1) != body.len() {
         return None;
     }
     Some(GetListRequest {
@@ -241,69 +260,74 @@ pub fn fast(body: &[u8]) -> Option<GetListRequest<'_>> {
     })
 }
 
-/// A cursor over a body for [`fast`].
-struct Scanner<'a> {
-    b: &'a [u8],
-    i: usize,
+/// The index of the first byte at or after `i` that is not JSON whitespace.
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
+        i += 1;
+    }
+    i
 }
 
-impl<'a> Scanner<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
+/// A string at `i` with no escapes and no control characters: its raw bytes and the
+/// index after its closing quote.
+fn plain_string(b: &[u8], i: usize) -> Option<(&[u8], usize)> {
+    if b.get(i) != Some(&b'"') {
+        return None;
     }
+    let rest = b.get(i + 1..)?;
+    let end = first_special(rest)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    Some((&rest[..end], i + 1 + end + 1))
+}
 
-    fn next(&mut self) -> Option<u8> {
-        let c = self.peek()?;
-        self.i += 1;
-        Some(c)
+/// The index of the first `"`, `\` or control character in `s`, eight bytes at a
+/// time (each test flags the lowest matching byte of a word exactly).
+fn first_special(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut chunks = s.chunks_exact(8);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let hits = zero(x ^ (ONES * u64::from(b'"')))
+            | zero(x ^ (ONES * u64::from(b'\\')))
+            | (x.wrapping_sub(ONES * 0x20) & !x & HIGHS);
+        if hits != 0 {
+            return Some(at + hits.trailing_zeros() as usize / 8);
+        }
+        at += 8;
     }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        .map(|p| at + p)
+}
 
-    fn eat(&mut self, c: u8) -> Option<()> {
-        (self.next()? == c).then_some(())
+/// `null` or a non-negative integer in JSON's form, at most 19 digits (so it fits a
+/// u64 without checks), at `i`: the value and the index after it.
+fn cursor(b: &[u8], i: usize) -> Option<(Option<u64>, usize)> {
+    let rest = b.get(i..)?;
+    if rest.starts_with(b"null") {
+        return Some((None, i + 4));
     }
-
-    /// JSON whitespace.
-    fn ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.i += 1;
-        }
+    let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+    // No digits, a leading zero, too many digits, or a fraction/exponent: not ours.
+    if digits == 0 || digits > 19 || (digits > 1 && rest[0] == b'0') {
+        return None;
     }
-
-    /// A string with no escapes and no control characters; its raw bytes.
-    fn plain_string(&mut self) -> Option<&'a [u8]> {
-        self.eat(b'"')?;
-        let start = self.i;
-        loop {
-            match self.next()? {
-                b'"' => return Some(&self.b[start..self.i - 1]),
-                b'\\' | 0..=0x1f => return None,
-                _ => {}
-            }
-        }
+    if matches!(rest.get(digits), Some(b'.' | b'e' | b'E')) {
+        return None;
     }
-
-    /// `null` or a non-negative integer in JSON's form that fits a u64.
-    fn cursor(&mut self) -> Option<Option<u64>> {
-        if self.b[self.i..].starts_with(b"null") {
-            self.i += 4;
-            return Some(None);
-        }
-        let start = self.i;
-        let mut v: u64 = 0;
-        while let Some(c @ b'0'..=b'9') = self.peek() {
-            v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
-            self.i += 1;
-        }
-        let digits = self.i - start;
-        // No digits, a leading zero, or a fraction/exponent: not ours.
-        if digits == 0 || (digits > 1 && self.b[start] == b'0') {
-            return None;
-        }
-        if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
-            return None;
-        }
-        Some(Some(v))
-    }
+    let v = rest[..digits]
+        .iter()
+        .fold(0u64, |v, c| v * 10 + u64::from(c - b'0'));
+    Some((Some(v), i + digits))
 }
 
 /// A string that borrows from the input when it has no escapes.
@@ -791,6 +815,25 @@ mod tests {
         let e = parse(body(MAX_EXTRA_FIELDS + 1).as_bytes()).unwrap_err();
         assert_eq!(e.code(), 50002);
         assert!(e.to_string().contains("at most 256"), "{e}");
+    }
+
+    #[test]
+    fn special_bytes_are_found_wherever_they_are() {
+        for len in 0..40 {
+            for pos in 0..len {
+                for special in [b'"', b'\\', 0x00, 0x1f] {
+                    let mut s = vec![b'a'; len];
+                    // Bytes just past the control range and high bytes must not match.
+                    for (i, c) in s.iter_mut().enumerate() {
+                        *c = [b'a', 0x20, 0x7f, 0xff, b'!', b'#', b'[', b']'][i % 8];
+                    }
+                    s[pos] = special;
+                    assert_eq!(first_special(&s), Some(pos), "{len} {pos} {special}");
+                }
+            }
+            let clean: Vec<u8> = (0..len).map(|i| [b'a', 0x20, 0xff][i % 3]).collect();
+            assert_eq!(first_special(&clean), None);
+        }
     }
 
     #[test]
