@@ -50,7 +50,40 @@ pub mod names {
     pub const SIG_RENEWALS: &str = "chat_gateway_usersig_renewals_total";
     /// Config reloads by `outcome` (applied, unchanged, rejected).
     pub const RELOADS: &str = "chat_gateway_config_reloads_total";
+    /// 1 when `[redis]` is set (the gateway is part of a fleet).
+    pub const REDIS_ENABLED: &str = "chat_gateway_redis_enabled";
+    /// 1 while Redis is usable, 0 while the gateway runs without it.
+    pub const REDIS_UP: &str = "chat_gateway_redis_up";
+    /// Round trip of each Redis operation by `op` (ratelimit, l2_get, l2_put, lock,
+    /// publish, generation, heartbeat), seconds.
+    pub const REDIS_LATENCY: &str = "chat_gateway_redis_latency_seconds";
+    /// Failed Redis operations by `op` and `kind` (timeout, error).
+    pub const REDIS_ERRORS: &str = "chat_gateway_redis_errors_total";
+    /// Rate-limit permits leased from the fleet, by `command`.
+    pub const PERMITS_LEASED: &str = "chat_gateway_ratelimit_permits_leased_total";
+    /// Leased permits a call actually went out on, by `command`.
+    pub const PERMITS_USED: &str = "chat_gateway_ratelimit_permits_used_total";
+    /// L2 (Redis) page lookups by `result` (hit, miss, error).
+    pub const L2_REQUESTS: &str = "chat_gateway_l2_requests_total";
+    /// Invalidation events this gateway published to the fleet.
+    pub const FLEET_INV_SENT: &str = "chat_gateway_fleet_invalidations_sent_total";
+    /// Invalidation events from other gateways applied here.
+    pub const FLEET_INV_RECEIVED: &str = "chat_gateway_fleet_invalidations_received_total";
+    /// Time from an event's publication to its application here, seconds.
+    pub const FLEET_INV_LAG: &str = "chat_gateway_fleet_invalidation_lag_seconds";
+    /// Gateways of the fleet seen alive (heartbeats of the last few seconds).
+    pub const FLEET_GATEWAYS: &str = "chat_gateway_fleet_gateways";
+    /// Misses that waited on another gateway's fetch, by `outcome` (served, timeout).
+    pub const FLEET_COALESCED: &str = "chat_gateway_fleet_coalesced_waits_total";
+    /// In-memory pages dropped because invalidations may have been missed, by
+    /// `reason` (reconnect, gap, restart).
+    pub const FLEET_RESYNCS: &str = "chat_gateway_fleet_resyncs_total";
 }
+
+/// Buckets of the Redis round-trip and invalidation-lag histograms, seconds.
+const FLEET_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 /// The process's Prometheus recorder (installed once; later calls reuse it, so tests
 /// and the demo can start several servers in one process).
@@ -63,6 +96,18 @@ pub fn install() -> PrometheusHandle {
                     metrics_exporter_prometheus::Matcher::Full(names::UPSTREAM_LATENCY.into()),
                     LATENCY_BUCKETS,
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(names::REDIS_LATENCY.into()),
+                        FLEET_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(names::FLEET_INV_LAG.into()),
+                        FLEET_BUCKETS,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

@@ -331,7 +331,7 @@ async fn a_thousand_keep_alive_clients_see_no_errors() {
     let gw = Gateway::start(&config_toml(&fake.url(), &[("cache", "ttl_secs = 600")])).await;
     let gw_nofile = nofile_of(gw.child.id());
     assert!(
-        gw_nofile.map_or(true, |n| n >= CLIENTS as u64 + 100),
+        gw_nofile.is_none_or(|n| n >= CLIENTS as u64 + 100),
         "the gateway's open-files limit {gw_nofile:?} is too low"
     );
     assert_eq!(
@@ -377,8 +377,7 @@ async fn a_thousand_keep_alive_clients_see_no_errors() {
                     .collect()
                     .await
                     .map_err(|e| format!("client {i} request {n}: body: {e}"))?;
-                if parts.status != 200 || parts.headers.get("x-cache").map_or(true, |v| v != "HIT")
-                {
+                if parts.status != 200 || parts.headers.get("x-cache").is_none_or(|v| v != "HIT") {
                     return Err(format!(
                         "client {i} request {n}: {} {:?} {:?}",
                         parts.status,

@@ -18,6 +18,34 @@ pub struct RawConfig {
     pub callback: RawCallback,
     pub routes: RawRoutes,
     pub ratelimit: RawRateLimit,
+    pub redis: RawRedis,
+}
+
+/// `[redis]`: the fleet. Without `url`, the gateway runs alone.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    pub url: Option<Secret>,
+    pub key_prefix: String,
+    pub timeout_ms: u64,
+    pub l2_cache: bool,
+    pub ca_file: Option<PathBuf>,
+    pub lease_ms: u64,
+    pub latency_allowance_ms: u64,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            url: None,
+            key_prefix: "chat-gateway".into(),
+            timeout_ms: 50,
+            l2_cache: true,
+            ca_file: None,
+            lease_ms: 50,
+            latency_allowance_ms: 50,
+        }
+    }
 }
 
 /// `[routes]`

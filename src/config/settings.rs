@@ -29,6 +29,8 @@ pub struct Settings {
     pub routes: RouteSettings,
     /// The per-command rate limit towards Chat.
     pub ratelimit: RateLimitSettings,
+    /// The fleet (`[redis]`), when `redis.url` is set.
+    pub redis: Option<super::redis::RedisSettings>,
 }
 
 /// `[routes]`: command patterns (`service/command`, `service/*` or `*`).
@@ -188,7 +190,7 @@ mod secs {
     }
 }
 
-mod millis {
+pub(crate) mod millis {
     pub fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
         s: S,
@@ -470,6 +472,7 @@ impl Settings {
             },
             routes,
             ratelimit,
+            redis: super::redis::from_raw(raw.redis)?,
         })
     }
 

@@ -198,7 +198,7 @@ pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 /// An account is "heavy" (more than a page of conversations) when it is `user_0001`
 /// or its number is a multiple of 10.
 pub(crate) fn is_heavy(index: u32) -> bool {
-    index == 0 || (index + 1) % 10 == 0
+    index == 0 || (index + 1).is_multiple_of(10)
 }
 
 /// Account name for a 0-based index, zero padded to `width` digits.

@@ -91,9 +91,8 @@ impl RetryBudget {
                 successes += s.successes.load(Ordering::Acquire);
             }
         }
-        let allowed = requests * u64::from(percent) / 100
-            + u64::from(min_per_sec) * WINDOW_SECS
-            + successes;
+        let allowed =
+            requests * u64::from(percent) / 100 + u64::from(min_per_sec) * WINDOW_SECS + successes;
         if retries < allowed {
             slot.retries.fetch_add(1, Ordering::AcqRel);
             true

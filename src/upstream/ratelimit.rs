@@ -14,6 +14,7 @@
 //! shares one limit through Redis behind the same interface.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -69,11 +70,7 @@ impl Log {
 
     /// Grants the earliest slot at or after `now`, if it is within `max_wait`.
     fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Duration, Throttled> {
-        while self
-            .admitted
-            .front()
-            .is_some_and(|t| *t + WINDOW <= now)
-        {
+        while self.admitted.front().is_some_and(|t| *t + WINDOW <= now) {
             self.admitted.pop_front();
         }
         let mut slot = now;
@@ -96,6 +93,27 @@ impl Log {
         self.admitted.push_back(slot);
         Ok(wait)
     }
+
+    /// Records a call that went out at `at` without asking this log (the fleet's
+    /// permits), so the log knows this process's own recent calls.
+    fn record(&mut self, at: Instant) {
+        while self.admitted.front().is_some_and(|t| *t + WINDOW <= at) {
+            self.admitted.pop_front();
+        }
+        let pos = self.admitted.partition_point(|t| *t <= at);
+        self.admitted.insert(pos, at);
+        while self.admitted.len() > self.limit {
+            self.admitted.pop_front();
+        }
+    }
+
+    /// Changes the limit; the log keeps the newest `limit` instants.
+    fn set_limit(&mut self, limit: u32) {
+        self.limit = limit.max(1) as usize;
+        while self.admitted.len() > self.limit {
+            self.admitted.pop_front();
+        }
+    }
 }
 
 /// Sliding-window logs in this process.
@@ -107,6 +125,8 @@ pub struct LocalRateLimiter {
     overrides: BTreeMap<String, u32>,
     /// command → log, created on first use.
     logs: RwLock<HashMap<String, Arc<Mutex<Log>>>>,
+    /// Every rate is divided by this (1 alone; a fleet's share when Redis is away).
+    share: AtomicU32,
 }
 
 impl LocalRateLimiter {
@@ -116,16 +136,43 @@ impl LocalRateLimiter {
             default_rate: default_rate.max(1),
             overrides,
             logs: RwLock::new(HashMap::new()),
+            share: AtomicU32::new(1),
         }
     }
 
-    /// The limit of `command`: its override or the default.
+    /// The limit of `command`: its override or the default, divided by the share
+    /// (never below 1).
     pub fn rate_of(&self, command: &str) -> u32 {
-        self.overrides
+        let rate = self
+            .overrides
             .get(command)
             .copied()
-            .unwrap_or(self.default_rate)
-            .max(1)
+            .unwrap_or(self.default_rate);
+        (rate / self.share.load(Ordering::Relaxed).max(1)).max(1)
+    }
+
+    /// Divides every rate by `share` from now on (a fleet's gateways when Redis is
+    /// away: each keeps to N / share).
+    pub fn set_share(&self, share: u32) {
+        let share = share.max(1);
+        if self.share.swap(share, Ordering::Relaxed) == share {
+            return;
+        }
+        let logs = self.logs.read().unwrap_or_else(|p| p.into_inner());
+        for (name, log) in logs.iter() {
+            let rate = self.rate_of(name);
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_limit(rate);
+        }
+    }
+
+    /// Records a call of `command` that went out now on a permit from elsewhere (the
+    /// fleet), so that this limiter, taking over, counts it.
+    pub fn record(&self, command: &str) {
+        let log = self.log(command);
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        log.record(Instant::now());
     }
 
     fn log(&self, command: &str) -> Arc<Mutex<Log>> {
@@ -190,7 +237,10 @@ mod tests {
     fn assert_window(slots: &[Instant], limit: usize) {
         for (i, a) in slots.iter().enumerate() {
             let within = slots[i..].iter().take_while(|b| **b < *a + WINDOW).count();
-            assert!(within <= limit, "{within} slots in one second (limit {limit})");
+            assert!(
+                within <= limit,
+                "{within} slots in one second (limit {limit})"
+            );
         }
     }
 
@@ -219,7 +269,10 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(log.reserve(much_later, Duration::ZERO), Ok(Duration::ZERO));
         }
-        assert!(log.admitted.len() <= 5, "the log never holds more than the limit");
+        assert!(
+            log.admitted.len() <= 5,
+            "the log never holds more than the limit"
+        );
     }
 
     #[test]
@@ -238,6 +291,25 @@ mod tests {
         assert_window(&slots, 20);
         // ... and the limit is used: 20 per second over the 3 s plus the waiting tail.
         assert!(slots.len() >= 60, "{} slots", slots.len());
+    }
+
+    #[test]
+    fn a_share_divides_the_rate_and_recorded_calls_count() {
+        let l = LocalRateLimiter::new(50, BTreeMap::new());
+        l.set_share(3);
+        assert_eq!(l.rate_of("a/b"), 16);
+        for _ in 0..10 {
+            l.record("a/b");
+        }
+        for _ in 0..6 {
+            assert_eq!(l.reserve("a/b", Duration::ZERO), Ok(Duration::ZERO));
+        }
+        assert!(
+            l.reserve("a/b", Duration::ZERO).is_err(),
+            "10 recorded + 6 = 16"
+        );
+        l.set_share(100);
+        assert_eq!(l.rate_of("a/b"), 1, "never below one");
     }
 
     #[test]

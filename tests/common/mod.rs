@@ -2,6 +2,8 @@
 //! real gateway binary started on a free loopback port, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
