@@ -18,7 +18,7 @@ use chat_gateway::upstream::signer::Signer;
 const BODY: &[u8] = br#"{"From_Account":"user_0042","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}"#;
 
 fn filled_store(accounts: usize) -> PageStore {
-    let store = PageStore::new(1 << 30);
+    let store = PageStore::new(1 << 30, 64);
     let page_body = Bytes::from(vec![b'x'; 2048]);
     for i in 0..accounts {
         let acc = format!("user_{i:04}");
@@ -96,7 +96,7 @@ fn usersig_bench(c: &mut Criterion) {
 /// Invalidating one account while 1,000,000 pages are cached (100,000 accounts with 10
 /// pages each): the cost must not depend on how much is cached.
 fn invalidation(c: &mut Criterion) {
-    let store = PageStore::new(u64::MAX / 2);
+    let store = PageStore::new(u64::MAX / 2, 64);
     let body = Bytes::from_static(b"{}");
     let now = Instant::now();
     let page = |ts: u64| Page {

@@ -215,6 +215,19 @@ impl GatewayError {
             crate::server::response::X_CHAT_GATEWAY_ERROR,
             HeaderValue::from_static(self.reason()),
         );
+        // The rest of the body was not read: the connection cannot carry another
+        // request, and a slow sender must not keep it.
+        if matches!(
+            self,
+            GatewayError::BodyTimeout(_) | GatewayError::BodyTooLarge(_) | GatewayError::BodyRead
+        ) {
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let GatewayError::RateLimited(wait) = self {
+            // Whole seconds, rounded up (never 0: "retry at once" is not what we mean).
+            let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if let GatewayError::Unauthorized = self {
             h.insert(
                 http::header::WWW_AUTHENTICATE,

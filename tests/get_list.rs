@@ -341,8 +341,12 @@ async fn cache_metrics_are_exported() {
         ),
         "{text}"
     );
-    assert!(
-        text.contains("chat_gateway_upstream_latency_seconds_bucket"),
+    assert_eq!(
+        metric(
+            &text,
+            "chat_gateway_upstream_latency_seconds_count{command=\"recentcontact/get_list\"}"
+        ),
+        1.0,
         "{text}"
     );
     assert!(text.contains("chat_gateway_requests_total{route=\"get_list\",outcome=\"hit\"} 1"));

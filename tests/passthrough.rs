@@ -238,6 +238,10 @@ async fn an_expired_usersig_is_renewed_and_the_call_succeeds() {
         1,
         "at most once a minute"
     );
+    let text = get(&gw.url("/metrics")).await.unwrap().2;
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(metric(&text, "chat_gateway_usersig_renewals_total"), 4.0);
+    assert_eq!(metric(&text, "chat_gateway_usersig_refused_total"), 3.0);
 }
 
 #[tokio::test]
@@ -264,6 +268,8 @@ async fn one_command_is_held_under_its_rate_limit() {
             Some(60007) => {
                 assert_eq!(a.0, 429);
                 assert_eq!(header(&a, "x-chat-gateway-error"), "rate-limited");
+                let after: u64 = header(&a, "retry-after").parse().expect("retry-after");
+                assert!((1..=2).contains(&after), "{after}");
                 limited += 1;
             }
             other => panic!("unexpected {other:?}"),

@@ -2,9 +2,25 @@
 //! it, normalizes it and builds the body sent upstream.
 //!
 //! The key is the account plus the five cursor/flag fields (defaults applied) plus a
-//! canonical form of any extra fields (sorted keys, no whitespace), so field order and
-//! spacing in the caller's JSON do not matter. Parsing borrows from the request body:
-//! a request without extra fields is parsed and keyed without a heap allocation.
+//! canonical form of any extra fields, and **the body sent to Chat is built from the
+//! key alone** ([`upstream_body`]), so two requests that share a key are forwarded
+//! byte for byte alike. The canonical form ([`canonical`]) keeps every distinction
+//! the caller's JSON can make: numbers keep their exact text (so
+//! `18446744073709551616` and `...617` differ), strings are decoded and re-encoded
+//! one way, object members are sorted by name, whitespace goes, and a name that
+//! appears twice in one object, at any depth, is refused (50002): which of the two
+//! Chat would use is not ours to guess.
+//!
+//! Two parsers produce it:
+//! - [`fast`], a scanner for the common body (only the six known fields, no escapes,
+//!   plain integers), which parses and keys without a heap allocation;
+//! - the general parser (serde_json), for everything else, which also produces
+//!   every error. The fast scanner never refuses a body: on anything it does not
+//!   handle it steps aside, so errors come from one place. A property test
+//!   (`tests/key_props.rs`) shows the two agree on every body the scanner accepts.
+//!
+//! Limits: at most [`MAX_EXTRA_FIELDS`] extra top-level fields (50002 beyond);
+//! duplicate detection and canonicalization sort members, O(n log n).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -20,6 +36,17 @@ use crate::error::GatewayError;
 pub const DEFAULT_ASSIST_FLAGS: u64 = 63;
 /// Longest `From_Account` accepted (Chat's UserID limit).
 pub const MAX_ACCOUNT_BYTES: usize = 32;
+/// Most extra (unknown) top-level fields a get_list body may carry.
+pub const MAX_EXTRA_FIELDS: usize = 256;
+
+/// The five cursor/flag fields, in the order they are sent upstream.
+const NUMERIC_FIELDS: [&str; 5] = [
+    "TimeStamp",
+    "StartIndex",
+    "TopTimeStamp",
+    "TopStartIndex",
+    "AssistFlags",
+];
 
 /// One page of one account's list, within that account's cache entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -34,7 +61,8 @@ pub struct PageKey {
     pub top_start_index: u64,
     /// `AssistFlags`.
     pub assist_flags: u64,
-    /// Canonical JSON of the fields beyond the six (None when there are none).
+    /// The extra fields, canonical: `,"name":value` for each, sorted by name (None
+    /// when there are none). Appended as is to the body sent upstream.
     pub extra: Option<Box<str>>,
 }
 
@@ -53,20 +81,97 @@ impl Default for PageKey {
     }
 }
 
+impl PageKey {
+    fn from_fields(nums: [Option<u64>; 5], extra: Option<Box<str>>) -> Self {
+        let d = PageKey::default();
+        PageKey {
+            time_stamp: nums[0].unwrap_or(d.time_stamp),
+            start_index: nums[1].unwrap_or(d.start_index),
+            top_time_stamp: nums[2].unwrap_or(d.top_time_stamp),
+            top_start_index: nums[3].unwrap_or(d.top_start_index),
+            assist_flags: nums[4].unwrap_or(d.assist_flags),
+            extra,
+        }
+    }
+
+    fn numbers(&self) -> [u64; 5] {
+        [
+            self.time_stamp,
+            self.start_index,
+            self.top_time_stamp,
+            self.top_start_index,
+            self.assist_flags,
+        ]
+    }
+}
+
 /// A checked get_list request, borrowing from the body it was parsed from.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct GetListRequest<'a> {
     /// `From_Account`.
     pub account: Cow<'a, str>,
     /// The page within the account.
     pub page: PageKey,
-    /// Extra fields as the caller sent them, forwarded upstream.
-    extras: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
-/// Parses and checks a get_list body. Invalid JSON is 60003; a missing or bad field
-/// is 50002; both with a reason naming the field.
+impl GetListRequest<'_> {
+    /// The body sent to Chat (see [`upstream_body`]).
+    pub fn upstream_body(&self) -> Bytes {
+        upstream_body(&self.account, &self.page)
+    }
+}
+
+/// The body sent to Chat for `account`'s page `key`: all six fields, then the
+/// canonical extra fields. A function of the key alone, so equal keys are forwarded
+/// byte for byte alike.
+pub fn upstream_body(account: &str, key: &PageKey) -> Bytes {
+    let extra = key.extra.as_deref().unwrap_or("");
+    let mut out = String::with_capacity(128 + account.len() + extra.len());
+    out.push_str("{\"From_Account\":");
+    canonical::write_str(&mut out, account);
+    let mut digits = itoa_buf();
+    for (name, v) in NUMERIC_FIELDS.iter().zip(key.numbers()) {
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
+        out.push_str(format_u64(&mut digits, v));
+    }
+    out.push_str(extra);
+    out.push('}');
+    Bytes::from(out.into_bytes())
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0; 20]
+}
+
+/// Formats `v` in decimal into `buf` (no allocation).
+fn format_u64(buf: &mut [u8; 20], mut v: u64) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+/// Parses and checks a get_list body: the fast scanner when it applies, otherwise the
+/// general parser. Invalid JSON is 60003; a missing or bad field is 50002; both with
+/// a reason naming the field.
 pub fn parse(body: &[u8]) -> Result<GetListRequest<'_>, GatewayError> {
+    match fast(body) {
+        Some(req) => Ok(req),
+        None => parse_general(body),
+    }
+}
+
+/// The general parser (serde_json): every body, every error.
+pub fn parse_general(body: &[u8]) -> Result<GetListRequest<'_>, GatewayError> {
     serde_json::from_slice::<GetListRequest<'_>>(body).map_err(|e| {
         // A field error is only a field error if the whole body is JSON.
         let syntax = serde_json::from_slice::<serde::de::IgnoredAny>(body).err();
@@ -80,39 +185,125 @@ pub fn parse(body: &[u8]) -> Result<GetListRequest<'_>, GatewayError> {
     })
 }
 
-impl GetListRequest<'_> {
-    /// The body sent to Chat: all six fields, then the extras as given.
-    pub fn upstream_body(&self) -> Bytes {
-        let mut out = Vec::with_capacity(160 + self.account.len());
-        out.extend_from_slice(b"{\"From_Account\":");
-        write_json_str(&mut out, &self.account);
-        let p = &self.page;
-        for (name, v) in [
-            ("TimeStamp", p.time_stamp),
-            ("StartIndex", p.start_index),
-            ("TopTimeStamp", p.top_time_stamp),
-            ("TopStartIndex", p.top_start_index),
-            ("AssistFlags", p.assist_flags),
-        ] {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-            out.extend_from_slice(v.to_string().as_bytes());
-        }
-        for (k, v) in &self.extras {
-            out.push(b',');
-            write_json_str(&mut out, k);
-            out.push(b':');
-            out.extend_from_slice(v.get().as_bytes());
-        }
-        out.push(b'}');
-        Bytes::from(out)
+/// The fast scanner: a body that is one object of only the six known fields (each at
+/// most once, names and `From_Account` without escapes, cursors as plain integers or
+/// null, JSON whitespace anywhere), checked exactly as the general parser checks it.
+/// Returns `None` (never an error) for anything else, so that the general parser
+/// decides.
+pub fn fast(body: &[u8]) -> Option<GetListRequest<'_>> {
+    let mut s = Scanner { b: body, i: 0 };
+    s.ws();
+    s.eat(b'{')?;
+    let mut account: Option<&str> = None;
+    let mut nums: [Option<u64>; 5] = [None; 5];
+    let mut seen = [false; 5];
+    s.ws();
+    if s.peek()? == b'}' {
+        return None; // `{}`: From_Account is missing; the general parser says so.
     }
+    loop {
+        s.ws();
+        let name = s.plain_string()?;
+        s.ws();
+        s.eat(b':')?;
+        s.ws();
+        if name == b"From_Account" {
+            if account.is_some() {
+                return None;
+            }
+            let a = s.plain_string()?;
+            if a.is_empty() || a.len() > MAX_ACCOUNT_BYTES {
+                return None;
+            }
+            account = Some(std::str::from_utf8(a).ok()?);
+        } else {
+            let slot = NUMERIC_FIELDS.iter().position(|f| f.as_bytes() == name)?;
+            if seen[slot] {
+                return None;
+            }
+            seen[slot] = true;
+            nums[slot] = s.cursor()?;
+        }
+        s.ws();
+        match s.next()? {
+            b',' => continue,
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    s.ws();
+    if s.i != body.len() {
+        return None;
+    }
+    Some(GetListRequest {
+        account: Cow::Borrowed(account?),
+        page: PageKey::from_fields(nums, None),
+    })
 }
 
-fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    // Serializing a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+/// A cursor over a body for [`fast`].
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.next()? == c).then_some(())
+    }
+
+    /// JSON whitespace.
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    /// A string with no escapes and no control characters; its raw bytes.
+    fn plain_string(&mut self) -> Option<&'a [u8]> {
+        self.eat(b'"')?;
+        let start = self.i;
+        loop {
+            match self.next()? {
+                b'"' => return Some(&self.b[start..self.i - 1]),
+                b'\\' | 0..=0x1f => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// `null` or a non-negative integer in JSON's form that fits a u64.
+    fn cursor(&mut self) -> Option<Option<u64>> {
+        if self.b[self.i..].starts_with(b"null") {
+            self.i += 4;
+            return Some(None);
+        }
+        let start = self.i;
+        let mut v: u64 = 0;
+        while let Some(c @ b'0'..=b'9') = self.peek() {
+            v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            self.i += 1;
+        }
+        let digits = self.i - start;
+        // No digits, a leading zero, or a fraction/exponent: not ours.
+        if digits == 0 || (digits > 1 && self.b[start] == b'0') {
+            return None;
+        }
+        if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        Some(Some(v))
+    }
 }
 
 /// A string that borrows from the input when it has no escapes.
@@ -160,32 +351,27 @@ impl<'de> Deserialize<'de> for GetListRequest<'de> {
                 let mut seen = [false; 5];
                 let mut extras: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
                 while let Some(MaybeBorrowed(key)) = map.next_key::<MaybeBorrowed<'de>>()? {
-                    let slot = match &*key {
-                        "From_Account" => {
-                            if account.is_some() {
-                                return Err(de::Error::custom("duplicate field From_Account"));
-                            }
-                            // A syntax error reported as this message is put right by
-                            // `parse`, which re-checks the whole body's syntax on error.
-                            let MaybeBorrowed(a) = map
-                                .next_value()
-                                .map_err(|_| de::Error::custom("From_Account must be a string"))?;
-                            account = Some(a);
-                            continue;
+                    if key == "From_Account" {
+                        if account.is_some() {
+                            return Err(de::Error::custom("duplicate field From_Account"));
                         }
-                        "TimeStamp" => 0,
-                        "StartIndex" => 1,
-                        "TopTimeStamp" => 2,
-                        "TopStartIndex" => 3,
-                        "AssistFlags" => 4,
-                        _ => {
-                            if extras.iter().any(|(k, _)| *k == key) {
-                                return Err(de::Error::custom(format!("duplicate field {key}")));
-                            }
-                            let v: &'de RawValue = map.next_value()?;
-                            extras.push((key, v));
-                            continue;
+                        // A syntax error reported as this message is put right by
+                        // `parse_general`, which re-checks the whole body's syntax.
+                        let MaybeBorrowed(a) = map
+                            .next_value()
+                            .map_err(|_| de::Error::custom("From_Account must be a string"))?;
+                        account = Some(a);
+                        continue;
+                    }
+                    let Some(slot) = NUMERIC_FIELDS.iter().position(|f| *f == key) else {
+                        if extras.len() == MAX_EXTRA_FIELDS {
+                            return Err(de::Error::custom(format!(
+                                "at most {MAX_EXTRA_FIELDS} fields besides the six of get_list"
+                            )));
                         }
+                        let v: &'de RawValue = map.next_value()?;
+                        extras.push((key, v));
+                        continue;
                     };
                     if seen[slot] {
                         return Err(de::Error::custom(format!("duplicate field {key}")));
@@ -206,21 +392,10 @@ impl<'de> Deserialize<'de> for GetListRequest<'de> {
                         "From_Account must be at most {MAX_ACCOUNT_BYTES} bytes"
                     )));
                 }
-                let extra = canonical_extras(&mut extras).map_err(de::Error::custom)?;
+                let extra = canonical_extras(extras).map_err(de::Error::custom)?;
                 Ok(GetListRequest {
                     account,
-                    page: {
-                        let d = PageKey::default();
-                        PageKey {
-                            time_stamp: nums[0].unwrap_or(d.time_stamp),
-                            start_index: nums[1].unwrap_or(d.start_index),
-                            top_time_stamp: nums[2].unwrap_or(d.top_time_stamp),
-                            top_start_index: nums[3].unwrap_or(d.top_start_index),
-                            assist_flags: nums[4].unwrap_or(d.assist_flags),
-                            extra,
-                        }
-                    },
-                    extras,
+                    page: PageKey::from_fields(nums, extra),
                 })
             }
         }
@@ -228,31 +403,280 @@ impl<'de> Deserialize<'de> for GetListRequest<'de> {
     }
 }
 
-/// Sorts the extras by name and renders them canonically (nested objects with sorted
-/// keys, no whitespace). `None` when there are none.
+/// The extra fields, canonical (`,"name":value` each, sorted by name), or `None`
+/// when there are none. A name given twice is an error.
 fn canonical_extras(
-    extras: &mut [(Cow<'_, str>, &RawValue)],
-) -> Result<Option<Box<str>>, serde_json::Error> {
+    mut extras: Vec<(Cow<'_, str>, &RawValue)>,
+) -> Result<Option<Box<str>>, String> {
     if extras.is_empty() {
         return Ok(None);
     }
     extras.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out = Vec::new();
-    out.push(b'{');
-    for (i, (k, v)) in extras.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_json_str(&mut out, k);
-        out.push(b':');
-        // serde_json's map is sorted (BTreeMap), so this is canonical.
-        let value: serde_json::Value = serde_json::from_str(v.get())?;
-        serde_json::to_writer(&mut out, &value)?;
+    if let Some(w) = extras.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(format!("duplicate field {}", w[0].0));
     }
-    out.push(b'}');
-    Ok(Some(
-        String::from_utf8_lossy(&out).into_owned().into_boxed_str(),
-    ))
+    let mut out = String::new();
+    for (k, v) in &extras {
+        out.push(',');
+        canonical::write_str(&mut out, k);
+        out.push(':');
+        canonical::value(v.get(), &mut out)?;
+    }
+    Ok(Some(out.into_boxed_str()))
+}
+
+/// The canonical form of a JSON value, for keys and forwarded bodies.
+pub mod canonical {
+    /// Writes `s` as a JSON string, escaped one way: `"` and `\` escaped, control
+    /// characters as `\b \f \n \r \t` or `\u00XX`, everything else as UTF-8.
+    pub fn write_str(out: &mut String, s: &str) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\u{08}' => out.push_str("\\b"),
+                '\u{0c}' => out.push_str("\\f"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if (c as u32) < 0x20 => {
+                    out.push_str("\\u00");
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.push(HEX[(c as usize) >> 4] as char);
+                    out.push(HEX[(c as usize) & 0xf] as char);
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+
+    /// Appends the canonical form of `json` (one valid JSON value, as serde_json
+    /// accepted it, so nesting is at most serde_json's recursion limit) to `out`.
+    /// Object members are sorted by their decoded names; a name repeated within one
+    /// object is an error.
+    pub fn value(json: &str, out: &mut String) -> Result<(), String> {
+        let mut p = Parser {
+            s: json.as_bytes(),
+            i: 0,
+            depth: 0,
+        };
+        p.ws();
+        p.value(out)?;
+        p.ws();
+        if p.i != p.s.len() {
+            return Err("trailing characters in a field".into());
+        }
+        Ok(())
+    }
+
+    /// Deepest nesting of arrays and objects within one field.
+    pub const MAX_DEPTH: usize = 64;
+
+    struct Parser<'a> {
+        s: &'a [u8],
+        i: usize,
+        depth: usize,
+    }
+
+    fn bad() -> String {
+        "malformed JSON in a field".to_string()
+    }
+
+    impl Parser<'_> {
+        fn ws(&mut self) {
+            while matches!(self.s.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                self.i += 1;
+            }
+        }
+
+        fn value(&mut self, out: &mut String) -> Result<(), String> {
+            match self.s.get(self.i).copied().ok_or_else(bad)? {
+                b'{' | b'[' if self.depth == MAX_DEPTH => Err(format!(
+                    "fields may nest at most {MAX_DEPTH} arrays or objects deep"
+                )),
+                b'{' => {
+                    self.depth += 1;
+                    let r = self.object(out);
+                    self.depth -= 1;
+                    r
+                }
+                b'[' => {
+                    self.depth += 1;
+                    let r = self.array(out);
+                    self.depth -= 1;
+                    r
+                }
+                b'"' => {
+                    let s = self.string()?;
+                    write_str(out, &s);
+                    Ok(())
+                }
+                _ => {
+                    // A number or a literal: kept as its exact text.
+                    let start = self.i;
+                    while matches!(
+                        self.s.get(self.i),
+                        Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E' | b'a'..=b'z')
+                    ) {
+                        self.i += 1;
+                    }
+                    if start == self.i {
+                        return Err(bad());
+                    }
+                    let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|_| bad())?;
+                    out.push_str(text);
+                    Ok(())
+                }
+            }
+        }
+
+        fn array(&mut self, out: &mut String) -> Result<(), String> {
+            self.i += 1;
+            out.push('[');
+            self.ws();
+            if self.s.get(self.i) == Some(&b']') {
+                self.i += 1;
+                out.push(']');
+                return Ok(());
+            }
+            loop {
+                self.ws();
+                self.value(out)?;
+                self.ws();
+                match self.s.get(self.i) {
+                    Some(b',') => {
+                        self.i += 1;
+                        out.push(',');
+                    }
+                    Some(b']') => {
+                        self.i += 1;
+                        out.push(']');
+                        return Ok(());
+                    }
+                    _ => return Err(bad()),
+                }
+            }
+        }
+
+        fn object(&mut self, out: &mut String) -> Result<(), String> {
+            self.i += 1;
+            let mut members: Vec<(String, String)> = Vec::new();
+            self.ws();
+            if self.s.get(self.i) == Some(&b'}') {
+                self.i += 1;
+                out.push_str("{}");
+                return Ok(());
+            }
+            loop {
+                self.ws();
+                let name = self.string()?;
+                self.ws();
+                if self.s.get(self.i) != Some(&b':') {
+                    return Err(bad());
+                }
+                self.i += 1;
+                self.ws();
+                let mut v = String::new();
+                self.value(&mut v)?;
+                members.push((name, v));
+                self.ws();
+                match self.s.get(self.i) {
+                    Some(b',') => self.i += 1,
+                    Some(b'}') => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return Err(bad()),
+                }
+            }
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            if let Some(w) = members.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(format!("duplicate field {} in a nested object", w[0].0));
+            }
+            out.push('{');
+            for (n, (name, v)) in members.iter().enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                write_str(out, name);
+                out.push(':');
+                out.push_str(v);
+            }
+            out.push('}');
+            Ok(())
+        }
+
+        /// A string's decoded value.
+        fn string(&mut self) -> Result<String, String> {
+            if self.s.get(self.i) != Some(&b'"') {
+                return Err(bad());
+            }
+            self.i += 1;
+            let mut out = String::new();
+            loop {
+                let start = self.i;
+                while matches!(self.s.get(self.i), Some(c) if *c != b'"' && *c != b'\\') {
+                    self.i += 1;
+                }
+                out.push_str(std::str::from_utf8(&self.s[start..self.i]).map_err(|_| bad())?);
+                match self.s.get(self.i) {
+                    Some(b'"') => {
+                        self.i += 1;
+                        return Ok(out);
+                    }
+                    Some(b'\\') => {
+                        self.i += 1;
+                        let c = self.escape()?;
+                        out.push(c);
+                    }
+                    _ => return Err(bad()),
+                }
+            }
+        }
+
+        fn hex4(&mut self) -> Result<u32, String> {
+            let h = self.s.get(self.i..self.i + 4).ok_or_else(bad)?;
+            let h = std::str::from_utf8(h).map_err(|_| bad())?;
+            let v = u32::from_str_radix(h, 16).map_err(|_| bad())?;
+            self.i += 4;
+            Ok(v)
+        }
+
+        fn escape(&mut self) -> Result<char, String> {
+            let c = *self.s.get(self.i).ok_or_else(bad)?;
+            self.i += 1;
+            Ok(match c {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{08}',
+                b'f' => '\u{0c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                b'u' => {
+                    let hi = self.hex4()?;
+                    let code = if (0xD800..0xDC00).contains(&hi) {
+                        if self.s.get(self.i..self.i + 2) != Some(b"\\u") {
+                            return Err("lone surrogate in a string".into());
+                        }
+                        self.i += 2;
+                        let lo = self.hex4()?;
+                        if !(0xDC00..0xE000).contains(&lo) {
+                            return Err("lone surrogate in a string".into());
+                        }
+                        0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                    } else {
+                        hi
+                    };
+                    char::from_u32(code).ok_or_else(|| "lone surrogate in a string".to_string())?
+                }
+                _ => return Err(bad()),
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -265,12 +689,34 @@ mod tests {
         assert!(matches!(r.account, Cow::Borrowed("user_0001")));
         assert_eq!(r.page, PageKey::default());
         assert_eq!(r.page.assist_flags, 63);
-        let v: serde_json::Value = serde_json::from_slice(&r.upstream_body()).unwrap();
         assert_eq!(
-            v,
-            serde_json::json!({"From_Account":"user_0001","TimeStamp":0,"StartIndex":0,
-                "TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63})
+            &r.upstream_body()[..],
+            br#"{"From_Account":"user_0001","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}"#
         );
+    }
+
+    #[test]
+    fn the_fast_scanner_takes_the_common_body_and_steps_aside_otherwise() {
+        let r =
+            fast(b" {\"From_Account\" : \"u\",\n\"TimeStamp\":17, \"AssistFlags\":null} ").unwrap();
+        assert_eq!(r.account, "u");
+        assert_eq!(r.page.time_stamp, 17);
+        assert_eq!(r.page.assist_flags, 63);
+        for body in [
+            &br#"{}"#[..],
+            br#"{"From_Account":"a\"b"}"#,
+            br#"{"From_Account":"u","X":1}"#,
+            br#"{"From_Account":"u","TimeStamp":01}"#,
+            br#"{"From_Account":"u","TimeStamp":1.0}"#,
+            br#"{"From_Account":"u","TimeStamp":-1}"#,
+            br#"{"From_Account":"u","TimeStamp":18446744073709551616}"#,
+            br#"{"From_Account":"u","TimeStamp":1,"TimeStamp":2}"#,
+            br#"{"From_Account":"u"} x"#,
+            br#"{"From_Account":""}"#,
+            br#"{"From_Account":"u",}"#,
+        ] {
+            assert!(fast(body).is_none(), "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]
@@ -281,12 +727,26 @@ mod tests {
             .unwrap();
         assert_eq!(a.page, b.page);
         assert_eq!(a.account, b.account);
+        assert_eq!(a.upstream_body(), b.upstream_body());
         let c =
             parse(br#"{"From_Account":"u","TimeStamp":5,"X":{"b":2,"a":[1,2]},"Y":true}"#).unwrap();
         assert_ne!(a.page, c.page);
-        let body: serde_json::Value = serde_json::from_slice(&a.upstream_body()).unwrap();
-        assert_eq!(body["X"]["a"][1], 2);
-        assert_eq!(body["Y"], true);
+        assert_eq!(
+            &a.upstream_body()[..],
+            br#"{"From_Account":"u","TimeStamp":5,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63,"X":{"a":[1,2],"b":1},"Y":true}"#
+        );
+    }
+
+    #[test]
+    fn keys_keep_every_distinction_the_body_makes() {
+        let a = parse(br#"{"From_Account":"u","X":18446744073709551616}"#).unwrap();
+        let b = parse(br#"{"From_Account":"u","X":18446744073709551617}"#).unwrap();
+        assert_ne!(a.page, b.page);
+        assert!(a.upstream_body().ends_with(b"\"X\":18446744073709551616}"));
+        // Escapes are decoded and re-encoded one way: the same string, the same key.
+        let c = parse(br#"{"From_Account":"u","X":"\u0041\/"}"#).unwrap();
+        let d = parse(br#"{"From_Account":"u","X":"A/"}"#).unwrap();
+        assert_eq!(c.page, d.page);
     }
 
     #[test]
@@ -304,6 +764,9 @@ mod tests {
             (br#"{"From_Account":"u","TimeStamp":-1}"#, 50002),
             (br#"{"From_Account":"u","TimeStamp":"1"}"#, 50002),
             (br#"{"From_Account":"u","From_Account":"v"}"#, 50002),
+            (br#"{"From_Account":"u","X":1,"X":2}"#, 50002),
+            (br#"{"From_Account":"u","Z":{"a":1,"a":2}}"#, 50002),
+            (br#"{"From_Account":"u","Z":[{"b":{"a":1,"a":2}}]}"#, 50002),
             (
                 br#"{"From_Account":"123456789012345678901234567890123"}"#,
                 50002,
@@ -312,6 +775,41 @@ mod tests {
             let e = parse(body).unwrap_err();
             assert_eq!(e.code(), code, "{}: {e}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn extra_fields_are_capped() {
+        let body = |n: usize| {
+            let mut s = String::from(r#"{"From_Account":"u""#);
+            for i in 0..n {
+                s.push_str(&format!(r#","f{i}":{i}"#));
+            }
+            s.push('}');
+            s
+        };
+        assert!(parse(body(MAX_EXTRA_FIELDS).as_bytes()).is_ok());
+        let e = parse(body(MAX_EXTRA_FIELDS + 1).as_bytes()).unwrap_err();
+        assert_eq!(e.code(), 50002);
+        assert!(e.to_string().contains("at most 256"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursing_into_it() {
+        for depth in [100, 20_000] {
+            let body = format!(
+                r#"{{"From_Account":"u","X":{}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            let e = parse(body.as_bytes()).unwrap_err();
+            assert!(matches!(e.code(), 50002 | 60003), "{depth}: {e}");
+        }
+        let ok = format!(
+            r#"{{"From_Account":"u","X":{}{}}}"#,
+            "[".repeat(canonical::MAX_DEPTH),
+            "]".repeat(canonical::MAX_DEPTH)
+        );
+        assert!(parse(ok.as_bytes()).is_ok());
     }
 
     #[test]

@@ -11,8 +11,20 @@
 //!
 //! A fetch that started before an invalidation of its account must not put its
 //! (possibly stale) answer back: [`PageStore::begin_fetch`] takes an epoch, and
-//! [`PageStore::insert`] refuses when the account was invalidated after it.
+//! [`PageStore::insert`] refuses when the account was invalidated after it. Recent
+//! invalidations are remembered in a fixed table of epochs indexed by a hash of the
+//! account ([`RecentInvalidations`]), so that memory is bounded whatever the number of
+//! accounts invalidated; two accounts sharing a slot only cost a fetch its store.
+//!
+//! Memory is bounded by `cache.max_bytes`: every stored body is copied into an
+//! allocation of exactly its size (an upstream body is often a slice of a larger read
+//! buffer, which it would keep alive), and an entry is weighed at what it really costs
+//! (body, key, page and entry structs, GroupIds and their index, moka's own per-entry
+//! bookkeeping and the allocator's rounding; see [`weigh_page`]). An account holds at
+//! most `cache.max_pages_per_account` pages; past it its oldest page goes, which also
+//! bounds the copy-on-write work of adding a page.
 
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,13 +38,68 @@ use super::groups::GroupIndex;
 use super::key::PageKey;
 use super::{CacheStats, PageCache};
 
-/// Bytes counted per page on top of its body and key, for the weigher.
-const PAGE_OVERHEAD: usize = 96;
-/// Bytes counted per account entry on top of its pages.
-const ENTRY_OVERHEAD: usize = 64;
-/// How long an invalidation is remembered to reject fetches that started before it.
-/// Longer than any fetch can take.
-const INVALIDATION_MEMORY: Duration = Duration::from_secs(120);
+/// Bytes counted per page on top of its body, extra-field key and GroupIds: the
+/// `Arc<Page>` allocation, its slot in the account's page list, the shared-`Bytes`
+/// header, and allocator rounding. Measured with `bench/rss.sh` (see the README).
+pub const PAGE_OVERHEAD: usize = 256;
+/// Bytes counted per GroupId a page lists, on top of its length: the `Arc<str>`, and
+/// its share of the GroupId index (a slot in the group's account map, the map itself).
+pub const GROUP_OVERHEAD: usize = 96;
+/// Bytes counted per account entry on top of its pages and account name: the
+/// `Arc<AccountPages>`, the key's allocations, and moka's per-entry bookkeeping (its
+/// hash-table slot, access and write order nodes, timer-wheel node, entry info).
+pub const ENTRY_OVERHEAD: usize = 512;
+/// Slots of the recent-invalidations table (8 bytes each: 512 KiB).
+pub const RECENT_INVALIDATION_SLOTS: usize = 1 << 16;
+
+/// What one page weighs in the cache, in bytes (see the constants above).
+pub fn weigh_page(body_len: usize, extra_len: usize, groups: &[Arc<str>]) -> usize {
+    body_len
+        + extra_len
+        + groups
+            .iter()
+            .map(|g| g.len() + GROUP_OVERHEAD)
+            .sum::<usize>()
+        + PAGE_OVERHEAD
+}
+
+/// The epochs of recent invalidations, in a fixed table indexed by a hash of the
+/// account: bounded memory, whatever the number of accounts invalidated.
+///
+/// The guarantee is the same as remembering every account: a fetch that began (took
+/// the epoch `e`) before an invalidation of its account finds a slot value `>= e` and
+/// does not store. Accounts that share a slot may also refuse a store they could have
+/// made: a wasted fetch, never a stale page.
+struct RecentInvalidations {
+    /// slot → the highest epoch of an invalidation of an account hashed there.
+    slots: Box<[AtomicU64]>,
+    /// Keyed per process, so callers cannot aim collisions at an account.
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl RecentInvalidations {
+    fn new() -> Self {
+        RecentInvalidations {
+            slots: (0..RECENT_INVALIDATION_SLOTS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn slot(&self, account: &str) -> &AtomicU64 {
+        let h = self.hasher.hash_one(account) as usize;
+        &self.slots[h % self.slots.len()]
+    }
+
+    fn record(&self, account: &str, epoch: u64) {
+        self.slot(account).fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    fn since(&self, account: &str, epoch: u64) -> bool {
+        self.slot(account).load(Ordering::Acquire) >= epoch
+    }
+}
 
 /// One cached answer.
 #[derive(Debug)]
@@ -49,6 +116,29 @@ pub struct Page {
     pub stale_until: Instant,
     /// GroupIds this page lists (for group-event invalidation).
     pub groups: Box<[Arc<str>]>,
+}
+
+impl Page {
+    /// A page holding its own copy of `body`, in an allocation of exactly its size:
+    /// the answer as read is often a slice of a larger buffer, which a cached slice
+    /// would keep alive for as long as the page lives.
+    pub fn new(
+        key: PageKey,
+        body: &[u8],
+        stored_at: Instant,
+        fresh_until: Instant,
+        stale_until: Instant,
+        groups: Box<[Arc<str>]>,
+    ) -> Page {
+        Page {
+            key,
+            body: Bytes::copy_from_slice(body),
+            stored_at,
+            fresh_until,
+            stale_until,
+            groups,
+        }
+    }
 }
 
 /// An account's cached pages: the value of one moka entry.
@@ -68,7 +158,13 @@ impl AccountPages {
     fn new(pages: Vec<Arc<Page>>, account_len: usize, id: u64) -> Self {
         let weight = pages
             .iter()
-            .map(|p| p.body.len() + p.key.extra.as_ref().map_or(0, |e| e.len()) + PAGE_OVERHEAD)
+            .map(|p| {
+                weigh_page(
+                    p.body.len(),
+                    p.key.extra.as_ref().map_or(0, |e| e.len()),
+                    &p.groups,
+                )
+            })
             .sum::<usize>()
             + account_len
             + ENTRY_OVERHEAD;
@@ -141,8 +237,10 @@ pub struct PageStore {
     epoch: AtomicU64,
     /// The epoch of the last "invalidate everything".
     all_invalidated: AtomicU64,
-    /// account → epoch of its last invalidation, remembered for a while.
-    recent_invalidations: moka::sync::Cache<Arc<str>, u64>,
+    /// Epochs of recent invalidations, by a hash of the account (fixed size).
+    recent_invalidations: RecentInvalidations,
+    /// Pages one account may hold; past it its oldest page goes.
+    max_pages_per_account: usize,
     /// Pages held (for the pages gauge), kept by insert and the removal listener.
     pages: Arc<AtomicI64>,
     /// GroupId → accounts, kept in step with the entries.
@@ -161,8 +259,9 @@ impl std::fmt::Debug for PageStore {
 }
 
 impl PageStore {
-    /// A store bounded to `max_bytes` of weighted size.
-    pub fn new(max_bytes: u64) -> Self {
+    /// A store bounded to `max_bytes` of weighted size and `max_pages_per_account`
+    /// pages per account.
+    pub fn new(max_bytes: u64, max_pages_per_account: usize) -> Self {
         let pages = Arc::new(AtomicI64::new(0));
         let pages_l = pages.clone();
         let groups = Arc::new(GroupIndex::default());
@@ -178,27 +277,21 @@ impl PageStore {
                 groups_l.remove(&k, v.id, v.groups());
             })
             .build();
-        let recent_invalidations = moka::sync::Cache::builder()
-            .max_capacity(1_000_000)
-            .time_to_live(INVALIDATION_MEMORY)
-            .build();
         PageStore {
             cache,
             epoch: AtomicU64::new(1),
             all_invalidated: AtomicU64::new(0),
-            recent_invalidations,
+            recent_invalidations: RecentInvalidations::new(),
+            max_pages_per_account: max_pages_per_account.max(1),
             pages,
             groups,
             next_id: AtomicU64::new(1),
         }
     }
 
-    fn invalidated_since(&self, account: &Arc<str>, fetch_epoch: u64) -> bool {
+    fn invalidated_since(&self, account: &str, fetch_epoch: u64) -> bool {
         self.all_invalidated.load(Ordering::Acquire) >= fetch_epoch
-            || self
-                .recent_invalidations
-                .get(account)
-                .is_some_and(|e| e >= fetch_epoch)
+            || self.recent_invalidations.since(account, fetch_epoch)
     }
 
     /// The GroupId index (for tests).
@@ -238,12 +331,21 @@ impl PageCache for PageStore {
             }
             let old = existing.as_ref().map(|e| e.value());
             let mut pages: Vec<Arc<Page>> = match old {
-                Some(e) => e
-                    .pages
-                    .iter()
-                    .filter(|p| p.key != page.key && p.stale_until > now)
-                    .cloned()
-                    .collect(),
+                Some(e) => {
+                    let mut kept: Vec<Arc<Page>> = Vec::with_capacity(e.pages.len() + 1);
+                    kept.extend(
+                        e.pages
+                            .iter()
+                            .filter(|p| p.key != page.key && p.stale_until > now)
+                            .cloned(),
+                    );
+                    // At the cap, the oldest page of the account makes room. Pages are
+                    // kept in the order they were stored, so it is the first.
+                    if kept.len() >= self.max_pages_per_account {
+                        kept.drain(..=kept.len() - self.max_pages_per_account);
+                    }
+                    kept
+                }
                 None => Vec::with_capacity(1),
             };
             let before = old.map_or(0, |e| e.pages.len()) as i64;
@@ -263,10 +365,9 @@ impl PageCache for PageStore {
     }
 
     fn invalidate(&self, account: &str) -> usize {
-        let key: Arc<str> = Arc::from(account);
         let e = self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.recent_invalidations.insert(key.clone(), e);
-        self.cache.remove(&key).map_or(0, |v| v.pages.len())
+        self.recent_invalidations.record(account, e);
+        self.cache.remove(account).map_or(0, |v| v.pages.len())
     }
 
     fn invalidate_group(&self, group: &str) -> Vec<(Arc<str>, usize)> {
@@ -286,7 +387,7 @@ impl PageCache for PageStore {
 
     fn invalidate_all(&self) -> usize {
         let e = self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.all_invalidated.store(e, Ordering::Release);
+        self.all_invalidated.fetch_max(e, Ordering::AcqRel);
         let n = self.pages.load(Ordering::Relaxed).max(0) as usize;
         self.cache.invalidate_all();
         n
@@ -331,7 +432,7 @@ mod tests {
 
     #[test]
     fn pages_of_an_account_are_dropped_together() {
-        let s = PageStore::new(1 << 20);
+        let s = PageStore::new(1 << 20, 64);
         let t = Duration::from_secs(60);
         for ts in 0..3 {
             assert!(s.insert("a", page(ts, t, t), s.begin_fetch()));
@@ -356,7 +457,7 @@ mod tests {
 
     #[test]
     fn a_fetch_that_started_before_an_invalidation_is_not_stored() {
-        let s = PageStore::new(1 << 20);
+        let s = PageStore::new(1 << 20, 64);
         let t = Duration::from_secs(60);
         let e = s.begin_fetch();
         s.invalidate("a");
@@ -369,7 +470,7 @@ mod tests {
 
     #[test]
     fn stale_is_told_apart_from_fresh() {
-        let s = PageStore::new(1 << 20);
+        let s = PageStore::new(1 << 20, 64);
         assert!(s.insert(
             "a",
             page(0, Duration::ZERO, Duration::from_secs(60)),
@@ -383,7 +484,7 @@ mod tests {
 
     #[test]
     fn group_invalidation_drops_exactly_the_listing_accounts() {
-        let s = PageStore::new(1 << 20);
+        let s = PageStore::new(1 << 20, 64);
         let t = Duration::from_secs(60);
         assert!(s.insert("a", page_in(0, t, t, &["@g1"]), s.begin_fetch()));
         assert!(s.insert("b", page_in(0, t, t, &["@g1", "@g2"]), s.begin_fetch()));

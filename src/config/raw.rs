@@ -91,6 +91,8 @@ pub struct RawServer {
     pub shutdown_grace_secs: u64,
     pub max_connections: u64,
     pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub max_invalidate_accounts: u64,
     pub auth_tokens: Vec<Secret>,
     pub allow_unauthenticated: bool,
     pub protect_metrics: bool,
@@ -104,6 +106,8 @@ impl Default for RawServer {
             shutdown_grace_secs: 10,
             max_connections: 10_000,
             header_read_timeout_ms: 5000,
+            body_read_timeout_ms: 10_000,
+            max_invalidate_accounts: 1000,
             auth_tokens: Vec::new(),
             allow_unauthenticated: false,
             protect_metrics: false,
@@ -153,6 +157,7 @@ pub struct RawCache {
     pub ttl_secs: u64,
     pub max_bytes: u64,
     pub stale_if_error_secs: u64,
+    pub max_pages_per_account: u64,
 }
 
 impl Default for RawCache {
@@ -161,6 +166,7 @@ impl Default for RawCache {
             ttl_secs: 10,
             max_bytes: 64 * 1024 * 1024,
             stale_if_error_secs: 300,
+            max_pages_per_account: 64,
         }
     }
 }
@@ -210,6 +216,15 @@ impl Default for RawLog {
     }
 }
 
+/// Keys whose values are secrets (or hold one, like a password in a URL): an error
+/// about them names the key and the line, never the value or the line's text.
+pub const SECRET_KEYS: &[&str] = &[
+    "chat.secret_key",
+    "callback.token",
+    "server.auth_tokens",
+    "redis.url",
+];
+
 impl RawConfig {
     /// Reads the file (if any) over the defaults, then `env` over both.
     pub fn load(
@@ -218,17 +233,19 @@ impl RawConfig {
     ) -> Result<RawConfig, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::Load(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Load(format!(
+                    "config file {} cannot be read: {}",
+                    path.display(),
+                    e.kind()
+                ))
+            })?;
+            // Syntax errors are reported here, where their position is known: the
+            // parser's own message quotes the line, which may hold a secret.
+            if let Err(e) = text.parse::<toml::Table>() {
+                return Err(ConfigError::Load(syntax_error(path, &text, &e)));
             }
-            builder = builder.add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         let env_map: config::Map<String, String> = env
             .into_iter()
@@ -248,8 +265,98 @@ impl RawConfig {
         );
         let cfg = builder
             .build()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+            .map_err(|e| ConfigError::Load(describe(&e)))?;
         cfg.try_deserialize::<RawConfig>()
-            .map_err(|e| ConfigError::Load(e.to_string()))
+            .map_err(|e| ConfigError::Load(describe(&e)))
+    }
+}
+
+/// A TOML syntax error as `file: line L, column C: what`, without the line's text.
+/// When the line sets a secret (or continues a value that started on such a line),
+/// even the parser's short message is left out.
+fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let secret = secret_key_at(text, line);
+    match secret {
+        Some(key) => format!(
+            "config file {}: TOML syntax error at line {line}, column {column}, in the value of `{key}` (not shown: it is a secret)",
+            path.display()
+        ),
+        None => format!(
+            "config file {}: TOML syntax error at line {line}, column {column}: {}",
+            path.display(),
+            e.message().lines().next().unwrap_or("invalid TOML")
+        ),
+    }
+}
+
+/// The secret key whose value line `line` (1-based) is part of: the last `key =`
+/// at or above it, within its `[section]`.
+fn secret_key_at(text: &str, line: usize) -> Option<&'static str> {
+    let mut section = String::new();
+    let mut current: Option<String> = None;
+    for l in text.lines().take(line) {
+        let t = l.trim_start();
+        if let Some(rest) = t.strip_prefix('[') {
+            section = rest.split(']').next().unwrap_or("").trim().to_string();
+            current = None;
+        } else if let Some((k, _)) = t.split_once('=') {
+            let k = k.trim().trim_matches('"');
+            if !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.\"".contains(c))
+            {
+                current = Some(format!("{section}.{k}"));
+            }
+        }
+    }
+    let key = current?;
+    SECRET_KEYS.iter().copied().find(|s| *s == key)
+}
+
+/// A config-crate error in words that never include a secret's value.
+fn describe(e: &config::ConfigError) -> String {
+    match e {
+        config::ConfigError::Type {
+            key: Some(key),
+            expected,
+            ..
+        } if SECRET_KEYS.contains(&key.as_str()) => {
+            format!("invalid type for key `{key}`: expected {expected} (the value is not shown: it is a secret)")
+        }
+        config::ConfigError::At {
+            error,
+            key: Some(key),
+            ..
+        } if SECRET_KEYS.contains(&key.as_str()) => {
+            let expected = match &**error {
+                config::ConfigError::Type { expected, .. } => format!(": expected {expected}"),
+                _ => String::new(),
+            };
+            format!(
+                "invalid value for key `{key}`{expected} (the value is not shown: it is a secret)"
+            )
+        }
+        config::ConfigError::At { error, .. } => {
+            let inner = describe(error);
+            let text = e.to_string();
+            // Keep the config crate's wording (it names the key) unless the inner
+            // message had to be redacted.
+            if text.contains(&inner) {
+                text
+            } else {
+                inner
+            }
+        }
+        other => {
+            let text = other.to_string();
+            match SECRET_KEYS.iter().find(|k| text.contains(*k)) {
+                Some(k) => format!("invalid value for key `{k}` (not shown: it is a secret)"),
+                None => text,
+            }
+        }
     }
 }

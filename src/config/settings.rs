@@ -78,6 +78,12 @@ pub struct ServerSettings {
     /// long an idle keep-alive connection is kept.
     #[serde(with = "millis", rename = "header_read_timeout_ms")]
     pub header_read_timeout: Duration,
+    /// Deadline for a request's whole body once its head has arrived; past it the
+    /// caller gets 408 and the connection is closed.
+    #[serde(with = "millis", rename = "body_read_timeout_ms")]
+    pub body_read_timeout: Duration,
+    /// Most accounts one invalidation request may name.
+    pub max_invalidate_accounts: usize,
     /// Bearer tokens callers must present on `/v4/*` and `/admin/*` (none: no auth).
     pub auth_tokens: Vec<Secret>,
     /// Allows a non-loopback `listen` without tokens.
@@ -121,8 +127,10 @@ pub struct ChatSettings {
 /// `[cache]` (fixed part)
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheSettings {
-    /// Capacity of the page cache, in bytes of stored bodies and keys.
+    /// Capacity of the page cache, in bytes, weighed at what entries really cost.
     pub max_bytes: u64,
+    /// Pages one account may hold; past it the account's oldest page goes.
+    pub max_pages_per_account: usize,
 }
 
 /// The settings that may change while the gateway runs (hot reload).
@@ -233,6 +241,14 @@ impl Settings {
                 "server.header_read_timeout_ms",
                 s.header_read_timeout_ms,
             )?),
+            body_read_timeout: Duration::from_millis(positive(
+                "server.body_read_timeout_ms",
+                s.body_read_timeout_ms,
+            )?),
+            max_invalidate_accounts: positive(
+                "server.max_invalidate_accounts",
+                s.max_invalidate_accounts,
+            )? as usize,
             auth_tokens: s.auth_tokens,
             allow_unauthenticated: s.allow_unauthenticated,
             protect_metrics: s.protect_metrics,
@@ -373,6 +389,15 @@ impl Settings {
 
         let cache = CacheSettings {
             max_bytes: positive("cache.max_bytes", raw.cache.max_bytes)?,
+            max_pages_per_account: match raw.cache.max_pages_per_account {
+                n @ 1..=4096 => n as usize,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "cache.max_pages_per_account",
+                        "must be 1 to 4096",
+                    ))
+                }
+            },
         };
         let r = raw.retry;
         let max_attempts = positive("retry.max_attempts", r.max_attempts)?;
@@ -444,12 +469,7 @@ impl Settings {
                 ))
             }
         };
-        if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
-            return Err(ConfigError::invalid(
-                "log.level",
-                format!("{:?} is not a level or filter directive", raw.log.level),
-            ));
-        }
+        validate_log_level(&raw.log.level).map_err(|why| ConfigError::invalid("log.level", why))?;
         Ok(Settings {
             server,
             chat,
@@ -480,6 +500,31 @@ impl Settings {
     pub fn to_redacted_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into())
     }
+}
+
+/// Log levels a `log.level` directive may end in.
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks `log.level`: comma-separated directives, each a level (`info`) or
+/// `target=level` (`chat_gateway=debug`, `hyper=warn`), as tracing's `EnvFilter`
+/// reads them. A bare word that is not a level (`verbose`) would be read as a target
+/// name and silence everything else, so it is refused.
+pub fn validate_log_level(level: &str) -> Result<(), String> {
+    let shape = format!(
+        "{level:?} is not a level ({}) or comma-separated target=level directives",
+        LEVELS.join(", ")
+    );
+    if level.trim().is_empty() {
+        return Err(shape);
+    }
+    for d in level.split(',').map(str::trim) {
+        let lvl = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !LEVELS.contains(&lvl.to_ascii_lowercase().as_str()) {
+            return Err(shape);
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|_| shape)?;
+    Ok(())
 }
 
 /// Checks command names (`service/command`) or, with `wildcards`, patterns

@@ -310,14 +310,14 @@ impl Bus {
             }
             _ => return,
         }
-        counter!(names::FLEET_INV_RECEIVED).increment(1);
+        counter!(names::FLEET_RECEIVED).increment(1);
         if let Some(ms) = entry_id
             .split('-')
             .next()
             .and_then(|m| m.parse::<u64>().ok())
         {
             let lag = unix_ms().saturating_sub(ms);
-            histogram!(names::FLEET_INV_LAG).record(lag as f64 / 1000.0);
+            histogram!(names::FLEET_LAG).record(lag as f64 / 1000.0);
         }
     }
 
@@ -361,7 +361,7 @@ async fn publish_loop(weak: std::sync::Weak<Bus>) {
                     }
                     bus.shared.pending.done(e);
                 }
-                counter!(names::FLEET_INV_SENT).increment(batch.len() as u64);
+                counter!(names::FLEET_SENT).increment(batch.len() as u64);
             }
             Err(_) => {
                 drop(bus);

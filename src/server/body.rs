@@ -1,17 +1,26 @@
-//! Reading a request body with a bound, enforced while it streams in.
+//! Reading a request body with a bound on its size and on the time it takes.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::error::GatewayError;
 
-/// Reads the whole body, refusing (without reading on) anything over `max` bytes:
-/// at once from `content-length`, or as soon as the streamed bytes pass the bound.
+/// Reads the whole body, refusing anything over `max` bytes (at once from
+/// `content-length`, or as soon as the streamed bytes pass the bound) and anything
+/// that has not fully arrived within `timeout` (`server.body_read_timeout_ms`).
+///
+/// A small body usually arrives with its head: then it is taken as the one buffer
+/// hyper read it into, with no copy and no timer. Only a body still on its way is
+/// read under the timeout.
 pub async fn read_bounded(
     headers: &http::HeaderMap,
     body: Incoming,
     max: usize,
+    timeout: Duration,
 ) -> Result<Bytes, GatewayError> {
     if let Some(len) = headers
         .get(http::header::CONTENT_LENGTH)
@@ -22,11 +31,44 @@ pub async fn read_bounded(
             return Err(GatewayError::BodyTooLarge(max));
         }
     }
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::BodyTooLarge(max))
-        }
-        Err(_) => Err(GatewayError::BodyRead),
+    let read = collect(body, max);
+    tokio::pin!(read);
+    match futures_util::poll!(&mut read) {
+        Poll::Ready(r) => r,
+        Poll::Pending => match tokio::time::timeout(timeout, read).await {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::BodyTimeout(timeout)),
+        },
     }
+}
+
+/// Collects the data frames of `body`, at most `max` bytes. One frame is returned as
+/// is; several are joined.
+async fn collect(mut body: Incoming, max: usize) -> Result<Bytes, GatewayError> {
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| GatewayError::BodyRead)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total += data.len();
+        if total > max {
+            return Err(GatewayError::BodyTooLarge(max));
+        }
+        if first.is_none() && joined.is_empty() {
+            first = Some(data);
+        } else {
+            if let Some(f) = first.take() {
+                joined.reserve(total);
+                joined.extend_from_slice(&f);
+            }
+            joined.extend_from_slice(&data);
+        }
+    }
+    Ok(match first {
+        Some(f) => f,
+        None => joined.freeze(),
+    })
 }

@@ -16,6 +16,11 @@ use tokio::net::TcpListener;
 
 pub use state::AppState;
 
+/// Connections accepted past `server.max_connections` for the health probes, so
+/// that `/healthz` and `/readyz` answer even when slow or idle callers hold every
+/// slot; other requests on them wait for a regular slot.
+pub const HEALTH_RESERVE: usize = 16;
+
 /// Serves the gateway on `listener` until `shutdown` resolves (or `POST /quitquitquit`),
 /// then drains in-flight requests within `server.shutdown_grace_secs`.
 /// Returns whether the drain finished in time.
@@ -27,6 +32,11 @@ pub async fn run(
     let s = &state.settings.server;
     let opts = listener::ServeOptions {
         max_connections: s.max_connections,
+        reserve: Some(listener::Reserve {
+            connections: HEALTH_RESERVE,
+            admits: |req| matches!(req.uri().path(), "/healthz" | "/readyz"),
+        }),
+        gauge: Some("main"),
         header_read_timeout: s.header_read_timeout,
         shutdown_grace: s.shutdown_grace,
     };

@@ -59,12 +59,29 @@ impl AppState {
         !r.deny.iter().any(matches) && (r.allow.is_empty() || r.allow.iter().any(matches))
     }
 
+    /// Reads a request body within `server.max_body_bytes` and
+    /// `server.body_read_timeout_ms`.
+    pub async fn read_body(
+        &self,
+        headers: &http::HeaderMap,
+        body: hyper::body::Incoming,
+    ) -> Result<bytes::Bytes, crate::error::GatewayError> {
+        let s = &self.settings.server;
+        crate::server::body::read_bounded(headers, body, s.max_body_bytes, s.body_read_timeout)
+            .await
+    }
+
     /// Builds the state from validated settings.
     pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
         let metrics = crate::metrics::install();
+        // Redis is not configurable yet: redis_enabled stays 0.
+        crate::metrics::set_static(settings.cache.max_bytes, false);
         let live = Arc::new(ArcSwap::from_pointee(settings.live.clone()));
         let upstream = Arc::new(Upstream::new(&settings, live.clone())?);
-        let store: Arc<dyn PageCache> = Arc::new(PageStore::new(settings.cache.max_bytes));
+        let store: Arc<dyn PageCache> = Arc::new(PageStore::new(
+            settings.cache.max_bytes,
+            settings.cache.max_pages_per_account,
+        ));
         Ok(Arc::new(AppState {
             settings: Arc::new(settings),
             live,

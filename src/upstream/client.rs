@@ -53,6 +53,8 @@ pub struct UpstreamResponse {
     pub body: Bytes,
     /// `ActionStatus`/`ErrorCode`, when the body is an envelope.
     pub chat: Option<Status>,
+    /// The answer's `content-type`, for logging answers that are not envelopes.
+    pub content_type: Option<http::HeaderValue>,
 }
 
 /// The pooled client plus what it needs to build Chat URLs.
@@ -208,6 +210,7 @@ impl ChatClient {
                 }
             })?;
             let status = resp.status();
+            let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
             let body = Limited::new(resp.into_body(), MAX_UPSTREAM_BODY)
                 .collect()
                 .await
@@ -218,7 +221,12 @@ impl ChatClient {
                 })?
                 .to_bytes();
             let chat = envelope::parse_status(&body);
-            Ok(UpstreamResponse { status, body, chat })
+            Ok(UpstreamResponse {
+                status,
+                body,
+                chat,
+                content_type,
+            })
         };
         match tokio::time::timeout(remaining, exchange).await {
             Ok(r) => r,

@@ -166,7 +166,10 @@ impl Upstream {
                     );
                     continue;
                 }
-                Some(CodeClass::SigRejected) => self.sig_alarm(&result),
+                Some(CodeClass::SigRejected) => {
+                    counter!(names::SIG_REFUSED).increment(1);
+                    self.sig_alarm(&result)
+                }
                 Some(CodeClass::Throttled) => {
                     let code = result
                         .as_ref()
@@ -301,7 +304,23 @@ fn record_call(
     };
     counter!(names::UPSTREAM_CALLS, "command" => label, "code" => code).increment(1);
     histogram!(names::UPSTREAM_LATENCY, "command" => label).record(started.elapsed().as_secs_f64());
-    if let Err(e) = result {
-        tracing::warn!(command, endpoint = endpoint.as_str(), error = %e.message, "call to Chat failed");
+    match result {
+        Err(e) => {
+            tracing::warn!(command, endpoint = endpoint.as_str(), error = %e.message, "call to Chat failed")
+        }
+        // Never the body: it is not ours to log, and may be large.
+        Ok(r) if r.chat.is_none() => tracing::warn!(
+            command,
+            endpoint = endpoint.as_str(),
+            status = r.status.as_u16(),
+            content_type = r
+                .content_type
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("(none)"),
+            length = r.body.len(),
+            "Chat answered without an envelope"
+        ),
+        Ok(_) => {}
     }
 }

@@ -81,6 +81,7 @@ mod tests {
                 ok: c == 0,
                 code: c,
             }),
+            content_type: None,
         })
     }
     fn failed(reach: Reach) -> Result<UpstreamResponse, TransportError> {

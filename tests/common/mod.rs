@@ -2,6 +2,7 @@
 //! real gateway binary started on a free loopback port, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod raw;
 pub mod redis;
 
 use std::collections::HashMap;

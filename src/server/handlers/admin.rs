@@ -14,12 +14,8 @@ use crate::cache::invalidate::Source;
 use crate::cache::key::MAX_ACCOUNT_BYTES;
 use crate::chat::envelope;
 use crate::error::GatewayError;
-use crate::server::body::read_bounded;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
-
-/// Most accounts one admin call may name.
-pub const MAX_ACCOUNTS: usize = 10_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,8 +36,7 @@ enum Accounts<'a> {
 /// Handles one invalidation request.
 pub async fn invalidate(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await
-    {
+    let body = match state.read_body(&parts.headers, body).await {
         Ok(b) => b,
         Err(e) => return e.respond(),
     };
@@ -57,9 +52,10 @@ pub async fn invalidate(state: Arc<AppState>, req: Request<Incoming>) -> Respons
                 Accounts::One(a) => vec![a.as_ref()],
                 Accounts::Many(v) => v.iter().map(|a| a.as_ref()).collect(),
             };
-            if list.is_empty() || list.len() > MAX_ACCOUNTS {
+            let max = state.settings.server.max_invalidate_accounts;
+            if list.is_empty() || list.len() > max {
                 return GatewayError::InvalidField(format!(
-                    "From_Account must name 1 to {MAX_ACCOUNTS} accounts"
+                    "From_Account must name 1 to {max} accounts (server.max_invalidate_accounts)"
                 ))
                 .respond();
             }

@@ -21,7 +21,6 @@ use subtle::ConstantTimeEq;
 use crate::cache::invalidate::Source;
 use crate::error::GatewayError;
 use crate::metrics::names;
-use crate::server::body::read_bounded;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
 use crate::upstream::signer::unix_now;
@@ -116,8 +115,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         counter!(names::CALLBACKS, "outcome" => "rejected").increment(1);
         return GatewayError::CallbackRejected(why).respond();
     }
-    let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await
-    {
+    let body = match state.read_body(&parts.headers, body).await {
         Ok(b) => b,
         Err(e) => return e.respond(),
     };

@@ -19,7 +19,6 @@ use crate::cache::store::{Lookup, Page};
 use crate::chat::commands::{CommandClass, GET_LIST};
 use crate::chat::envelope::CodeClass;
 use crate::error::GatewayError;
-use crate::server::body::read_bounded;
 use crate::server::response::{self, age_value, Body, X_CACHE};
 use crate::server::AppState;
 
@@ -52,8 +51,7 @@ pub async fn handle(
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let c = &state.counters;
-    let body = match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await
-    {
+    let body = match state.read_body(&parts.headers, body).await {
         Ok(b) => b,
         Err(e) => return refuse(&state, e),
     };
@@ -101,7 +99,12 @@ async fn miss(
         .inflight
         .run(
             (account.clone(), page_key.clone()),
-            move || fetch(fetch_state, account, page_key, upstream_body),
+            // The fetch runs as its own task: it carries this request's span, so what
+            // it logs has the request id.
+            move || {
+                fetch(fetch_state, account, page_key, upstream_body)
+                    .instrument(tracing::Span::current())
+            },
             || {
                 Err(GatewayError::Internal(
                     "get_list fetch task panicked".into(),
@@ -153,23 +156,27 @@ async fn fetch(
     let upstream_failed = resp.status.is_server_error()
         || matches!(class, Some(CodeClass::Transient | CodeClass::Throttled));
     let mut cached = false;
+    let mut body = resp.body;
     if success {
         let live = state.live.load();
         let now = Instant::now();
         let fresh_until = now + live.cache_ttl;
-        let page = Page {
-            key: page_key,
-            body: resp.body.clone(),
-            stored_at: now,
+        let page = Page::new(
+            page_key,
+            &body,
+            now,
             fresh_until,
-            stale_until: fresh_until + live.stale_if_error,
-            groups: group_ids(&resp.body),
-        };
+            fresh_until + live.stale_if_error,
+            group_ids(&body),
+        );
+        // Answer with the stored copy: the buffer Chat's answer was read into is
+        // freed as soon as this request is done.
+        body = page.body.clone();
         cached = state.store.insert(&account, page, epoch);
     }
     Ok(Arc::new(Fetched {
         status: resp.status,
-        body: resp.body,
+        body,
         cached,
         upstream_failed,
     }))

@@ -6,12 +6,13 @@ use crate::metrics::names;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
 
-/// Renders every metric; the cache gauges are read at scrape time.
+/// Renders every metric; the cache and process gauges are read at scrape time.
 pub fn render(state: &AppState) -> Response<Body> {
     let stats = state.store.stats();
     metrics::gauge!(names::CACHE_ENTRIES).set(stats.accounts as f64);
     metrics::gauge!(names::CACHE_PAGES).set(stats.pages as f64);
     metrics::gauge!(names::CACHE_BYTES).set(stats.weighted_bytes as f64);
+    crate::metrics::refresh_process();
     let mut resp = response::text(StatusCode::OK, state.metrics.render());
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -14,7 +14,6 @@ use serde::Deserialize;
 
 use crate::cache::invalidate::Source;
 use crate::chat::commands::{self, Staleness};
-use crate::server::body::read_bounded;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
 
@@ -29,11 +28,10 @@ struct Accounts<'a> {
 /// Forwards one command.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, command: &str) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let mut body =
-        match read_bounded(&parts.headers, body, state.settings.server.max_body_bytes).await {
-            Ok(b) => b,
-            Err(e) => return e.respond(),
-        };
+    let mut body = match state.read_body(&parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.respond(),
+    };
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         body = Bytes::from_static(b"{}");
     }
