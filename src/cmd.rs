@@ -61,6 +61,12 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let fleet = state.fleet.clone();
+        if let Some(f) = &fleet {
+            // Start in fleet mode when Redis answers at once; one that does not delays
+            // serving by at most this (the gateway then serves alone until it answers).
+            f.wait_ready(std::time::Duration::from_secs(2)).await;
+        }
         let listener = match server::listener::bind(listen) {
             Ok(l) => l,
             Err(e) => {
@@ -77,6 +83,9 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listen = %addr, upstream = %state.settings.chat.base_url, "chat-gateway serving");
         let drained = server::run(listener, state, server::listener::termination_signal()).await;
+        if let Some(f) = &fleet {
+            f.leave(std::time::Duration::from_secs(1)).await;
+        }
         tracing::info!(drained, "chat-gateway stopped");
         ExitCode::SUCCESS
     })

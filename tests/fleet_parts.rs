@@ -237,7 +237,7 @@ struct Member {
 
 async fn member(url: &str) -> Member {
     let s = settings(url, &[]);
-    let store = Arc::new(PageStore::new(1 << 20));
+    let store = Arc::new(PageStore::new(1 << 20, 64));
     let live = Arc::new(ArcSwap::from_pointee(s.live.clone()));
     let fleet = Fleet::start(&s, store.clone(), live).unwrap().unwrap();
     assert!(fleet.wait_ready(Duration::from_secs(5)).await);

@@ -292,25 +292,23 @@ impl Bus {
             return;
         }
         let v = fields.get("v").map(String::as_str).unwrap_or("");
-        match fields.get("k").map(String::as_str) {
+        let pages = match fields.get("k").map(String::as_str) {
             Some("a") => {
                 let accounts: Vec<String> = serde_json::from_str(v).unwrap_or_default();
-                for a in &accounts {
-                    self.cache.invalidate(a);
-                }
+                accounts.iter().map(|a| self.cache.invalidate(a)).sum()
             }
-            Some("g") => {
-                self.cache.invalidate_group(v);
-            }
+            Some("g") => self.cache.invalidate_group(v).iter().map(|(_, n)| n).sum(),
             Some("*") => {
                 if let Ok(g) = v.parse::<u64>() {
                     self.shared.fleet_gen.fetch_max(g, Ordering::AcqRel);
                 }
-                self.cache.invalidate_all();
+                self.cache.invalidate_all()
             }
             _ => return,
-        }
+        };
         counter!(names::FLEET_RECEIVED).increment(1);
+        counter!(names::INVALIDATIONS, "source" => "fleet").increment(1);
+        counter!(names::INVALIDATED_PAGES, "source" => "fleet").increment(pages as u64);
         if let Some(ms) = entry_id
             .split('-')
             .next()

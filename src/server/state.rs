@@ -13,6 +13,7 @@ use crate::cache::store::PageStore;
 use crate::cache::PageCache;
 use crate::chat::commands::{self, CommandClass};
 use crate::config::{LiveSettings, Settings};
+use crate::fleet::Fleet;
 use crate::metrics::GetListCounters;
 use crate::server::handlers::get_list::FetchResult;
 use crate::upstream::Upstream;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Notified by `POST /quitquitquit` to start the graceful shutdown.
     pub quit: Arc<Notify>,
+    /// The fleet (`[redis]`): shared rate limit, invalidations, L2.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl AppState {
@@ -74,24 +77,30 @@ impl AppState {
     /// Builds the state from validated settings.
     pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
         let metrics = crate::metrics::install();
-        // Redis is not configurable yet: redis_enabled stays 0.
-        crate::metrics::set_static(settings.cache.max_bytes, false);
+        crate::metrics::set_static(settings.cache.max_bytes, settings.redis.is_some());
         let live = Arc::new(ArcSwap::from_pointee(settings.live.clone()));
-        let upstream = Arc::new(Upstream::new(&settings, live.clone())?);
         let store: Arc<dyn PageCache> = Arc::new(PageStore::new(
             settings.cache.max_bytes,
             settings.cache.max_pages_per_account,
         ));
+        // Joining the fleet starts connecting in the background: a Redis that is down
+        // delays nothing.
+        let fleet = Fleet::start(&settings, store.clone(), live.clone())?;
+        let limiter = fleet
+            .as_ref()
+            .map(|f| f.limiter() as Arc<dyn crate::upstream::ratelimit::RateLimiter>);
+        let upstream = Arc::new(Upstream::with_limiter(&settings, live.clone(), limiter)?);
         Ok(Arc::new(AppState {
             settings: Arc::new(settings),
             live,
             upstream,
-            invalidator: Invalidator::new(store.clone()),
+            invalidator: Invalidator::new(store.clone()).with_fleet(fleet.clone()),
             store,
             inflight: Inflight::default(),
             counters: GetListCounters::new(),
             metrics,
             quit: Arc::new(Notify::new()),
+            fleet,
         }))
     }
 }
