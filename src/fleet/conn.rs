@@ -358,6 +358,9 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
         let attempt = async {
             let mut c = r.connector.connect("main").await?;
             let id = run_id(&mut c).await?;
+            for script in super::all_scripts() {
+                script.load_async(&mut c).await?;
+            }
             Ok::<_, redis::RedisError>((c, id))
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {

@@ -43,8 +43,9 @@ return {redis.call('ZCARD', KEYS[1]), g}
 /// Leaves the fleet. KEYS[1]: the heartbeats. ARGV: gateway id.
 const LEAVE: &str = "return redis.call('ZREM', KEYS[1], ARGV[1])";
 
-static BEAT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(BEAT));
-static LEAVE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(LEAVE));
+pub(crate) static BEAT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(BEAT));
+pub(crate) static LEAVE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(LEAVE));
 
 /// One beat; returns the live gateways.
 pub async fn beat(

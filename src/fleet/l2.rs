@@ -106,13 +106,18 @@ const BUMP_ALL: &str = r#"
 return redis.call('INCR', KEYS[1])
 "#;
 
-static LOOKUP_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(LOOKUP));
-static STORE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(STORE));
-static UNLOCK_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(UNLOCK));
-static BUMP_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(BUMP));
-static INDEX_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(INDEX));
-static TAKE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TAKE));
-static BUMP_ALL_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(BUMP_ALL));
+pub(crate) static LOOKUP_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(LOOKUP));
+pub(crate) static STORE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(STORE));
+pub(crate) static UNLOCK_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(UNLOCK));
+pub(crate) static BUMP_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(BUMP));
+pub(crate) static INDEX_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(INDEX));
+pub(crate) static TAKE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TAKE));
+pub(crate) static BUMP_ALL_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(BUMP_ALL));
 
 /// First pause between polls for another gateway's page.
 const POLL_MIN: Duration = Duration::from_millis(5);

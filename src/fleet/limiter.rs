@@ -93,7 +93,8 @@ const MIN_USABLE: Duration = Duration::from_millis(1);
 /// Grants up to `want` permits at the earliest slot within `horizon`.
 ///
 /// KEYS[1]: the log. ARGV: limit, window (µs), want, horizon (µs), nonce.
-/// Returns {granted, wait until the slot (µs), permits in the slot's window}.
+/// Returns {granted, wait until the slot (µs), permits in the slot's window}, and
+/// when granted, the log as (slot − now in µs, permits) pairs, the new lease last.
 pub const LEASE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -132,7 +133,14 @@ if g > want then g = want end
 redis.call('ZADD', KEYS[1], s, g .. '|' .. ARGV[5])
 local ttl = math.floor((wait + win) / 1000) + 1000
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return {g, wait, total + g}
+local out = {g, wait, total + g}
+for j = 1, n do
+  out[#out + 1] = scores[j] - now
+  out[#out + 1] = counts[j]
+end
+out[#out + 1] = wait
+out[#out + 1] = g
+return out
 "#;
 
 /// Pauses a command fleet-wide. KEYS[1]: the log. ARGV: pause (µs), window (µs).
@@ -166,9 +174,12 @@ if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) en
 return added
 "#;
 
-static LEASE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(LEASE));
-static PAUSE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PAUSE));
-static REPLAY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REPLAY));
+pub(crate) static LEASE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(LEASE));
+pub(crate) static PAUSE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(PAUSE));
+pub(crate) static REPLAY_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(REPLAY));
 
 /// What a queued caller gets.
 #[derive(Debug)]
@@ -259,6 +270,8 @@ pub struct FleetLimiter {
     overrides: BTreeMap<String, u32>,
     /// v: how long a lease is usable.
     lease: Duration,
+    /// J: the latency spread budgeted.
+    allowance: Duration,
     /// W in µs: 1 s + v + J.
     window_us: u64,
     /// The local share, used while Redis is unusable.
@@ -304,6 +317,7 @@ impl FleetLimiter {
             fallback: LocalRateLimiter::new(default_rate, overrides.clone()),
             overrides,
             lease,
+            allowance: latency_allowance,
             window_us: window.as_micros() as u64,
             states: RwLock::new(HashMap::new()),
             departures: Mutex::new(HashMap::new()),
@@ -377,7 +391,6 @@ impl FleetLimiter {
         let now = Instant::now();
         if !local {
             counter!(names::PERMITS_USED, "command" => command_label(command)).increment(1);
-            self.fallback.record(command);
         }
         let window = self.window();
         let limit = self.rate_of(command) as usize;
@@ -484,16 +497,38 @@ impl FleetLimiter {
                         .arg(want)
                         .arg(horizon_us)
                         .arg(nonce)
-                        .invoke_async::<(i64, i64, i64)>(&mut c)
+                        .invoke_async::<Vec<i64>>(&mut c)
                         .await;
                     r
                 })
                 .await;
             let t_recv = Instant::now();
             let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
+            let res = res.map(|v| {
+                let head = |i: usize| v.get(i).copied().unwrap_or(0);
+                (head(0), head(1), v.get(3..).unwrap_or(&[]).to_vec())
+            });
             match res {
-                Ok((granted, wait_us, _)) if granted > 0 => {
+                Ok((granted, wait_us, log)) if granted > 0 => {
                     let wait = Duration::from_micros(wait_us.max(0) as u64);
+                    // Should Redis go away now, the local share starts with this
+                    // gateway's share of the fleet's window, each permit counted as
+                    // late as its call can reach Chat.
+                    let late = self.lease + self.allowance;
+                    let seen: Vec<(Instant, u32)> = log
+                        .chunks_exact(2)
+                        .map(|p| {
+                            let at = if p[0] >= 0 {
+                                t_recv + Duration::from_micros(p[0] as u64)
+                            } else {
+                                t_recv
+                                    .checked_sub(Duration::from_micros(p[0].unsigned_abs()))
+                                    .unwrap_or(t_recv)
+                            };
+                            (at + late, p[1].max(0) as u32)
+                        })
+                        .collect();
+                    self.fallback.seed(&s.name, &seen);
                     counter!(names::PERMITS_LEASED, "command" => command_label(&s.name))
                         .increment(granted as u64);
                     let mut lease = Lease {

@@ -35,6 +35,25 @@ use keys::Keys;
 use l2::L2;
 use limiter::FleetLimiter;
 
+/// Every Lua script the fleet runs: loaded on each new connection, so requests never
+/// pay a `NOSCRIPT` round trip (nor a herd of them after a Redis restart).
+pub fn all_scripts() -> [&'static redis::Script; 12] {
+    [
+        &limiter::LEASE_SCRIPT,
+        &limiter::PAUSE_SCRIPT,
+        &limiter::REPLAY_SCRIPT,
+        &l2::LOOKUP_SCRIPT,
+        &l2::STORE_SCRIPT,
+        &l2::UNLOCK_SCRIPT,
+        &l2::BUMP_SCRIPT,
+        &l2::INDEX_SCRIPT,
+        &l2::TAKE_SCRIPT,
+        &l2::BUMP_ALL_SCRIPT,
+        &heartbeat::BEAT_SCRIPT,
+        &heartbeat::LEAVE_SCRIPT,
+    ]
+}
+
 /// State the bus, L2 and heartbeat share.
 #[derive(Debug, Default)]
 pub struct Shared {

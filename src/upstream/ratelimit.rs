@@ -90,18 +90,17 @@ impl Log {
         if self.admitted.len() >= self.limit {
             self.admitted.pop_front();
         }
-        self.admitted.push_back(slot);
+        // In order: a seeded log ([`Log::seed`]) may hold instants past `slot`.
+        let pos = self.admitted.partition_point(|t| *t <= slot);
+        self.admitted.insert(pos, slot);
         Ok(wait)
     }
 
-    /// Records a call that went out at `at` without asking this log (the fleet's
-    /// permits), so the log knows this process's own recent calls.
-    fn record(&mut self, at: Instant) {
-        while self.admitted.front().is_some_and(|t| *t + WINDOW <= at) {
-            self.admitted.pop_front();
-        }
-        let pos = self.admitted.partition_point(|t| *t <= at);
-        self.admitted.insert(pos, at);
+    /// Replaces the log with `calls` (sorted instants): what this process must count
+    /// as its share of calls made elsewhere. Keeps the newest `limit`.
+    fn seed(&mut self, calls: impl Iterator<Item = Instant>) {
+        self.admitted.clear();
+        self.admitted.extend(calls);
         while self.admitted.len() > self.limit {
             self.admitted.pop_front();
         }
@@ -167,12 +166,22 @@ impl LocalRateLimiter {
         }
     }
 
-    /// Records a call of `command` that went out now on a permit from elsewhere (the
-    /// fleet), so that this limiter, taking over, counts it.
-    pub fn record(&self, command: &str) {
+    /// The fleet's recent calls of `command` (instants with counts, in any order): this
+    /// limiter, should it take over, counts its share of them. Of the calls sorted by
+    /// time it keeps every `share`-th from the newest, so any window reaching to the
+    /// present holds `1/share` of the fleet's calls in it, rounded up. Replaces what
+    /// the log held (an earlier view of the same window).
+    pub fn seed(&self, command: &str, fleet_calls: &[(Instant, u32)]) {
+        let share = self.share.load(Ordering::Relaxed).max(1) as usize;
+        let mut all: Vec<Instant> = fleet_calls
+            .iter()
+            .flat_map(|(t, n)| std::iter::repeat_n(*t, *n as usize))
+            .collect();
+        all.sort();
+        let mine: Vec<Instant> = all.iter().rev().step_by(share).rev().copied().collect();
         let log = self.log(command);
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-        log.record(Instant::now());
+        log.seed(mine.into_iter());
     }
 
     fn log(&self, command: &str) -> Arc<Mutex<Log>> {
@@ -294,19 +303,23 @@ mod tests {
     }
 
     #[test]
-    fn a_share_divides_the_rate_and_recorded_calls_count() {
+    fn a_share_divides_the_rate_and_seeded_calls_count() {
         let l = LocalRateLimiter::new(50, BTreeMap::new());
         l.set_share(3);
         assert_eq!(l.rate_of("a/b"), 16);
-        for _ in 0..10 {
-            l.record("a/b");
-        }
+        // The fleet counted 30 calls: this gateway's share of them is 10.
+        let until = Instant::now() + Duration::from_millis(100);
+        l.seed(
+            "a/b",
+            &[(until, 20), (until - Duration::from_millis(50), 10)],
+        );
         for _ in 0..6 {
             assert_eq!(l.reserve("a/b", Duration::ZERO), Ok(Duration::ZERO));
         }
+        let t = l.reserve("a/b", Duration::ZERO).unwrap_err();
         assert!(
-            l.reserve("a/b", Duration::ZERO).is_err(),
-            "10 recorded + 6 = 16"
+            t.retry_after > Duration::from_millis(900),
+            "10 seeded + 6 = 16: the next slot is a second after the oldest"
         );
         l.set_share(100);
         assert_eq!(l.rate_of("a/b"), 1, "never below one");

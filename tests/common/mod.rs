@@ -74,7 +74,7 @@ pub enum Reply {
     Status(u16, String),
 }
 
-type Responder = Box<dyn FnMut(&Recorded, usize) -> Reply + Send>;
+pub type Responder = Box<dyn FnMut(&Recorded, usize) -> Reply + Send>;
 
 /// A fake Chat on a loopback port.
 pub struct FakeChat {

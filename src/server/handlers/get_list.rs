@@ -29,6 +29,8 @@ const HIT: HeaderValue = HeaderValue::from_static("HIT");
 const MISS: HeaderValue = HeaderValue::from_static("MISS");
 const STALE: HeaderValue = HeaderValue::from_static("STALE");
 const BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
+/// `x-cache-l2: HIT`: a MISS in this gateway's memory answered from the fleet's L2.
+const X_CACHE_L2: http::HeaderName = http::HeaderName::from_static("x-cache-l2");
 
 /// What one coalesced fetch produced.
 #[derive(Debug)]
@@ -124,12 +126,16 @@ async fn miss(
     }
 
     match result {
+        // Not in this gateway's memory, but in the fleet's L2: a MISS here (the page
+        // was not cached by this gateway), answered without calling Chat.
         Ok(f) if f.from_l2.is_some() => {
-            c.req_hit.increment(1);
-            c.hit.increment(1);
-            let mut resp = upstream_answer(&f, HIT);
+            c.req_miss.increment(1);
+            c.miss.increment(1);
+            let mut resp = upstream_answer(&f, MISS);
+            let h = resp.headers_mut();
+            h.insert(X_CACHE_L2, HIT);
             if let Some(at) = f.from_l2 {
-                resp.headers_mut().insert(
+                h.insert(
                     http::header::AGE,
                     age_value(Instant::now().saturating_duration_since(at).as_secs()),
                 );
