@@ -20,7 +20,7 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// A gateway is live if it beat within this.
 pub const LIVE: Duration = Duration::from_secs(5);
 
-/// KEYS[1]: the heartbeats, KEYS[2]: the fleet-wide generation. ARGV: gateway id,
+/// `KEYS[1]`: the heartbeats, `KEYS[2]`: the fleet-wide generation. ARGV: gateway id,
 /// LIVE (ms), the generation this gateway knows (the key never goes below it, so a
 /// Redis restarted empty cannot bring back pages of an old generation).
 /// Returns {live gateways, fleet generation}.
@@ -40,7 +40,7 @@ end
 return {redis.call('ZCARD', KEYS[1]), g}
 "#;
 
-/// Leaves the fleet. KEYS[1]: the heartbeats. ARGV: gateway id.
+/// Leaves the fleet. `KEYS[1]`: the heartbeats. ARGV: gateway id.
 const LEAVE: &str = "return redis.call('ZREM', KEYS[1], ARGV[1])";
 
 pub(crate) static BEAT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(BEAT));

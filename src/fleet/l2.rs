@@ -36,7 +36,7 @@ use crate::metrics::names;
 
 /// Looks a page up and, when none is fresh and asked to, takes the fetch lock.
 ///
-/// KEYS[1]: the account hash, KEYS[2]: the lock. ARGV: fleet gen, page, now (ms),
+/// `KEYS[1]`: the account hash, `KEYS[2]`: the lock. ARGV: fleet gen, page, now (ms),
 /// token, lock PX (ms), take the lock ("1"/"0").
 /// Returns {gen, value or nil, 0 (no lock asked or needed) | 1 (ours) | 2 (theirs)}.
 const LOOKUP: &str = r#"
@@ -54,7 +54,7 @@ return {g, v, 2}
 /// Stores a page if the account's generation is still the one the fetch began with,
 /// prunes pages of other generations, and releases the lock if it is ours.
 ///
-/// KEYS[1]: the account hash, KEYS[2]: the lock. ARGV: fleet gen, expected gen, page,
+/// `KEYS[1]`: the account hash, `KEYS[2]`: the lock. ARGV: fleet gen, expected gen, page,
 /// value, TTL (ms), token ('' for none). Returns 1 if stored.
 const STORE: &str = r#"
 local g = redis.call('HGET', KEYS[1], 'gen') or '0'
@@ -74,34 +74,34 @@ if ARGV[6] ~= '' and redis.call('GET', KEYS[2]) == ARGV[6] then redis.call('DEL'
 return stored
 "#;
 
-/// Releases a lock if it is still ours. KEYS[1]: the lock. ARGV: token.
+/// Releases a lock if it is still ours. `KEYS[1]`: the lock. ARGV: token.
 const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 "#;
 
-/// Bumps an account's generation. KEYS[1]: the account hash. ARGV: TTL (ms).
+/// Bumps an account's generation. `KEYS[1]`: the account hash. ARGV: TTL (ms).
 const BUMP: &str = r#"
 local g = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return g
 "#;
 
-/// Adds an account to a group's set. KEYS[1]: the set. ARGV: account, TTL (ms).
+/// Adds an account to a group's set. `KEYS[1]`: the set. ARGV: account, TTL (ms).
 const INDEX: &str = r#"
 redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 "#;
 
-/// Takes (reads and deletes) a group's set. KEYS[1]: the set.
+/// Takes (reads and deletes) a group's set. `KEYS[1]`: the set.
 const TAKE: &str = r#"
 local m = redis.call('SMEMBERS', KEYS[1])
 redis.call('DEL', KEYS[1])
 return m
 "#;
 
-/// Raises the fleet-wide generation. KEYS[1]: it. Returns the new value.
+/// Raises the fleet-wide generation. `KEYS[1]`: it. Returns the new value.
 const BUMP_ALL: &str = r#"
 return redis.call('INCR', KEYS[1])
 "#;

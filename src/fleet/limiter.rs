@@ -43,24 +43,31 @@
 //! ## When Redis is unusable
 //!
 //! Calls go through a [`LocalRateLimiter`] limited to N / G, G being the number of live
-//! gateways last seen by the heartbeat (1 if this gateway never saw Redis) — never
-//! unlimited. That limiter also records every call this gateway sends in fleet mode,
-//! so it takes over with the gateway's own last second in its log.
+//! gateways last seen by the heartbeat (1 if this gateway never saw Redis): never
+//! unlimited.
 //!
-//! **Bounds during a switch.** Fleet → local: in a one-second window straddling the
-//! switch, gateway i sends at most `max(p_i, N/G)` calls, p_i being what it sent on
-//! fleet permits in that window; the fleet at most `Σ max(p_i, N/G)`, which is N when
-//! the load was spread evenly (p_i ≤ N/G) and at most N + (G − 1)·N/G in the worst
-//! case (one gateway held nearly all of the fleet's permits when Redis went away).
-//! Local → fleet: on reconnecting, before leasing again, a gateway writes the calls it
-//! sent locally in the last window into the command's log (all its calls of the last
-//! window if Redis restarted empty), so the fleet's log counts them; until every
+//! **Fleet → local.** Every lease answer carries the command's log as Redis holds it
+//! (each lease's slot and size), and the local limiter is re-seeded with it: of the
+//! fleet's permits, ordered by time and each placed as late as its call can reach Chat
+//! (slot + v + J), every G-th from the newest. So a gateway that takes over counts
+//! 1/G of whatever the fleet sent in any window reaching back from now, and sends at
+//! most `(N − U)/G` of its own in a window where the fleet had sent U. When Redis goes
+//! away for all gateways at once (it died, restarted, or became too slow), each
+//! gateway's view is as fresh as its last lease, and the sum stays at N: at
+//! saturation the views are fresh (leases are frequent); a gateway that leased long
+//! ago sees its stale, smaller U, so the fleet may exceed N by at most what the other
+//! gateways leased since that gateway last looked, divided by G, for one window.
+//!
+//! **Local → fleet.** On reconnecting, before leasing again, a gateway writes the calls
+//! it sent locally in the last window into the command's log (all its calls of the
+//! last window if Redis restarted empty), so the fleet's log counts them. Until every
 //! gateway has reconnected (at most [`super::conn::MAX_BACKOFF`] apart), those still
-//! local add at most their N/G each. A gateway that loses Redis while the others keep
-//! it (a partition) adds its N/G for as long as the partition lasts. Making the switch
-//! strictly N would mean sending nothing for a whole window after losing Redis: a
-//! second of refused writes on every Redis hiccup, which we judged worse than Chat's
-//! own 60007 for a bounded excess in these cases.
+//! local add at most their N/G each.
+//!
+//! **Partitions.** A gateway that loses Redis while the others keep it adds its N/G
+//! (less its view of the window) for as long as the partition lasts: nothing can be
+//! known about the others then. Making even that strictly N would mean sending
+//! nothing without Redis.
 //!
 //! ## Pauses
 //!
@@ -92,7 +99,7 @@ const MIN_USABLE: Duration = Duration::from_millis(1);
 
 /// Grants up to `want` permits at the earliest slot within `horizon`.
 ///
-/// KEYS[1]: the log. ARGV: limit, window (µs), want, horizon (µs), nonce.
+/// `KEYS[1]`: the log. ARGV: limit, window (µs), want, horizon (µs), nonce.
 /// Returns {granted, wait until the slot (µs), permits in the slot's window}, and
 /// when granted, the log as (slot − now in µs, permits) pairs, the new lease last.
 pub const LEASE: &str = r#"
@@ -143,7 +150,7 @@ out[#out + 1] = g
 return out
 "#;
 
-/// Pauses a command fleet-wide. KEYS[1]: the log. ARGV: pause (µs), window (µs).
+/// Pauses a command fleet-wide. `KEYS[1]`: the log. ARGV: pause (µs), window (µs).
 pub const PAUSE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -155,7 +162,7 @@ if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) en
 return 1
 "#;
 
-/// Writes calls sent without Redis into the log. KEYS[1]: the log. ARGV: window
+/// Writes calls sent without Redis into the log. `KEYS[1]`: the log. ARGV: window
 /// (µs), nonce, then each call's age (µs).
 pub const REPLAY: &str = r#"
 local t = redis.call('TIME')
