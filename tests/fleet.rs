@@ -567,3 +567,28 @@ async fn rediss_with_a_private_ca() {
     );
     assert_eq!(header(&get_list(&gw, "untrusted").await, "x-cache"), "MISS");
 }
+
+#[tokio::test]
+async fn a_gateway_serves_an_l2_page_stale_when_chat_fails() {
+    let redis = RedisServer::start();
+    let fake = FakeChat::start(versioned()).await;
+    let gws = fleet_of(
+        2,
+        &fake,
+        &redis.url(),
+        &[("cache", "ttl_secs = 1\nstale_if_error_secs = 300")],
+    )
+    .await;
+    let a = get_list(&gws[0], "stale_l2").await;
+    assert_eq!(header(&a, "x-cache"), "MISS");
+    // Past the TTL, Chat fails: gateway 2 never had the page in memory, and serves
+    // the one in L2, marked STALE.
+    let fresh_until = Instant::now() + Duration::from_millis(1100);
+    tokio::time::sleep_until(fresh_until.into()).await;
+    fake.set_responder(Box::new(|_: &Recorded, _| {
+        Reply::Status(503, "down".into())
+    }));
+    let b = get_list(&gws[1], "stale_l2").await;
+    assert_eq!(header(&b, "x-cache"), "STALE", "{:?}", b);
+    assert_eq!(b.2, a.2);
+}

@@ -9,11 +9,12 @@
 //! are callers waiting (at most N). The script reads Redis's own clock (`TIME`, so the
 //! gateways' clocks do not matter), finds the earliest slot `s` at or after now (and
 //! after any pause, and never before the newest slot of the log) at which the log holds
-//! fewer than N permits in the window `(s − W, s]`, and grants `g = min(wanted, N −
-//! count)` permits all at `s`, if `s` is within the longest wait of the queued callers.
-//! Otherwise it grants nothing and says how far the next slot is (the callers are
-//! refused with that `retry_after`, as the local limiter refuses). Unused permits
-//! simply expire: a lease is usable for `redis.lease_ms` (v) only.
+//! fewer than N permits in the window `(s − W, s]`, grants as many as fit there, and
+//! goes on to the next slot where permits leave the window until the callers are
+//! served or the slots are further than the longest of their waits. With no slot in
+//! reach it grants nothing and says how far the next slot is (the callers are refused
+//! with that `retry_after`, as the local limiter refuses). Unused permits simply
+//! expire: a lease is usable for `redis.lease_ms` (v) only.
 //!
 //! At saturation a lease carries many permits, so the Redis operations per admitted
 //! call stay far below one (measured in the README); an idle gateway asks once per call.
@@ -97,17 +98,20 @@ const OVERFLOW: &str = "(other)";
 /// A permit with less than this left is not handed out.
 const MIN_USABLE: Duration = Duration::from_millis(1);
 
-/// Grants up to `want` permits at the earliest slot within `horizon`.
+/// Grants up to `want` permits, at the earliest slots within `horizon`: as many as
+/// fit at the earliest slot, then at the next slot where permits leave the window,
+/// and so on (one call, however fragmented the log).
 ///
 /// `KEYS[1]`: the log. ARGV: limit, window (µs), want, horizon (µs), nonce.
-/// Returns {granted, wait until the slot (µs), permits in the slot's window}, and
-/// when granted, the log as (slot − now in µs, permits) pairs, the new lease last.
+/// Returns {leases, log entries, then per lease (slot − now µs, permits), then per
+/// log entry (slot − now µs, permits)}; with no lease, {0, 0, wait until the next
+/// slot (µs)}.
 pub const LEASE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local limit = tonumber(ARGV[1])
 local win = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
+local left = tonumber(ARGV[3])
 local horizon = tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - win)
 local base = now
@@ -127,26 +131,36 @@ for i = 1, #items, 2 do
 end
 local s = base
 local i = 1
-while i <= n and scores[i] <= s - win do total = total - counts[i]; i = i + 1 end
-while total >= limit and i <= n do
-  if scores[i] + win > s then s = scores[i] + win end
-  total = total - counts[i]; i = i + 1
+local leases = {}
+while left > 0 do
+  -- The earliest slot at or after s whose window (s - win, s] has room.
   while i <= n and scores[i] <= s - win do total = total - counts[i]; i = i + 1 end
+  while total >= limit and i <= n do
+    if scores[i] + win > s then s = scores[i] + win end
+    total = total - counts[i]; i = i + 1
+    while i <= n and scores[i] <= s - win do total = total - counts[i]; i = i + 1 end
+  end
+  if s - now > horizon then break end
+  local g = limit - total
+  if g > left then g = left end
+  redis.call('ZADD', KEYS[1], s, g .. '|' .. ARGV[5] .. ':' .. #leases)
+  n = n + 1
+  scores[n] = s
+  counts[n] = g
+  total = total + g
+  left = left - g
+  leases[#leases + 1] = s - now
+  leases[#leases + 1] = g
 end
-local wait = s - now
-if wait > horizon then return {0, wait, total} end
-local g = limit - total
-if g > want then g = want end
-redis.call('ZADD', KEYS[1], s, g .. '|' .. ARGV[5])
-local ttl = math.floor((wait + win) / 1000) + 1000
+if #leases == 0 then return {0, 0, s - now} end
+local ttl = math.floor((s - now + win) / 1000) + 1000
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-local out = {g, wait, total + g}
+local out = {#leases / 2, n}
+for j = 1, #leases do out[#out + 1] = leases[j] end
 for j = 1, n do
   out[#out + 1] = scores[j] - now
   out[#out + 1] = counts[j]
 end
-out[#out + 1] = wait
-out[#out + 1] = g
 return out
 "#;
 
@@ -187,6 +201,40 @@ pub(crate) static PAUSE_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(PAUSE));
 pub(crate) static REPLAY_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(REPLAY));
+
+/// The lease script's answer.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct LeaseReply {
+    /// (slot − now µs, permits), earliest first.
+    leases: Vec<(i64, u32)>,
+    /// The command's log after the grant: (slot − now µs, permits).
+    log: Vec<(i64, u32)>,
+    /// With no lease: how far the next slot is (µs).
+    retry_us: i64,
+}
+
+impl LeaseReply {
+    fn parse(v: &[i64]) -> LeaseReply {
+        let get = |i: usize| v.get(i).copied().unwrap_or(0);
+        let (nl, nlog) = (get(0).max(0) as usize, get(1).max(0) as usize);
+        if nl == 0 {
+            return LeaseReply {
+                retry_us: get(2),
+                ..LeaseReply::default()
+            };
+        }
+        let pairs = |from: usize, count: usize| -> Vec<(i64, u32)> {
+            (0..count)
+                .map(|k| (get(from + 2 * k), get(from + 2 * k + 1).max(0) as u32))
+                .collect()
+        };
+        LeaseReply {
+            leases: pairs(2, nl),
+            log: pairs(2 + 2 * nl, nlog),
+            retry_us: 0,
+        }
+    }
+}
 
 /// What a queued caller gets.
 #[derive(Debug)]
@@ -511,65 +559,63 @@ impl FleetLimiter {
                 .await;
             let t_recv = Instant::now();
             let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
-            let res = res.map(|v| {
-                let head = |i: usize| v.get(i).copied().unwrap_or(0);
-                (head(0), head(1), v.get(3..).unwrap_or(&[]).to_vec())
-            });
-            match res {
-                Ok((granted, wait_us, log)) if granted > 0 => {
-                    let wait = Duration::from_micros(wait_us.max(0) as u64);
+            let reply = res.map(|v| LeaseReply::parse(&v));
+            match reply {
+                Ok(r) if !r.leases.is_empty() => {
                     // Should Redis go away now, the local share starts with this
                     // gateway's share of the fleet's window, each permit counted as
                     // late as its call can reach Chat.
                     let late = self.lease + self.allowance;
-                    let seen: Vec<(Instant, u32)> = log
-                        .chunks_exact(2)
-                        .map(|p| {
-                            let at = if p[0] >= 0 {
-                                t_recv + Duration::from_micros(p[0] as u64)
-                            } else {
-                                t_recv
-                                    .checked_sub(Duration::from_micros(p[0].unsigned_abs()))
-                                    .unwrap_or(t_recv)
-                            };
-                            (at + late, p[1].max(0) as u32)
-                        })
-                        .collect();
-                    self.fallback.seed(&s.name, &seen);
-                    counter!(names::PERMITS_LEASED, "command" => command_label(&s.name))
-                        .increment(granted as u64);
-                    let mut lease = Lease {
-                        slot: t_sent + wait,
-                        from: t_recv + wait,
-                        until: t_sent + wait + self.lease,
-                        left: granted as u32,
+                    let at = |offset: i64| -> Instant {
+                        if offset >= 0 {
+                            t_recv + Duration::from_micros(offset as u64)
+                        } else {
+                            t_recv
+                                .checked_sub(Duration::from_micros(offset.unsigned_abs()))
+                                .unwrap_or(t_recv)
+                        }
                     };
-                    if lease.until <= lease.from + MIN_USABLE {
-                        // The round trip ate the lease; nothing usable.
-                        continue;
-                    }
-                    while lease.left > 0 {
-                        let Some(w) = s.waiters.pop_front() else {
-                            break;
+                    let seen: Vec<(Instant, u32)> =
+                        r.log.iter().map(|(o, c)| (at(*o) + late, *c)).collect();
+                    self.fallback.seed(&s.name, &seen);
+                    let granted: u64 = r.leases.iter().map(|(_, g)| u64::from(*g)).sum();
+                    counter!(names::PERMITS_LEASED, "command" => command_label(&s.name))
+                        .increment(granted);
+                    for (offset, g) in r.leases {
+                        let wait = Duration::from_micros(offset.max(0) as u64);
+                        let mut lease = Lease {
+                            slot: t_sent + wait,
+                            from: t_recv + wait,
+                            until: t_sent + wait + self.lease,
+                            left: g,
                         };
-                        if w.max_wait < wait {
-                            let _ = w.tx.send(Grant::Refused(wait));
+                        if lease.until <= lease.from + MIN_USABLE {
+                            // The round trip ate the lease; nothing usable.
                             continue;
                         }
-                        let g = Grant::Permit {
-                            from: lease.from,
-                            until: lease.until,
-                        };
-                        if w.tx.send(g).is_ok() {
-                            lease.left -= 1;
+                        while lease.left > 0 {
+                            let Some(w) = s.waiters.pop_front() else {
+                                break;
+                            };
+                            if w.max_wait < wait {
+                                let _ = w.tx.send(Grant::Refused(wait));
+                                continue;
+                            }
+                            let g = Grant::Permit {
+                                from: lease.from,
+                                until: lease.until,
+                            };
+                            if w.tx.send(g).is_ok() {
+                                lease.left -= 1;
+                            }
+                        }
+                        if lease.left > 0 {
+                            s.pool.push_back(lease);
                         }
                     }
-                    if lease.left > 0 {
-                        s.pool.push_back(lease);
-                    }
                 }
-                Ok((_, wait_us, _)) => {
-                    let retry = Duration::from_micros(wait_us.max(0) as u64);
+                Ok(r) => {
+                    let retry = Duration::from_micros(r.retry_us.max(0) as u64);
                     for w in s.waiters.drain(..) {
                         let _ = w.tx.send(Grant::Refused(retry));
                     }
@@ -745,5 +791,25 @@ impl RateLimiter for FleetLimiter {
                 })
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_replies_parse() {
+        assert_eq!(
+            LeaseReply::parse(&[0, 0, 700_000]),
+            LeaseReply {
+                retry_us: 700_000,
+                ..LeaseReply::default()
+            }
+        );
+        // Two leases (now, 30; in 0.4 s, 20) and a log of three entries.
+        let r = LeaseReply::parse(&[2, 3, 0, 30, 400_000, 20, -600_000, 50, 0, 30, 400_000, 20]);
+        assert_eq!(r.leases, vec![(0, 30), (400_000, 20)]);
+        assert_eq!(r.log, vec![(-600_000, 50), (0, 30), (400_000, 20)]);
     }
 }
