@@ -175,7 +175,15 @@ async fn redis_ops_per_admitted_call_at_saturation() {
 async fn invalidation_lag_across_three_gateways() {
     let redis = RedisServer::start();
     let fake = FakeChat::start(echo_pages()).await;
-    let gws = Arc::new(fleet_of(3, &fake, &redis, &[]).await);
+    let gws = Arc::new(
+        fleet_of(
+            3,
+            &fake,
+            &redis,
+            &[("ratelimit", "per_command_per_sec = 100000")],
+        )
+        .await,
+    );
     let c = client();
     let mut lags = Vec::new();
     for i in 0..200 {
@@ -230,12 +238,20 @@ async fn invalidation_lag_across_three_gateways() {
 async fn what_an_l2_hit_costs_over_a_memory_hit() {
     let redis = RedisServer::start();
     let fake = FakeChat::start(echo_pages()).await;
-    let gws = fleet_of(2, &fake, &redis, &[]).await;
+    // Sequential misses as fast as they go: a rate limit far above them.
+    let gws = fleet_of(
+        2,
+        &fake,
+        &redis,
+        &[("ratelimit", "per_command_per_sec = 100000")],
+    )
+    .await;
     let c = client();
     let (mut l2, mut mem) = (Vec::new(), Vec::new());
     for i in 0..1000 {
         let account = format!("l2_{i}");
-        assert_eq!(get_list(&c, &gws[0], &account).await.0, "MISS");
+        let first = get_list(&c, &gws[0], &account).await.0;
+        assert_eq!(first, "MISS", "{}", gws[0].log_text());
         let t = Instant::now();
         let (x, h) = get_list(&c, &gws[1], &account).await;
         l2.push(t.elapsed());
