@@ -5,27 +5,50 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// Where the configuration comes from, shown at the end of `--help`.
+const CONFIG_HELP: &str = "\
+Configuration: built-in defaults, then the TOML file (--config FILE, or the
+CHAT_GATEWAY_CONFIG environment variable), then environment variables named
+CHAT_GATEWAY__<SECTION>__<KEY>, e.g.
+    CHAT_GATEWAY__CHAT__SDKAPPID=1400000000
+    CHAT_GATEWAY__CHAT__SECRET_KEY_FILE=/run/secrets/chat_key
+    CHAT_GATEWAY__CACHE__TTL_SECS=5
+(lists comma-separated). config/default.toml documents every key; `chat-gateway
+demo` runs the gateway in front of a local Chat emulator with no config at all.";
+
 /// chat-gateway: a caching, credential-injecting sidecar for the Tencent Cloud Chat
 /// REST admin API.
 #[derive(Debug, Parser)]
-#[command(name = "chat-gateway", version, about, long_about = None)]
+#[command(name = "chat-gateway", version, about, long_about = None, after_help = CONFIG_HELP)]
 pub struct Cli {
-    /// Config file (TOML). Also read from CHAT_GATEWAY_CONFIG.
-    #[arg(long, short = 'c', env = "CHAT_GATEWAY_CONFIG", global = true)]
+    /// Config file (TOML) for serving. Also read from CHAT_GATEWAY_CONFIG.
+    #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
+/// `--config` of the subcommands that read the gateway's configuration.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConfigArg {
+    /// Config file (TOML). Also read from CHAT_GATEWAY_CONFIG.
+    #[arg(long, short = 'c', env = "CHAT_GATEWAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
 /// What to do; with none, the gateway serves.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve (the default when no subcommand is given).
-    Serve,
-    /// Validate the config and print the effective settings, secrets redacted.
-    CheckConfig,
+    #[command(after_help = CONFIG_HELP)]
+    Serve(ConfigArg),
+    /// Validate the config and print the effective configuration as TOML (the
+    /// file's own keys, secrets redacted), which can be used as a config file.
+    #[command(after_help = CONFIG_HELP)]
+    CheckConfig(ConfigArg),
     /// Print a UserSig made with the configured key, for ops debugging.
+    #[command(after_help = CONFIG_HELP)]
     Usersig(UsersigArgs),
     /// Run the local Chat emulator (no Tencent account needed).
     Emulator(EmulatorArgs),
@@ -36,11 +59,14 @@ pub enum Command {
 /// `chat-gateway usersig`
 #[derive(Debug, Args)]
 pub struct UsersigArgs {
-    /// Identifier to sign for (default: chat.identifier).
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Identifier to sign for (default: chat.identifier); 1 to 32 bytes, no spaces
+    /// or control characters, as Chat requires of a UserID.
     #[arg(long)]
     pub identifier: Option<String>,
-    /// Lifetime in seconds (default: chat.usersig_ttl_secs).
-    #[arg(long)]
+    /// Lifetime in seconds, > 0 (default: chat.usersig_ttl_secs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub expire: Option<u64>,
 }
 

@@ -8,10 +8,22 @@ use crate::config::{self, LogFormat, Settings};
 use crate::server::{self, AppState};
 use crate::telemetry;
 
-/// Loads the config or prints why not.
+/// How to give the gateway a configuration, printed when it has none.
+const NO_CONFIG_HINT: &str = "\
+chat-gateway needs a configuration: give a file with --config FILE (or
+CHAT_GATEWAY_CONFIG=FILE; config/*.example.toml are starting points and
+config/default.toml documents every key), or set the keys as environment
+variables CHAT_GATEWAY__<SECTION>__<KEY> (e.g. CHAT_GATEWAY__CHAT__SDKAPPID).
+To try it with no Tencent account: `chat-gateway demo`.";
+
+/// Loads the config or prints why not (with how to give one, when none was given).
 fn load(path: Option<&Path>) -> Result<Settings, ExitCode> {
     config::load(path).map_err(|e| {
         eprintln!("chat-gateway: {e}");
+        let env_given = std::env::vars().any(|(k, _)| k.starts_with("CHAT_GATEWAY__"));
+        if path.is_none() && !env_given {
+            eprintln!("{NO_CONFIG_HINT}");
+        }
         ExitCode::from(1)
     })
 }
@@ -40,7 +52,11 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    telemetry::init(settings.log.format, &settings.log.level);
+    telemetry::init(
+        settings.log.format,
+        &settings.log.level,
+        settings.log.access,
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -52,7 +68,14 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let listen = settings.server.listen;
+        let listeners = match server::Listeners::bind(&settings.server) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("chat-gateway: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let secret_files = config::secrets::files(&settings);
         let state = match AppState::new(settings) {
             Ok(s) => s,
             Err(e) => {
@@ -67,22 +90,26 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
             // serving by at most this (the gateway then serves alone until it answers).
             f.wait_ready(std::time::Duration::from_secs(2)).await;
         }
-        let listener = match server::listener::bind(listen) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("chat-gateway: cannot listen on {listen}: {e}");
-                return ExitCode::from(1);
-            }
-        };
         let _watcher = config::reload::Reloader::new(
             config_path.map(Path::to_path_buf),
             state.settings.clone(),
             state.live.clone(),
         )
         .spawn();
-        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(listen = %addr, upstream = %state.settings.chat.base_url, "chat-gateway serving");
-        let drained = server::run(listener, state, server::listener::termination_signal()).await;
+        let _secrets_watcher = config::secrets::watch(state.secrets.clone(), secret_files);
+        let addr = |l: Option<&tokio::net::TcpListener>| {
+            l.and_then(|l| l.local_addr().ok())
+                .map_or_else(|| "-".to_string(), |a| a.to_string())
+        };
+        tracing::info!(
+            listen = %addr(Some(&listeners.main)),
+            admin = %addr(listeners.admin.as_ref()),
+            callback = %addr(listeners.callback.as_ref()),
+            upstream = %state.settings.chat.base_url,
+            "chat-gateway serving"
+        );
+        server::listener::sd_notify("READY=1");
+        let drained = server::run(listeners, state, server::listener::termination_signal()).await;
         if let Some(f) = &fleet {
             f.leave(std::time::Duration::from_secs(1)).await;
         }
@@ -96,7 +123,7 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
 pub fn check_config(config_path: Option<&Path>) -> ExitCode {
     match load(config_path) {
         Ok(s) => {
-            println!("{}", s.to_redacted_json());
+            print!("{}", s.to_toml());
             eprintln!("config OK");
             ExitCode::SUCCESS
         }
@@ -112,6 +139,10 @@ pub fn usersig(config_path: Option<&Path>, args: &UsersigArgs) -> ExitCode {
     };
     let c = &settings.chat;
     let identifier = args.identifier.as_deref().unwrap_or(&c.identifier);
+    if let Err(why) = config::settings::validate_identifier(identifier) {
+        eprintln!("chat-gateway usersig: --identifier {why}");
+        return ExitCode::from(2);
+    }
     let expire = args.expire.unwrap_or(c.usersig_ttl.as_secs());
     let sig = crate::chat::usersig::generate(
         c.sdkappid,
@@ -127,7 +158,7 @@ pub fn usersig(config_path: Option<&Path>, args: &UsersigArgs) -> ExitCode {
 
 /// Log set-up for the commands that run without a gateway config.
 pub fn init_default_logging() {
-    telemetry::init(LogFormat::Text, "info");
+    telemetry::init(LogFormat::Text, "info", false);
 }
 
 /// A multi-threaded runtime, or a message and exit code 1.
@@ -178,7 +209,7 @@ pub fn emulator(args: &crate::cli::EmulatorArgs) -> ExitCode {
 /// `chat-gateway demo`: the emulator and the gateway in one process on loopback, the
 /// gateway pointed at the emulator, and curl commands to paste. Ctrl-C stops both.
 pub fn demo(args: &crate::cli::DemoArgs) -> ExitCode {
-    telemetry::init(LogFormat::Text, "warn");
+    telemetry::init(LogFormat::Text, "warn", false);
     raise_fd_limit();
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -214,10 +245,9 @@ async fn run_demo(args: &crate::cli::DemoArgs) -> Result<(), String> {
     ]
     .map(|(k, v)| (k.to_string(), v));
     let settings = config::load_with_env(None, env).map_err(|e| e.to_string())?;
+    let listeners = server::Listeners::bind(&settings.server)?;
     let state = AppState::new(settings)?;
-    let listener = server::listener::bind(args.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let gw = listener.local_addr().map_err(|e| e.to_string())?;
+    let gw = listeners.main.local_addr().map_err(|e| e.to_string())?;
     let next = next_page_cursor(&emu).await.unwrap_or_default();
     let url = format!("http://{gw}/v4/recentcontact/get_list");
     let curl = |body: &str| {
@@ -242,7 +272,7 @@ async fn run_demo(args: &crate::cli::DemoArgs) -> Result<(), String> {
     say(format!("curl -s http://{gw}/metrics"));
     say("");
     say("Press Ctrl-C to stop.");
-    let drained = server::run(listener, state, server::listener::termination_signal()).await;
+    let drained = server::run(listeners, state, server::listener::termination_signal()).await;
     emu.shutdown().await;
     say(format!("chat-gateway demo: stopped (drained: {drained})"));
     Ok(())

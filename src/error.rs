@@ -1,9 +1,10 @@
 //! One error type for a request's failures. Each variant records where the failure
-//! came from (the caller, the upstream, the gateway itself); [`GatewayError::respond`]
-//! is the one place that turns a failure into a response in Chat's envelope.
+//! came from (the caller, the upstream, the gateway itself) and what the caller is
+//! told: status, `ErrorCode`, reason. `GatewayError::respond` (in
+//! [`crate::server::response`]) is the one place that turns a failure into a response.
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 
 use crate::chat::envelope;
 
@@ -194,47 +195,6 @@ impl GatewayError {
             other => other.to_string(),
         };
         envelope::fail_body(self.code(), &info)
-    }
-
-    /// The whole response; counts it in `chat_gateway_errors_total{origin,reason}`.
-    pub fn respond(&self) -> http::Response<http_body_util::Full<Bytes>> {
-        metrics::counter!(
-            crate::metrics::names::ERRORS,
-            "origin" => self.origin().as_str(),
-            "reason" => self.reason()
-        )
-        .increment(1);
-        let mut resp = http::Response::new(http_body_util::Full::new(self.body()));
-        *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            crate::server::response::JSON.clone(),
-        );
-        h.insert(
-            crate::server::response::X_CHAT_GATEWAY_ERROR,
-            HeaderValue::from_static(self.reason()),
-        );
-        // The rest of the body was not read: the connection cannot carry another
-        // request, and a slow sender must not keep it.
-        if matches!(
-            self,
-            GatewayError::BodyTimeout(_) | GatewayError::BodyTooLarge(_) | GatewayError::BodyRead
-        ) {
-            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if let GatewayError::RateLimited(wait) = self {
-            // Whole seconds, rounded up (never 0: "retry at once" is not what we mean).
-            let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
-            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        if let GatewayError::Unauthorized = self {
-            h.insert(
-                http::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
-        }
-        resp
     }
 }
 

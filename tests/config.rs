@@ -113,5 +113,69 @@ fn secret_key_file_is_read_and_never_debug_printed() {
     let s = load_with_env(Some(f.path()), env(&[])).unwrap();
     assert_eq!(s.chat.secret_key.expose(), "super-secret-value");
     assert!(!format!("{s:?}").contains("super-secret-value"));
-    assert!(!s.to_redacted_json().contains("super-secret-value"));
+    let toml = s.to_toml();
+    assert!(!toml.contains("super-secret-value"));
+    assert!(toml.contains(&format!("secret_key_file = \"{}\"", key.path().display())));
+
+    // An empty key file is an error that names the file's key.
+    let empty = file("\n");
+    let f = file(&format!(
+        "[chat]\nsdkappid = 1\nidentifier = \"a\"\nregion = \"tokyo\"\nsecret_key_file = \"{}\"\n",
+        empty.path().display()
+    ));
+    let e = load_with_env(Some(f.path()), env(&[])).unwrap_err();
+    assert!(e.to_string().contains("chat.secret_key_file"), "{e}");
+}
+
+#[test]
+fn the_effective_configuration_loads_back_as_a_config_file() {
+    let f = file(&format!(
+        "{BASE}\n[server]\nadmin_listen = \"127.0.0.1:9901\"\nbody_read_timeout_ms = 700\n\
+         [cache]\nttl_secs = 7\nmax_pages_per_account = 9\n[retry]\nmax_attempts = 5\n\
+         [ratelimit.commands]\n\"openim/sendmsg\" = 100\n[log]\naccess = true\n\
+         [routes]\ndeny = [\"openim/*\"]\n[callback]\ntoken = \"cb-token-value\"\n"
+    ));
+    let s = load_with_env(
+        Some(f.path()),
+        env(&[("CHAT_GATEWAY__CACHE__STALE_IF_ERROR_SECS", "42")]),
+    )
+    .unwrap();
+    let text = s.to_toml();
+    assert!(!text.contains("cb-token-value"));
+    assert!(!text.contains("base_url_overridden") && !text.contains("live"));
+    let again = load_with_env(Some(file(&text).path()), env(&[])).unwrap();
+    // Everything but the redacted secrets comes back.
+    assert_eq!(again.to_toml(), text);
+    assert_eq!(again.live.cache_ttl.as_secs(), 7);
+    assert_eq!(again.live.stale_if_error.as_secs(), 42);
+    assert_eq!(again.cache.max_pages_per_account, 9);
+    assert_eq!(again.server.admin_listen, s.server.admin_listen);
+    assert_eq!(again.ratelimit.commands["openim/sendmsg"], 100);
+    assert!(again.log.access);
+    assert_eq!(again.routes.deny, vec!["openim/*"]);
+    assert_eq!(again.chat.base_url, "https://adminapijpn.im.qcloud.com");
+}
+
+#[test]
+fn a_public_callback_listener_needs_a_callback_token() {
+    let f = file(&format!(
+        "{BASE}\n[server]\ncallback_listen = \"0.0.0.0:8081\"\n"
+    ));
+    let e = load_with_env(Some(f.path()), env(&[])).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("server.callback_listen") && msg.contains("callback.token"),
+        "{msg}"
+    );
+    let f = file(&format!(
+        "{BASE}\n[server]\ncallback_listen = \"0.0.0.0:8081\"\n[callback]\ntoken = \"t\"\n"
+    ));
+    assert!(load_with_env(Some(f.path()), env(&[])).is_ok());
+    let f = file(&format!(
+        "{BASE}\n[server]\ncallback_listen = \"127.0.0.1:8081\"\n"
+    ));
+    assert!(
+        load_with_env(Some(f.path()), env(&[])).is_ok(),
+        "loopback needs none"
+    );
 }

@@ -226,7 +226,10 @@ fn page(body: &str, groups: &[&str]) -> Page {
         stored_at: now,
         fresh_until: now + Duration::from_secs(60),
         stale_until: now + Duration::from_secs(120),
-        groups: groups.iter().map(|g| Arc::from(*g)).collect(),
+        groups: groups
+            .iter()
+            .map(|g| chat_gateway::cache::groups::group_key(g))
+            .collect(),
     }
 }
 

@@ -175,6 +175,14 @@ async fn webhooks_invalidate_only_when_signed_by_us() {
         gw.log_text().contains("callback rejected"),
         "rejections are logged"
     );
+    // ... at most once a second (the four came within one or two seconds), and
+    // every one is counted.
+    assert!(gw.log_count("callback rejected") <= 2, "{}", gw.log_text());
+    let m = String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned();
+    assert_eq!(
+        metric(&m, "chat_gateway_callbacks_total{outcome=\"rejected\"}"),
+        4.0
+    );
 }
 
 #[tokio::test]

@@ -117,12 +117,69 @@ fn check_config_prints_effective_config_without_the_secret() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!stdout.contains(SECRET), "secret printed: {stdout}");
-    assert!(stdout.contains("<redacted>"));
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(v["live"]["cache_ttl_secs"], 42, "env override is applied");
-    assert_eq!(v["chat"]["sdkappid"], SDKAPPID);
+    assert!(stdout.contains("secret_key = \"<redacted>\""));
+    let v: toml::Table = stdout.parse().expect("check-config prints TOML");
+    assert_eq!(
+        v["cache"]["ttl_secs"].as_integer(),
+        Some(42),
+        "env override is applied"
+    );
+    assert_eq!(v["chat"]["sdkappid"].as_integer(), Some(SDKAPPID as i64));
+    // Fed back as a config file, it is accepted and prints the same.
+    let again = run_with(&stdout, &["check-config"], &[]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&again.stdout), stdout);
+}
+
+#[test]
+fn the_cli_says_how_to_configure_and_validates_its_arguments() {
+    // No config at all: how to get one.
+    let out = Command::new(bin())
+        .env_remove("CHAT_GATEWAY_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for hint in ["--config FILE", "chat-gateway demo", "CHAT_GATEWAY__"] {
+        assert!(err.contains(hint), "{hint} missing from: {err}");
+    }
+    // --help names the environment convention.
+    let help = Command::new(bin()).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("CHAT_GATEWAY__<SECTION>__<KEY>"));
+    // The demo and the emulator read no config file and do not offer --config.
+    for sub in ["demo", "emulator"] {
+        let help = Command::new(bin()).args([sub, "--help"]).output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&help.stdout).contains("--config"),
+            "{sub}"
+        );
+        let out = Command::new(bin())
+            .args(["--config", "x.toml", sub])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{sub} --config is refused");
+    }
+    // usersig: --expire must be > 0, the identifier a valid UserID.
+    let toml = config_toml("http://127.0.0.1:9", &[]);
+    for args in [
+        &["usersig", "--expire", "0"][..],
+        &["usersig", "--identifier", "has space"],
+        &[
+            "usersig",
+            "--identifier",
+            "123456789012345678901234567890123",
+        ],
+    ] {
+        let out = run_with(&toml, args, &[]);
+        assert!(!out.status.success(), "{args:?} accepted");
+    }
 }
 
 #[test]

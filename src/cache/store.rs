@@ -34,17 +34,19 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::Expiry;
 
-use super::groups::GroupIndex;
+use super::groups::{group_key, GroupIndex, GroupKey};
 use super::key::PageKey;
 use super::{CacheStats, PageCache};
 
 /// Bytes counted per page on top of its body, extra-field key and GroupIds: the
 /// `Arc<Page>` allocation, its slot in the account's page list, the shared-`Bytes`
-/// header, and allocator rounding. Measured with `bench/rss.sh` (see the README).
-pub const PAGE_OVERHEAD: usize = 256;
-/// Bytes counted per GroupId a page lists, on top of its length: the `Arc<str>`, and
-/// its share of the GroupId index (a slot in the group's account map, the map itself).
-pub const GROUP_OVERHEAD: usize = 96;
+/// header, and the allocator's rounding of the body to its size class. Calibrated
+/// with `bench/rss.sh`, so that what a page weighs stays within about 15% of the RSS
+/// it adds (see the README's figures).
+pub const PAGE_OVERHEAD: usize = 384;
+/// Bytes counted per GroupId a page lists: its key in the page, and its share of the
+/// GroupId index (a slot in the group's list of accounts, the table slot).
+pub const GROUP_OVERHEAD: usize = 128;
 /// Bytes counted per account entry on top of its pages and account name: the
 /// `Arc<AccountPages>`, the key's allocations, and moka's per-entry bookkeeping (its
 /// hash-table slot, access and write order nodes, timer-wheel node, entry info).
@@ -53,14 +55,8 @@ pub const ENTRY_OVERHEAD: usize = 512;
 pub const RECENT_INVALIDATION_SLOTS: usize = 1 << 16;
 
 /// What one page weighs in the cache, in bytes (see the constants above).
-pub fn weigh_page(body_len: usize, extra_len: usize, groups: &[Arc<str>]) -> usize {
-    body_len
-        + extra_len
-        + groups
-            .iter()
-            .map(|g| g.len() + GROUP_OVERHEAD)
-            .sum::<usize>()
-        + PAGE_OVERHEAD
+pub fn weigh_page(body_len: usize, extra_len: usize, groups: usize) -> usize {
+    body_len + extra_len + groups * GROUP_OVERHEAD + PAGE_OVERHEAD
 }
 
 /// The epochs of recent invalidations, in a fixed table indexed by a hash of the
@@ -114,8 +110,8 @@ pub struct Page {
     pub fresh_until: Instant,
     /// Served as stale (only when Chat fails) until then.
     pub stale_until: Instant,
-    /// GroupIds this page lists (for group-event invalidation).
-    pub groups: Box<[Arc<str>]>,
+    /// Keys of the GroupIds this page lists (for group-event invalidation).
+    pub groups: Box<[GroupKey]>,
 }
 
 impl Page {
@@ -128,7 +124,7 @@ impl Page {
         stored_at: Instant,
         fresh_until: Instant,
         stale_until: Instant,
-        groups: Box<[Arc<str>]>,
+        groups: Box<[GroupKey]>,
     ) -> Page {
         Page {
             key,
@@ -162,7 +158,7 @@ impl AccountPages {
                 weigh_page(
                     p.body.len(),
                     p.key.extra.as_ref().map_or(0, |e| e.len()),
-                    &p.groups,
+                    p.groups.len(),
                 )
             })
             .sum::<usize>()
@@ -178,15 +174,14 @@ impl AccountPages {
     }
 
     /// Every GroupId its pages list (with repeats).
-    fn groups(&self) -> impl Iterator<Item = Arc<str>> + '_ {
-        self.pages.iter().flat_map(|p| p.groups.iter().cloned())
+    fn groups(&self) -> impl Iterator<Item = GroupKey> + '_ {
+        self.pages.iter().flat_map(|p| p.groups.iter().copied())
     }
 
     /// Whether any page lists `group`.
     pub fn lists_group(&self, group: &str) -> bool {
-        self.pages
-            .iter()
-            .any(|p| p.groups.iter().any(|g| &**g == group))
+        let key = group_key(group);
+        self.pages.iter().any(|p| p.groups.contains(&key))
     }
 }
 
@@ -426,7 +421,7 @@ mod tests {
             stored_at: now,
             fresh_until: now + ttl,
             stale_until: now + ttl + stale,
-            groups: groups.iter().map(|g| Arc::from(*g)).collect(),
+            groups: groups.iter().map(|g| group_key(g)).collect(),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod raw;
 pub mod redis;
 pub mod reload;
 pub mod secret;
+pub mod secrets;
 pub mod settings;
 
 use std::path::Path;

@@ -2,12 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, Secret, ENV_PREFIX, ENV_SEPARATOR};
 
 /// The whole file.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     pub server: RawServer,
@@ -22,9 +22,11 @@ pub struct RawConfig {
 }
 
 /// `[redis]`: the fleet. Without `url`, the gateway runs alone.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRedis {
+    /// Serialized with its password (only) redacted.
+    #[serde(serialize_with = "redacted_redis_url")]
     pub url: Option<Secret>,
     pub key_prefix: String,
     pub timeout_ms: u64,
@@ -32,6 +34,19 @@ pub struct RawRedis {
     pub ca_file: Option<PathBuf>,
     pub lease_ms: u64,
     pub latency_allowance_ms: u64,
+}
+
+/// A Redis URL as `redis://user:<redacted>@host:port/db`; all of it redacted if it
+/// does not parse.
+fn redacted_redis_url<S: serde::Serializer>(u: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    match u {
+        None => s.serialize_none(),
+        Some(u) => s.serialize_some(
+            &super::redis::RedisUrl::parse("redis.url", u.expose())
+                .map(|u| u.redacted())
+                .unwrap_or_else(|_| "<redacted>".to_string()),
+        ),
+    }
 }
 
 impl Default for RawRedis {
@@ -49,7 +64,7 @@ impl Default for RawRedis {
 }
 
 /// `[routes]`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRoutes {
     pub allow: Vec<String>,
@@ -57,7 +72,7 @@ pub struct RawRoutes {
 }
 
 /// `[ratelimit]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRateLimit {
     pub per_command_per_sec: u64,
@@ -76,14 +91,34 @@ impl Default for RawRateLimit {
 }
 
 /// `[callback]`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawCallback {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    pub max_body_bytes: u64,
+    pub max_connections: u64,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+}
+
+impl Default for RawCallback {
+    fn default() -> Self {
+        RawCallback {
+            token: None,
+            token_file: None,
+            max_body_bytes: 65536,
+            max_connections: 1024,
+            header_read_timeout_ms: 5000,
+            body_read_timeout_ms: 5000,
+        }
+    }
 }
 
 /// `[server]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
     pub listen: String,
@@ -94,8 +129,14 @@ pub struct RawServer {
     pub body_read_timeout_ms: u64,
     pub max_invalidate_accounts: u64,
     pub auth_tokens: Vec<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_tokens_file: Option<PathBuf>,
     pub allow_unauthenticated: bool,
     pub protect_metrics: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback_listen: Option<String>,
 }
 
 impl Default for RawServer {
@@ -109,25 +150,36 @@ impl Default for RawServer {
             body_read_timeout_ms: 10_000,
             max_invalidate_accounts: 1000,
             auth_tokens: Vec::new(),
+            auth_tokens_file: None,
             allow_unauthenticated: false,
             protect_metrics: false,
+            admin_listen: None,
+            callback_listen: None,
         }
     }
 }
 
 /// `[chat]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawChat {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sdkappid: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub identifier: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_key: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     pub usersig_ttl_secs: u64,
     pub request_timeout_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_base_url: Option<String>,
     pub failover_cooldown_secs: u64,
 }
@@ -151,7 +203,7 @@ impl Default for RawChat {
 }
 
 /// `[cache]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawCache {
     pub ttl_secs: u64,
@@ -172,7 +224,7 @@ impl Default for RawCache {
 }
 
 /// `[retry]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRetry {
     pub max_attempts: u64,
@@ -200,11 +252,12 @@ impl Default for RawRetry {
 }
 
 /// `[log]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLog {
     pub format: String,
     pub level: String,
+    pub access: bool,
 }
 
 impl Default for RawLog {
@@ -212,6 +265,7 @@ impl Default for RawLog {
         RawLog {
             format: "text".into(),
             level: "info".into(),
+            access: false,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::raw::RawConfig;
-use super::{ConfigError, Secret};
+use super::{secrets, ConfigError, Secret};
 use crate::chat::region::Region;
 
 /// Everything the gateway needs to run, validated.
@@ -58,8 +58,21 @@ pub struct RateLimitSettings {
 #[derive(Debug, Clone, Serialize)]
 pub struct CallbackSettings {
     /// The callback token set in the Chat console; when set, every webhook must carry
-    /// a valid `Sign`.
+    /// a valid `Sign`. Read from `callback.token_file` when that is set (and then
+    /// reloaded live by [`super::secrets`]).
     pub token: Option<Secret>,
+    /// Where the token is read from, if from a file.
+    pub token_file: Option<PathBuf>,
+    /// Largest webhook body on `server.callback_listen`.
+    pub max_body_bytes: usize,
+    /// Open connections at most on `server.callback_listen`.
+    pub max_connections: usize,
+    /// Deadline for a webhook's request head on `server.callback_listen`.
+    #[serde(with = "millis", rename = "header_read_timeout_ms")]
+    pub header_read_timeout: Duration,
+    /// Deadline for a webhook's body on `server.callback_listen`.
+    #[serde(with = "millis", rename = "body_read_timeout_ms")]
+    pub body_read_timeout: Duration,
 }
 
 /// `[server]`
@@ -84,8 +97,17 @@ pub struct ServerSettings {
     pub body_read_timeout: Duration,
     /// Most accounts one invalidation request may name.
     pub max_invalidate_accounts: usize,
-    /// Bearer tokens callers must present on `/v4/*` and `/admin/*` (none: no auth).
+    /// Bearer tokens callers must present on `/v4/*` and `/admin/*` (none: no auth),
+    /// inline or read from `auth_tokens_file` (then reloaded live).
     pub auth_tokens: Vec<Secret>,
+    /// Where the tokens are read from, one per line, if from a file.
+    pub auth_tokens_file: Option<PathBuf>,
+    /// A second listener for the probes and `/metrics` only (e.g. `0.0.0.0:9901`),
+    /// outside `max_connections` and caller auth, for kubelet and Prometheus.
+    pub admin_listen: Option<SocketAddr>,
+    /// A listener for `POST /callback` only, so Chat's webhooks can reach the pod
+    /// through a Service while the API stays on loopback.
+    pub callback_listen: Option<SocketAddr>,
     /// Allows a non-loopback `listen` without tokens.
     pub allow_unauthenticated: bool,
     /// Whether `/metrics` requires a token too.
@@ -101,13 +123,19 @@ pub struct ChatSettings {
     pub identifier: String,
     /// The app's secret key; never printed.
     pub secret_key: Secret,
+    /// Where the key is read from, if from a file (then reloaded live).
+    pub secret_key_file: Option<PathBuf>,
     /// The app's region, which names the default domains.
     #[serde(serialize_with = "region_str")]
     pub region: Region,
     /// Base URL of the primary upstream (`https://<region domain>` unless overridden).
     pub base_url: String,
     /// Whether `base_url` came from config (only then is `http://` allowed).
+    #[serde(skip)]
     pub base_url_overridden: bool,
+    /// Whether `backup_base_url` came from config.
+    #[serde(skip)]
+    pub backup_base_url_overridden: bool,
     /// Base URL of the backup upstream, used after connection-level failures of the
     /// primary: the region's backup domain, or `chat.backup_base_url`.
     pub backup_base_url: Option<String>,
@@ -173,6 +201,8 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A tracing-subscriber filter directive, e.g. `info` or `chat_gateway=debug`.
     pub level: String,
+    /// One line per request on the `access` target, whatever `level` says.
+    pub access: bool,
 }
 
 /// `log.format`
@@ -249,20 +279,25 @@ impl Settings {
                 "server.max_invalidate_accounts",
                 s.max_invalidate_accounts,
             )? as usize,
-            auth_tokens: s.auth_tokens,
+            auth_tokens: match (s.auth_tokens.is_empty(), &s.auth_tokens_file) {
+                (false, Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        "server.auth_tokens",
+                        "set either server.auth_tokens or server.auth_tokens_file, not both",
+                    ))
+                }
+                (_, Some(path)) => secrets::read_tokens("server.auth_tokens_file", path)?,
+                (_, None) => {
+                    secrets::check_tokens("server.auth_tokens", &s.auth_tokens)?;
+                    s.auth_tokens
+                }
+            },
+            auth_tokens_file: s.auth_tokens_file,
             allow_unauthenticated: s.allow_unauthenticated,
             protect_metrics: s.protect_metrics,
+            admin_listen: optional_addr("server.admin_listen", s.admin_listen.as_deref())?,
+            callback_listen: optional_addr("server.callback_listen", s.callback_listen.as_deref())?,
         };
-        if server
-            .auth_tokens
-            .iter()
-            .any(|t| t.expose().trim().len() < 16)
-        {
-            return Err(ConfigError::invalid(
-                "server.auth_tokens",
-                "every token must be at least 16 characters",
-            ));
-        }
         if !server.listen.ip().is_loopback()
             && server.auth_tokens.is_empty()
             && !server.allow_unauthenticated
@@ -292,33 +327,20 @@ impl Settings {
             .ok_or_else(|| {
                 ConfigError::invalid("chat.identifier", "is required (the app admin account)")
             })?;
-        if identifier.len() > 32
-            || identifier
-                .chars()
-                .any(|ch| ch.is_control() || ch.is_whitespace())
-        {
-            return Err(ConfigError::invalid(
-                "chat.identifier",
-                "must be at most 32 bytes with no spaces or control characters",
-            ));
-        }
-        let secret_key = match (c.secret_key, c.secret_key_file) {
+        validate_identifier(&identifier)
+            .map_err(|why| ConfigError::invalid("chat.identifier", why))?;
+        let secret_key = match (c.secret_key, &c.secret_key_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::invalid(
                     "chat.secret_key",
                     "set either chat.secret_key or chat.secret_key_file, not both",
                 ))
             }
-            (Some(k), None) => k,
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    ConfigError::invalid(
-                        "chat.secret_key_file",
-                        format!("cannot read {}: {}", path.display(), e.kind()),
-                    )
-                })?;
-                Secret::new(text.trim_end_matches(['\r', '\n']).to_string())
+            (Some(k), None) if k.is_empty() => {
+                return Err(ConfigError::invalid("chat.secret_key", "must not be empty"))
             }
+            (Some(k), None) => k,
+            (None, Some(path)) => secrets::read_secret("chat.secret_key_file", path)?,
             (None, None) => {
                 return Err(ConfigError::invalid(
                     "chat.secret_key",
@@ -326,9 +348,6 @@ impl Settings {
                 ))
             }
         };
-        if secret_key.is_empty() {
-            return Err(ConfigError::invalid("chat.secret_key", "must not be empty"));
-        }
         let region: Region = c
             .region
             .as_deref()
@@ -371,9 +390,11 @@ impl Settings {
             sdkappid,
             identifier,
             secret_key,
+            secret_key_file: c.secret_key_file,
             region,
             base_url,
             base_url_overridden: overridden,
+            backup_base_url_overridden: c.backup_base_url.is_some(),
             backup_base_url,
             failover_cooldown: Duration::from_secs(positive(
                 "chat.failover_cooldown_secs",
@@ -470,6 +491,55 @@ impl Settings {
             }
         };
         validate_log_level(&raw.log.level).map_err(|why| ConfigError::invalid("log.level", why))?;
+        let cb = raw.callback;
+        let callback = CallbackSettings {
+            token: match (cb.token, &cb.token_file) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        "callback.token",
+                        "set either callback.token or callback.token_file, not both",
+                    ))
+                }
+                (Some(t), None) if t.is_empty() => {
+                    return Err(ConfigError::invalid(
+                        "callback.token",
+                        "must not be empty (leave it out to accept unsigned callbacks)",
+                    ))
+                }
+                (Some(t), None) => Some(t),
+                (None, Some(path)) => Some(secrets::read_secret("callback.token_file", path)?),
+                (None, None) => None,
+            },
+            token_file: cb.token_file,
+            max_body_bytes: match cb.max_body_bytes {
+                n @ 1..=67_108_864 => n as usize,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "callback.max_body_bytes",
+                        "must be 1 to 67108864 (64 MiB)",
+                    ))
+                }
+            },
+            max_connections: positive("callback.max_connections", cb.max_connections)? as usize,
+            header_read_timeout: Duration::from_millis(positive(
+                "callback.header_read_timeout_ms",
+                cb.header_read_timeout_ms,
+            )?),
+            body_read_timeout: Duration::from_millis(positive(
+                "callback.body_read_timeout_ms",
+                cb.body_read_timeout_ms,
+            )?),
+        };
+        if let Some(addr) = server.callback_listen {
+            if !addr.ip().is_loopback() && callback.token.is_none() {
+                return Err(ConfigError::invalid(
+                    "server.callback_listen",
+                    format!(
+                        "{addr} is not a loopback address and callback.token is not set: anyone who can reach it could invalidate the cache. Set callback.token (or callback.token_file) to the console's callback token"
+                    ),
+                ));
+            }
+        }
         Ok(Settings {
             server,
             chat,
@@ -478,28 +548,161 @@ impl Settings {
             log: LogSettings {
                 format,
                 level: raw.log.level,
+                access: raw.log.access,
             },
-            callback: CallbackSettings {
-                token: match raw.callback.token {
-                    Some(t) if t.is_empty() => {
-                        return Err(ConfigError::invalid(
-                            "callback.token",
-                            "must not be empty (leave it out to accept unsigned callbacks)",
-                        ))
-                    }
-                    t => t,
-                },
-            },
+            callback,
             routes,
             ratelimit,
             redis: super::redis::from_raw(raw.redis)?,
         })
     }
 
-    /// The effective settings as TOML-like JSON, secrets redacted (for `check-config`).
-    pub fn to_redacted_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into())
+    /// The effective configuration as a TOML config file with the file's own keys,
+    /// secrets redacted (for `check-config`): loading it gives these settings back,
+    /// but for the redacted secrets.
+    pub fn to_toml(&self) -> String {
+        let raw = self.to_raw();
+        toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render the settings: {e}\n"))
     }
+
+    /// The settings as the file's keys. Secrets read from files are given by their
+    /// `*_file` key; inline ones serialize as `<redacted>`.
+    pub fn to_raw(&self) -> RawConfig {
+        use super::raw::*;
+        let s = &self.server;
+        let c = &self.chat;
+        let secs = |d: Duration| d.as_secs();
+        let ms = |d: Duration| d.as_millis() as u64;
+        RawConfig {
+            server: RawServer {
+                listen: s.listen.to_string(),
+                max_body_bytes: s.max_body_bytes as u64,
+                shutdown_grace_secs: secs(s.shutdown_grace),
+                max_connections: s.max_connections as u64,
+                header_read_timeout_ms: ms(s.header_read_timeout),
+                body_read_timeout_ms: ms(s.body_read_timeout),
+                max_invalidate_accounts: s.max_invalidate_accounts as u64,
+                auth_tokens: if s.auth_tokens_file.is_some() {
+                    Vec::new()
+                } else {
+                    s.auth_tokens.clone()
+                },
+                auth_tokens_file: s.auth_tokens_file.clone(),
+                allow_unauthenticated: s.allow_unauthenticated,
+                protect_metrics: s.protect_metrics,
+                admin_listen: s.admin_listen.map(|a| a.to_string()),
+                callback_listen: s.callback_listen.map(|a| a.to_string()),
+            },
+            chat: RawChat {
+                sdkappid: Some(c.sdkappid),
+                identifier: Some(c.identifier.clone()),
+                secret_key: c.secret_key_file.is_none().then(|| c.secret_key.clone()),
+                secret_key_file: c.secret_key_file.clone(),
+                region: Some(c.region.as_str().to_string()),
+                base_url: c.base_url_overridden.then(|| c.base_url.clone()),
+                ca_file: c.ca_file.clone(),
+                usersig_ttl_secs: secs(c.usersig_ttl),
+                request_timeout_ms: ms(c.request_timeout),
+                backup_base_url: c
+                    .backup_base_url
+                    .clone()
+                    .filter(|_| c.backup_base_url_overridden),
+                failover_cooldown_secs: secs(c.failover_cooldown),
+            },
+            cache: RawCache {
+                ttl_secs: secs(self.live.cache_ttl),
+                max_bytes: self.cache.max_bytes,
+                stale_if_error_secs: secs(self.live.stale_if_error),
+                max_pages_per_account: self.cache.max_pages_per_account as u64,
+            },
+            retry: {
+                let r = &self.live.retry;
+                RawRetry {
+                    max_attempts: u64::from(r.max_attempts),
+                    base_delay_ms: ms(r.base_delay),
+                    max_delay_ms: ms(r.max_delay),
+                    idempotent_commands: r.idempotent_commands.iter().cloned().collect(),
+                    budget_percent: u64::from(r.budget_percent),
+                    budget_min_per_sec: u64::from(r.budget_min_per_sec),
+                }
+            },
+            log: RawLog {
+                format: match self.log.format {
+                    LogFormat::Text => "text".into(),
+                    LogFormat::Json => "json".into(),
+                },
+                level: self.log.level.clone(),
+                access: self.log.access,
+            },
+            callback: {
+                let cb = &self.callback;
+                RawCallback {
+                    token: if cb.token_file.is_some() {
+                        None
+                    } else {
+                        cb.token.clone()
+                    },
+                    token_file: cb.token_file.clone(),
+                    max_body_bytes: cb.max_body_bytes as u64,
+                    max_connections: cb.max_connections as u64,
+                    header_read_timeout_ms: ms(cb.header_read_timeout),
+                    body_read_timeout_ms: ms(cb.body_read_timeout),
+                }
+            },
+            routes: RawRoutes {
+                allow: self.routes.allow.clone(),
+                deny: self.routes.deny.clone(),
+            },
+            ratelimit: RawRateLimit {
+                per_command_per_sec: u64::from(self.ratelimit.per_command_per_sec),
+                max_wait_ms: ms(self.ratelimit.max_wait),
+                commands: self
+                    .ratelimit
+                    .commands
+                    .iter()
+                    .map(|(k, v)| (k.clone(), u64::from(*v)))
+                    .collect(),
+            },
+            redis: match &self.redis {
+                Some(r) => RawRedis {
+                    url: Some(Secret::new(r.url.redacted())),
+                    key_prefix: r.key_prefix.clone(),
+                    timeout_ms: ms(r.timeout),
+                    l2_cache: r.l2_cache,
+                    ca_file: r.ca_file.clone(),
+                    lease_ms: ms(r.lease),
+                    latency_allowance_ms: ms(r.latency_allowance),
+                },
+                None => RawRedis::default(),
+            },
+        }
+    }
+}
+
+/// An optional `ip:port` key.
+fn optional_addr(key: &str, v: Option<&str>) -> Result<Option<SocketAddr>, ConfigError> {
+    v.map(|a| {
+        a.parse().map_err(|_| {
+            ConfigError::invalid(key, format!("{a:?} is not an address like 0.0.0.0:9901"))
+        })
+    })
+    .transpose()
+}
+
+/// Checks an admin identifier (Chat's UserID rules): 1 to 32 bytes, no spaces or
+/// control characters.
+pub fn validate_identifier(identifier: &str) -> Result<(), String> {
+    if identifier.is_empty()
+        || identifier.len() > 32
+        || identifier
+            .chars()
+            .any(|ch| ch.is_control() || ch.is_whitespace())
+    {
+        return Err(format!(
+            "{identifier:?} must be 1 to 32 bytes with no spaces or control characters"
+        ));
+    }
+    Ok(())
 }
 
 /// Log levels a `log.level` directive may end in.

@@ -164,7 +164,7 @@ impl L2Page {
             stored_ms: at(p.stored_at),
             fresh_until_ms: at(p.fresh_until),
             stale_until_ms: at(p.stale_until),
-            groups: p.groups.iter().map(|g| g.to_string()).collect(),
+            groups: crate::cache::groups::group_ids(&p.body),
         }
     }
 
@@ -187,7 +187,7 @@ impl L2Page {
             stored_at: at(self.stored_ms),
             fresh_until: at(self.fresh_until_ms),
             stale_until: at(self.stale_until_ms),
-            groups: self.groups.iter().map(|g| Arc::from(g.as_str())).collect(),
+            groups: crate::cache::groups::group_keys(&self.body),
         }
     }
 

@@ -9,6 +9,15 @@ use hyper::body::Incoming;
 
 use crate::error::GatewayError;
 
+/// How much of a body, and for how long, a listener reads.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Largest body accepted.
+    pub max_bytes: usize,
+    /// Deadline for the whole body once its head has arrived.
+    pub timeout: Duration,
+}
+
 /// Reads the whole body, refusing anything over `max` bytes (at once from
 /// `content-length`, or as soon as the streamed bytes pass the bound) and anything
 /// that has not fully arrived within `timeout` (`server.body_read_timeout_ms`).

@@ -1,15 +1,18 @@
-//! The accept loop shared by the gateway and the emulator: connection limits, header
-//! read timeout, keep-alive, and graceful shutdown.
+//! The accept loop shared by the gateway and the emulator: connection limits, a
+//! reserve for health probes, the open-connections gauge, and graceful shutdown. What
+//! happens on a connection is a *driver*'s job: [`drive_hyper`] (hyper's HTTP/1 and
+//! HTTP/2, for the emulator and whatever the gateway's own HTTP/1 front end,
+//! [`super::http1`], hands over) or that front end.
 //!
 //! Graceful shutdown follows one small pattern: when `shutdown` resolves, the listener
 //! is dropped (new connections are refused by the kernel), every open connection is
-//! told to finish its in-flight request and close, and we wait for them for at most
-//! `grace`. Whatever is still running then is dropped.
+//! told through [`Conn::stop`] to finish its in-flight request and close, and we wait
+//! for them for at most `grace`. Whatever is still running then is dropped.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,9 +23,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
 
 /// Connections accepted past `max_connections` so that some requests (the health
 /// probes) are still answered when every slot is held, e.g. by slow or idle callers.
@@ -30,9 +32,9 @@ use tokio::sync::Semaphore;
 pub struct Reserve {
     /// How many such connections at most.
     pub connections: usize,
-    /// Which requests a reserve connection answers at once; any other request on it
-    /// waits for a regular slot, as it would have in the kernel's backlog.
-    pub admits: fn(&Request<Incoming>) -> bool,
+    /// Which request paths a reserve connection answers at once; any other request on
+    /// it waits for a regular slot, as it would have in the kernel's backlog.
+    pub admits: fn(&str) -> bool,
 }
 
 /// How the accept loop treats connections.
@@ -65,9 +67,63 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serves `handler` on `listener` until `shutdown` resolves, then drains.
-///
-/// Returns `true` when every connection finished within the grace period.
+/// What a driver gets with its socket: who called, the shutdown signal, and the
+/// connection's slot (held until this is dropped).
+pub struct Conn {
+    /// The caller.
+    pub peer: SocketAddr,
+    /// Turns `true` when the server starts shutting down: finish the request in
+    /// flight, then close.
+    pub stop: watch::Receiver<bool>,
+    /// The connection's slot, and what its requests need to be admitted; shared by
+    /// the requests (hyper serves several at once over HTTP/2).
+    admission: Arc<Admission>,
+    /// Counts the connection as open (for draining and the gauge) until dropped.
+    _open: OpenGuard,
+}
+
+impl Conn {
+    /// Called before serving a request for `path`: a connection on a reserve slot
+    /// waits for a regular slot unless the reserve admits the request.
+    pub async fn admit(&self, path: &str) {
+        self.admission.admit(path).await
+    }
+
+    /// Whether shutdown has started.
+    pub fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+/// Open connections, for draining.
+#[derive(Default)]
+struct Tracker {
+    /// Connections not yet closed.
+    open: AtomicUsize,
+    /// Notified when `open` drops to zero.
+    idle: Notify,
+}
+
+/// Keeps a connection counted as open (and in the gauge) while it lives.
+struct OpenGuard {
+    tracker: Arc<Tracker>,
+    gauge: Option<metrics::Gauge>,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gauge {
+            g.decrement(1.0);
+        }
+        if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tracker.idle.notify_waiters();
+        }
+    }
+}
+
+/// Serves `handler` with hyper on `listener` until `shutdown` resolves, then drains
+/// (the emulator's server). Returns `true` when every connection finished within the
+/// grace period.
 pub async fn serve<H, Fut>(
     listener: TcpListener,
     handler: H,
@@ -78,25 +134,43 @@ where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
-        .keep_alive(true)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024);
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let header_read_timeout = opts.header_read_timeout;
+    accept_loop(
+        listener,
+        move |stream, conn| {
+            drive_hyper(
+                TokioIo::new(stream),
+                conn,
+                handler.clone(),
+                header_read_timeout,
+            )
+        },
+        shutdown,
+        opts,
+    )
+    .await
+}
+
+/// Accepts connections on `listener` and runs `driver` on each, within the limits of
+/// `opts`, until `shutdown` resolves; then drains. Returns `true` when every
+/// connection finished within the grace period.
+pub async fn accept_loop<D, F>(
+    listener: TcpListener,
+    driver: D,
+    shutdown: impl Future<Output = ()>,
+    opts: ServeOptions,
+) -> bool
+where
+    D: Fn(TcpStream, Conn) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let reserve_permits = Arc::new(Semaphore::new(opts.reserve.map_or(0, |r| r.connections)));
-    let open = opts
+    let gauge = opts
         .gauge
         .map(|l| metrics::gauge!(crate::metrics::names::OPEN_CONNECTIONS, "listener" => l));
+    let tracker = Arc::new(Tracker::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
 
     loop {
@@ -132,68 +206,133 @@ where
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let got_request = Arc::new(AtomicBool::new(false));
-        let seen = got_request.clone();
-        let reserve = match (&slot, opts.reserve) {
-            (Slot::Reserve(r), Some(cfg)) => Some((r.clone(), permits.clone(), cfg.admits)),
-            _ => None,
-        };
-        let svc = service_fn(move |req| {
-            seen.store(true, Ordering::Relaxed);
-            let handler = handler.clone();
-            let reserve = reserve.clone();
-            async move {
-                if let Some((slot, permits, admits)) = reserve {
-                    if !admits(&req) {
-                        // Not a reserve request: wait for a regular slot, then let the
-                        // reserve slot go for the next probe.
-                        slot.promote(&permits).await;
-                    }
-                }
-                Ok::<_, Infallible>(handler(req, peer).await)
-            }
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
-        let first_head_deadline = opts.header_read_timeout;
-        if let Some(g) = &open {
+        tracker.open.fetch_add(1, Ordering::AcqRel);
+        if let Some(g) = &gauge {
             g.increment(1.0);
         }
-        let open = open.clone();
-        tokio::spawn(async move {
-            // hyper's header_read_timeout only starts once the auto builder has sniffed
-            // the protocol from the first bytes, and HTTP/2 has none: a connection that
-            // sends nothing (or a slow HTTP/2 preface) would hold its slot forever. So
-            // the first request head must also arrive within the timeout of the accept.
-            tokio::pin!(conn);
-            let res = tokio::select! {
-                res = &mut conn => Some(res),
-                _ = tokio::time::sleep(first_head_deadline) => {
-                    if got_request.load(Ordering::Relaxed) {
-                        Some(conn.await)
-                    } else {
-                        tracing::debug!(%peer, "no request head in time; closing");
-                        None
-                    }
-                }
-            };
-            if let Some(Err(e)) = res {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-            if let Some(g) = open {
-                g.decrement(1.0);
-            }
-            drop(slot);
-        });
+        let conn = Conn {
+            peer,
+            stop: stop_rx.clone(),
+            admission: Arc::new(Admission {
+                slot,
+                permits: permits.clone(),
+                reserve: opts.reserve,
+            }),
+            _open: OpenGuard {
+                tracker: tracker.clone(),
+                gauge: gauge.clone(),
+            },
+        };
+        tokio::spawn(driver(stream, conn));
     }
 
     drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = async {
+        loop {
+            let idle = tracker.idle.notified();
+            if tracker.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    };
     tokio::select! {
-        _ = graceful.shutdown() => true,
+        _ = drained => true,
         _ = tokio::time::sleep(opts.shutdown_grace) => {
             tracing::warn!(grace_secs = opts.shutdown_grace.as_secs_f64(), "grace period over; closing the remaining connections");
             false
+        }
+    }
+}
+
+/// hyper's HTTP/1 and HTTP/2 (by protocol sniffing) on one connection, with
+/// `handler` for every request, the header read timeout, the reserve's admission and
+/// graceful shutdown.
+pub async fn drive_hyper<I, H, Fut>(
+    io: I,
+    mut conn: Conn,
+    handler: H,
+    header_read_timeout: Duration,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024);
+    let peer = conn.peer;
+    let got_request = Arc::new(AtomicBool::new(false));
+    let seen = got_request.clone();
+    let admission = conn.admission.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        seen.store(true, Ordering::Relaxed);
+        let handler = handler.clone();
+        let admission = admission.clone();
+        async move {
+            admission.admit(req.uri().path()).await;
+            Ok::<_, Infallible>(handler(req, peer).await)
+        }
+    });
+    let served = builder.serve_connection(io, svc);
+    tokio::pin!(served);
+    // hyper's header_read_timeout only starts once the auto builder has sniffed the
+    // protocol from the first bytes, and HTTP/2 has none: a connection that sends
+    // nothing (or a slow HTTP/2 preface) would hold its slot forever. So the first
+    // request head must also arrive within the timeout of the accept.
+    let first_head = tokio::time::sleep(header_read_timeout);
+    tokio::pin!(first_head);
+    let mut first_head_due = true;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            res = &mut served => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                return;
+            }
+            _ = &mut first_head, if first_head_due => {
+                first_head_due = false;
+                if !got_request.load(Ordering::Relaxed) {
+                    tracing::debug!(%peer, "no request head in time; closing");
+                    return;
+                }
+            }
+            _ = conn.stop.changed(), if !stopping => {
+                stopping = true;
+                served.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// A connection's slot and what it needs for [`Conn::admit`].
+struct Admission {
+    /// The slot, held until the connection closes.
+    slot: Slot,
+    /// The regular slots, for a reserve connection's promotion.
+    permits: Arc<Semaphore>,
+    /// What the reserve admits.
+    reserve: Option<Reserve>,
+}
+
+impl Admission {
+    async fn admit(&self, path: &str) {
+        if let (Slot::Reserve(r), Some(cfg)) = (&self.slot, self.reserve) {
+            if !(cfg.admits)(path) {
+                r.promote(&self.permits).await;
+            }
         }
     }
 }
@@ -246,6 +385,34 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// Tells systemd (a `Type=notify` unit) about the service's state, e.g. `READY=1`
+/// once it listens and `STOPPING=1` when it starts to shut down. Does nothing when
+/// `NOTIFY_SOCKET` is not set (not started by systemd).
+pub fn sd_notify(state: &str) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        let path = path.to_string_lossy().into_owned();
+        let addr = match path.strip_prefix('@') {
+            Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+            None => SocketAddr::from_pathname(&path),
+        };
+        let sent = addr.and_then(|addr| {
+            let sock = UnixDatagram::unbound()?;
+            sock.send_to_addr(state.as_bytes(), &addr)
+        });
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "cannot notify systemd");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = state;
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

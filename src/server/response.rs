@@ -5,6 +5,9 @@ use http::header::HeaderName;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::error::GatewayError;
+use crate::server::access::AccessInfo;
+
 /// `content-type: application/json`
 pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
 /// `x-cache`: HIT, MISS, STALE or BYPASS on every get_list answer.
@@ -47,5 +50,44 @@ pub fn age_value(secs: u64) -> HeaderValue {
     match table.get(secs as usize) {
         Some(v) => v.clone(),
         None => HeaderValue::from(secs),
+    }
+}
+
+impl GatewayError {
+    /// The whole response; counts it in `chat_gateway_errors_total{origin,reason}`.
+    pub fn respond(&self) -> Response<Body> {
+        metrics::counter!(
+            crate::metrics::names::ERRORS,
+            "origin" => self.origin().as_str(),
+            "reason" => self.reason()
+        )
+        .increment(1);
+        let mut resp = json(self.status(), self.body());
+        resp.extensions_mut().insert(AccessInfo::code(self.code()));
+        let h = resp.headers_mut();
+        h.insert(
+            X_CHAT_GATEWAY_ERROR,
+            HeaderValue::from_static(self.reason()),
+        );
+        // The rest of the body was not read: the connection cannot carry another
+        // request, and a slow sender must not keep it.
+        if matches!(
+            self,
+            GatewayError::BodyTimeout(_) | GatewayError::BodyTooLarge(_) | GatewayError::BodyRead
+        ) {
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let GatewayError::RateLimited(wait) = self {
+            // Whole seconds, rounded up (never 0: "retry at once" is not what we mean).
+            let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let GatewayError::Unauthorized = self {
+            h.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
     }
 }

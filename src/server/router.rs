@@ -1,13 +1,27 @@
-//! Routing: one match on method and path, a request id and a span per request.
+//! Routing: one match on method and path per listener, a request id, a span and
+//! (with `log.access`) an access-log line per request.
+//!
+//! Each listener serves its own routes: the main one everything; the admin one
+//! (`server.admin_listen`) only the probes and `/metrics`; the callback one
+//! (`server.callback_listen`) only `POST /callback`. Anything else there is 404.
+//!
+//! Handlers get the request with its body already read within the listener's
+//! limits ([`Listener::body_limits`]): by [`super::http1`] for the connections it
+//! serves, by [`route`] for those hyper serves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use http::{HeaderValue, Method, Request, Response};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use super::access::RequestLine;
 use super::auth;
+use super::body::{read_bounded, BodyLimits};
 use super::handlers;
 use super::response::{Body, X_REQUEST_ID};
 use super::AppState;
@@ -15,7 +29,7 @@ use crate::chat::commands;
 use crate::error::GatewayError;
 
 /// The cached route's path.
-const GET_LIST_PATH: &str = "/v4/recentcontact/get_list";
+pub const GET_LIST_PATH: &str = "/v4/recentcontact/get_list";
 
 /// The longest caller-supplied `x-request-id` we keep; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
@@ -34,15 +48,26 @@ fn route_label(path: &str) -> Option<&'static str> {
     })
 }
 
-/// The caller's `x-request-id` if it is sane, else a fresh random one.
-fn request_id(req: &Request<Incoming>) -> HeaderValue {
-    if let Some(v) = req.headers().get(&X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
-        }
+/// The caller's `x-request-id` if it is sane (1 to 128 visible ASCII characters).
+pub fn caller_request_id(value: &[u8]) -> bool {
+    !value.is_empty() && value.len() <= MAX_REQUEST_ID && value.iter().all(|c| c.is_ascii_graphic())
+}
+
+/// A fresh request id: 16 hex digits from a per-thread generator (no system call,
+/// no formatting machinery).
+pub fn fresh_request_id() -> HeaderValue {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(rand::random::<u64>() | 1);
     }
-    let n: u64 = rand::random();
+    // xorshift64*: fast, and ids need to be distinct, not secret.
+    let n = STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    });
     let mut buf = [0u8; 16];
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for (i, slot) in buf.iter_mut().enumerate() {
@@ -51,25 +76,101 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// Routes one request. Never fails: every failure is a response.
+/// The caller's `x-request-id` if it is sane, else a fresh one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(v) if caller_request_id(v.as_bytes()) => v.clone(),
+        _ => fresh_request_id(),
+    }
+}
+
+/// The listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `server.listen`: every route.
+    Main,
+    /// `server.admin_listen`: `/healthz`, `/readyz`, `/metrics`.
+    Admin,
+    /// `server.callback_listen`: `POST /callback`.
+    Callback,
+}
+
+impl Listener {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Main => "main",
+            Listener::Admin => "admin",
+            Listener::Callback => "callback",
+        }
+    }
+
+    /// How much body, for how long, requests on this listener may send.
+    pub fn body_limits(self, state: &AppState) -> BodyLimits {
+        match self {
+            Listener::Callback => state.callback_body_limits(),
+            Listener::Main | Listener::Admin => state.body_limits(),
+        }
+    }
+}
+
+/// Routes one request of a connection hyper serves: reads its body within the
+/// listener's limits, then [`handle`]s it. Never fails: every failure is a response.
 pub async fn route(
     state: Arc<AppState>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    listener: Listener,
 ) -> Response<Body> {
-    let rid = request_id(&req);
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let limits = listener.body_limits(&state);
+    let body = read_bounded(&parts.headers, body, limits.max_bytes, limits.timeout).await;
+    handle(state, parts, body, peer, listener, started).await
+}
+
+/// Routes one request whose body has been read (or failed to be): request id, span,
+/// metrics, access log, and the listener's routes. Never fails.
+pub async fn handle(
+    state: Arc<AppState>,
+    parts: Parts,
+    body: Result<Bytes, GatewayError>,
+    peer: SocketAddr,
+    listener: Listener,
+    started: Instant,
+) -> Response<Body> {
+    let rid = request_id(&parts.headers);
+    let access = state
+        .settings
+        .log
+        .access
+        .then(|| RequestLine::new(&parts, peer, listener.as_str(), started));
     let id = rid.to_str().unwrap_or("");
     // The get_list route's span is at debug level: a cache hit logs nothing, and an
     // enabled span costs a formatted allocation per request on the hot path. Its miss
     // path opens an info-level span with the same request id (see get_list.rs).
-    let span = if req.uri().path() == GET_LIST_PATH {
-        tracing::debug_span!("request", request_id = id, method = %req.method(), path = GET_LIST_PATH)
+    let path = parts.uri.path();
+    let span = if path == GET_LIST_PATH {
+        tracing::debug_span!("request", request_id = id, method = %parts.method, path = GET_LIST_PATH)
     } else {
-        tracing::info_span!("request", request_id = id, method = %req.method(), path = req.uri().path())
+        tracing::info_span!("request", request_id = id, method = %parts.method, path)
     };
     // get_list counts its own outcomes (hit, miss, ...) with pre-resolved handles.
-    let route = route_label(req.uri().path());
-    let mut resp = dispatch(state, req, peer, &rid).instrument(span).await;
+    let route = route_label(path);
+    let mut resp = match body {
+        Err(e) if path == GET_LIST_PATH && listener == Listener::Main => {
+            handlers::get_list::refuse(&state, e)
+        }
+        Err(e) => e.respond(),
+        Ok(body) => {
+            let req = Request::from_parts(parts, body);
+            match listener {
+                Listener::Main => dispatch(state, req, peer, &rid).instrument(span).await,
+                Listener::Admin => dispatch_admin(&state, &req),
+                Listener::Callback => dispatch_callback(state, req).instrument(span).await,
+            }
+        }
+    };
     if let Some(route) = route {
         let outcome = if resp.status().is_success() {
             "ok"
@@ -78,22 +179,45 @@ pub async fn route(
         };
         crate::metrics::request(route, outcome);
     }
+    if let Some(line) = access {
+        line.write(&resp, &rid);
+    }
     resp.headers_mut().insert(X_REQUEST_ID, rid);
     resp
 }
 
+/// The admin listener: the probes and `/metrics`, open to anyone who reaches it.
+fn dispatch_admin(state: &AppState, req: &Request<Bytes>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => handlers::health::healthz(),
+        (&Method::GET, "/readyz") => handlers::health::readyz(state),
+        (&Method::GET, "/metrics") => handlers::metrics::render(state),
+        (_, "/healthz" | "/readyz" | "/metrics") => GatewayError::MethodNotAllowed("GET").respond(),
+        (_, path) => GatewayError::NotFound(path.to_string()).respond(),
+    }
+}
+
+/// The callback listener: `POST /callback`.
+async fn dispatch_callback(state: Arc<AppState>, req: Request<Bytes>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/callback") => handlers::callback::handle(state, req).await,
+        (_, "/callback") => GatewayError::MethodNotAllowed("POST").respond(),
+        (_, path) => GatewayError::NotFound(path.to_string()).respond(),
+    }
+}
+
 async fn dispatch(
     state: Arc<AppState>,
-    req: Request<Incoming>,
+    req: Request<Bytes>,
     peer: SocketAddr,
     rid: &HeaderValue,
 ) -> Response<Body> {
     let path = req.uri().path();
     let method = req.method();
     let server = &state.settings.server;
-    if !server.auth_tokens.is_empty()
+    if state.auth_required
         && !auth::is_open(path, server.protect_metrics)
-        && !auth::authorized(&server.auth_tokens, req.headers())
+        && !auth::authorized(&state.secrets.auth_tokens.load(), req.headers())
     {
         // Never log the header: it may hold a real token with a typo.
         tracing::debug!(%peer, "caller not authorized");

@@ -12,9 +12,11 @@ use crate::cache::key::PageKey;
 use crate::cache::store::PageStore;
 use crate::cache::PageCache;
 use crate::chat::commands::{self, CommandClass};
+use crate::config::secrets::LiveSecrets;
 use crate::config::{LiveSettings, Settings};
 use crate::fleet::Fleet;
 use crate::metrics::GetListCounters;
+use crate::server::body::BodyLimits;
 use crate::server::handlers::get_list::FetchResult;
 use crate::upstream::Upstream;
 
@@ -38,6 +40,13 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Notified by `POST /quitquitquit` to start the graceful shutdown.
     pub quit: Arc<Notify>,
+    /// The secrets that may change while the gateway runs (key, callback token,
+    /// caller tokens).
+    pub secrets: Arc<LiveSecrets>,
+    /// Whether callers must present a token (`server.auth_tokens` or
+    /// `server.auth_tokens_file` set); fixed at start-up, so the hot path reads a
+    /// bool.
+    pub auth_required: bool,
     /// The fleet (`[redis]`): shared rate limit, invalidations, L2.
     pub fleet: Option<Arc<Fleet>>,
 }
@@ -62,16 +71,24 @@ impl AppState {
         !r.deny.iter().any(matches) && (r.allow.is_empty() || r.allow.iter().any(matches))
     }
 
-    /// Reads a request body within `server.max_body_bytes` and
+    /// The main listener's body limits: `server.max_body_bytes` and
     /// `server.body_read_timeout_ms`.
-    pub async fn read_body(
-        &self,
-        headers: &http::HeaderMap,
-        body: hyper::body::Incoming,
-    ) -> Result<bytes::Bytes, crate::error::GatewayError> {
+    pub fn body_limits(&self) -> BodyLimits {
         let s = &self.settings.server;
-        crate::server::body::read_bounded(headers, body, s.max_body_bytes, s.body_read_timeout)
-            .await
+        BodyLimits {
+            max_bytes: s.max_body_bytes,
+            timeout: s.body_read_timeout,
+        }
+    }
+
+    /// The callback listener's body limits: `callback.max_body_bytes` and
+    /// `callback.body_read_timeout_ms`.
+    pub fn callback_body_limits(&self) -> BodyLimits {
+        let c = &self.settings.callback;
+        BodyLimits {
+            max_bytes: c.max_body_bytes,
+            timeout: c.body_read_timeout,
+        }
     }
 
     /// Builds the state from validated settings.
@@ -90,6 +107,10 @@ impl AppState {
             .as_ref()
             .map(|f| f.limiter() as Arc<dyn crate::upstream::ratelimit::RateLimiter>);
         let upstream = Arc::new(Upstream::with_limiter(&settings, live.clone(), limiter)?);
+        let signer = upstream.signer().clone();
+        let secrets =
+            Arc::new(LiveSecrets::new(&settings).on_key_change(move |k| signer.set_key(k.clone())));
+        let auth_required = !settings.server.auth_tokens.is_empty();
         Ok(Arc::new(AppState {
             settings: Arc::new(settings),
             live,
@@ -100,6 +121,8 @@ impl AppState {
             counters: GetListCounters::new(),
             metrics,
             quit: Arc::new(Notify::new()),
+            secrets,
+            auth_required,
             fleet,
         }))
     }

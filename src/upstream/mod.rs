@@ -10,7 +10,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod signer;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,34 @@ const PAUSE_70050: Duration = Duration::from_secs(60);
 const PAUSE_THROTTLED: Duration = Duration::from_secs(1);
 /// At most one "Chat keeps refusing our UserSig" error log per this interval.
 const SIG_ALARM_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What one request's exchange with Chat took: attempts made and time spent in them
+/// (for the access log). Shared with a spawned fetch task, hence atomics.
+#[derive(Debug, Default)]
+pub struct CallStats {
+    /// Calls sent to Chat.
+    attempts: AtomicU32,
+    /// Microseconds spent in those calls.
+    upstream_us: AtomicU64,
+}
+
+impl CallStats {
+    /// Calls sent to Chat.
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Time spent in calls to Chat.
+    pub fn upstream_time(&self) -> Duration {
+        Duration::from_micros(self.upstream_us.load(Ordering::Relaxed))
+    }
+
+    fn record(&self, took: Duration) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        self.upstream_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+}
 
 /// The way to Chat, shared by every handler.
 pub struct Upstream {
@@ -126,6 +154,7 @@ impl Upstream {
         command: &str,
         class: CommandClass,
         body: Bytes,
+        stats: &CallStats,
     ) -> Result<UpstreamResponse, GatewayError> {
         let deadline = Instant::now() + self.request_timeout;
         let live = self.live.load_full();
@@ -155,6 +184,7 @@ impl Upstream {
                 .send(base, command, body.clone(), deadline)
                 .await;
             record_call(command, endpoint, &result, started);
+            stats.record(started.elapsed());
             if attempts > 1 && answered(&result) {
                 self.budget.retry_succeeded();
             }

@@ -33,8 +33,9 @@ pub struct Signer {
     sdkappid: u64,
     /// The admin account the sigs are for.
     identifier: String,
-    /// The app's secret key; only used to compute HMACs.
-    key: Secret,
+    /// The app's secret key; only used to compute HMACs. Swapped when the key file
+    /// changes ([`Signer::set_key`]).
+    key: ArcSwap<Secret>,
     /// Lifetime of each sig.
     ttl: Duration,
     /// The sig currently handed out.
@@ -82,7 +83,7 @@ impl Signer {
         Signer {
             sdkappid,
             identifier,
-            key,
+            key: ArcSwap::from_pointee(key),
             ttl,
             current: ArcSwap::from_pointee(first),
             renewing: Mutex::new(()),
@@ -124,6 +125,16 @@ impl Signer {
         self.store_fresh(now)
     }
 
+    /// Signs with `key` from now on: a fresh UserSig is issued at once, so the next
+    /// call to Chat carries a sig made with the new key.
+    pub fn set_key(&self, key: Secret) {
+        let _guard = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
+        self.key.store(std::sync::Arc::new(key));
+        let now = (self.clock)().max(self.current.load().issued_at + 1);
+        self.store_fresh(now);
+        tracing::info!(identifier = %self.identifier, "UserSig re-issued with the new secret key");
+    }
+
     /// Renews unless another caller did while we waited for the lock.
     fn renew_locked(&self, now: u64) -> Arc<IssuedSig> {
         let cur = self.current.load_full();
@@ -139,7 +150,7 @@ impl Signer {
         let fresh = Arc::new(issue(
             self.sdkappid,
             &self.identifier,
-            &self.key,
+            &self.key.load(),
             self.ttl,
             now,
         ));

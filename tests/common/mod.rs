@@ -267,6 +267,13 @@ pub fn config_toml_with(upstream: &str, secret: &str, sections: &[(&str, &str)])
         .collect()
 }
 
+/// A free loopback port (bound and released; a test that needs a fixed port
+/// takes it at once).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
 /// A loopback address where nothing listens (connections are refused).
 pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -352,15 +359,31 @@ impl Gateway {
                 log2.lock().unwrap().push(line);
             }
         });
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
-            .await
-            .unwrap()
-            .unwrap_or_else(|_| {
-                panic!(
-                    "gateway did not start; log:\n{}",
-                    log.lock().unwrap().join("\n")
-                )
-            });
+        // A fixed port in the config is where it listens; port 0 is announced in the
+        // log (at info: a config that logs less must give a port).
+        let fixed = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .and_then(|t| {
+                t.get("server")?
+                    .get("listen")?
+                    .as_str()?
+                    .parse::<SocketAddr>()
+                    .ok()
+            })
+            .filter(|a| a.port() != 0);
+        let addr = match fixed {
+            Some(a) => a,
+            None => tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+                .await
+                .unwrap()
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "gateway did not start; log:\n{}",
+                        log.lock().unwrap().join("\n")
+                    )
+                }),
+        };
         let gw = Gateway {
             child,
             addr,
@@ -423,6 +446,23 @@ impl Gateway {
         }
     }
 
+    /// The address a `chat-gateway serving` log line gives for `field` (`admin`,
+    /// `callback`).
+    pub fn logged_addr(&self, field: &str) -> SocketAddr {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("chat-gateway serving"))
+            .expect("the serving line");
+        let key = format!(" {field}=");
+        let i = line.find(&key).expect("field in the serving line") + key.len();
+        line[i..]
+            .split_whitespace()
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address for {field}: {line}"))
+    }
+
     /// Log lines containing `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log
@@ -475,4 +515,24 @@ pub fn header<'a>(a: &'a Answer, name: &str) -> &'a str {
 
 pub fn json(a: &Answer) -> serde_json::Value {
     serde_json::from_slice(&a.2).unwrap_or_else(|_| panic!("not JSON: {:?}", a.2))
+}
+
+/// A file mounted the way Kubernetes mounts a ConfigMap or Secret key:
+/// `dir/name -> ..data/name`, `..data -> ..<version>/`. Returns `dir/name`.
+pub fn k8s_mount(dir: &std::path::Path, name: &str, content: &str) -> std::path::PathBuf {
+    std::fs::create_dir(dir.join("..v1")).unwrap();
+    std::fs::write(dir.join("..v1").join(name), content).unwrap();
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+    dir.join(name)
+}
+
+/// Updates a [`k8s_mount`]ed file the way the kubelet does: a new version directory,
+/// then an atomic swap of the `..data` symlink.
+pub fn k8s_swap(dir: &std::path::Path, name: &str, version: &str, content: &str) {
+    let v = format!("..{version}");
+    std::fs::create_dir(dir.join(&v)).unwrap();
+    std::fs::write(dir.join(&v).join(name), content).unwrap();
+    std::os::unix::fs::symlink(&v, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
 }

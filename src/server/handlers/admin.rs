@@ -6,8 +6,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::cache::invalidate::Source;
@@ -34,12 +34,8 @@ enum Accounts<'a> {
 }
 
 /// Handles one invalidation request.
-pub async fn invalidate(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let body = match state.read_body(&parts.headers, body).await {
-        Ok(b) => b,
-        Err(e) => return e.respond(),
-    };
+pub async fn invalidate(state: Arc<AppState>, req: Request<Bytes>) -> Response<Body> {
+    let body = req.into_body();
     let parsed: InvalidateRequest<'_> = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) if e.is_data() => return GatewayError::InvalidField(e.to_string()).respond(),

@@ -8,11 +8,11 @@
 //! ignored.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use metrics::counter;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -27,6 +27,48 @@ use crate::upstream::signer::unix_now;
 
 /// How far `RequestTime` may be from now.
 pub const MAX_SKEW_SECS: u64 = 60;
+
+/// Rejected callbacks are logged at most once a second.
+static REJECTION_LOG: LogLimit = LogLimit::new();
+
+/// Lets one log line through per second and counts the ones held back.
+struct LogLimit {
+    /// The second (since the process started) of the last line let through.
+    last: AtomicU64,
+    /// Lines held back since.
+    held: AtomicU64,
+}
+
+impl LogLimit {
+    const fn new() -> Self {
+        LogLimit {
+            last: AtomicU64::new(u64::MAX),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when this line may be written.
+    fn permit(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs();
+        let last = self.last.load(Ordering::Relaxed);
+        if last != u64::MAX && last >= now {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()
+            .map(|_| self.held.swap(0, Ordering::Relaxed))
+            .or_else(|| {
+                self.held.fetch_add(1, Ordering::Relaxed);
+                None
+            })
+    }
+}
 
 /// Chat's acknowledgement.
 const ACK: &[u8] = br#"{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}"#;
@@ -87,7 +129,8 @@ fn verify(state: &AppState, q: &CallbackQuery<'_>, now: u64) -> Result<(), &'sta
         Some(_) => return Err("SdkAppid is not ours"),
         None => return Err("SdkAppid missing"),
     }
-    let Some(token) = &state.settings.callback.token else {
+    let token = state.secrets.callback_token.load();
+    let Some(token) = token.as_deref() else {
         return Ok(());
     };
     let (Some(sign), Some(rt)) = (q.sign, q.request_time) else {
@@ -106,19 +149,23 @@ fn verify(state: &AppState, q: &CallbackQuery<'_>, now: u64) -> Result<(), &'sta
 }
 
 /// Handles one callback.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(state: Arc<AppState>, req: Request<Bytes>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().unwrap_or("");
     let q = parse_query(query);
     if let Err(why) = verify(&state, &q, unix_now()) {
-        tracing::warn!(reason = why, "callback rejected; nothing invalidated");
+        // At most one line a second, however many are sent (the port may be public);
+        // the metric counts them all.
+        if let Some(suppressed) = REJECTION_LOG.permit() {
+            tracing::warn!(
+                reason = why,
+                suppressed,
+                "callback rejected; nothing invalidated"
+            );
+        }
         counter!(names::CALLBACKS, "outcome" => "rejected").increment(1);
         return GatewayError::CallbackRejected(why).respond();
     }
-    let body = match state.read_body(&parts.headers, body).await {
-        Ok(b) => b,
-        Err(e) => return e.respond(),
-    };
     let event: Event<'_> = serde_json::from_slice(&body).unwrap_or_default();
     let command = q.command.map(Cow::Borrowed).or(event.command.clone());
     let command = command.as_deref().unwrap_or("");

@@ -11,8 +11,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use serde::Deserialize;
 use tracing::Instrument;
 
 use crate::cache::coalesce::Role;
@@ -21,9 +19,11 @@ use crate::cache::store::{Lookup, Page};
 use crate::chat::commands::{CommandClass, GET_LIST};
 use crate::chat::envelope::CodeClass;
 use crate::error::GatewayError;
-use crate::fleet::l2::{L2Page, MissPlan};
+use crate::fleet::l2::{L2Page, MissPlan, L2};
+use crate::server::access::AccessInfo;
 use crate::server::response::{self, age_value, Body, X_CACHE};
 use crate::server::AppState;
+use crate::upstream::CallStats;
 
 const HIT: HeaderValue = HeaderValue::from_static("HIT");
 const MISS: HeaderValue = HeaderValue::from_static("MISS");
@@ -43,7 +43,9 @@ pub struct Fetched {
     pub cached: bool,
     /// Whether Chat failed in a way that makes a stale page preferable.
     pub upstream_failed: bool,
-    /// Served from the fleet's L2 (stored when then): answered as a hit.
+    /// Chat's `ErrorCode`, when the answer is an envelope.
+    pub code: Option<i64>,
+    /// Served from the fleet's L2 (stored when then), not from Chat.
     pub from_l2: Option<Instant>,
     /// A page from L2 past its TTL but within the stale window, for when Chat fails.
     pub l2_stale: Option<Arc<Page>>,
@@ -55,15 +57,11 @@ pub type FetchResult = Result<Arc<Fetched>, GatewayError>;
 /// Handles one get_list request.
 pub async fn handle(
     state: Arc<AppState>,
-    req: Request<Incoming>,
+    req: Request<Bytes>,
     request_id: &HeaderValue,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let c = &state.counters;
-    let body = match state.read_body(&parts.headers, body).await {
-        Ok(b) => b,
-        Err(e) => return refuse(&state, e),
-    };
     let parsed = match key::parse(&body) {
         Ok(p) => p,
         Err(e) => return refuse(&state, e),
@@ -104,6 +102,9 @@ async fn miss(
     let page_key = parsed.page.clone();
     let upstream_body = parsed.upstream_body();
     let fetch_state = state.clone();
+    // What the fetch spends on Chat; a follower's stays empty (it made no call).
+    let stats = Arc::new(CallStats::default());
+    let fetch_stats = stats.clone();
     let (result, role) = state
         .inflight
         .run(
@@ -111,8 +112,15 @@ async fn miss(
             // The fetch runs as its own task: it carries this request's span, so what
             // it logs has the request id.
             move || {
-                fetch(fetch_state, account, page_key, upstream_body, no_cache)
-                    .instrument(tracing::Span::current())
+                fetch(
+                    fetch_state,
+                    account,
+                    page_key,
+                    upstream_body,
+                    fetch_stats,
+                    no_cache,
+                )
+                .instrument(tracing::Span::current())
             },
             || {
                 Err(GatewayError::Internal(
@@ -125,12 +133,18 @@ async fn miss(
         c.coalesced.increment(1);
     }
 
-    match result {
-        // Not in this gateway's memory, but in the fleet's L2: a MISS here (the page
-        // was not cached by this gateway), answered without calling Chat.
+    let mut info = AccessInfo {
+        code: None,
+        attempts: stats.attempts(),
+        upstream: stats.upstream_time(),
+    };
+    let mut resp = match result {
+        // Not in this gateway's memory, but in the fleet's L2: a MISS here (this
+        // gateway did not have the page), answered without calling Chat.
         Ok(f) if f.from_l2.is_some() => {
             c.req_miss.increment(1);
             c.miss.increment(1);
+            info.code = f.code;
             let mut resp = upstream_answer(&f, MISS);
             let h = resp.headers_mut();
             h.insert(X_CACHE_L2, HIT);
@@ -145,25 +159,34 @@ async fn miss(
         Ok(f) if f.cached => {
             c.req_miss.increment(1);
             c.miss.increment(1);
+            info.code = f.code;
             upstream_answer(&f, if no_cache { BYPASS } else { MISS })
         }
         Ok(f) if f.upstream_failed && (stale.is_some() || f.l2_stale.is_some()) => {
+            info.code = Some(0);
             serve_stale(&state, stale.or_else(|| f.l2_stale.clone()), "Chat failed")
         }
         Ok(f) => {
             c.req_bypass.increment(1);
             c.bypass.increment(1);
+            info.code = f.code;
             upstream_answer(&f, BYPASS)
         }
-        Err(e) if stale.is_some() => serve_stale(&state, stale, e.reason()),
+        Err(e) if stale.is_some() => {
+            info.code = Some(0);
+            serve_stale(&state, stale, e.reason())
+        }
         Err(e) => {
             c.req_error.increment(1);
             c.bypass.increment(1);
+            info.code = Some(e.code());
             let mut resp = e.respond();
             resp.headers_mut().insert(X_CACHE, BYPASS);
             resp
         }
-    }
+    };
+    info.attach(&mut resp);
+    resp
 }
 
 /// Runs in its own task: asks the fleet's L2 (when there is one), else calls Chat
@@ -173,6 +196,7 @@ async fn fetch(
     account: Arc<str>,
     page_key: PageKey,
     body: Bytes,
+    stats: Arc<CallStats>,
     no_cache: bool,
 ) -> FetchResult {
     let epoch = state.store.begin_fetch();
@@ -197,6 +221,7 @@ async fn fetch(
                         body,
                         cached,
                         upstream_failed: false,
+                        code: Some(0),
                         from_l2: Some(stored_at),
                         l2_stale: None,
                     }));
@@ -211,7 +236,7 @@ async fn fetch(
     }
     let resp = match state
         .upstream
-        .call(GET_LIST, CommandClass::Read, body)
+        .call(GET_LIST, CommandClass::Read, body, &stats)
         .await
     {
         Ok(r) => r,
@@ -224,6 +249,7 @@ async fn fetch(
                     body: Bytes::new(),
                     cached: false,
                     upstream_failed: true,
+                    code: Some(e.code()),
                     from_l2: None,
                     l2_stale,
                 }));
@@ -247,7 +273,7 @@ async fn fetch(
             now,
             fresh_until,
             fresh_until + live.stale_if_error,
-            group_ids(&body),
+            crate::cache::groups::group_keys(&body),
         );
         let shared = l2_plan.as_ref().map(|_| L2Page::from_page(&page));
         // Answer with the stored copy: the buffer Chat's answer was read into is
@@ -274,6 +300,7 @@ async fn fetch(
         body,
         cached,
         upstream_failed,
+        code: resp.chat.map(|s| s.code),
         from_l2: None,
         l2_stale,
     }))
@@ -281,7 +308,7 @@ async fn fetch(
 
 /// Releases our L2 fetch lock, if we hold one.
 async fn release(
-    l2: &Option<Arc<crate::fleet::l2::L2>>,
+    l2: &Option<Arc<L2>>,
     plan: &Option<(u64, Option<String>)>,
     account: &str,
     key: &PageKey,
@@ -289,31 +316,6 @@ async fn release(
     if let (Some(l2), Some((_, Some(token)))) = (l2, plan) {
         l2.unlock(account, key, token).await;
     }
-}
-
-/// The GroupIds a page lists.
-fn group_ids(body: &[u8]) -> Box<[Arc<str>]> {
-    #[derive(Deserialize)]
-    struct PageDoc<'a> {
-        #[serde(rename = "SessionItem", borrow, default)]
-        items: Vec<Item<'a>>,
-    }
-    #[derive(Deserialize)]
-    struct Item<'a> {
-        #[serde(rename = "GroupId", borrow, default)]
-        group: Option<std::borrow::Cow<'a, str>>,
-    }
-    let Ok(doc) = serde_json::from_slice::<PageDoc<'_>>(body) else {
-        return Box::new([]);
-    };
-    let mut groups: Vec<Arc<str>> = doc
-        .items
-        .into_iter()
-        .filter_map(|i| i.group.map(|g| Arc::from(&*g)))
-        .collect();
-    groups.sort();
-    groups.dedup();
-    groups.into_boxed_slice()
 }
 
 fn wants_no_cache(headers: &http::HeaderMap) -> bool {
@@ -357,7 +359,9 @@ fn upstream_answer(f: &Fetched, x_cache: HeaderValue) -> Response<Body> {
     resp
 }
 
-fn refuse(state: &AppState, e: GatewayError) -> Response<Body> {
+/// Answers a get_list request the gateway refuses itself (its body could not be
+/// read, or is invalid).
+pub fn refuse(state: &AppState, e: GatewayError) -> Response<Body> {
     tracing::debug!(error = %e, "get_list request refused");
     state.counters.req_error.increment(1);
     state.counters.bypass.increment(1);

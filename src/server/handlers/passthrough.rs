@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::cache::invalidate::Source;
 use crate::chat::commands::{self, Staleness};
+use crate::server::access::AccessInfo;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
+use crate::upstream::CallStats;
 
 #[derive(Deserialize, Default)]
 struct Accounts<'a> {
@@ -26,18 +27,18 @@ struct Accounts<'a> {
 }
 
 /// Forwards one command.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, command: &str) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let mut body = match state.read_body(&parts.headers, body).await {
-        Ok(b) => b,
-        Err(e) => return e.respond(),
-    };
+pub async fn handle(state: Arc<AppState>, req: Request<Bytes>, command: &str) -> Response<Body> {
+    let mut body = req.into_body();
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         body = Bytes::from_static(b"{}");
     }
     let class = state.command_class(command);
     let staleness = commands::staleness(command);
-    let result = state.upstream.call(command, class, body.clone()).await;
+    let stats = CallStats::default();
+    let result = state
+        .upstream
+        .call(command, class, body.clone(), &stats)
+        .await;
     if staleness != Staleness::None {
         let a: Accounts<'_> = serde_json::from_slice(&body).unwrap_or_default();
         let named = match staleness {
@@ -47,8 +48,18 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>, command: &str)
         let names: Vec<&str> = named.iter().flatten().map(|c| c.as_ref()).collect();
         state.invalidator.accounts(Source::WriteThrough, names);
     }
-    match result {
-        Ok(resp) => response::json(resp.status, resp.body),
-        Err(e) => e.respond(),
+    let (mut resp, code) = match result {
+        Ok(r) => {
+            let code = r.chat.map(|s| s.code);
+            (response::json(r.status, r.body), code)
+        }
+        Err(e) => (e.respond(), Some(e.code())),
+    };
+    AccessInfo {
+        code,
+        attempts: stats.attempts(),
+        upstream: stats.upstream_time(),
     }
+    .attach(&mut resp);
+    resp
 }
