@@ -95,8 +95,11 @@ use crate::upstream::ratelimit::{LocalRateLimiter, RateLimiter, Throttled, WINDO
 const MAX_COMMANDS: usize = 4096;
 /// The shared state's name.
 const OVERFLOW: &str = "(other)";
-/// A permit with less than this left is not handed out.
+/// A permit with less than this left is not used.
 const MIN_USABLE: Duration = Duration::from_millis(1);
+/// A leased permit with less than this left stays in the pool (to expire): the
+/// caller taking it could not be sure to go in time.
+const MIN_HANDED: Duration = Duration::from_millis(5);
 
 /// Grants up to `want` permits, at the earliest slots within `horizon`: as many as
 /// fit at the earliest slot, then at the next slot where permits leave the window,
@@ -289,7 +292,7 @@ impl CommandState {
         while self
             .pool
             .front()
-            .is_some_and(|l| l.until <= now + MIN_USABLE || l.left == 0)
+            .is_some_and(|l| l.until <= now + MIN_HANDED || l.left == 0)
         {
             self.pool.pop_front();
         }
@@ -733,11 +736,9 @@ impl RateLimiter for FleetLimiter {
     ) -> BoxFuture<'a, Result<(), Throttled>> {
         Box::pin(async move {
             let deadline = Instant::now() + max_wait;
-            // A permit is void if we woke past its end; ask again a few times.
-            for _ in 0..4 {
-                if !self.fleet_mode() {
-                    break;
-                }
+            // The local share is only for when Redis fails: a permit that is void
+            // (we woke past its end) is wasted capacity, never a reason to go local.
+            while self.fleet_mode() {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match self.take_or_wait(command, left).await {
                     Grant::Permit { from, until } => {
@@ -747,6 +748,11 @@ impl RateLimiter for FleetLimiter {
                         if Instant::now() + MIN_USABLE <= until {
                             self.departed(command, false);
                             return Ok(());
+                        }
+                        if Instant::now() >= deadline {
+                            return Err(Throttled {
+                                retry_after: self.lease,
+                            });
                         }
                     }
                     Grant::Refused(retry_after) => return Err(Throttled { retry_after }),
