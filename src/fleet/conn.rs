@@ -16,7 +16,7 @@
 //!   (possibly empty) one.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -212,6 +212,11 @@ pub struct Redis {
     session: watch::Sender<Session>,
     /// Whether the loss was logged (so the recovery is logged, once).
     lost_logged: AtomicBool,
+    /// Losses so far (each loss gets its number).
+    losses: AtomicU64,
+    /// Whether the last loss was Redis being slow (timeouts, errors) rather than
+    /// gone (a connection error): a slow Redis may be slow for this gateway only.
+    lost_slow: AtomicBool,
 }
 
 impl std::fmt::Debug for Redis {
@@ -236,6 +241,8 @@ impl Redis {
             wake: Arc::new(Notify::new()),
             session: watch::channel(Session::default()).0,
             lost_logged: AtomicBool::new(false),
+            losses: AtomicU64::new(0),
+            lost_slow: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&r);
         tokio::spawn(async move { reconnect_loop(weak).await });
@@ -245,6 +252,15 @@ impl Redis {
     /// Whether Redis is usable now.
     pub fn is_up(&self) -> bool {
         self.conn.load().is_some()
+    }
+
+    /// The number of the last loss, and whether Redis was slow then (timeouts or
+    /// errors in a row) rather than gone (a connection error).
+    pub fn last_loss(&self) -> (u64, bool) {
+        (
+            self.losses.load(Ordering::Acquire),
+            self.lost_slow.load(Ordering::Acquire),
+        )
     }
 
     /// `redis.timeout_ms`.
@@ -299,7 +315,7 @@ impl Redis {
                     e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error();
                 tracing::debug!(op = op.as_str(), error = %e, "Redis operation failed");
                 if broken {
-                    self.lost(&conn, &format!("{e}"));
+                    self.lost(&conn, &format!("{e}"), false);
                 } else {
                     self.strike(&conn, "errors");
                 }
@@ -316,12 +332,12 @@ impl Redis {
 
     fn strike(&self, conn: &Arc<MultiplexedConnection>, what: &str) {
         if self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES {
-            self.lost(conn, &format!("{STRIKES} {what} in a row"));
+            self.lost(conn, &format!("{STRIKES} {what} in a row"), true);
         }
     }
 
     /// Drops `conn` (if it is still the one in use) and starts reconnecting.
-    fn lost(&self, conn: &Arc<MultiplexedConnection>, why: &str) {
+    fn lost(&self, conn: &Arc<MultiplexedConnection>, why: &str, slow: bool) {
         let cur = self.conn.load();
         let same = cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn));
         if !same {
@@ -329,6 +345,8 @@ impl Redis {
         }
         let prev = self.conn.compare_and_swap(&*cur, None);
         if prev.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            self.lost_slow.store(slow, Ordering::Release);
+            self.losses.fetch_add(1, Ordering::AcqRel);
             gauge!(names::REDIS_UP).set(0.0);
             if !self.lost_logged.swap(true, Ordering::Relaxed) {
                 tracing::error!(

@@ -53,11 +53,20 @@
 //! (slot + v + J), every G-th from the newest. So a gateway that takes over counts
 //! 1/G of whatever the fleet sent in any window reaching back from now, and sends at
 //! most `(N − U)/G` of its own in a window where the fleet had sent U. When Redis goes
-//! away for all gateways at once (it died, restarted, or became too slow), each
+//! away for all gateways at once (it died or restarted), each
 //! gateway's view is as fresh as its last lease, and the sum stays at N: at
 //! saturation the views are fresh (leases are frequent); a gateway that leased long
 //! ago sees its stale, smaller U, so the fleet may exceed N by at most what the other
 //! gateways leased since that gateway last looked, divided by G, for one window.
+//!
+//! **Slow is not gone.** A Redis that times out may be slow for this gateway only (its
+//! host starved of CPU, a congested link) while the others keep leasing: then no view
+//! is safe. So when a lease times out, or Redis is declared unusable after timeouts or
+//! errors in a row, the local share counts the fleet's whole window as used (nothing
+//! goes locally for a window), and a caller waiting for a local slot goes back to the
+//! fleet as soon as Redis answers again. Only a Redis that is gone (connection refused
+//! or reset, as when it dies or restarts) lets the local share start at once from the
+//! last view.
 //!
 //! **Local → fleet.** On reconnecting, before leasing again, a gateway writes the calls
 //! it sent locally in the last window into the command's log (all its calls of the
@@ -65,10 +74,10 @@
 //! gateway has reconnected (at most [`super::conn::MAX_BACKOFF`] apart), those still
 //! local add at most their N/G each.
 //!
-//! **Partitions.** A gateway that loses Redis while the others keep it adds its N/G
-//! (less its view of the window) for as long as the partition lasts: nothing can be
-//! known about the others then. Making even that strictly N would mean sending
-//! nothing without Redis.
+//! **Partitions.** A gateway cut off from a Redis the others still reach (connection
+//! errors on its side only) adds up to its N/G, less its view of the window, for as
+//! long as the partition lasts: nothing can be known about the others then. Making
+//! even that strictly N would mean sending nothing without Redis.
 //!
 //! ## Pauses
 //!
@@ -284,6 +293,8 @@ struct CommandState {
     leasing: bool,
     /// Chat asked us to pause until then.
     paused_until: Option<Instant>,
+    /// The Redis loss for which the local share was last counted as full.
+    quiet_for: u64,
 }
 
 impl CommandState {
@@ -439,6 +450,7 @@ impl FleetLimiter {
                     waiters: VecDeque::new(),
                     leasing: false,
                     paused_until: None,
+                    quiet_for: 0,
                 }))
             })
             .clone()
@@ -461,16 +473,6 @@ impl FleetLimiter {
             q.pop_front();
         }
         q.push_back(Departure { at: now, local });
-    }
-
-    /// One call on the local share.
-    async fn local(&self, command: &str, max_wait: Duration) -> Result<(), Throttled> {
-        let wait = self.fallback.reserve(command, max_wait)?;
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        self.departed(command, true);
-        Ok(())
     }
 
     /// A permit from the pool, or a place in the queue.
@@ -623,7 +625,13 @@ impl FleetLimiter {
                         let _ = w.tx.send(Grant::Refused(retry));
                     }
                 }
-                Err(_) => {
+                Err(e) => {
+                    if matches!(e, super::conn::FleetError::Timeout) {
+                        // Redis did not answer in time: maybe only for us, while the
+                        // others keep leasing. Count the fleet's window as full.
+                        self.fallback
+                            .fill(&s.name, Instant::now() + self.lease + self.allowance);
+                    }
                     for w in s.waiters.drain(..) {
                         let _ = w.tx.send(Grant::Fallback);
                     }
@@ -736,31 +744,59 @@ impl RateLimiter for FleetLimiter {
     ) -> BoxFuture<'a, Result<(), Throttled>> {
         Box::pin(async move {
             let deadline = Instant::now() + max_wait;
-            // The local share is only for when Redis fails: a permit that is void
-            // (we woke past its end) is wasted capacity, never a reason to go local.
-            while self.fleet_mode() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match self.take_or_wait(command, left).await {
-                    Grant::Permit { from, until } => {
-                        if from > Instant::now() {
-                            tokio::time::sleep_until(from.into()).await;
+            'call: loop {
+                // The local share is only for when Redis fails: a permit that is void
+                // (we woke past its end) is wasted capacity, never a reason to go local.
+                while self.fleet_mode() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match self.take_or_wait(command, left).await {
+                        Grant::Permit { from, until } => {
+                            if from > Instant::now() {
+                                tokio::time::sleep_until(from.into()).await;
+                            }
+                            if Instant::now() + MIN_USABLE <= until {
+                                self.departed(command, false);
+                                return Ok(());
+                            }
+                            if Instant::now() >= deadline {
+                                return Err(Throttled {
+                                    retry_after: self.lease,
+                                });
+                            }
                         }
-                        if Instant::now() + MIN_USABLE <= until {
-                            self.departed(command, false);
-                            return Ok(());
-                        }
-                        if Instant::now() >= deadline {
-                            return Err(Throttled {
-                                retry_after: self.lease,
-                            });
-                        }
+                        Grant::Refused(retry_after) => return Err(Throttled { retry_after }),
+                        Grant::Fallback => break,
                     }
-                    Grant::Refused(retry_after) => return Err(Throttled { retry_after }),
-                    Grant::Fallback => break,
+                }
+                // Redis failed. If it was slow rather than gone, it may be slow for this
+                // gateway only while the others lease on: count the fleet's window as
+                // full, once per loss (a lease that timed out did so already).
+                let (loss, slow) = self.redis.last_loss();
+                if slow && !self.redis.is_up() {
+                    let st = self.state(command);
+                    let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
+                    if s.quiet_for != loss {
+                        s.quiet_for = loss;
+                        self.fallback
+                            .fill(&s.name, Instant::now() + self.lease + self.allowance);
+                    }
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                let slot = Instant::now() + self.fallback.reserve(command, left)?;
+                // Wait for the local slot, unless Redis comes back first: then the
+                // fleet decides.
+                loop {
+                    let now = Instant::now();
+                    if now >= slot {
+                        self.departed(command, true);
+                        return Ok(());
+                    }
+                    if self.fleet_mode() {
+                        continue 'call;
+                    }
+                    tokio::time::sleep((slot - now).min(Duration::from_millis(10))).await;
                 }
             }
-            self.local(command, deadline.saturating_duration_since(Instant::now()))
-                .await
         })
     }
 

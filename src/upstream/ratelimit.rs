@@ -114,6 +114,16 @@ impl Log {
         }
     }
 
+    /// Makes the log full until a second after `until`: as if `limit` calls went
+    /// then (keeping any later ones).
+    fn fill(&mut self, until: Instant) {
+        self.admitted.extend(std::iter::repeat_n(until, self.limit));
+        self.admitted.make_contiguous().sort();
+        while self.admitted.len() > self.limit {
+            self.admitted.pop_front();
+        }
+    }
+
     /// Changes the limit; the log keeps the newest `limit` instants.
     fn set_limit(&mut self, limit: u32) {
         self.limit = limit.max(1) as usize;
@@ -172,6 +182,14 @@ impl LocalRateLimiter {
                 .unwrap_or_else(|p| p.into_inner())
                 .set_limit(rate);
         }
+    }
+
+    /// Counts `command` as used up to its limit at `until`: nothing goes until a
+    /// second after it (the fleet may have used everything, and nobody can say).
+    pub fn fill(&self, command: &str, until: Instant) {
+        let log = self.log(command);
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        log.fill(until);
     }
 
     /// The fleet's recent calls of `command` (instants with counts, in any order): this
