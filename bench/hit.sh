@@ -1,16 +1,46 @@
 #!/usr/bin/env bash
 # Cache-hit load benchmark: chat-gateway's page cache vs nginx proxy_cache.
 #
-# Both cache the same get_list POSTs (100 distinct bodies) in front of the same
-# upstream, the project's Chat emulator, and are driven by the same wrk script once
-# every body is cached, so every measured request is a cache hit. The two servers
-# alternate (gateway, nginx, gateway, nginx, ...) so drift on the machine hits both
-# alike. Each server is pinned to one CPU, wrk to another.
+# Both cache the same get_list POSTs in front of the same upstream, the project's
+# Chat emulator, and are driven by the same wrk script once every body is cached,
+# so every measured request is a cache hit. The two servers alternate (gateway,
+# nginx, gateway, nginx, ...) so drift on the machine hits both alike. Each server
+# is pinned to one CPU, wrk to another.
 #
-#   bench/hit.sh
+#   bench/hit.sh                                   # MODE=hit: 100 pages, round robin
 #   ROUNDS=5 DURATION=20s bench/hit.sh
+#   MODE=working-set bench/hit.sh                  # K=100000 accounts, uniform random
+#   MODE=working-set K=20000 DURATION=5s bench/hit.sh
+#   MODE=instructions bench/hit.sh                 # = bench/instructions.sh
+#
+# Modes:
+#   hit (default)   100 distinct bodies (user_0001 ... user_0100 of a 1000-account
+#                   emulator) cached, requested round robin.
+#   working-set     K distinct accounts (an emulator with K accounts) all cached,
+#                   each request for a uniform random one: the cost of a hit when
+#                   the cache is far larger than the CPU's caches. Filled by wrk
+#                   (FILL_CONNECTIONS connections, one per wrk thread), then
+#                   checked: the emulator answered exactly K calls per server, all
+#                   ErrorCode 0; a second pass over all K accounts makes no
+#                   upstream call; the gateway holds K pages
+#                   (chat_gateway_cache_pages) and nginx K cache files. The gateway
+#                   gets cache.max_bytes 8 GiB and ratelimit.per_command_per_sec
+#                   1000000; nginx a keys_zone and max_size large enough, and
+#                   open_file_cache for every cached file (NGX_OPEN_FILES).
+#   instructions    callgrind instruction counts per hit: see bench/instructions.sh.
+#
+# In both load modes, after the rounds: the emulator received no call during them,
+# and sampled bodies (SAMPLE random accounts in working-set) are still HITs on both
+# servers. Any non-2xx answer under load aborts the run.
 #
 # Environment:
+#   MODE (hit)          hit, working-set or instructions
+#   K (100000)          working-set: accounts cached (at most 200000, the emulator's cap)
+#   FILL_CONNECTIONS (8) working-set: wrk threads/connections filling each cache
+#   SAMPLE (200)        working-set: random accounts checked for HITs after the rounds
+#   NGX_OPEN_FILES      working-set: nginx open_file_cache size (K + 1000, capped
+#                       below the open-files hard limit, `ulimit -Hn`)
+#   FILL_TIMEOUT (300)  working-set: seconds one fill pass may take
 #   ROUNDS (3)          measured rounds per server
 #   DURATION (10s)      wrk duration of one round
 #   WARMUP (3s)         wrk warm-up per server before the rounds (not measured)
@@ -27,284 +57,213 @@
 #                       QUIET_PCT of the CPUs ...
 #   ROUND_TRIES (5)     ... up to this many times (then keep the last, flagged)
 #
-# Output: a table on stdout, also written to bench/out/hit-<date>.txt.
+# Output: a table on stdout, also written to bench/out/hit-<date>.txt
+# (working-set-<date>.txt in that mode).
 # Needs: wrk, nginx, curl, taskset (installed with apt-get when missing).
+# shellcheck disable=SC2119 # ensure_tools and build take optional arguments
 set -euo pipefail
 
+SCRIPT=hit.sh
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+
+MODE=${MODE:-hit}
+case "$MODE" in
+    hit | working-set) ;;
+    instructions) exec bash "$ROOT/bench/instructions.sh" ;;
+    *) printf '[hit.sh] error: MODE=%s: not one of hit, working-set, instructions\n' "$MODE" >&2; exit 2 ;;
+esac
+
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-3s}
 CONNECTIONS=${CONNECTIONS:-64}
-SERVER_CPU=${SERVER_CPU:-0}
-CLIENT_CPU=${CLIENT_CPU:-1}
-QUIET_PCT=${QUIET_PCT:-5}
-QUIET_WAIT=${QUIET_WAIT:-300}
-ROUND_TRIES=${ROUND_TRIES:-5}
-BODIES=100
-BIN="$ROOT/target/release/chat-gateway"
-PATH_GET_LIST=/v4/recentcontact/get_list
 
-log() { printf '[hit.sh] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# ---------------------------------------------------------------- tools
-as_root() {
-    if [[ $(id -u) -eq 0 ]]; then "$@"
-    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-    else die "need root (or sudo) to run: $*"; fi
-}
-apt_updated=""
-apt_install() {
-    command -v apt-get >/dev/null 2>&1 || die "missing $*, and no apt-get to install it"
-    if [[ -z "$apt_updated" ]]; then
-        log "apt-get update"
-        as_root apt-get update -qq >/dev/null
-        apt_updated=1
+if [[ "$MODE" == hit ]]; then
+    BODIES=100
+    EMU_ACCOUNTS=1000
+    GW_EXTRA=$'[cache]\nttl_secs = 3600'
+    GW_DESC="cache.ttl_secs 3600"
+    NGX_SIZES=(10m 64m 1000)
+else
+    K=${K:-100000}
+    if ! [[ "$K" =~ ^[0-9]+$ ]] || ((K < 1 || K > 200000)); then die "K=$K: must be 1 to 200000"; fi
+    BODIES=$K
+    EMU_ACCOUNTS=$K
+    FILL_CONNECTIONS=${FILL_CONNECTIONS:-8}
+    ((FILL_CONNECTIONS >= 1 && FILL_CONNECTIONS <= K)) || die "FILL_CONNECTIONS=$FILL_CONNECTIONS: must be 1 to K"
+    SAMPLE=${SAMPLE:-200}
+    # nginx keeps about 8000 keys per MB of keys_zone; files are a page plus ~600
+    # bytes of header and key each. open_file_cache holds a descriptor per cached
+    # file, all K when the open-files limit allows (nginx can raise its soft limit
+    # up to the hard one, not beyond without CAP_SYS_RESOURCE); past it nginx
+    # opens and closes the other files per request.
+    NOFILE_HARD=$(ulimit -Hn)
+    [[ "$NOFILE_HARD" == unlimited ]] && NOFILE_HARD=1048576
+    NGX_OPEN_FILES=${NGX_OPEN_FILES:-$((K + 1000))}
+    if ((NGX_OPEN_FILES > NOFILE_HARD - 2048)); then
+        NGX_OPEN_FILES=$((NOFILE_HARD - 2048))
+        log "warning: nginx's open_file_cache capped at $NGX_OPEN_FILES descriptors by the open-files limit ($NOFILE_HARD) for $K files"
+        NGX_CAPPED=" (capped by the open-files hard limit $NOFILE_HARD: nginx opens the other cache files per request)"
     fi
-    log "installing $*"
-    as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-# Which package brings /usr/sbin/nginx (proxy_cache is in every flavour):
-# `nginx` everywhere current (on Debian 12 it is the binary itself and
-# nginx-light only adds a module on top; elsewhere it pulls a flavour in);
-# nginx-light or nginx-core where `nginx` has no candidate.
-nginx_package() {
-    local pkg
-    for pkg in nginx nginx-light nginx-core; do
-        if apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-            echo "$pkg"; return
-        fi
-    done
-    echo nginx
-}
-ensure_tools() {
-    local missing=()
-    command -v curl >/dev/null 2>&1 || missing+=(curl)
-    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-    command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
-    if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
-    if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
-        [[ -n "$apt_updated" ]] || { as_root apt-get update -qq >/dev/null; apt_updated=1; }
-        apt_install "$(nginx_package)"
-        # The package may have started the distro's nginx on :80; this script runs
-        # its own, so stop that one (it was not running before the install).
-        if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
-            log "stopping the nginx service the package started"
-            as_root systemctl stop nginx >/dev/null 2>&1 || true
-        fi
-    fi
-    NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-    [[ -x "$NGINX" ]] || die "nginx not found after install"
-    if (($(nproc) < 2)); then
-        log "warning: $(nproc) CPU: server and wrk will share it; numbers will be poor"
-        CLIENT_CPU=$SERVER_CPU
-    fi
-}
-
-# ---------------------------------------------------------------- processes
-TMP=""
-PIDS=()
-WRK_PID=""
-cleanup() {
-    local rc=$? pid
-    [[ -n "$WRK_PID" ]] && kill -TERM "$WRK_PID" 2>/dev/null
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        # Give each a few seconds to exit, then insist.
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ -n "$TMP" && -d "$TMP" ]]; then
-        if [[ -n "${KEEP_TMP:-}" || $rc -ne 0 ]]; then
-            log "logs and configs kept in $TMP"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# A loopback port nobody listens on, from 20000-31999: below Linux's default
-# ephemeral range (32768-60999), so outgoing connections do not hold it; checked
-# by trying to connect.
-USED_PORTS=" "
-free_port() { # VAR: sets VAR to a free port (not in a subshell, so USED_PORTS sticks)
-    local p i
-    for i in $(seq 200); do
-        p=$((20000 + RANDOM % 12000))
-        [[ "$USED_PORTS" == *" $p "* ]] && continue
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            USED_PORTS+="$p "
-            printf -v "$1" '%s' "$p"
-            return
-        fi
-    done
-    die "no free port found"
-}
-
-# wait_for NAME PID TIMEOUT_S CMD...: polls CMD until it succeeds.
-wait_for() {
-    local name=$1 pid=$2 timeout=$3 i
-    shift 3
-    for ((i = 0; i < timeout * 10; i++)); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        kill -0 "$pid" 2>/dev/null || die "$name exited during start-up (see $TMP)"
-        sleep 0.1
-    done
-    die "$name not ready after ${timeout}s (see $TMP)"
-}
-
-body_of() { # N -> get_list body for user_000N
-    printf '{"From_Account":"user_%04d","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}' "$1"
-}
-
-# post URL BODY HEADERFILE -> body on stdout, headers into HEADERFILE
-post() {
-    curl -sS --max-time 5 -X POST "$1" -H 'Content-Type: application/json' \
-        --data-binary "$2" -D "$3"
-}
+    NGX_SIZES=("$((K / 4000 + 16))m" 16g "$NGX_OPEN_FILES")
+    GW_EXTRA=$'[cache]\nttl_secs = 3600\nmax_bytes = 8589934592\n\n[ratelimit]\nper_command_per_sec = 1000000'
+    GW_DESC="cache.ttl_secs 3600, cache.max_bytes 8 GiB, ratelimit.per_command_per_sec 1000000"
+fi
+ACCOUNT_WIDTH=$(account_width "$EMU_ACCOUNTS")
 
 # ---------------------------------------------------------------- set-up
 ensure_tools
-if [[ -z "${NO_BUILD:-}" ]]; then
-    log "cargo build --release (may wait for the shared target dir's lock)"
-    cargo build --release --bin chat-gateway >&2
-fi
-[[ -x "$BIN" ]] || die "$BIN not built"
+build
+make_tmp "$MODE"
 
-# In memory where possible: nginx's cache files then never touch a disk.
-TMP_BASE=/tmp
-[[ -d /dev/shm && -w /dev/shm ]] && TMP_BASE=/dev/shm
-TMP=$(mktemp -d "$TMP_BASE/chat-gateway-hit.XXXXXX")
-# nginx workers run as an unprivileged user when the master is root.
-chmod 0755 "$TMP"
-mkdir -p "$TMP/nginx"
-
-free_port EMU_PORT
-free_port GW_PORT
-free_port NGX_PORT
-EMU="http://127.0.0.1:$EMU_PORT"
-GW="http://127.0.0.1:$GW_PORT"
-NGX="http://127.0.0.1:$NGX_PORT"
-
-# The emulator: the shared upstream. Rate limit off: the warm-up would otherwise
-# trip its 200 calls/s and nginx would cache the 60007 answers (HTTP 200).
-log "starting the emulator on $EMU"
-taskset -c "$CLIENT_CPU" "$BIN" emulator --listen "127.0.0.1:$EMU_PORT" --rate-limit 0 \
-    >"$TMP/emulator.log" 2>&1 &
-EMU_PID=$!
-PIDS+=("$EMU_PID")
-
+# The emulator: the shared upstream, on the client's CPU (idle during the rounds).
+start_emulator "$EMU_ACCOUNTS" "$CLIENT_CPU"
 # The gateway's config: the emulator as upstream, a TTL far beyond the run.
-cat >"$TMP/gateway.toml" <<EOF
-[server]
-listen = "127.0.0.1:$GW_PORT"
-
-[chat]
-sdkappid = 1400000000
-identifier = "administrator"
-secret_key = "emulator-secret-key"
-region = "singapore"
-base_url = "$EMU"
-
-[cache]
-ttl_secs = 3600
-
+write_gateway_config "$GW_EXTRA
 [log]
-format = "text"
-level = "warn"
+format = \"text\"
+level = \"warn\""
+start_gateway "$SERVER_CPU"
+render_nginx "${NGX_SIZES[@]}"
+start_nginx "$SERVER_CPU" 'daemon off;'
+
+# ---------------------------------------------------------------- fill the caches
+GW_BYTES=0 NGX_BYTES=0 CHECKED=0
+# check_hit N: body N is a HIT with a good answer on both servers; adds up sizes.
+check_hit() {
+    local out hdr="$TMP/headers"
+    out=$(post "$GW$PATH_GET_LIST" "$(body_of "$1")" "$hdr") || die "gateway: body $1 failed"
+    [[ "$(header "$hdr" x-cache)" == HIT ]] || die "gateway: body $1 not a HIT: $(cat "$hdr")"
+    grep -q '"ErrorCode" *: *0[,}]' <<<"$out" || die "gateway: body $1 answered: $out"
+    GW_BYTES=$((GW_BYTES + ${#out}))
+    out=$(post "$NGX$PATH_GET_LIST" "$(body_of "$1")" "$hdr") || die "nginx: body $1 failed"
+    [[ "$(header "$hdr" x-cache-status)" == HIT ]] || die "nginx: body $1 not a HIT: $(cat "$hdr")"
+    grep -q '"ErrorCode" *: *0[,}]' <<<"$out" || die "nginx: body $1 answered: $out"
+    NGX_BYTES=$((NGX_BYTES + ${#out}))
+    CHECKED=$((CHECKED + 1))
+}
+
+if [[ "$MODE" == hit ]]; then
+    # pass 1 fills both caches; pass 2 checks every body is a hit with a good answer.
+    log "warming both caches with $BODIES bodies"
+    for ((i = 1; i <= BODIES; i++)); do
+        post "$GW$PATH_GET_LIST" "$(body_of "$i")" "$TMP/headers" >/dev/null || die "gateway: body $i failed"
+        post "$NGX$PATH_GET_LIST" "$(body_of "$i")" "$TMP/headers" >/dev/null || die "nginx: body $i failed"
+    done
+    for ((i = 1; i <= BODIES; i++)); do check_hit "$i"; done
+else
+    # Each wrk thread has one connection and walks its share of the accounts once
+    # (thread t of T: t+1, t+1+T, ...), then stops; answers are counted in order.
+    FILL_LUA="$TMP/fill.lua"
+    cat >"$FILL_LUA" <<EOF
+-- Requests every account 1..$K once over all threads, then stops each thread.
+local K, T = $K, $FILL_CONNECTIONS
+local threads = {}
+local counter = 0
+setup = function(thread)
+  thread:set("tid", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+local nxt, mine = 0, 0
+-- globals, so done() can read them with thread:get()
+answered, bad = 0, 0
+init = function(args)
+  marks = args[1]
+  nxt = tid + 1
+  mine = math.floor((K - tid - 1) / T) + 1
+end
+request = function()
+  local i = nxt
+  if i > K then i = 1 else nxt = nxt + T end
+  local body = string.format('{"From_Account":"user_%0${ACCOUNT_WIDTH}d","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}', i)
+  return wrk.format("POST", "$PATH_GET_LIST", {["Content-Type"] = "application/json"}, body)
+end
+response = function(status, headers, body)
+  answered = answered + 1
+  if status ~= 200 then bad = bad + 1 end
+  if answered == mine then
+    -- wrk itself runs to -d whatever its threads do: tell the script, which then
+    -- interrupts it (SIGINT: wrk prints its summary and calls done()).
+    local f = io.open(marks .. "/" .. tid, "w")
+    if f then f:close() end
+    wrk.thread:stop()
+  end
+end
+done = function(summary, latency, requests)
+  local a, b = 0, 0
+  for _, t in ipairs(threads) do a = a + t:get("answered"); b = b + t:get("bad") end
+  io.write(string.format("fill: answered %d, not 200: %d\n", a, b))
+end
 EOF
-"$BIN" check-config --config "$TMP/gateway.toml" >/dev/null 2>"$TMP/check-config.log" \
-    || die "generated gateway config invalid: $(cat "$TMP/check-config.log")"
-
-# An admin UserSig for nginx's upstream URL (the gateway signs its own).
-USERSIG=$("$BIN" usersig --config "$TMP/gateway.toml")
-[[ -n "$USERSIG" && "$USERSIG" =~ ^[A-Za-z0-9*_.~-]+$ ]] || die "unexpected usersig: $USERSIG"
-UPSTREAM_URI="$PATH_GET_LIST?sdkappid=1400000000&identifier=administrator&usersig=$USERSIG&random=1&contenttype=json"
-
-emulator_ready() {
-    local out
-    out=$(post "$EMU$UPSTREAM_URI" "$(body_of 1)" /dev/null) || return 1
-    grep -q '"ActionStatus" *: *"OK"' <<<"$out"
-}
-wait_for emulator "$EMU_PID" 30 emulator_ready
-
-log "starting the gateway on $GW (CPU $SERVER_CPU, TOKIO_WORKER_THREADS=1)"
-TOKIO_WORKER_THREADS=1 taskset -c "$SERVER_CPU" "$BIN" --config "$TMP/gateway.toml" \
-    >"$TMP/gateway.log" 2>&1 &
-GW_PID=$!
-PIDS+=("$GW_PID")
-wait_for gateway "$GW_PID" 30 curl -fsS --max-time 1 "$GW/readyz"
-
-log "starting nginx on $NGX (CPU $SERVER_CPU, 1 worker)"
-esc() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
-sed -e "s|@DIR@|$(esc "$TMP/nginx")|g" \
-    -e "s|@EMU_PORT@|$EMU_PORT|g" \
-    -e "s|@NGX_PORT@|$NGX_PORT|g" \
-    -e "s|@UPSTREAM_URI@|$(esc "$UPSTREAM_URI")|g" \
-    "${NGINX_TMPL:-$ROOT/bench/nginx/nginx.conf.tmpl}" >"$TMP/nginx/nginx.conf"
-"$NGINX" -t -q -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -g 'daemon off;' \
-    2>"$TMP/nginx-t.log" || die "nginx -t failed: $(cat "$TMP/nginx-t.log")"
-taskset -c "$SERVER_CPU" "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -g 'daemon off;' \
-    >"$TMP/nginx/stdout.log" 2>&1 &
-NGX_PID=$!
-PIDS+=("$NGX_PID")
-wait_for nginx "$NGX_PID" 30 curl -fsS --max-time 1 "$NGX/nginx-health"
-
-# ---------------------------------------------------------------- warm the caches
-# pass 1 fills both caches; pass 2 checks every body is a hit with a good answer.
-header() { # FILE NAME -> value
-    tr -d '\r' <"$1" | awk -v n="$(tr '[:upper:]' '[:lower:]' <<<"$2")" \
-        'BEGIN{FS=": "} tolower($1)==n {print $2; exit}'
-}
-warm() {
-    local i out hdr="$TMP/headers"
-    GW_BYTES=0 NGX_BYTES=0
-    for ((i = 1; i <= BODIES; i++)); do
-        post "$GW$PATH_GET_LIST" "$(body_of "$i")" "$hdr" >/dev/null || die "gateway: body $i failed"
-        post "$NGX$PATH_GET_LIST" "$(body_of "$i")" "$hdr" >/dev/null || die "nginx: body $i failed"
+    # fill NAME URL: one pass over all K accounts; checks every answer was a 200.
+    fill() {
+        local out="$TMP/fill-$1-$2.txt" marks="$TMP/fill-$1-$2.marks" got rc=0 start
+        start=$(date +%s.%N)
+        mkdir -p "$marks"
+        taskset -c "$CLIENT_CPU" wrk -t"$FILL_CONNECTIONS" -c"$FILL_CONNECTIONS" -d"${FILL_TIMEOUT:-300}s" \
+            -s "$FILL_LUA" "$3" -- "$marks" >"$out" 2>&1 &
+        WRK_PID=$!
+        while (($(find "$marks" -type f | wc -l) < FILL_CONNECTIONS)) && kill -0 "$WRK_PID" 2>/dev/null; do
+            sleep 0.2
+        done
+        kill -INT "$WRK_PID" 2>/dev/null || true
+        wait "$WRK_PID" || rc=$?
+        WRK_PID=""
+        ((rc == 0)) || die "wrk (fill) failed against $1 (exit $rc): $(cat "$out")"
+        FILL_SECS=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+        got=$(sed -n 's/^fill: answered \([0-9]*\), not 200: \([0-9]*\)$/\1 \2/p' "$out")
+        [[ -n "$got" ]] || die "$1: fill pass did not finish: $(cat "$out")"
+        read -r a b <<<"$got"
+        ((a >= K && b == 0)) || die "$1: fill pass answered $a of $K, $b not 200 (see $out)"
+    }
+    curl -fsS -X POST "$EMU/__emulator/reset-stats" >/dev/null
+    FILL_TIMES=""
+    for s in gateway nginx; do
+        url=$GW; [[ $s == nginx ]] && url=$NGX
+        log "filling $s with $K accounts ($FILL_CONNECTIONS connections)"
+        fill "$s" 1 "$url"
+        FILL_TIMES+="${FILL_TIMES:+, }$s ${FILL_SECS} s"
     done
-    for ((i = 1; i <= BODIES; i++)); do
-        out=$(post "$GW$PATH_GET_LIST" "$(body_of "$i")" "$hdr") || die "gateway: body $i failed"
-        [[ "$(header "$hdr" x-cache)" == HIT ]] || die "gateway: body $i not a HIT: $(cat "$hdr")"
-        grep -q '"ErrorCode" *: *0[,}]' <<<"$out" || die "gateway: body $i answered: $out"
-        GW_BYTES=$((GW_BYTES + ${#out}))
-        out=$(post "$NGX$PATH_GET_LIST" "$(body_of "$i")" "$hdr") || die "nginx: body $i failed"
-        [[ "$(header "$hdr" x-cache-status)" == HIT ]] || die "nginx: body $i not a HIT: $(cat "$hdr")"
-        grep -q '"ErrorCode" *: *0[,}]' <<<"$out" || die "nginx: body $i answered: $out"
-        NGX_BYTES=$((NGX_BYTES + ${#out}))
+    calls=$(emulator_calls)
+    codes=$(emulator_codes)
+    ((calls == 2 * K)) || die "the emulator answered $calls calls while filling, not $((2 * K))"
+    [[ "$codes" == "{\"0\":$((2 * K))}" ]] || die "the emulator's answers while filling: $codes"
+    log "checking: a second pass over all $K accounts makes no upstream call"
+    for s in gateway nginx; do
+        url=$GW; [[ $s == nginx ]] && url=$NGX
+        fill "$s" 2 "$url"
     done
-}
-log "warming both caches with $BODIES bodies"
-warm
-
-emulator_calls() { # API calls the emulator has answered (its control endpoint), or "?"
-    local n
-    n=$(curl -fsS --max-time 2 "$EMU/__emulator/stats" 2>/dev/null \
-        | sed -n 's/.*"total_calls" *: *\([0-9][0-9]*\).*/\1/p')
-    echo "${n:-?}"
-}
+    calls2=$(emulator_calls)
+    ((calls2 == calls)) || die "the second pass made $((calls2 - calls)) upstream calls: not everything was cached"
+    pages_check() {
+        local gp nf
+        gp=$(gateway_metric chat_gateway_cache_pages)
+        nf=$(find "$TMP/nginx/cache" -type f | wc -l)
+        [[ "$gp" == "$K" ]] || die "the gateway holds $gp pages, not $K"
+        ((nf == K)) || die "nginx holds $nf cache files, not $K"
+    }
+    pages_check
+    for ((i = 0; i < 20; i++)); do check_hit $((1 + (RANDOM * 32768 + RANDOM) % K)); done
+fi
+AVG_GW=$((GW_BYTES / CHECKED))
+AVG_NGX=$((NGX_BYTES / CHECKED))
 
 # ---------------------------------------------------------------- load
 LUA="$TMP/hit.lua"
-cat >"$LUA" <<EOF
+if [[ "$MODE" == hit ]]; then
+    cat >"$LUA" <<EOF
 -- $BODIES distinct get_list bodies, round robin; requests built once, in init(),
 -- which wrk calls after setting the Host header (nginx answers 400 without it).
 local reqs = {}
 local n = 0
 init = function(args)
   for i = 1, $BODIES do
-    local body = string.format('{"From_Account":"user_%04d","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}', i)
+    local body = string.format('{"From_Account":"user_%0${ACCOUNT_WIDTH}d","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}', i)
     reqs[i] = wrk.format("POST", "$PATH_GET_LIST", {["Content-Type"] = "application/json"}, body)
   end
 end
@@ -313,98 +272,28 @@ request = function()
   return reqs[n]
 end
 EOF
-
-# run_wrk NAME URL DURATION OUTFILE
-run_wrk() {
-    # In the background and waited for, so a signal stops the run at once.
-    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$3" --latency -s "$LUA" "$2" >"$4" 2>&1 &
-    WRK_PID=$!
-    local rc=0
-    wait "$WRK_PID" || rc=$?
-    WRK_PID=""
-    ((rc == 0)) || die "wrk failed against $1 (exit $rc): $(cat "$4")"
-    # Every answer must be a 200: anything else measures an error path.
-    if grep -q 'Non-2xx' "$4"; then
-        die "$1 answered errors under load: $(grep 'Non-2xx' "$4" | tr -s ' ') (see $4)"
-    fi
-    if grep -q 'Socket errors' "$4"; then
-        log "warning: $1: $(grep 'Socket errors' "$4" | tr -s ' ')"
-    fi
-}
-rps_of() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
-# A wrk latency (e.g. 812.00us, 1.20ms, 1.01s) in milliseconds.
-to_ms() {
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
-        printf "%.3f", n }'
-}
-pct_of() { to_ms "$(awk -v p="$2" '$1 == p {print $2; exit}' "$1")"; }
-median() { sort -g | awk '{a[NR] = $1} END {
-    if (NR == 0) { print "nan"; exit }
-    if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-
-# Share of all CPUs busy over 1 s while both servers idle: other work on the
-# machine, which would skew the next round. Printed per round.
-background_busy() {
-    local a b
-    a=$(head -1 /proc/stat)
-    sleep 1
-    b=$(head -1 /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN {
-        n = split(a, x, " "); split(b, y, " ")
-        for (i = 2; i <= n && i <= 9; i++) { d = y[i] - x[i]; t += d; if (i == 5 || i == 6) idle += d }
-        printf "%.0f%%", t ? 100 * (t - idle) / t : 0 }'
-}
-
-# Waits until the machine is quiet (see QUIET_PCT); sets bg to the last sample.
-wait_quiet() {
-    local start=$SECONDS last=-100
-    while :; do
-        bg=$(background_busy)
-        ((${bg%\%} <= QUIET_PCT)) && return
-        if ((SECONDS - start >= QUIET_WAIT)); then
-            log "warning: still ${bg} busy with other work after ${QUIET_WAIT}s; running anyway"
-            return
-        fi
-        if ((SECONDS - last >= 15)); then
-            log "other work keeps the machine ${bg} busy; waiting (up to ${QUIET_WAIT}s)"
-            last=$SECONDS
-        fi
-    done
-}
-
-# CPU ticks used so far by the servers, the emulator and this shell's waited-for
-# children (wrk), and by the whole machine (busy, total): their difference over a
-# round is other work that competed with it.
-our_ticks() {
-    local p t=0 pids=()
-    mapfile -t pids < <(pgrep -P "$NGX_PID" || true) # nginx's worker and helpers
-    pids+=("$GW_PID" "$NGX_PID" "$EMU_PID")
-    for p in "${pids[@]}"; do
-        [[ -r /proc/$p/stat ]] || continue
-        # After "pid (comm) ": utime and stime are the 12th and 13th fields.
-        t=$((t + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-    done
-    # cutime and cstime: children this shell has waited for.
-    echo $((t + $(awk '{sub(/^.*\) /, ""); print $14 + $15}' /proc/$$/stat)))
-}
-machine_ticks() { # busy total
-    # busy: user nice system steal. Not irq/softirq: loopback traffic is mostly
-    # softirq work done for our own processes, not always charged to them.
-    head -1 /proc/stat | awk '{for (i = 2; i <= 9; i++) { t += $i; if (i <= 4 || i == 9) b += $i }; print b, t}'
-}
-# other_pct OURS0 BUSY0 TOTAL0 OURS1 BUSY1 TOTAL1
-other_pct() {
-    awk -v o0="$1" -v b0="$2" -v t0="$3" -v o1="$4" -v b1="$5" -v t1="$6" 'BEGIN {
-        x = (b1 - b0) - (o1 - o0); if (x < 0) x = 0
-        printf "%.0f%%", (t1 > t0) ? 100 * x / (t1 - t0) : 0 }'
-}
+else
+    cat >"$LUA" <<EOF
+-- $BODIES distinct get_list bodies, a uniform random one per request; requests
+-- built once, in init() (after wrk has set the Host header).
+local reqs = {}
+init = function(args)
+  for i = 1, $BODIES do
+    local body = string.format('{"From_Account":"user_%0${ACCOUNT_WIDTH}d","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}', i)
+    reqs[i] = wrk.format("POST", "$PATH_GET_LIST", {["Content-Type"] = "application/json"}, body)
+  end
+  math.randomseed(os.time())
+end
+request = function()
+  return reqs[math.random(1, $BODIES)]
+end
+EOF
+fi
 
 declare -A URL=([gateway]="$GW" [nginx]="$NGX")
 for s in gateway nginx; do
     log "warm-up: $s for $WARMUP"
-    run_wrk "$s" "${URL[$s]}" "$WARMUP" "$TMP/warmup-$s.txt"
+    run_wrk "$s" "${URL[$s]}" "$WARMUP" "$TMP/warmup-$s.txt" "$LUA" -t1 -c"$CONNECTIONS"
 done
 
 CALLS_BEFORE=$(emulator_calls)
@@ -412,23 +301,8 @@ ROWS=""
 for ((r = 1; r <= ROUNDS; r++)); do
     for s in gateway nginx; do
         out="$TMP/round-$r-$s.txt"
-        for ((try = 1; ; try++)); do
-            wait_quiet
-            log "round $r/$ROUNDS: $s for $DURATION"
-            o0=$(our_ticks)
-            read -r b0 t0 < <(machine_ticks)
-            run_wrk "$s" "${URL[$s]}" "$DURATION" "$out"
-            o1=$(our_ticks)
-            read -r b1 t1 < <(machine_ticks)
-            other=$(other_pct "$o0" "$b0" "$t0" "$o1" "$b1" "$t1")
-            ((${other%\%} > QUIET_PCT)) || break
-            if ((try >= ROUND_TRIES)); then
-                other+="!"
-                log "warning: other work took $other of the CPUs in every try; keeping the last"
-                break
-            fi
-            log "other work took $other of the CPUs during the round; repeating it"
-        done
+        log "round $r/$ROUNDS: $s for $DURATION"
+        measured_round "$s" "${URL[$s]}" "$DURATION" "$out" "$LUA" -t1 -c"$CONNECTIONS"
         rps=$(rps_of "$out")
         p50=$(pct_of "$out" 50%)
         p99=$(pct_of "$out" 99%)
@@ -441,11 +315,32 @@ done
 CALLS_AFTER=$(emulator_calls)
 
 # Still all hits after the load?
-hdr="$TMP/headers"
-post "$GW$PATH_GET_LIST" "$(body_of 1)" "$hdr" >/dev/null
-GW_AFTER=$(header "$hdr" x-cache)
-post "$NGX$PATH_GET_LIST" "$(body_of 1)" "$hdr" >/dev/null
-NGX_AFTER=$(header "$hdr" x-cache-status)
+if [[ "$MODE" == hit ]]; then
+    hdr="$TMP/headers"
+    post "$GW$PATH_GET_LIST" "$(body_of 1)" "$hdr" >/dev/null
+    GW_AFTER=$(header "$hdr" x-cache)
+    post "$NGX$PATH_GET_LIST" "$(body_of 1)" "$hdr" >/dev/null
+    NGX_AFTER=$(header "$hdr" x-cache-status)
+    AFTER="after the load gateway x-cache=$GW_AFTER, nginx X-Cache-Status=$NGX_AFTER"
+else
+    log "checking $SAMPLE random accounts are still HITs on both"
+    CHECKED=0
+    for ((i = 0; i < SAMPLE; i++)); do check_hit $((1 + (RANDOM * 32768 + RANDOM) % K)); done
+    pages_check
+    AFTER="after the load $SAMPLE random accounts were HITs on both, the gateway held $K pages and nginx $K cache files"
+fi
+if [[ "$CALLS_BEFORE" == "?" || "$CALLS_AFTER" == "?" ]]; then
+    DURING="?"
+else
+    DURING=$((CALLS_AFTER - CALLS_BEFORE))
+    ((DURING == 0)) || die "the emulator received $DURING calls during the rounds: not every request was a hit"
+fi
+
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+GW_RSS=$(rss_kb "$GW_PID")
+NGX_RSS=0
+for p in $(pgrep -P "$NGX_PID") "$NGX_PID"; do NGX_RSS=$((NGX_RSS + $(rss_kb "$p"))); done
+NGX_CACHE_MB=$(du -sm "$TMP/nginx/cache" | awk '{print $1}')
 
 # ---------------------------------------------------------------- report
 GW_RPS=$(median <"$TMP/rps-gateway")
@@ -454,26 +349,33 @@ GW_P99=$(median <"$TMP/p99-gateway")
 NGX_P99=$(median <"$TMP/p99-nginx")
 GW_P50=$(median <"$TMP/p50-gateway")
 NGX_P50=$(median <"$TMP/p50-nginx")
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2f", a / b }'; }
 
-mkdir -p "$ROOT/bench/out"
-STAMP=$(date +%Y%m%d-%H%M%S)
-OUT="$ROOT/bench/out/hit-$STAMP.txt"
+if [[ "$MODE" == hit ]]; then
+    OUT=$(out_file hit)
+    TITLE="bench/hit.sh: cache hits, chat-gateway vs nginx proxy_cache"
+    WHAT="$BODIES distinct bodies round robin"
+else
+    OUT=$(out_file working-set)
+    TITLE="MODE=working-set bench/hit.sh: cache hits over $K accounts, chat-gateway vs nginx proxy_cache"
+    WHAT="$K accounts all cached, a uniform random one per request"
+    FILLED="filled by wrk -t$FILL_CONNECTIONS -c$FILL_CONNECTIONS, every account once (misses through to the emulator): $FILL_TIMES"
+fi
 {
-    echo "bench/hit.sh: cache hits, chat-gateway vs nginx proxy_cache ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
-    echo "commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
-    echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo) x$(nproc); kernel $(uname -r)"
+    report_head "$TITLE"
     echo "$("$NGINX" -v 2>&1); $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
     echo "wrk -t1 -c$CONNECTIONS -d$DURATION --latency on CPU $CLIENT_CPU; servers on CPU $SERVER_CPU;" \
-        "$BODIES distinct bodies round robin; $ROUNDS rounds each, alternating, after a $WARMUP warm-up"
-    echo "gateway: TOKIO_WORKER_THREADS=1, log warn, cache.ttl_secs 3600; answers $((GW_BYTES / BODIES)) bytes on average"
-    echo "nginx: worker_processes 1, proxy_cache keyed on \$request_body, access_log off, open_file_cache, sendfile off, keepalive both sides; answers $((NGX_BYTES / BODIES)) bytes on average"
+        "$WHAT; $ROUNDS rounds each, alternating, after a $WARMUP warm-up"
+    echo "gateway: TOKIO_WORKER_THREADS=1, log warn, $GW_DESC;" \
+        "answers $AVG_GW bytes on average; RSS $((GW_RSS / 1024)) MB after the rounds"
+    echo "nginx: worker_processes 1, proxy_cache keyed on \$request_body (keys_zone ${NGX_SIZES[0]}," \
+        "max_size ${NGX_SIZES[1]}, open_file_cache max=${NGX_SIZES[2]}${NGX_CAPPED:-}), access_log off, sendfile off," \
+        "keepalive both sides; answers $AVG_NGX bytes on average; RSS $((NGX_RSS / 1024)) MB," \
+        "cache files $NGX_CACHE_MB MB (tmpfs)"
+    [[ "$MODE" == hit ]] || echo "$FILLED"
     echo
     printf '%-5s  %-8s  %12s  %10s  %10s  %8s  %8s\n' round server "req/s" "p50 ms" "p99 ms" "before" "during"
     printf '%s' "$ROWS"
-    echo "(before, during: CPU share taken by other work on the machine, in the 1 s before the"
-    echo " round with the servers idle, and during the round; rounds above ${QUIET_PCT}% were"
-    echo " repeated, up to $ROUND_TRIES tries; ! marks a round kept anyway)"
+    QUIET_NOTE
     echo
     printf '%-8s  %12s  %10s  %10s\n' median "req/s" "p50 ms" "p99 ms"
     printf '%-8s  %12s  %10s  %10s\n' gateway "$GW_RPS" "$GW_P50" "$GW_P99"
@@ -481,9 +383,6 @@ OUT="$ROOT/bench/out/hit-$STAMP.txt"
     echo
     echo "gateway/nginx: req/s x$(ratio "$GW_RPS" "$NGX_RPS"), p50 x$(ratio "$GW_P50" "$NGX_P50"), p99 x$(ratio "$GW_P99" "$NGX_P99")" \
         "(req/s: higher is better for the gateway; latency: lower)"
-    echo "checks: after the load gateway x-cache=$GW_AFTER, nginx X-Cache-Status=$NGX_AFTER;" \
-        "emulator calls during the rounds: $(
-            if [[ "$CALLS_BEFORE" == "?" || "$CALLS_AFTER" == "?" ]]; then echo "?"
-            else echo $((CALLS_AFTER - CALLS_BEFORE)); fi)"
+    echo "checks: $AFTER; emulator calls during the rounds: $DURING"
 } | tee "$OUT"
 log "written to ${OUT#"$ROOT/"}"

@@ -488,6 +488,43 @@ async fn a_bad_log_level_is_refused() {
 
 // ---------------------------------------------------------- 9. retry budget
 
+/// A gateway with four attempts and the stock 20% budget, a reserve of one retry a
+/// second, and a rate limit high enough not to matter.
+async fn budget_gateway(fake: &FakeChat) -> Gateway {
+    Gateway::start(&config_toml(
+        &fake.url(),
+        &[
+            (
+                "retry",
+                "max_attempts = 4\nbudget_percent = 20\nbudget_min_per_sec = 1",
+            ),
+            ("ratelimit", "per_command_per_sec = 100000"),
+        ],
+    ))
+    .await
+}
+
+/// 600 distinct get_list requests, ten callers at a time; how many got ErrorCode 0.
+async fn six_hundred_requests(gw: &Gateway, prefix: &str) -> usize {
+    let ok_count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..10 {
+        let (url, ok_count, prefix) = (gw.url(GET_LIST), ok_count.clone(), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..60 {
+                let a = post(&url, format!(r#"{{"From_Account":"{prefix}_{w}_{i}"}}"#)).await;
+                if json(&a)["ErrorCode"] == 0 {
+                    ok_count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    ok_count.load(Ordering::Relaxed)
+}
+
 /// With 30% of calls failing 50004/50005 (each request and attempt fated by a hash,
 /// so the run is the same whatever the interleaving) and four attempts, at least
 /// 98.5% of 600 distinct get_list requests succeed: successful retries earn budget.
@@ -515,34 +552,8 @@ async fn retries_that_work_are_not_starved_by_the_budget() {
         }
     }))
     .await;
-    let gw = Gateway::start(&config_toml(
-        &fake.url(),
-        &[
-            (
-                "retry",
-                "max_attempts = 4\nbudget_percent = 20\nbudget_min_per_sec = 1",
-            ),
-            ("ratelimit", "per_command_per_sec = 100000"),
-        ],
-    ))
-    .await;
-    let ok_count = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..10 {
-        let (url, ok_count) = (gw.url(GET_LIST), ok_count.clone());
-        tasks.push(tokio::spawn(async move {
-            for i in 0..60 {
-                let a = post(&url, format!(r#"{{"From_Account":"flaky_{w}_{i}"}}"#)).await;
-                if json(&a)["ErrorCode"] == 0 {
-                    ok_count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let succeeded = ok_count.load(Ordering::Relaxed);
+    let gw = budget_gateway(&fake).await;
+    let succeeded = six_hundred_requests(&gw, "flaky").await;
     let calls = fake.count();
     eprintln!("30% faults: {succeeded} of 600 succeeded with {calls} upstream calls");
     // What 30% independent faults and four attempts allow at best: 1 - 0.3^4.
@@ -565,30 +576,8 @@ async fn futile_retries_stay_within_the_budget() {
         Reply::Json(chat_error(50004), Duration::ZERO)
     }))
     .await;
-    let gw = Gateway::start(&config_toml(
-        &fake.url(),
-        &[
-            (
-                "retry",
-                "max_attempts = 4\nbudget_percent = 20\nbudget_min_per_sec = 1",
-            ),
-            ("ratelimit", "per_command_per_sec = 100000"),
-        ],
-    ))
-    .await;
-    let mut tasks = Vec::new();
-    for w in 0..10 {
-        let url = gw.url(GET_LIST);
-        tasks.push(tokio::spawn(async move {
-            for i in 0..60 {
-                let a = post(&url, format!(r#"{{"From_Account":"down_{w}_{i}"}}"#)).await;
-                assert_eq!(json(&a)["ErrorCode"], 50004);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let gw = budget_gateway(&fake).await;
+    assert_eq!(six_hundred_requests(&gw, "down").await, 0);
     let per_request = fake.count() as f64 / 600.0;
     eprintln!(
         "100% faults: {} upstream calls for 600 requests",

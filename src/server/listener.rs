@@ -34,7 +34,7 @@ pub struct Reserve {
     pub connections: usize,
     /// Which request paths a reserve connection answers at once; any other request on
     /// it waits for a regular slot, as it would have in the kernel's backlog.
-    pub admits: fn(&str) -> bool,
+    pub admits: fn(&[u8]) -> bool,
 }
 
 /// How the accept loop treats connections.
@@ -85,7 +85,7 @@ pub struct Conn {
 impl Conn {
     /// Called before serving a request for `path`: a connection on a reserve slot
     /// waits for a regular slot unless the reserve admits the request.
-    pub async fn admit(&self, path: &str) {
+    pub async fn admit(&self, path: &[u8]) {
         self.admission.admit(path).await
     }
 
@@ -280,7 +280,7 @@ pub async fn drive_hyper<I, H, Fut>(
         let handler = handler.clone();
         let admission = admission.clone();
         async move {
-            admission.admit(req.uri().path()).await;
+            admission.admit(req.uri().path().as_bytes()).await;
             Ok::<_, Infallible>(handler(req, peer).await)
         }
     });
@@ -328,7 +328,7 @@ struct Admission {
 }
 
 impl Admission {
-    async fn admit(&self, path: &str) {
+    async fn admit(&self, path: &[u8]) {
         if let (Slot::Reserve(r), Some(cfg)) = (&self.slot, self.reserve) {
             if !(cfg.admits)(path) {
                 r.promote(&self.permits).await;

@@ -5,6 +5,7 @@ pub mod access;
 pub mod auth;
 pub mod body;
 pub mod handlers;
+pub mod http1;
 pub mod listener;
 pub mod response;
 pub mod router;
@@ -86,10 +87,14 @@ pub async fn run(
         }
     };
     let serve = |l: TcpListener, which: router::Listener, opts: listener::ServeOptions| {
-        let state = state.clone();
-        listener::serve(
+        let front = Arc::new(http1::Front::new(
+            state.clone(),
+            which,
+            opts.header_read_timeout,
+        ));
+        listener::accept_loop(
             l,
-            move |req, peer| router::route(state.clone(), req, peer, which),
+            move |stream, conn| http1::drive(front.clone(), stream, conn),
             stopped(),
             opts,
         )
@@ -101,7 +106,7 @@ pub async fn run(
             max_connections: s.max_connections,
             reserve: Some(listener::Reserve {
                 connections: HEALTH_RESERVE,
-                admits: |path| matches!(path, "/healthz" | "/readyz"),
+                admits: |path| matches!(path, b"/healthz" | b"/readyz"),
             }),
             gauge: Some("main"),
             header_read_timeout: s.header_read_timeout,

@@ -28,6 +28,16 @@ pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
     resp
 }
 
+/// The bytes of a body (one frame, always ready).
+pub fn into_bytes(mut body: Body) -> Bytes {
+    use futures_util::FutureExt;
+    use http_body_util::BodyExt;
+    match body.frame().now_or_never() {
+        Some(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
 /// A plain-text response with `status`.
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(Full::new(body.into()));

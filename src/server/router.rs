@@ -53,9 +53,15 @@ pub fn caller_request_id(value: &[u8]) -> bool {
     !value.is_empty() && value.len() <= MAX_REQUEST_ID && value.iter().all(|c| c.is_ascii_graphic())
 }
 
-/// A fresh request id: 16 hex digits from a per-thread generator (no system call,
-/// no formatting machinery).
+/// A fresh request id as a header value.
 pub fn fresh_request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&fresh_request_id_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// A fresh request id: 16 hex digits from a per-thread generator (no system call,
+/// no formatting machinery, no allocation).
+pub fn fresh_request_id_bytes() -> [u8; 16] {
     thread_local! {
         static STATE: std::cell::Cell<u64> = std::cell::Cell::new(rand::random::<u64>() | 1);
     }
@@ -73,7 +79,7 @@ pub fn fresh_request_id() -> HeaderValue {
     for (i, slot) in buf.iter_mut().enumerate() {
         *slot = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    buf
 }
 
 /// The caller's `x-request-id` if it is sane, else a fresh one.

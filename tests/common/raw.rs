@@ -83,6 +83,20 @@ impl RawConn {
     /// The next complete response (an interim `100 Continue` counts as one), within
     /// `within`.
     pub async fn response(&mut self, within: Duration) -> Result<RawResponse, ReadErr> {
+        self.read_response(within, true).await
+    }
+
+    /// The next response to a `HEAD` request: a head (whatever its
+    /// `content-length`) and no body.
+    pub async fn head_response(&mut self, within: Duration) -> Result<RawResponse, ReadErr> {
+        self.read_response(within, false).await
+    }
+
+    async fn read_response(
+        &mut self,
+        within: Duration,
+        with_body: bool,
+    ) -> Result<RawResponse, ReadErr> {
         let deadline = Instant::now() + within;
         let head_end = loop {
             if let Some(i) = find(&self.buf, b"\r\n\r\n") {
@@ -103,7 +117,7 @@ impl RawConn {
             .collect();
         let len: usize = headers
             .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length") && with_body)
             .map(|(_, v)| v.parse().expect("content-length"))
             .unwrap_or(0);
         while self.buf.len() < head_end + len {

@@ -1,0 +1,273 @@
+#!/usr/bin/env bash
+# Instructions per cache hit, counted by valgrind's callgrind: chat-gateway, nginx
+# proxy_cache, nginx answering the same page with `return 200 '...'` (no cache),
+# and a bare hyper 1.x server (examples/bare_hyper.rs: the same bytes and headers,
+# no logic), the floor for anything built on hyper.
+#
+#   bench/instructions.sh
+#   MODE=instructions bench/hit.sh          # the same
+#   N1=500 N2=1500 bench/instructions.sh    # shorter
+#
+# Instruction counts are user-space instructions executed by the server process
+# (all its threads; the kernel's share, syscalls and TCP, is not counted), so they
+# do not depend on what else the machine is doing: unlike req/s, they are
+# repeatable on a shared, noisy VM.
+#
+# Method: each server runs alone under `valgrind --tool=callgrind
+# --separate-threads=yes`, pinned to SERVER_CPU: the gateway with
+# TOKIO_WORKER_THREADS=1 (its other threads, main and the config watcher, are
+# counted too and shown apart), nginx with `master_process off; daemon off;` (one
+# process serving both the proxy_cache location and, on a second port, the static
+# `return 200`), bare_hyper on a tokio current-thread runtime. The page (ACCOUNT's
+# first get_list page, 1.2 KB by default) is fetched once (a MISS that fills the
+# caches), then WARMUP_REQS hits; then two measured batches of N1 and N2 requests
+# on one keep-alive connection (bench/exact_client.py, outside valgrind), each
+# between `callgrind_control --zero` and `--dump`:
+#     instructions per request = (I(N2) - I(N1)) / (N2 - N1)
+# which cancels what a batch costs whatever its size (its connection's accept
+# and close). Every answer of every batch is checked: HTTP 200, `x-cache: HIT`
+# (nginx proxy_cache: `X-Cache-Status: HIT`), and the body length of that
+# server's cached page. nginx static and bare_hyper answer the gateway's cached
+# page with constant `x-cache: HIT`, `age: 0` and a 16-hex-digit `x-request-id`.
+#
+# Environment:
+#   N1 (1000), N2 (3000)  the two measured batch sizes (N2 > N1)
+#   WARMUP_REQS (300)     hits before the measured batches
+#   ACCOUNT (743)         account number of the page (user_0743 of the default
+#                         1000-account emulator world: a 1,273-byte answer)
+#   SERVER_CPU (0)        CPU the servers (under valgrind) are pinned to
+#   CLIENT_CPU (1)        CPU the emulator is pinned to
+#   NO_BUILD (unset)      set to 1 to skip `cargo build --release`
+#   KEEP_TMP (unset)      set to 1 to keep the temp dir (configs, logs, callgrind files)
+#
+# Output: a table on stdout, also written to bench/out/instructions-<date>.txt,
+# and callgrind_annotate listings of the busiest thread of each server in
+# bench/out/instructions-<date>-<server>.annotate.txt (where the instructions go).
+# Needs: valgrind, python3, nginx, curl, taskset (installed with apt-get when missing).
+set -euo pipefail
+
+SCRIPT=instructions.sh
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+N1=${N1:-1000}
+N2=${N2:-3000}
+WARMUP_REQS=${WARMUP_REQS:-300}
+ACCOUNT=${ACCOUNT:-743}
+if ! [[ "$N1" =~ ^[0-9]+$ && "$N2" =~ ^[0-9]+$ ]] || ((N1 < 1 || N2 <= N1)); then
+    die "need 1 <= N1 < N2 (N1=$N1, N2=$N2)"
+fi
+CLIENT="$ROOT/bench/exact_client.py"
+START_TIMEOUT=300 # valgrind starts slowly
+
+ensure_tools valgrind:valgrind callgrind_control:valgrind callgrind_annotate:valgrind python3:python3
+build bare_hyper
+BARE="$ROOT/target/release/examples/bare_hyper"
+make_tmp instructions
+mkdir -p "$TMP/cg"
+
+start_emulator 1000 "$CLIENT_CPU"
+ACCOUNT_WIDTH=4
+write_gateway_config $'[cache]\nttl_secs = 3600\n\n[log]\nformat = "text"\nlevel = "warn"'
+body_of "$ACCOUNT" >"$TMP/request.json"
+
+# valgrind_for NAME: the command prefix running a server under callgrind.
+valgrind_for() {
+    CG_PREFIX=$1
+    VG=(valgrind --tool=callgrind --separate-threads=yes
+        "--callgrind-out-file=$TMP/cg/$1.%p" --log-file="$TMP/cg/$1.valgrind.log")
+}
+
+# prime NAME URL HEADER [FILL]: with FILL, one request to fill the cache; then the
+# answer must carry HEADER: HIT; sets PAGE_LEN to its body's length and saves the
+# body in $TMP/page-NAME.json; then WARMUP_REQS hits.
+prime() {
+    local name=$1 url=$2 hdr=$3 fill=${4:-}
+    if [[ -n "$fill" ]]; then
+        post "$url" "$(cat "$TMP/request.json")" /dev/null --max-time 60 >/dev/null \
+            || die "$name: first request failed"
+    fi
+    post "$url" "$(cat "$TMP/request.json")" "$TMP/headers" --max-time 60 >"$TMP/page-$name.json" \
+        || die "$name: request failed"
+    [[ "$(header "$TMP/headers" "$hdr")" == HIT ]] || die "$name: not a HIT: $(cat "$TMP/headers")"
+    grep -q '"ErrorCode" *: *0[,}]' "$TMP/page-$name.json" || die "$name answered: $(cat "$TMP/page-$name.json")"
+    PAGE_LEN=$(wc -c <"$TMP/page-$name.json")
+    client "$name" "$url" "$hdr" "$WARMUP_REQS" >/dev/null
+}
+
+client() { # NAME URL HEADER N
+    python3 "$CLIENT" --url "$2" --body-file "$TMP/request.json" -n "$4" \
+        --expect "$3=HIT" --length "$PAGE_LEN" 2>"$TMP/client.err" \
+        || die "$1: $(cat "$TMP/client.err")"
+}
+
+# batch NAME PID URL HEADER N: zero the counters, N requests, dump; prints
+# "thread instructions" lines, one per thread of that dump.
+batch() {
+    local name=$1 pid=$2 n=$5 after i f
+    callgrind_control --zero "$pid" >"$TMP/cg/control.log" 2>&1 || die "callgrind_control --zero $pid failed: $(cat "$TMP/cg/control.log")"
+    client "$name" "$3" "$4" "$n" >/dev/null
+    : >"$TMP/cg/dump.mark"
+    callgrind_control --dump "$pid" >"$TMP/cg/control.log" 2>&1 || die "callgrind_control --dump $pid failed: $(cat "$TMP/cg/control.log")"
+    # The dump is written by the server's process: wait for its files to settle.
+    for i in $(seq 300); do
+        after=$(find "$TMP/cg" -name "$CG_PREFIX.$pid.*" -newer "$TMP/cg/dump.mark" | wc -l)
+        ((after > 0)) && break
+        sleep 0.1
+    done
+    ((after > 0)) || die "$name: no callgrind dump appeared"
+    sleep 0.5
+    # One file per thread: PREFIX.PID.DUMP-THREAD.
+    for f in $(find "$TMP/cg" -name "$CG_PREFIX.$pid.*-*" -newer "$TMP/cg/dump.mark" | sort); do
+        awk -v f="$f" '/^summary:/ { t = f; sub(/.*-/, "", t); print t + 0, $2 }' "$f"
+        LAST_DUMP_FILES+=("$f")
+    done
+}
+
+# measure NAME PID URL HEADER: the two batches; sets PER_REQ (instructions per
+# request), BATCH1/BATCH2 (whole-batch per-request figures) and THREADS (per
+# thread, per request: "n:instr ...").
+declare -A PER_REQ BATCH1 BATCH2 THREADS ANNOTATE PAGE_OF
+measure() {
+    local name=$1 pid=$2 url=$3 hdr=$4
+    log "$name: $N1 then $N2 requests under callgrind"
+    LAST_DUMP_FILES=()
+    batch "$name" "$pid" "$url" "$hdr" "$N1" >"$TMP/cg/$name-b1.txt"
+    LAST_DUMP_FILES=()
+    batch "$name" "$pid" "$url" "$hdr" "$N2" >"$TMP/cg/$name-b2.txt"
+    local t1 t2
+    t1=$(awk '{s += $2} END {print s}' "$TMP/cg/$name-b1.txt")
+    t2=$(awk '{s += $2} END {print s}' "$TMP/cg/$name-b2.txt")
+    PER_REQ[$name]=$(awk -v a="$t1" -v b="$t2" -v n1="$N1" -v n2="$N2" 'BEGIN { printf "%.0f", (b - a) / (n2 - n1) }')
+    BATCH1[$name]=$(awk -v a="$t1" -v n="$N1" 'BEGIN { printf "%.0f", a / n }')
+    BATCH2[$name]=$(awk -v a="$t2" -v n="$N2" 'BEGIN { printf "%.0f", a / n }')
+    THREADS[$name]=$(awk -v n1="$N1" -v n2="$N2" 'NR == FNR { a[$1] = $2; next } { v = sprintf("%.0f", ($2 - a[$1]) / (n2 - n1)) + 0; printf "%s%d:%d", sep, $1, v; sep = " " }' \
+        "$TMP/cg/$name-b1.txt" "$TMP/cg/$name-b2.txt")
+    # The busiest thread's file of the larger batch, for callgrind_annotate.
+    local busiest
+    busiest=$(sort -k2 -n -r "$TMP/cg/$name-b2.txt" | awk 'NR == 1 {print $1}')
+    for f in "${LAST_DUMP_FILES[@]}"; do
+        local t=${f##*-}
+        if ((10#$t == busiest)); then ANNOTATE[$name]=$f; fi
+    done
+    PAGE_OF[$name]=$PAGE_LEN
+    log "  $name: ${PER_REQ[$name]} instructions per request"
+}
+
+thread_names() { # PID -> "n:comm ..." in creation (TID) order, as valgrind numbers them
+    local i=0 t out=""
+    for t in $(cd "/proc/$1/task" && printf '%s\n' * | sort -n); do
+        i=$((i + 1))
+        out+="${out:+, }$i=$(tr ' ' '_' <"/proc/$1/task/$t/comm" | sed 's/^callgrind-.*/main/')"
+    done
+    echo "$out"
+}
+forget_pid() { # PID: stop it and drop it from PIDS
+    local p keep=()
+    stop_pid "$1"
+    for p in "${PIDS[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# ---------------------------------------------------------------- the gateway
+valgrind_for gateway
+start_gateway "$SERVER_CPU" "${VG[@]}"
+prime gateway "$GW$PATH_GET_LIST" x-cache fill
+cp "$TMP/page-gateway.json" "$TMP/page.json"
+GW_THREADS=$(thread_names "$GW_PID")
+measure gateway "$GW_PID" "$GW$PATH_GET_LIST" x-cache
+forget_pid "$GW_PID"
+
+# ---------------------------------------------------------------- nginx
+# The static answer: the gateway's cached page, in nginx's single-quoted string.
+grep -q '\$' "$TMP/page.json" && die "the page holds a \$, which nginx's return would expand"
+free_port NGX_STATIC_PORT
+render_nginx 10m 64m 1000
+{
+    echo "# The same page, answered by nginx itself: no cache, no upstream."
+    echo "server {"
+    echo "    listen 127.0.0.1:$NGX_STATIC_PORT;"
+    echo "    location = $PATH_GET_LIST {"
+    echo "        default_type application/json;"
+    echo "        add_header X-Cache HIT;"
+    echo "        add_header Age 0;"
+    echo "        add_header X-Request-Id 5f0c2a9e81d3b7c4;"
+    printf "        return 200 '%s';\n" "$(sed -e "s/[\\\\']/\\\\&/g" "$TMP/page.json")"
+    echo "    }"
+    echo "}"
+} >"$TMP/nginx/conf.d/static.conf"
+valgrind_for nginx
+start_nginx "$SERVER_CPU" 'daemon off; master_process off;' "${VG[@]}"
+NGX_STATIC="http://127.0.0.1:$NGX_STATIC_PORT"
+prime nginx-proxy "$NGX$PATH_GET_LIST" x-cache-status fill
+measure nginx-proxy "$NGX_PID" "$NGX$PATH_GET_LIST" x-cache-status
+prime nginx-static "$NGX_STATIC$PATH_GET_LIST" x-cache
+cmp -s "$TMP/page-nginx-static.json" "$TMP/page.json" || die "nginx static answers another page than the gateway's"
+measure nginx-static "$NGX_PID" "$NGX_STATIC$PATH_GET_LIST" x-cache
+forget_pid "$NGX_PID"
+
+# ---------------------------------------------------------------- bare hyper
+free_port BARE_PORT
+BARE_URL="http://127.0.0.1:$BARE_PORT"
+valgrind_for bare
+log "starting bare_hyper on $BARE_URL (CPU $SERVER_CPU)"
+taskset -c "$SERVER_CPU" "${VG[@]}" "$BARE" "127.0.0.1:$BARE_PORT" "$TMP/page.json" >"$TMP/bare.log" 2>&1 &
+BARE_PID=$!
+PIDS+=("$BARE_PID")
+wait_for bare_hyper "$BARE_PID" "$START_TIMEOUT" curl -fsS --max-time 5 -X POST "$BARE_URL$PATH_GET_LIST"
+prime bare "$BARE_URL$PATH_GET_LIST" x-cache
+cmp -s "$TMP/page-bare.json" "$TMP/page.json" || die "bare_hyper answers another page than the gateway's"
+measure bare "$BARE_PID" "$BARE_URL$PATH_GET_LIST" x-cache
+forget_pid "$BARE_PID"
+
+# ---------------------------------------------------------------- report
+OUT=$(out_file instructions)
+BASE=${OUT%.txt}
+for s in gateway nginx-proxy nginx-static bare; do
+    if [[ -n "${ANNOTATE[$s]:-}" ]]; then
+        # Whole listings into files first: head closing a pipe would stop the script.
+        callgrind_annotate --auto=no --inclusive=yes --threshold=99 "${ANNOTATE[$s]}" >"$TMP/incl.txt" 2>&1 || true
+        callgrind_annotate --auto=no --inclusive=no --threshold=100 "${ANNOTATE[$s]}" >"$TMP/self.txt" 2>&1 || true
+        {
+            echo "# $s: callgrind_annotate of its busiest thread over the N2=$N2 batch (divide by $N2 for per request)"
+            echo "# inclusive (a function and what it calls):"
+            sed -n '1,120p' "$TMP/incl.txt"
+            echo
+            echo "# self (instructions in the function itself; the thread's outermost frames,"
+            echo "# shown first at 100%, are an artifact of zeroing the counters mid-run):"
+            sed -n '/file:function/,$p' "$TMP/self.txt" | sed -n '1,80p'
+        } >"$BASE-$s.annotate.txt"
+    fi
+done
+row() { # NAME LABEL
+    printf '%-30s  %12s  %12s  %12s  %7s\n' "$2" "${PER_REQ[$1]}" "${BATCH1[$1]}" "${BATCH2[$1]}" "${PAGE_OF[$1]}"
+}
+{
+    report_head "bench/instructions.sh: user-space instructions per cache hit (callgrind)"
+    echo "$(valgrind --version); $("$NGINX" -v 2>&1); $(python3 --version)"
+    echo "page: user_$(printf %04d "$ACCOUNT")'s first get_list page; batches of N1=$N1 and N2=$N2 keep-alive requests" \
+        "on one connection after $WARMUP_REQS warm-up hits; every answer checked (200, HIT, length)"
+    echo
+    printf '%-30s  %12s  %12s  %12s  %7s\n' server "instr/req" "batch N1/N1" "batch N2/N2" "bytes"
+    row gateway "chat-gateway"
+    row nginx-proxy "nginx proxy_cache"
+    row nginx-static "nginx return 200 (static)"
+    row bare "bare hyper 1.x (floor)"
+    echo "(instr/req = (I(N2) - I(N1)) / (N2 - N1): the difference of the two batches, which"
+    echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size)"
+    echo
+    echo "gateway / nginx static:      x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-static]}")"
+    echo "gateway / nginx proxy_cache: x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-proxy]}")"
+    echo "gateway / bare hyper:        x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[bare]}")"
+    echo "bare hyper / nginx static:   x$(ratio "${PER_REQ[bare]}" "${PER_REQ[nginx-static]}")"
+    echo
+    echo "per thread, instructions per request (valgrind thread number: count):"
+    echo "  gateway:      ${THREADS[gateway]}   threads: $GW_THREADS"
+    echo "  nginx:        proxy_cache ${THREADS[nginx-proxy]}, static ${THREADS[nginx-static]}"
+    echo "  bare hyper:   ${THREADS[bare]}"
+    echo "(gateway: TOKIO_WORKER_THREADS=1, log warn, cache.ttl_secs 3600; nginx: master_process off,"
+    echo " bench/nginx/nginx.conf.tmpl plus a static server; bare hyper: examples/bare_hyper.rs)"
+} | tee "$OUT"
+log "written to ${OUT#"$ROOT/"} (and $(basename "$BASE")-*.annotate.txt)"
