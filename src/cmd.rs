@@ -84,6 +84,12 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let fleet = state.fleet.clone();
+        if let Some(f) = &fleet {
+            // Start in fleet mode when Redis answers at once; one that does not delays
+            // serving by at most this (the gateway then serves alone until it answers).
+            f.wait_ready(std::time::Duration::from_secs(2)).await;
+        }
         let _watcher = config::reload::Reloader::new(
             config_path.map(Path::to_path_buf),
             state.settings.clone(),
@@ -104,6 +110,9 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
         );
         server::listener::sd_notify("READY=1");
         let drained = server::run(listeners, state, server::listener::termination_signal()).await;
+        if let Some(f) = &fleet {
+            f.leave(std::time::Duration::from_secs(1)).await;
+        }
         tracing::info!(drained, "chat-gateway stopped");
         ExitCode::SUCCESS
     })

@@ -27,6 +27,11 @@
 //! - [`upstream`]: the cached admin UserSig ([`upstream::signer`]), the retry policy
 //!   ([`upstream::retry`]: the only place that decides to retry) and the pooled
 //!   rustls client ([`upstream::client`]); [`upstream::Upstream::call`] ties them.
+//! - [`fleet`]: many gateways as one through Redis (`[redis]`): the connection and its
+//!   health ([`fleet::conn`]), the keys ([`fleet::keys`]), the fleet-wide rate limit
+//!   ([`fleet::limiter`]), invalidation events and loss detection ([`fleet::bus`]), the
+//!   shared L2 page cache and fetch lock ([`fleet::l2`]), and the heartbeat
+//!   ([`fleet::heartbeat`]).
 //! - [`error`]: the request error type; each failure maps to one envelope response.
 //! - [`metrics`]: Prometheus names and pre-resolved hot-path counters.
 //! - [`telemetry`]: tracing set-up (text or JSON).
@@ -40,6 +45,7 @@ pub mod cmd;
 pub mod config;
 pub mod emulator;
 pub mod error;
+pub mod fleet;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;

@@ -1,6 +1,8 @@
 //! The one door for invalidations, whatever their source (admin API, write-through,
-//! Chat's webhooks). It counts them by source and is where a shared invalidation
-//! stream (Redis) will publish and subscribe.
+//! Chat's webhooks). It applies them to this gateway's memory, counts them by source,
+//! and, in a fleet, publishes them so every other gateway applies them too
+//! ([`crate::fleet::bus`]; events received from the fleet are applied there, to
+//! memory only, and never published again).
 
 use std::sync::Arc;
 
@@ -8,6 +10,7 @@ use metrics::counter;
 use serde::Serialize;
 
 use super::PageCache;
+use crate::fleet::{Event, Fleet};
 
 /// Where an invalidation came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +50,8 @@ pub struct Dropped {
 pub struct Invalidator {
     /// The cache invalidated.
     cache: Arc<dyn PageCache>,
+    /// The fleet told about it, if any.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl std::fmt::Debug for Invalidator {
@@ -58,7 +63,19 @@ impl std::fmt::Debug for Invalidator {
 impl Invalidator {
     /// An invalidator for `cache`.
     pub fn new(cache: Arc<dyn PageCache>) -> Self {
-        Invalidator { cache }
+        Invalidator { cache, fleet: None }
+    }
+
+    /// The same, publishing every invalidation to `fleet`.
+    pub fn with_fleet(mut self, fleet: Option<Arc<Fleet>>) -> Self {
+        self.fleet = fleet;
+        self
+    }
+
+    fn publish(&self, event: impl FnOnce() -> Event) {
+        if let Some(f) = &self.fleet {
+            f.publish(event());
+        }
     }
 
     /// Drops every page of each account. O(1) per account.
@@ -68,12 +85,17 @@ impl Invalidator {
         accounts: impl IntoIterator<Item = &'a str>,
     ) -> Dropped {
         let mut d = Dropped::default();
+        let mut named = Vec::new();
         for a in accounts {
             let pages = self.cache.invalidate(a);
             d.accounts += usize::from(pages > 0);
             d.pages += pages;
             tracing::debug!(source = source.as_str(), account = a, pages, "invalidated");
+            if self.fleet.is_some() {
+                named.push(a.to_string());
+            }
         }
+        self.publish(|| Event::Accounts(named));
         self.record(source, d);
         d
     }
@@ -81,6 +103,7 @@ impl Invalidator {
     /// Drops the pages of every cached account whose pages list `group`.
     pub fn group(&self, source: Source, group: &str) -> Dropped {
         let dropped = self.cache.invalidate_group(group);
+        self.publish(|| Event::Group(group.to_string()));
         let d = Dropped {
             accounts: dropped.len(),
             pages: dropped.iter().map(|(_, n)| n).sum(),
@@ -99,6 +122,7 @@ impl Invalidator {
     pub fn all(&self, source: Source) -> Dropped {
         let accounts = self.cache.stats().accounts as usize;
         let pages = self.cache.invalidate_all();
+        self.publish(|| Event::All);
         let d = Dropped { accounts, pages };
         tracing::info!(source = source.as_str(), pages, "whole cache invalidated");
         self.record(source, d);

@@ -7,6 +7,7 @@
 //! library's own types; nothing else reads raw config.
 
 pub mod raw;
+pub mod redis;
 pub mod reload;
 pub mod secret;
 pub mod secrets;
@@ -14,6 +15,7 @@ pub mod settings;
 
 use std::path::Path;
 
+pub use redis::{RedisSettings, RedisUrl};
 pub use secret::Secret;
 pub use settings::{
     CacheSettings, ChatSettings, LiveSettings, LogFormat, LogSettings, RetrySettings,

@@ -18,6 +18,49 @@ pub struct RawConfig {
     pub callback: RawCallback,
     pub routes: RawRoutes,
     pub ratelimit: RawRateLimit,
+    pub redis: RawRedis,
+}
+
+/// `[redis]`: the fleet. Without `url`, the gateway runs alone.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    /// Serialized with its password (only) redacted.
+    #[serde(serialize_with = "redacted_redis_url")]
+    pub url: Option<Secret>,
+    pub key_prefix: String,
+    pub timeout_ms: u64,
+    pub l2_cache: bool,
+    pub ca_file: Option<PathBuf>,
+    pub lease_ms: u64,
+    pub latency_allowance_ms: u64,
+}
+
+/// A Redis URL as `redis://user:<redacted>@host:port/db`; all of it redacted if it
+/// does not parse.
+fn redacted_redis_url<S: serde::Serializer>(u: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+    match u {
+        None => s.serialize_none(),
+        Some(u) => s.serialize_some(
+            &super::redis::RedisUrl::parse("redis.url", u.expose())
+                .map(|u| u.redacted())
+                .unwrap_or_else(|_| "<redacted>".to_string()),
+        ),
+    }
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            url: None,
+            key_prefix: "chat-gateway".into(),
+            timeout_ms: 50,
+            l2_cache: true,
+            ca_file: None,
+            lease_ms: 50,
+            latency_allowance_ms: 50,
+        }
+    }
 }
 
 /// `[routes]`

@@ -29,6 +29,8 @@ pub struct Settings {
     pub routes: RouteSettings,
     /// The per-command rate limit towards Chat.
     pub ratelimit: RateLimitSettings,
+    /// The fleet (`[redis]`), when `redis.url` is set.
+    pub redis: Option<super::redis::RedisSettings>,
 }
 
 /// `[routes]`: command patterns (`service/command`, `service/*` or `*`).
@@ -226,7 +228,7 @@ mod secs {
     }
 }
 
-mod millis {
+pub(crate) mod millis {
     pub fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
         s: S,
@@ -551,6 +553,7 @@ impl Settings {
             callback,
             routes,
             ratelimit,
+            redis: super::redis::from_raw(raw.redis)?,
         })
     }
 
@@ -659,6 +662,18 @@ impl Settings {
                     .iter()
                     .map(|(k, v)| (k.clone(), u64::from(*v)))
                     .collect(),
+            },
+            redis: match &self.redis {
+                Some(r) => RawRedis {
+                    url: Some(Secret::new(r.url.redacted())),
+                    key_prefix: r.key_prefix.clone(),
+                    timeout_ms: ms(r.timeout),
+                    l2_cache: r.l2_cache,
+                    ca_file: r.ca_file.clone(),
+                    lease_ms: ms(r.lease),
+                    latency_allowance_ms: ms(r.latency_allowance),
+                },
+                None => RawRedis::default(),
             },
         }
     }

@@ -14,6 +14,7 @@ use crate::cache::PageCache;
 use crate::chat::commands::{self, CommandClass};
 use crate::config::secrets::LiveSecrets;
 use crate::config::{LiveSettings, Settings};
+use crate::fleet::Fleet;
 use crate::metrics::GetListCounters;
 use crate::server::body::BodyLimits;
 use crate::server::handlers::get_list::FetchResult;
@@ -46,6 +47,8 @@ pub struct AppState {
     /// `server.auth_tokens_file` set); fixed at start-up, so the hot path reads a
     /// bool.
     pub auth_required: bool,
+    /// The fleet (`[redis]`): shared rate limit, invalidations, L2.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl AppState {
@@ -91,23 +94,28 @@ impl AppState {
     /// Builds the state from validated settings.
     pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
         let metrics = crate::metrics::install();
-        // Redis is not configurable yet: redis_enabled stays 0.
-        crate::metrics::set_static(settings.cache.max_bytes, false);
+        crate::metrics::set_static(settings.cache.max_bytes, settings.redis.is_some());
         let live = Arc::new(ArcSwap::from_pointee(settings.live.clone()));
-        let upstream = Arc::new(Upstream::new(&settings, live.clone())?);
-        let signer = upstream.signer().clone();
-        let secrets =
-            Arc::new(LiveSecrets::new(&settings).on_key_change(move |k| signer.set_key(k.clone())));
-        let auth_required = !settings.server.auth_tokens.is_empty();
         let store: Arc<dyn PageCache> = Arc::new(PageStore::new(
             settings.cache.max_bytes,
             settings.cache.max_pages_per_account,
         ));
+        // Joining the fleet starts connecting in the background: a Redis that is down
+        // delays nothing.
+        let fleet = Fleet::start(&settings, store.clone(), live.clone())?;
+        let limiter = fleet
+            .as_ref()
+            .map(|f| f.limiter() as Arc<dyn crate::upstream::ratelimit::RateLimiter>);
+        let upstream = Arc::new(Upstream::with_limiter(&settings, live.clone(), limiter)?);
+        let signer = upstream.signer().clone();
+        let secrets =
+            Arc::new(LiveSecrets::new(&settings).on_key_change(move |k| signer.set_key(k.clone())));
+        let auth_required = !settings.server.auth_tokens.is_empty();
         Ok(Arc::new(AppState {
             settings: Arc::new(settings),
             live,
             upstream,
-            invalidator: Invalidator::new(store.clone()),
+            invalidator: Invalidator::new(store.clone()).with_fleet(fleet.clone()),
             store,
             inflight: Inflight::default(),
             counters: GetListCounters::new(),
@@ -115,6 +123,7 @@ impl AppState {
             quit: Arc::new(Notify::new()),
             secrets,
             auth_required,
+            fleet,
         }))
     }
 }

@@ -77,22 +77,27 @@ impl std::fmt::Debug for ChatClient {
 
 /// Builds the rustls config: web PKI roots plus the PEM certificates in `ca_file`.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    tls_config_for("chat.ca_file", ca_file)
+}
+
+/// [`tls_config`] for the config key `key` (named in errors).
+pub fn tls_config_for(key: &str, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let file = std::fs::File::open(path)
-            .map_err(|e| format!("chat.ca_file {}: {e}", path.display()))?;
+        let file =
+            std::fs::File::open(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
-            let cert = cert.map_err(|e| format!("chat.ca_file {}: {e}", path.display()))?;
+            let cert = cert.map_err(|e| format!("{key} {}: {e}", path.display()))?;
             roots
                 .add(cert)
-                .map_err(|e| format!("chat.ca_file {}: {e}", path.display()))?;
+                .map_err(|e| format!("{key} {}: {e}", path.display()))?;
             added += 1;
         }
         if added == 0 {
             return Err(format!(
-                "chat.ca_file {}: no PEM certificate found",
+                "{key} {}: no PEM certificate found",
                 path.display()
             ));
         }

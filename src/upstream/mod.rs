@@ -99,6 +99,16 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     /// Builds the client from settings.
     pub fn new(settings: &Settings, live: Arc<ArcSwap<LiveSettings>>) -> Result<Self, String> {
+        Self::with_limiter(settings, live, None)
+    }
+
+    /// Like [`Upstream::new`] with another rate limiter (the fleet's); `None` is the
+    /// local one.
+    pub fn with_limiter(
+        settings: &Settings,
+        live: Arc<ArcSwap<LiveSettings>>,
+        limiter: Option<Arc<dyn RateLimiter>>,
+    ) -> Result<Self, String> {
         let c = &settings.chat;
         let signer = Arc::new(Signer::new(
             c.sdkappid,
@@ -115,10 +125,12 @@ impl Upstream {
                 c.backup_base_url.clone(),
                 c.failover_cooldown,
             ),
-            limiter: Arc::new(LocalRateLimiter::new(
-                rl.per_command_per_sec,
-                rl.commands.clone(),
-            )),
+            limiter: limiter.unwrap_or_else(|| {
+                Arc::new(LocalRateLimiter::new(
+                    rl.per_command_per_sec,
+                    rl.commands.clone(),
+                ))
+            }),
             max_wait: rl.max_wait,
             budget: RetryBudget::new(),
             request_timeout: c.request_timeout,

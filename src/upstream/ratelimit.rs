@@ -14,6 +14,7 @@
 //! shares one limit through Redis behind the same interface.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -97,8 +98,38 @@ impl Log {
         if self.admitted.len() >= self.limit {
             self.admitted.pop_front();
         }
-        self.admitted.push_back(slot);
+        // In order: a seeded log ([`Log::seed`]) may hold instants past `slot`.
+        let pos = self.admitted.partition_point(|t| *t <= slot);
+        self.admitted.insert(pos, slot);
         Ok(wait)
+    }
+
+    /// Replaces the log with `calls` (sorted instants): what this process must count
+    /// as its share of calls made elsewhere. Keeps the newest `limit`.
+    fn seed(&mut self, calls: impl Iterator<Item = Instant>) {
+        self.admitted.clear();
+        self.admitted.extend(calls);
+        while self.admitted.len() > self.limit {
+            self.admitted.pop_front();
+        }
+    }
+
+    /// Makes the log full until a second after `until`: as if `limit` calls went
+    /// then (keeping any later ones).
+    fn fill(&mut self, until: Instant) {
+        self.admitted.extend(std::iter::repeat_n(until, self.limit));
+        self.admitted.make_contiguous().sort();
+        while self.admitted.len() > self.limit {
+            self.admitted.pop_front();
+        }
+    }
+
+    /// Changes the limit; the log keeps the newest `limit` instants.
+    fn set_limit(&mut self, limit: u32) {
+        self.limit = limit.max(1) as usize;
+        while self.admitted.len() > self.limit {
+            self.admitted.pop_front();
+        }
     }
 }
 
@@ -111,6 +142,8 @@ pub struct LocalRateLimiter {
     overrides: BTreeMap<String, u32>,
     /// command → log, created on first use.
     logs: RwLock<HashMap<String, Arc<Mutex<Log>>>>,
+    /// Every rate is divided by this (1 alone; a fleet's share when Redis is away).
+    share: AtomicU32,
 }
 
 impl LocalRateLimiter {
@@ -120,16 +153,61 @@ impl LocalRateLimiter {
             default_rate: default_rate.max(1),
             overrides,
             logs: RwLock::new(HashMap::new()),
+            share: AtomicU32::new(1),
         }
     }
 
-    /// The limit of `command`: its override or the default.
+    /// The limit of `command`: its override or the default, divided by the share
+    /// (never below 1).
     pub fn rate_of(&self, command: &str) -> u32 {
-        self.overrides
+        let rate = self
+            .overrides
             .get(command)
             .copied()
-            .unwrap_or(self.default_rate)
-            .max(1)
+            .unwrap_or(self.default_rate);
+        (rate / self.share.load(Ordering::Relaxed).max(1)).max(1)
+    }
+
+    /// Divides every rate by `share` from now on (a fleet's gateways when Redis is
+    /// away: each keeps to N / share).
+    pub fn set_share(&self, share: u32) {
+        let share = share.max(1);
+        if self.share.swap(share, Ordering::Relaxed) == share {
+            return;
+        }
+        let logs = self.logs.read().unwrap_or_else(|p| p.into_inner());
+        for (name, log) in logs.iter() {
+            let rate = self.rate_of(name);
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_limit(rate);
+        }
+    }
+
+    /// Counts `command` as used up to its limit at `until`: nothing goes until a
+    /// second after it (the fleet may have used everything, and nobody can say).
+    pub fn fill(&self, command: &str, until: Instant) {
+        let log = self.log(command);
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        log.fill(until);
+    }
+
+    /// The fleet's recent calls of `command` (instants with counts, in any order): this
+    /// limiter, should it take over, counts its share of them. Of the calls sorted by
+    /// time it keeps every `share`-th from the newest, so any window reaching to the
+    /// present holds `1/share` of the fleet's calls in it, rounded up. Replaces what
+    /// the log held (an earlier view of the same window).
+    pub fn seed(&self, command: &str, fleet_calls: &[(Instant, u32)]) {
+        let share = self.share.load(Ordering::Relaxed).max(1) as usize;
+        let mut all: Vec<Instant> = fleet_calls
+            .iter()
+            .flat_map(|(t, n)| std::iter::repeat_n(*t, *n as usize))
+            .collect();
+        all.sort();
+        let mine: Vec<Instant> = all.iter().rev().step_by(share).rev().copied().collect();
+        let log = self.log(command);
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        log.seed(mine.into_iter());
     }
 
     fn log(&self, command: &str) -> Arc<Mutex<Log>> {
@@ -248,6 +326,29 @@ mod tests {
         assert_window(&slots, 20);
         // ... and the limit is used: 20 per 1.025 s over the 3 s plus the waiting tail.
         assert!(slots.len() >= 58, "{} slots", slots.len());
+    }
+
+    #[test]
+    fn a_share_divides_the_rate_and_seeded_calls_count() {
+        let l = LocalRateLimiter::new(50, BTreeMap::new());
+        l.set_share(3);
+        assert_eq!(l.rate_of("a/b"), 16);
+        // The fleet counted 30 calls: this gateway's share of them is 10.
+        let until = Instant::now() + Duration::from_millis(100);
+        l.seed(
+            "a/b",
+            &[(until, 20), (until - Duration::from_millis(50), 10)],
+        );
+        for _ in 0..6 {
+            assert_eq!(l.reserve("a/b", Duration::ZERO), Ok(Duration::ZERO));
+        }
+        let t = l.reserve("a/b", Duration::ZERO).unwrap_err();
+        assert!(
+            t.retry_after > Duration::from_millis(900),
+            "10 seeded + 6 = 16: the next slot is a second after the oldest"
+        );
+        l.set_share(100);
+        assert_eq!(l.rate_of("a/b"), 1, "never below one");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

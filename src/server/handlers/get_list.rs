@@ -1,8 +1,10 @@
 //! `POST /v4/recentcontact/get_list`: the cached route.
 //!
 //! hit:  parse (borrowing) → key → store lookup → shared `Bytes`, `x-cache: HIT`
-//! miss: coalesced fetch task → upstream (signer, retries) → store insert → `MISS`
-//! Chat failing: a page past its TTL but within `cache.stale_if_error_secs` → `STALE`
+//! miss: coalesced fetch task → (fleet: L2 page, or wait for the gateway that holds
+//!       the fetch lock) → upstream (signer, retries) → store insert (+ L2) → `MISS`
+//! Chat failing: a page past its TTL but within `cache.stale_if_error_secs` (from
+//! memory, or from L2) → `STALE`
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,6 +19,7 @@ use crate::cache::store::{Lookup, Page};
 use crate::chat::commands::{CommandClass, GET_LIST};
 use crate::chat::envelope::CodeClass;
 use crate::error::GatewayError;
+use crate::fleet::l2::{L2Page, MissPlan, L2};
 use crate::server::access::AccessInfo;
 use crate::server::response::{self, age_value, Body, X_CACHE};
 use crate::server::AppState;
@@ -26,6 +29,8 @@ const HIT: HeaderValue = HeaderValue::from_static("HIT");
 const MISS: HeaderValue = HeaderValue::from_static("MISS");
 const STALE: HeaderValue = HeaderValue::from_static("STALE");
 const BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
+/// `x-cache-l2: HIT`: a MISS in this gateway's memory answered from the fleet's L2.
+const X_CACHE_L2: http::HeaderName = http::HeaderName::from_static("x-cache-l2");
 
 /// What one coalesced fetch produced.
 #[derive(Debug)]
@@ -40,6 +45,10 @@ pub struct Fetched {
     pub upstream_failed: bool,
     /// Chat's `ErrorCode`, when the answer is an envelope.
     pub code: Option<i64>,
+    /// Served from the fleet's L2 (stored when then), not from Chat.
+    pub from_l2: Option<Instant>,
+    /// A page from L2 past its TTL but within the stale window, for when Chat fails.
+    pub l2_stale: Option<Arc<Page>>,
 }
 
 /// The shared result of a fetch, handed to every waiter.
@@ -103,8 +112,15 @@ async fn miss(
             // The fetch runs as its own task: it carries this request's span, so what
             // it logs has the request id.
             move || {
-                fetch(fetch_state, account, page_key, upstream_body, fetch_stats)
-                    .instrument(tracing::Span::current())
+                fetch(
+                    fetch_state,
+                    account,
+                    page_key,
+                    upstream_body,
+                    fetch_stats,
+                    no_cache,
+                )
+                .instrument(tracing::Span::current())
             },
             || {
                 Err(GatewayError::Internal(
@@ -123,15 +139,32 @@ async fn miss(
         upstream: stats.upstream_time(),
     };
     let mut resp = match result {
+        // Not in this gateway's memory, but in the fleet's L2: a MISS here (this
+        // gateway did not have the page), answered without calling Chat.
+        Ok(f) if f.from_l2.is_some() => {
+            c.req_miss.increment(1);
+            c.miss.increment(1);
+            info.code = f.code;
+            let mut resp = upstream_answer(&f, MISS);
+            let h = resp.headers_mut();
+            h.insert(X_CACHE_L2, HIT);
+            if let Some(at) = f.from_l2 {
+                h.insert(
+                    http::header::AGE,
+                    age_value(Instant::now().saturating_duration_since(at).as_secs()),
+                );
+            }
+            resp
+        }
         Ok(f) if f.cached => {
             c.req_miss.increment(1);
             c.miss.increment(1);
             info.code = f.code;
             upstream_answer(&f, if no_cache { BYPASS } else { MISS })
         }
-        Ok(f) if f.upstream_failed && stale.is_some() => {
+        Ok(f) if f.upstream_failed && (stale.is_some() || f.l2_stale.is_some()) => {
             info.code = Some(0);
-            serve_stale(&state, stale, "Chat failed")
+            serve_stale(&state, stale.or_else(|| f.l2_stale.clone()), "Chat failed")
         }
         Ok(f) => {
             c.req_bypass.increment(1);
@@ -156,19 +189,74 @@ async fn miss(
     resp
 }
 
-/// Runs in its own task: calls Chat and stores a success.
+/// Runs in its own task: asks the fleet's L2 (when there is one), else calls Chat
+/// and stores a success (in memory, and in L2).
 async fn fetch(
     state: Arc<AppState>,
     account: Arc<str>,
     page_key: PageKey,
     body: Bytes,
     stats: Arc<CallStats>,
+    no_cache: bool,
 ) -> FetchResult {
     let epoch = state.store.begin_fetch();
-    let resp = state
+    let l2 = state.fleet.as_ref().and_then(|f| f.l2().cloned());
+    // The generation to store in L2 with, and our fetch lock's token.
+    let mut l2_plan: Option<(u64, Option<String>)> = None;
+    let mut l2_stale = None;
+    if let Some(l2) = &l2 {
+        if no_cache {
+            // A refresh: no L2 answer, but the page it fetches goes to L2 too.
+            if let Ok(found) = l2.lookup(&account, &page_key, false).await {
+                l2_plan = Some((found.gen, None));
+            }
+        } else {
+            match l2.plan_miss(&account, &page_key).await {
+                MissPlan::Serve(p) => {
+                    let page = p.to_page(page_key);
+                    let (stored_at, body) = (page.stored_at, page.body.clone());
+                    let cached = state.store.insert(&account, page, epoch);
+                    return Ok(Arc::new(Fetched {
+                        status: StatusCode::OK,
+                        body,
+                        cached,
+                        upstream_failed: false,
+                        code: Some(0),
+                        from_l2: Some(stored_at),
+                        l2_stale: None,
+                    }));
+                }
+                MissPlan::Fetch { gen, token, stale } => {
+                    l2_plan = Some((gen, token));
+                    l2_stale = stale.map(|p| Arc::new(p.to_page(page_key.clone())));
+                }
+                MissPlan::Bypass => {}
+            }
+        }
+    }
+    let resp = match state
         .upstream
         .call(GET_LIST, CommandClass::Read, body, &stats)
-        .await?;
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            release(&l2, &l2_plan, &account, &page_key).await;
+            if l2_stale.is_some() {
+                tracing::debug!(error = %e, "Chat failed; an L2 page may be served stale");
+                return Ok(Arc::new(Fetched {
+                    status: StatusCode::BAD_GATEWAY,
+                    body: Bytes::new(),
+                    cached: false,
+                    upstream_failed: true,
+                    code: Some(e.code()),
+                    from_l2: None,
+                    l2_stale,
+                }));
+            }
+            return Err(e);
+        }
+    };
     let class = resp.chat.map(|s| CodeClass::of(s.code));
     let success = resp.status == StatusCode::OK && resp.chat.is_some_and(|s| s.is_success());
     let upstream_failed = resp.status.is_server_error()
@@ -180,17 +268,32 @@ async fn fetch(
         let now = Instant::now();
         let fresh_until = now + live.cache_ttl;
         let page = Page::new(
-            page_key,
+            page_key.clone(),
             &body,
             now,
             fresh_until,
             fresh_until + live.stale_if_error,
             crate::cache::groups::group_keys(&body),
         );
+        let shared = l2_plan.as_ref().map(|_| L2Page::from_page(&page));
         // Answer with the stored copy: the buffer Chat's answer was read into is
         // freed as soon as this request is done.
         body = page.body.clone();
         cached = state.store.insert(&account, page, epoch);
+        match (&l2, l2_plan.take(), shared) {
+            (Some(l2), Some((gen, token)), Some(p)) if cached => {
+                let ttl = live.cache_ttl + live.stale_if_error;
+                if let Err(e) = l2
+                    .store(&account, &p, &page_key, gen, token.as_deref(), ttl)
+                    .await
+                {
+                    tracing::debug!(error = %e, "page not stored in L2");
+                }
+            }
+            (_, plan, _) => release(&l2, &plan, &account, &page_key).await,
+        }
+    } else {
+        release(&l2, &l2_plan, &account, &page_key).await;
     }
     Ok(Arc::new(Fetched {
         status: resp.status,
@@ -198,7 +301,21 @@ async fn fetch(
         cached,
         upstream_failed,
         code: resp.chat.map(|s| s.code),
+        from_l2: None,
+        l2_stale,
     }))
+}
+
+/// Releases our L2 fetch lock, if we hold one.
+async fn release(
+    l2: &Option<Arc<L2>>,
+    plan: &Option<(u64, Option<String>)>,
+    account: &str,
+    key: &PageKey,
+) {
+    if let (Some(l2), Some((_, Some(token)))) = (l2, plan) {
+        l2.unlock(account, key, token).await;
+    }
 }
 
 fn wants_no_cache(headers: &http::HeaderMap) -> bool {

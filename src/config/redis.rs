@@ -1,0 +1,242 @@
+//! `[redis]`: the fleet's settings, and the Redis URL whose password is a secret.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::raw::RawRedis;
+use super::{ConfigError, Secret};
+
+/// `[redis]`, present when `redis.url` is set.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisSettings {
+    /// Where Redis is; the password is redacted wherever this is printed.
+    pub url: RedisUrl,
+    /// Gateways sharing `url`, `key_prefix` and `chat.sdkappid` form one fleet.
+    pub key_prefix: String,
+    /// The longest any request waits on Redis.
+    #[serde(with = "super::settings::millis", rename = "timeout_ms")]
+    pub timeout: Duration,
+    /// Whether pages are kept in Redis as well as in memory.
+    pub l2_cache: bool,
+    /// Extra PEM roots trusted for `rediss://`, besides the bundled web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// How long a leased rate-limit permit stays usable.
+    #[serde(with = "super::settings::millis", rename = "lease_ms")]
+    pub lease: Duration,
+    /// The spread of the latency between the gateway and Chat that the fleet's
+    /// window budgets for.
+    #[serde(with = "super::settings::millis", rename = "latency_allowance_ms")]
+    pub latency_allowance: Duration,
+}
+
+/// A parsed `redis://` or `rediss://` URL. `Debug`, `Display` and `Serialize` show it
+/// with the password replaced by `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// `rediss://`: TLS.
+    pub tls: bool,
+    /// Host name or IP address.
+    pub host: String,
+    /// Port (6379 unless given).
+    pub port: u16,
+    /// Database number (the URL's path, 0 unless given).
+    pub db: i64,
+    /// ACL user name, if any.
+    pub username: Option<String>,
+    /// Password, if any.
+    pub password: Option<Secret>,
+}
+
+impl RedisUrl {
+    /// Parses a URL; errors never contain the password.
+    pub fn parse(key: &str, s: &str) -> Result<RedisUrl, ConfigError> {
+        let bad = |why: &str| ConfigError::invalid(key, why.to_string());
+        let u = url::Url::parse(s.trim())
+            .map_err(|e| bad(&format!("not a URL like redis://host:6379/0 ({e})")))?;
+        let tls = match u.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            _ => return Err(bad("must start with redis:// or rediss://")),
+        };
+        let host = match u.host() {
+            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            _ => return Err(bad("has no host")),
+        };
+        let port = u.port().unwrap_or(6379);
+        let db = match u.path().trim_start_matches('/') {
+            "" => 0,
+            p => p
+                .parse::<i64>()
+                .ok()
+                .filter(|d| (0..=1_000_000).contains(d))
+                .ok_or_else(|| bad("the path must be a database number, e.g. /0"))?,
+        };
+        if u.query().is_some() || u.fragment().is_some() {
+            return Err(bad("must have no query or fragment"));
+        }
+        let decode = |v: &str| -> Result<String, ConfigError> {
+            percent_decode(v)
+                .ok_or_else(|| bad("the user or password is not valid percent-encoding"))
+        };
+        let username = match u.username() {
+            "" => None,
+            n => Some(decode(n)?),
+        };
+        let password = match u.password() {
+            None | Some("") => None,
+            Some(p) => Some(Secret::new(decode(p)?)),
+        };
+        Ok(RedisUrl {
+            tls,
+            host,
+            port,
+            db,
+            username,
+            password,
+        })
+    }
+
+    /// The URL with the password replaced by `<redacted>`.
+    pub fn redacted(&self) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let auth = match (&self.username, &self.password) {
+            (Some(u), Some(_)) => format!("{u}:<redacted>@"),
+            (None, Some(_)) => ":<redacted>@".to_string(),
+            (Some(u), None) => format!("{u}@"),
+            (None, None) => String::new(),
+        };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{auth}{host}:{}/{}", self.port, self.db)
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// Validates `[redis]`; `None` when no URL is set (the gateway runs alone).
+pub fn from_raw(r: RawRedis) -> Result<Option<RedisSettings>, ConfigError> {
+    let Some(url) = r.url.filter(|u| !u.expose().trim().is_empty()) else {
+        return Ok(None);
+    };
+    let url = RedisUrl::parse("redis.url", url.expose())?;
+    let prefix = r.key_prefix;
+    if prefix.is_empty()
+        || prefix.len() > 64
+        || prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}'))
+    {
+        return Err(ConfigError::invalid(
+            "redis.key_prefix",
+            "must be 1 to 64 characters with no spaces, control characters or braces",
+        ));
+    }
+    if !(1..=10_000).contains(&r.timeout_ms) {
+        return Err(ConfigError::invalid(
+            "redis.timeout_ms",
+            "must be 1 to 10000 milliseconds",
+        ));
+    }
+    if !(5..=1000).contains(&r.lease_ms) {
+        return Err(ConfigError::invalid(
+            "redis.lease_ms",
+            "must be 5 to 1000 milliseconds",
+        ));
+    }
+    if r.latency_allowance_ms > 1000 {
+        return Err(ConfigError::invalid(
+            "redis.latency_allowance_ms",
+            "must be 0 to 1000 milliseconds",
+        ));
+    }
+    if let Some(ca) = &r.ca_file {
+        if !ca.is_file() {
+            return Err(ConfigError::invalid(
+                "redis.ca_file",
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+        if !url.tls {
+            return Err(ConfigError::invalid(
+                "redis.ca_file",
+                "is only used with a rediss:// URL",
+            ));
+        }
+    }
+    Ok(Some(RedisSettings {
+        url,
+        key_prefix: prefix,
+        timeout: Duration::from_millis(r.timeout_ms),
+        l2_cache: r.l2_cache,
+        ca_file: r.ca_file,
+        lease: Duration::from_millis(r.lease_ms),
+        latency_allowance: Duration::from_millis(r.latency_allowance_ms),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_shows() {
+        let u =
+            RedisUrl::parse("redis.url", "rediss://app:s3cr%40t@redis.internal:6380/2").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.host, "redis.internal");
+        assert_eq!(u.port, 6380);
+        assert_eq!(u.db, 2);
+        assert_eq!(u.username.as_deref(), Some("app"));
+        assert_eq!(u.password.as_ref().unwrap().expose(), "s3cr@t");
+        let shown = format!("{u} {u:?} {}", serde_json::to_string(&u).unwrap());
+        assert!(!shown.contains("s3cr"), "{shown}");
+        assert!(shown.contains("rediss://app:<redacted>@redis.internal:6380/2"));
+        let bare = RedisUrl::parse("redis.url", "redis://127.0.0.1").unwrap();
+        assert_eq!(bare.redacted(), "redis://127.0.0.1:6379/0");
+        let e = RedisUrl::parse("redis.url", "http://:pw@x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redis.url") && !e.contains("pw"), "{e}");
+    }
+}

@@ -1,0 +1,542 @@
+//! The fleet's parts against a real redis-server (started by the test on a free port):
+//! the fleet-wide limiter (N in any window, from several limiters; pauses; Redis lost
+//! and back), the invalidation bus (delivery, and loss detection: gap, restart, and a
+//! dropped connection that loses nothing), L2 and the fetch lock.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+use chat_gateway::cache::key::PageKey;
+use chat_gateway::cache::store::{Lookup, Page, PageStore};
+use chat_gateway::cache::PageCache;
+use chat_gateway::config::{self, RedisUrl, Settings};
+use chat_gateway::fleet::conn::{Connector, Redis};
+use chat_gateway::fleet::keys::Keys;
+use chat_gateway::fleet::l2::{self, L2Page, Lock, MissPlan, L2};
+use chat_gateway::fleet::limiter::FleetLimiter;
+use chat_gateway::fleet::{Event, Fleet, Shared};
+use chat_gateway::upstream::ratelimit::RateLimiter;
+use common::redis::RedisServer;
+
+const CMD: &str = "recentcontact/get_list";
+
+fn settings(url: &str, extra: &[(&str, &str)]) -> Settings {
+    let mut env: Vec<(String, String)> = [
+        ("CHAT_GATEWAY__CHAT__SDKAPPID", "1400000000"),
+        ("CHAT_GATEWAY__CHAT__IDENTIFIER", "administrator"),
+        ("CHAT_GATEWAY__CHAT__SECRET_KEY", "k"),
+        ("CHAT_GATEWAY__CHAT__REGION", "singapore"),
+        ("CHAT_GATEWAY__CHAT__BASE_URL", "http://127.0.0.1:1"),
+        ("CHAT_GATEWAY__REDIS__URL", url),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    config::load_with_env(None, env).unwrap()
+}
+
+async fn limiter(url: &str, id: &str, rate: u32) -> Arc<FleetLimiter> {
+    let u = RedisUrl::parse("redis.url", url).unwrap();
+    let redis = Redis::start(
+        Connector::new(u, None, id).unwrap(),
+        Duration::from_millis(50),
+    );
+    let l = FleetLimiter::start(
+        redis,
+        Keys::new("test", 1),
+        id.to_string(),
+        rate,
+        Default::default(),
+        Duration::from_millis(50),
+        Duration::from_millis(50),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !l.fleet_mode() {
+        assert!(Instant::now() < deadline, "limiter never reached Redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    l
+}
+
+/// The most instants in any half-open window of `w`.
+fn max_in_window(times: &mut [Instant], w: Duration) -> usize {
+    times.sort();
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..times.len() {
+        while times[i] >= times[j] + w {
+            j += 1;
+        }
+        best = best.max(i - j + 1);
+    }
+    best
+}
+
+fn script_calls(r: &RedisServer) -> u64 {
+    let c = r.command_calls();
+    ["evalsha", "eval", "script|load"]
+        .iter()
+        .map(|k| c.get(*k).copied().unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_limiters_keep_n_in_any_second_and_lease_in_batches() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let ls = [
+        limiter(&url, "g1", 50).await,
+        limiter(&url, "g2", 50).await,
+        limiter(&url, "g3", 50).await,
+    ];
+    let before = script_calls(&redis);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let l = ls[i % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            l.acquire(CMD, Duration::from_secs(10))
+                .await
+                .map(|_| Instant::now())
+        }));
+    }
+    let mut times = Vec::new();
+    for t in tasks {
+        times.push(
+            t.await
+                .unwrap()
+                .expect("every call admitted within its wait"),
+        );
+    }
+    let ops = script_calls(&redis) - before;
+    let most = max_in_window(&mut times, Duration::from_secs(1));
+    assert!(most <= 50, "{most} calls in one second (limit 50)");
+    let span = times[times.len() - 1] - times[0] + Duration::from_secs(1);
+    let rate = times.len() as f64 / span.as_secs_f64();
+    assert!(rate >= 40.0, "{rate:.1} calls/s while demand lasted");
+    let per_call = ops as f64 / times.len() as f64;
+    assert!(
+        per_call <= 0.2,
+        "{ops} Redis script calls for {} admitted calls",
+        times.len()
+    );
+    eprintln!(
+        "150 calls over {:?}: max {most} in a second, {rate:.1}/s, {per_call:.3} Redis ops per call",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_from_one_gateway_holds_the_others() {
+    let redis = RedisServer::start();
+    let a = limiter(&redis.url(), "a", 100).await;
+    let b = limiter(&redis.url(), "b", 100).await;
+    assert!(b.acquire(CMD, Duration::ZERO).await.is_ok());
+    a.pause(CMD, Duration::from_secs(2));
+    // The pause reaches Redis asynchronously; it is there within a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let refused = loop {
+        match b.acquire(CMD, Duration::from_millis(100)).await {
+            Err(t) => break t,
+            Ok(()) => {
+                assert!(Instant::now() < deadline, "the pause never reached b");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    assert!(
+        refused.retry_after > Duration::from_millis(1500),
+        "{:?}",
+        refused.retry_after
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let ls = [
+        limiter(&url, "x1", 30).await,
+        limiter(&url, "x2", 30).await,
+        limiter(&url, "x3", 30).await,
+    ];
+    for l in &ls {
+        l.set_live_gateways(3);
+    }
+    // Steady demand of 3 × 8 calls/s (under N = 30) for 4 s, across a kill (at 1.2 s)
+    // and an empty restart (at 2.4 s).
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, l) in ls.iter().enumerate() {
+        let l = l.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut next = started + Duration::from_millis(40 * i as u64);
+            while next < started + Duration::from_secs(4) {
+                tokio::time::sleep_until(next.into()).await;
+                let asked = Instant::now();
+                l.acquire(CMD, Duration::from_millis(500))
+                    .await
+                    .expect("admitted without waiting on Redis");
+                out.push((asked, Instant::now()));
+                next += Duration::from_millis(125);
+            }
+            out
+        }));
+    }
+    tokio::time::sleep_until((started + Duration::from_millis(1200)).into()).await;
+    redis.kill();
+    tokio::time::sleep_until((started + Duration::from_millis(2400)).into()).await;
+    redis.restart();
+    let mut times = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        for (asked, at) in t.await.unwrap() {
+            slowest = slowest.max(at - asked);
+            times.push(at);
+        }
+    }
+    let most = max_in_window(&mut times, Duration::from_secs(1));
+    assert!(most <= 30, "{most} calls in one second (limit 30)");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a call waited {slowest:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ls.iter().all(|l| l.fleet_mode()) {
+        assert!(
+            Instant::now() < deadline,
+            "limiters never went back to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn page(body: &str, groups: &[&str]) -> Page {
+    let now = Instant::now();
+    Page {
+        key: PageKey::default(),
+        body: Bytes::from(body.to_string()),
+        stored_at: now,
+        fresh_until: now + Duration::from_secs(60),
+        stale_until: now + Duration::from_secs(120),
+        groups: groups
+            .iter()
+            .map(|g| chat_gateway::cache::groups::group_key(g))
+            .collect(),
+    }
+}
+
+struct Member {
+    fleet: Arc<Fleet>,
+    store: Arc<PageStore>,
+}
+
+async fn member(url: &str) -> Member {
+    let s = settings(url, &[]);
+    let store = Arc::new(PageStore::new(1 << 20, 64));
+    let live = Arc::new(ArcSwap::from_pointee(s.live.clone()));
+    let fleet = Fleet::start(&s, store.clone(), live).unwrap().unwrap();
+    assert!(fleet.wait_ready(Duration::from_secs(5)).await);
+    Member { fleet, store }
+}
+
+impl Member {
+    fn cache(&self, account: &str, groups: &[&str]) {
+        assert!(self
+            .store
+            .insert(account, page(account, groups), self.store.begin_fetch()));
+    }
+    fn has(&self, account: &str) -> bool {
+        matches!(
+            self.store
+                .lookup(account, &PageKey::default(), Instant::now()),
+            Lookup::Fresh(_)
+        )
+    }
+    async fn wait_gone(&self, account: &str) -> Duration {
+        let started = Instant::now();
+        while self.has(account) {
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{account} was never invalidated"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        started.elapsed()
+    }
+    fn bus_client(&self) -> String {
+        format!("chat-gateway:{}:bus", self.fleet.id)
+    }
+}
+
+/// Waits until the member's bus connection shows in CLIENT LIST.
+async fn bus_client_id(redis: &RedisServer, m: &Member) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(id) = redis.client_id(&m.bus_client()) {
+            return id;
+        }
+        assert!(Instant::now() < deadline, "no bus connection");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_the_other_gateways_memory() {
+    let redis = RedisServer::start();
+    let a = member(&redis.url()).await;
+    let b = member(&redis.url()).await;
+    bus_client_id(&redis, &b).await;
+    b.cache("alice", &[]);
+    b.cache("bob", &["@g1"]);
+    b.cache("carol", &[]);
+    a.fleet.publish(Event::Accounts(vec!["alice".into()]));
+    let lag = b.wait_gone("alice").await;
+    assert!(b.has("bob") && b.has("carol"));
+    a.fleet.publish(Event::Group("@g1".into()));
+    b.wait_gone("bob").await;
+    assert!(b.has("carol"));
+    a.fleet.publish(Event::All);
+    b.wait_gone("carol").await;
+    // A gateway does not apply its own events twice (it applied them when it took
+    // them): its other pages stay.
+    a.cache("dave", &[]);
+    a.fleet.publish(Event::Accounts(vec!["erin".into()]));
+    b.cache("frank", &[]);
+    a.fleet.publish(Event::Accounts(vec!["frank".into()]));
+    b.wait_gone("frank").await;
+    assert!(a.has("dave"));
+    eprintln!("first event applied after {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() {
+    let mut redis = RedisServer::start();
+    let a = member(&redis.url()).await;
+    let b = member(&redis.url()).await;
+    let stream = Keys::new("chat-gateway", 1400000000).bus();
+
+    // A dropped connection while an event is published: read on reconnection,
+    // nothing else dropped.
+    b.cache("erin", &[]);
+    b.cache("keep", &[]);
+    let id = bus_client_id(&redis, &b).await;
+    redis
+        .atomically(&[
+            &["CLIENT", "KILL", "ID", &id],
+            &[
+                "XADD",
+                &stream,
+                "*",
+                "o",
+                "someone",
+                "k",
+                "a",
+                "v",
+                "[\"erin\"]",
+            ],
+        ])
+        .unwrap();
+    b.wait_gone("erin").await;
+    assert!(
+        b.has("keep"),
+        "a reconnection that lost nothing drops nothing"
+    );
+
+    // The stream trimmed past b's position while b was away: b drops everything.
+    let id = bus_client_id(&redis, &b).await;
+    assert_ne!(redis.client_id(&b.bus_client()), None);
+    redis
+        .atomically(&[
+            &["CLIENT", "KILL", "ID", &id],
+            &[
+                "XADD", &stream, "*", "o", "someone", "k", "a", "v", "[\"x\"]",
+            ],
+            &["XTRIM", &stream, "MAXLEN", "0"],
+        ])
+        .unwrap();
+    b.wait_gone("keep").await;
+
+    // Redis restarted empty: both drop everything.
+    bus_client_id(&redis, &b).await;
+    a.cache("p", &[]);
+    b.cache("q", &[]);
+    redis.restart();
+    a.wait_gone("p").await;
+    b.wait_gone("q").await;
+    // And the fleet works again after it.
+    bus_client_id(&redis, &b).await;
+    assert!(a.fleet.wait_ready(Duration::from_secs(5)).await);
+    b.cache("r", &[]);
+    a.fleet.publish(Event::Accounts(vec!["r".into()]));
+    b.wait_gone("r").await;
+}
+
+fn l2_for(url: &str, id: &str, timeout: Duration) -> (Arc<Redis>, L2, Arc<Shared>) {
+    let u = RedisUrl::parse("redis.url", url).unwrap();
+    let redis = Redis::start(
+        Connector::new(u, None, id).unwrap(),
+        Duration::from_millis(50),
+    );
+    let shared = Arc::new(Shared::default());
+    let l2 = L2::new(
+        redis.clone(),
+        Keys::new("t", 1),
+        shared.clone(),
+        id.to_string(),
+        timeout,
+    );
+    (redis, l2, shared)
+}
+
+fn l2_page(body: &str, fresh: Duration) -> L2Page {
+    let now = l2::unix_ms();
+    L2Page {
+        body: Bytes::from(body.to_string()),
+        stored_ms: now,
+        fresh_until_ms: now + fresh.as_millis() as u64,
+        stale_until_ms: now + 60_000,
+        groups: vec!["@g".into()],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l2_generations_locks_and_waiting_for_another_gateway() {
+    let redis = RedisServer::start();
+    let (r1, g1, _) = l2_for(&redis.url(), "one", Duration::from_millis(600));
+    let (r2, g2, _) = l2_for(&redis.url(), "two", Duration::from_millis(600));
+    assert!(r1.wait_up(Duration::from_secs(5)).await && r2.wait_up(Duration::from_secs(5)).await);
+    let key = PageKey::default();
+    let ttl = Duration::from_secs(60);
+
+    // A miss takes the lock; another gateway sees it taken.
+    let f = g1.lookup("alice", &key, true).await.unwrap();
+    assert!(f.page.is_none());
+    let Lock::Mine(token) = f.lock else {
+        panic!("{:?}", f.lock)
+    };
+    assert_eq!(
+        g2.lookup("alice", &key, true).await.unwrap().lock,
+        Lock::Theirs
+    );
+    // The other waits for the page...
+    let k = key.clone();
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let plan = g2.plan_miss("alice", &k).await;
+        (plan, started.elapsed(), g2)
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let p = l2_page("alice v1", Duration::from_secs(30));
+    assert!(g1
+        .store("alice", &p, &key, f.gen, Some(&token), ttl)
+        .await
+        .unwrap());
+    let (plan, waited, g2) = waiter.await.unwrap();
+    match plan {
+        MissPlan::Serve(got) => assert_eq!(got.body, p.body),
+        other => panic!("{other:?}"),
+    }
+    assert!(waited < Duration::from_millis(300), "{waited:?}");
+
+    // An invalidation bumps the generation: the page is gone, and a fetch that began
+    // before it does not store.
+    let old_gen = f.gen;
+    let keys = Keys::new("t", 1);
+    l2::bump_accounts(&r1, &keys, &["alice".to_string()], ttl)
+        .await
+        .unwrap();
+    let f = g1.lookup("alice", &key, false).await.unwrap();
+    assert!(f.page.is_none() && f.gen == old_gen + 1);
+    assert!(!g1
+        .store("alice", &p, &key, old_gen, None, ttl)
+        .await
+        .unwrap());
+    assert!(g1.store("alice", &p, &key, f.gen, None, ttl).await.unwrap());
+
+    // A group event takes the accounts whose L2 pages list the group.
+    let members = l2::take_group(&r1, &keys, "@g").await.unwrap();
+    assert_eq!(members, vec!["alice".to_string()]);
+    assert!(l2::take_group(&r1, &keys, "@g").await.unwrap().is_empty());
+
+    // A holder that dies leaves a lock that others wait out (bounded), then fetch.
+    let held = g1.lookup("bob", &key, true).await.unwrap();
+    assert!(matches!(held.lock, Lock::Mine(_)));
+    let started = Instant::now();
+    match g2.plan_miss("bob", &key).await {
+        MissPlan::Fetch { token: None, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(1000),
+        "{waited:?}"
+    );
+
+    // A stale page is offered for stale-if-error, with the lock to refresh it.
+    let stale = l2_page("carol old", Duration::ZERO);
+    let f = g1.lookup("carol", &key, false).await.unwrap();
+    assert!(g1
+        .store("carol", &stale, &key, f.gen, None, ttl)
+        .await
+        .unwrap());
+    match g2.plan_miss("carol", &key).await {
+        MissPlan::Fetch {
+            token: Some(_),
+            stale: Some(s),
+            ..
+        } => assert_eq!(s.body, stale.body),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_gateway_keeps_to_its_share_and_reports_it_on_return() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let a = limiter(&url, "s1", 30).await;
+    a.set_live_gateways(3);
+    redis.kill();
+    // The next call finds Redis gone (connection error) and falls back.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while a.fleet_mode() {
+        let _ = a.acquire("other/cmd", Duration::ZERO).await;
+        assert!(Instant::now() < deadline, "Redis loss never noticed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let mut admitted = 0;
+    for _ in 0..30 {
+        if a.acquire(CMD, Duration::ZERO).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "nothing waits on a dead Redis"
+    );
+    assert_eq!(admitted, 10, "N / 3 without Redis, never unlimited");
+    // Redis comes back empty: a's ten calls are written into the log before it
+    // leases again, so another gateway bursting now gets only the rest of N.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.fleet_mode() {
+        assert!(Instant::now() < deadline, "never back to Redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let b = limiter(&url, "s2", 30).await;
+    let mut admitted = 0;
+    for _ in 0..30 {
+        if b.acquire(CMD, Duration::ZERO).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 20, "the log counts the calls made without Redis");
+}
