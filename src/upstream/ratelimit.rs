@@ -77,7 +77,7 @@ impl Log {
 
     /// Grants the earliest slot at or after `now`, if it is within `max_wait`.
     fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Duration, Throttled> {
-        while self.admitted.front().is_some_and(|t| *t + WINDOW <= now) {
+        while self.admitted.front().is_some_and(|t| *t + SPAN <= now) {
             self.admitted.pop_front();
         }
         let mut slot = now;
