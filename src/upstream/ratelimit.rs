@@ -311,6 +311,18 @@ mod tests {
     }
 
     #[test]
+    fn a_call_just_past_one_second_still_keeps_the_margin() {
+        let t0 = Instant::now();
+        let mut log = Log::new(1);
+        assert_eq!(log.reserve(t0, Duration::ZERO), Ok(Duration::ZERO));
+        // 1.010 s later the first call is still within the span: wait 15 ms.
+        assert_eq!(
+            log.reserve(t0 + Duration::from_millis(1010), Duration::from_secs(1)),
+            Ok(Duration::from_millis(15))
+        );
+    }
+
+    #[test]
     fn any_one_second_window_holds_at_most_the_limit() {
         let t0 = Instant::now();
         let mut log = Log::new(20);
