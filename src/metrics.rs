@@ -158,6 +158,7 @@ pub mod values {
         "lock",
         "publish",
         "generation",
+        "heartbeat",
     ];
     /// `redis_errors_total{kind}`.
     pub const REDIS_ERROR_KINDS: &[&str] = &["timeout", "error"];

@@ -59,6 +59,17 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every operation.
+    pub const ALL: [Op; 7] = [
+        Op::Ratelimit,
+        Op::L2Get,
+        Op::L2Put,
+        Op::Lock,
+        Op::Publish,
+        Op::Generation,
+        Op::Heartbeat,
+    ];
+
     /// The `op` label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -435,5 +446,22 @@ pub fn describe(e: &redis::RedisError) -> String {
         format!("Redis refused the credentials in redis.url ({text})")
     } else {
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every operation's series is on the first scrape.
+    #[test]
+    fn every_op_label_is_registered() {
+        for op in Op::ALL {
+            assert!(
+                crate::metrics::values::REDIS_OPS.contains(&op.as_str()),
+                "{op:?}"
+            );
+        }
+        assert_eq!(crate::metrics::values::REDIS_OPS.len(), Op::ALL.len());
     }
 }
