@@ -32,6 +32,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::access;
 use super::body::BodyLimits;
 use super::listener::{drive_hyper, Conn};
 use super::response::{self, Body};
@@ -62,7 +63,7 @@ pub struct Front {
     /// Body limits of this listener.
     pub limits: BodyLimits,
     /// Whether get_list hits take the shortest path: on the main listener, when no
-    /// caller token, access log or route rule needs the whole request.
+    /// caller token or route rule needs the whole request.
     pub fast_hits: bool,
 }
 
@@ -72,7 +73,6 @@ impl Front {
         let limits = listener.body_limits(&state);
         let fast_hits = listener == Listener::Main
             && !state.auth_required
-            && !state.settings.log.access
             && state.route_allowed(crate::chat::commands::GET_LIST);
         Front {
             state,
@@ -111,6 +111,8 @@ struct Head {
     no_cache: bool,
     /// A sane caller `x-request-id`.
     request_id: Option<Range<usize>>,
+    /// The caller's `user-agent` (for the access log).
+    user_agent: Option<Range<usize>>,
 }
 
 /// Why a head cannot be served.
@@ -160,6 +162,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         expect_continue: false,
         no_cache: false,
         request_id: None,
+        user_agent: None,
     };
     let mut content_length: Option<usize> = None;
     for h in req.headers.iter() {
@@ -207,6 +210,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
                     d.eq_ignore_ascii_case(b"no-cache") || d.eq_ignore_ascii_case(b"no-store")
                 })
             }
+            10 if is("user-agent") => head.user_agent = Some(offset(value)),
             12 if is("x-request-id")
                 && router::caller_request_id(value)
                 && head.request_id.is_none() =>
@@ -379,8 +383,7 @@ impl Connection<'_> {
             if head.hand_over {
                 return Some(self.buf.split().freeze());
             }
-            // Only the access log reads when a request started (and the hit path runs
-            // only without it).
+            // Only the access log reads when a request started.
             let started = self.front.state.settings.log.access.then(Instant::now);
             self.conn.admit(&self.buf[head.path.clone()]).await;
             // The body.
@@ -396,7 +399,7 @@ impl Connection<'_> {
             // A hit, by the shortest path.
             if body.is_ok() && self.front.fast_hits && head.get_list && head.post && !head.no_cache
             {
-                if let Some(now) = self.try_hit(&head, body_end, keep_alive).await? {
+                if let Some(now) = self.try_hit(&head, body_end, keep_alive, started).await? {
                     if !keep_alive {
                         return None;
                     }
@@ -519,6 +522,7 @@ impl Connection<'_> {
         head: &Head,
         body_end: usize,
         keep_alive: bool,
+        started: Option<Instant>,
     ) -> Option<Option<Instant>> {
         let state = &self.front.state;
         let Some(req) = key::fast(&self.buf[head.len..body_end]) else {
@@ -538,14 +542,41 @@ impl Connection<'_> {
         );
         push_u64(out, now.saturating_duration_since(page.stored_at).as_secs());
         out.extend_from_slice(b"\r\nx-request-id: ");
-        match &head.request_id {
-            Some(r) => out.extend_from_slice(&self.buf[r.clone()]),
-            None => out.extend_from_slice(&router::fresh_request_id_bytes()),
-        }
+        let fresh_id;
+        let request_id: &[u8] = match &head.request_id {
+            Some(r) => &self.buf[r.clone()],
+            None => {
+                fresh_id = router::fresh_request_id_bytes();
+                &fresh_id
+            }
+        };
+        out.extend_from_slice(request_id);
         out.extend_from_slice(b"\r\ncontent-length: ");
         let body: &[u8] = if head.head_method { b"" } else { &page.body };
         push_u64(out, page.body.len() as u64);
         finish_head(out, head, keep_alive, now);
+        if let Some(started) = started {
+            let text = |r: &Option<Range<usize>>| {
+                r.as_ref()
+                    .and_then(|r| std::str::from_utf8(&self.buf[r.clone()]).ok())
+                    .unwrap_or("")
+            };
+            access::line(&access::Line {
+                method: "POST",
+                path: GET_LIST_PATH,
+                status: 200,
+                cache: "HIT",
+                code: Some(0),
+                attempts: 0,
+                upstream: Duration::ZERO,
+                bytes: body.len() as u64,
+                duration: now.saturating_duration_since(started),
+                request_id: std::str::from_utf8(request_id).unwrap_or(""),
+                peer: self.conn.peer,
+                user_agent: access::truncate_user_agent(text(&head.user_agent)),
+                listener: self.front.listener.as_str(),
+            });
+        }
         write_all(&mut self.stream, &self.out, body).await.ok()?;
         Some(Some(now))
     }
