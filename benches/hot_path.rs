@@ -50,8 +50,56 @@ fn hit_path(c: &mut Criterion) {
             }
         })
     });
-    c.bench_function("get_list parse only", |b| {
+    c.bench_function("get_list parse only (fast scanner)", |b| {
         b.iter(|| black_box(key::parse(black_box(BODY)).unwrap().page.assist_flags))
+    });
+    c.bench_function("get_list parse only (general parser)", |b| {
+        b.iter(|| {
+            black_box(
+                key::parse_general(black_box(BODY))
+                    .unwrap()
+                    .page
+                    .assist_flags,
+            )
+        })
+    });
+}
+
+/// Adding a page to an account: a fresh account, and one already at the page cap
+/// (64, the default), where the oldest page makes room: the copy-on-write is bounded.
+fn page_insert(c: &mut Criterion) {
+    let store = PageStore::new(1 << 30, 64);
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let page = |ts: u64| {
+        let now = Instant::now();
+        Page {
+            key: key::PageKey {
+                time_stamp: ts,
+                ..Default::default()
+            },
+            body: body.clone(),
+            stored_at: now,
+            fresh_until: now + Duration::from_secs(3600),
+            stale_until: now + Duration::from_secs(3900),
+            groups: Box::new([]),
+        }
+    };
+    let mut n = 0u64;
+    c.bench_function("insert a page: new account", |b| {
+        b.iter(|| {
+            n += 1;
+            store.insert(&format!("new_{n}"), page(0), store.begin_fetch())
+        })
+    });
+    for ts in 0..64 {
+        store.insert("full", page(ts), store.begin_fetch());
+    }
+    let mut ts = 64;
+    c.bench_function("insert a page: account at its 64-page cap", |b| {
+        b.iter(|| {
+            ts += 1;
+            store.insert("full", page(ts), store.begin_fetch())
+        })
     });
 }
 
@@ -136,5 +184,5 @@ fn invalidation(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hit_path, usersig_bench, invalidation);
+criterion_group!(benches, hit_path, page_insert, usersig_bench, invalidation);
 criterion_main!(benches);
