@@ -5,6 +5,8 @@
 //! credentials; it injects the SDKAppID, the admin identifier, a fresh UserSig and a
 //! `random`, calls Chat over HTTPS (rustls), caches `v4/recentcontact/get_list` pages
 //! per account, coalesces identical misses and retries transient failures safely.
+//! Many gateways act as one through Redis; every resource one holds is bounded by a
+//! setting.
 //!
 //! ## Layout
 //!
@@ -12,28 +14,40 @@
 //!
 //! - [`cli`]: clap definitions of the subcommands. [`cmd`]: one function per
 //!   subcommand (`main.rs` only parses and dispatches).
-//! - [`config`]: loading (defaults < TOML file < `CHAT_GATEWAY__*` env), validation into
-//!   typed [`config::Settings`], the redacted [`config::Secret`], and live reload.
+//! - [`config`]: loading (defaults < TOML file < `CHAT_GATEWAY__*` env; errors that
+//!   never echo a secret), validation into typed [`config::Settings`], the redacted
+//!   [`config::Secret`], live reload ([`config::reload`]), secrets read from watched
+//!   files ([`config::secrets`]) and the `[redis]` settings ([`config::redis`]).
 //! - [`chat`]: the upstream's contract and nothing else: UserSig
 //!   ([`chat::usersig`]), regions ([`chat::region`]), the envelope and what each
 //!   `ErrorCode` means ([`chat::envelope`]), and the command table: which commands
 //!   are reads and whose lists they make stale ([`chat::commands`]).
-//! - [`server`]: the accept loop with limits and graceful shutdown
-//!   ([`server::listener`]), routing and request ids ([`server::router`]), bounded
-//!   bodies ([`server::body`]), and one handler per route ([`server::handlers`]).
-//! - [`cache`]: what a page key is ([`cache::key`]: the only get_list parser), the
-//!   per-account page store with O(1) invalidation ([`cache::store`]), and miss
-//!   coalescing ([`cache::coalesce`]).
-//! - [`upstream`]: the cached admin UserSig ([`upstream::signer`]), the retry policy
-//!   ([`upstream::retry`]: the only place that decides to retry) and the pooled
-//!   rustls client ([`upstream::client`]); [`upstream::Upstream::call`] ties them.
+//! - [`server`]: the accept loop with limits, the probes' reserve and graceful
+//!   shutdown, and hyper as a connection driver ([`server::listener`]); the gateway's
+//!   own HTTP/1.1 front end with the cache-hit path ([`server::http1`]); routing per
+//!   listener and request ids ([`server::router`]); bounded bodies
+//!   ([`server::body`]); caller tokens ([`server::auth`]); the access log
+//!   ([`server::access`]); response building ([`server::response`]); and one handler
+//!   per route ([`server::handlers`]).
+//! - [`cache`]: what a page key is and what is forwarded ([`cache::key`]: the get_list
+//!   parsers, fast and general, and the canonical form), the per-account page store
+//!   with O(1) invalidation and weighed memory ([`cache::store`]), the GroupId index
+//!   ([`cache::groups`]), miss coalescing ([`cache::coalesce`]), and the one door for
+//!   invalidations ([`cache::invalidate`]).
+//! - [`upstream`]: the cached admin UserSig ([`upstream::signer`]), the per-command
+//!   rate limit ([`upstream::ratelimit`]), the retry policy ([`upstream::retry`]: the
+//!   only place that decides to retry) and its budget ([`upstream::budget`]), failover
+//!   ([`upstream::failover`]) and the pooled rustls client ([`upstream::client`]);
+//!   [`upstream::Upstream::call`] ties them.
 //! - [`fleet`]: many gateways as one through Redis (`[redis]`): the connection and its
 //!   health ([`fleet::conn`]), the keys ([`fleet::keys`]), the fleet-wide rate limit
 //!   ([`fleet::limiter`]), invalidation events and loss detection ([`fleet::bus`]), the
 //!   shared L2 page cache and fetch lock ([`fleet::l2`]), and the heartbeat
 //!   ([`fleet::heartbeat`]).
-//! - [`error`]: the request error type; each failure maps to one envelope response.
-//! - [`metrics`]: Prometheus names and pre-resolved hot-path counters.
+//! - [`error`]: the request error type: where each failure came from and what the
+//!   caller is told (its response is built in [`server::response`]).
+//! - [`metrics`]: every metric family (registered from the first scrape) and
+//!   pre-resolved hot-path counters.
 //! - [`telemetry`]: tracing set-up (text or JSON).
 //! - [`emulator`]: a local Chat (auth, a synthetic world, paging, writes, faults,
 //!   webhooks) for tests, benchmarks and the `demo` command.

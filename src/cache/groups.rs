@@ -11,7 +11,7 @@
 //! the store. Each account entry has a unique id; pruning removes an index entry only
 //! if it still carries the id of the entry that left, so a late removal notice can
 //! never unlink a newer entry. The index may briefly list an account whose current
-//! pages no longer show the group; [`super::Invalidator`] checks the pages before
+//! pages no longer show the group; [`super::invalidate::Invalidator`] checks the pages before
 //! dropping anything, so group events invalidate exactly the listing accounts.
 //!
 //! Memory follows the cached pages: an entry per (group, account) pair of the pages

@@ -6,14 +6,14 @@
 //! readers never lock: a hit is one moka `get` and a scan of the account's few pages.
 //!
 //! Each page keeps its own `fresh_until` and `stale_until`; moka expires the account's
-//! entry when its last page's stale window ends (see [`PagesExpiry`]). A lookup tells
+//! entry when its last page's stale window ends (see `PagesExpiry`). A lookup tells
 //! fresh from stale, so stale-if-error can serve a page moka still holds.
 //!
 //! A fetch that started before an invalidation of its account must not put its
 //! (possibly stale) answer back: [`PageStore::begin_fetch`] takes an epoch, and
 //! [`PageStore::insert`] refuses when the account was invalidated after it. Recent
 //! invalidations are remembered in a fixed table of epochs indexed by a hash of the
-//! account ([`RecentInvalidations`]), so that memory is bounded whatever the number of
+//! account (`RecentInvalidations`), so that memory is bounded whatever the number of
 //! accounts invalidated; two accounts sharing a slot only cost a fetch its store.
 //!
 //! Memory is bounded by `cache.max_bytes`: every stored body is copied into an
