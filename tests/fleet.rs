@@ -424,6 +424,72 @@ async fn every_invalidation_reaches_every_gateway() {
     assert!(received >= 8.0, "{received} events received");
 }
 
+/// Chat's webhooks reach the fleet through one pod's callback listener: a signed
+/// webhook sent to gateway 2's `server.callback_listen` port invalidates the account
+/// on all three gateways; that port serves nothing else. A callback listener open to
+/// the network without a callback token refuses to start, naming both keys.
+#[tokio::test]
+async fn a_webhook_on_one_callback_port_reaches_the_fleet() {
+    let _shared = MACHINE.read().await;
+    let redis = RedisServer::start();
+    let fake = FakeChat::start(versioned()).await;
+    let gws = fleet_of(
+        3,
+        &fake,
+        &redis.url(),
+        &[
+            ("callback", "token = \"tok-fleet\""),
+            ("server", "callback_listen = \"127.0.0.1:0\""),
+        ],
+    )
+    .await;
+    let port = gws[1].logged_addr("callback");
+    let v = warm(&gws, "u_port").await;
+    let t0 = Instant::now();
+    let t = chat_gateway::upstream::signer::unix_now();
+    let url = format!(
+        "http://{port}/callback?SdkAppid={SDKAPPID}&CallbackCommand=C2C.CallbackAfterSendMsg&contenttype=json&Sign={}&RequestTime={t}",
+        sign("tok-fleet", t)
+    );
+    let body = serde_json::json!({"CallbackCommand":"C2C.CallbackAfterSendMsg","From_Account":"u_port","To_Account":"x"});
+    let a = post(&url, body.to_string()).await;
+    assert_eq!(a.0, 200);
+    assert_eq!(json(&a)["ErrorCode"], 0);
+    assert_fresh_everywhere(&gws, "u_port", v, t0, "webhook on gateway 2's callback port")
+        .await;
+    for path in [
+        "/v4/recentcontact/get_list",
+        "/v4/openim/sendmsg",
+        "/admin/cache/invalidate",
+    ] {
+        let a = post(&format!("http://{port}{path}"), r#"{"From_Account":"u_port"}"#).await;
+        assert_eq!(a.0, 404, "{path}");
+    }
+
+    // Open to the network without a token: refused at start-up, naming both keys.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("open.toml");
+    std::fs::write(
+        &path,
+        config_toml(
+            &fake.url(),
+            &[("server", "callback_listen = \"0.0.0.0:0\"")],
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.callback_listen") && err.contains("callback.token"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn redis_dying_is_not_an_outage_and_its_return_loses_no_invalidation() {
     let _shared = MACHINE.read().await;
