@@ -455,14 +455,24 @@ async fn a_webhook_on_one_callback_port_reaches_the_fleet() {
     let a = post(&url, body.to_string()).await;
     assert_eq!(a.0, 200);
     assert_eq!(json(&a)["ErrorCode"], 0);
-    assert_fresh_everywhere(&gws, "u_port", v, t0, "webhook on gateway 2's callback port")
-        .await;
+    assert_fresh_everywhere(
+        &gws,
+        "u_port",
+        v,
+        t0,
+        "webhook on gateway 2's callback port",
+    )
+    .await;
     for path in [
         "/v4/recentcontact/get_list",
         "/v4/openim/sendmsg",
         "/admin/cache/invalidate",
     ] {
-        let a = post(&format!("http://{port}{path}"), r#"{"From_Account":"u_port"}"#).await;
+        let a = post(
+            &format!("http://{port}{path}"),
+            r#"{"From_Account":"u_port"}"#,
+        )
+        .await;
         assert_eq!(a.0, 404, "{path}");
     }
 
