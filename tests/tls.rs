@@ -1,17 +1,19 @@
 //! The upstream client over HTTPS: a local TLS server with a test CA.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tokio::net::TcpListener;
 
 use chat_gateway::config::Secret;
 use chat_gateway::upstream::client::{ChatClient, Reach};
 use chat_gateway::upstream::signer::Signer;
+use common::TestCa;
 
 struct Pki {
     ca_pem: String,
@@ -19,15 +21,7 @@ struct Pki {
 }
 
 fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf_params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let ca = TestCa::new();
     let server = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -35,12 +29,12 @@ fn pki() -> Pki {
     .unwrap()
     .with_no_client_auth()
     .with_single_cert(
-        vec![leaf.der().clone(), ca.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        vec![ca.leaf_der.clone(), ca.ca_der.clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(ca.key_der.clone().into()),
     )
     .unwrap();
     Pki {
-        ca_pem: ca.pem(),
+        ca_pem: ca.ca_pem,
         server,
     }
 }

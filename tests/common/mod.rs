@@ -3,6 +3,45 @@
 #![allow(dead_code)]
 
 pub mod raw;
+
+/// A test certificate authority and a server certificate it signed, for 127.0.0.1
+/// and localhost.
+pub struct TestCa {
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    /// The CA certificate, DER.
+    pub ca_der: rustls::pki_types::CertificateDer<'static>,
+    /// The server certificate, PEM and DER.
+    pub leaf_pem: String,
+    pub leaf_der: rustls::pki_types::CertificateDer<'static>,
+    /// The server key, PEM and PKCS#8 DER.
+    pub key_pem: String,
+    pub key_der: Vec<u8>,
+}
+
+impl TestCa {
+    /// A fresh CA and server certificate.
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+        TestCa {
+            ca_pem: ca.pem(),
+            ca_der: ca.der().clone(),
+            leaf_pem: leaf.pem(),
+            leaf_der: leaf.der().clone(),
+            key_pem: leaf_key.serialize_pem(),
+            key_der: leaf_key.serialize_der(),
+        }
+    }
+}
 pub mod redis;
 
 use std::collections::HashMap;

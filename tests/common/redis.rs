@@ -30,24 +30,15 @@ pub struct TestPki {
 }
 
 fn make_pki(dir: &std::path::Path) -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf_params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let ca = super::TestCa::new();
     let pki = TestPki {
         ca_pem: dir.join("ca.pem"),
         cert: dir.join("redis.crt"),
         key: dir.join("redis.key"),
     };
-    std::fs::write(&pki.ca_pem, ca.pem()).unwrap();
-    std::fs::write(&pki.cert, leaf.pem()).unwrap();
-    std::fs::write(&pki.key, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&pki.ca_pem, &ca.ca_pem).unwrap();
+    std::fs::write(&pki.cert, &ca.leaf_pem).unwrap();
+    std::fs::write(&pki.key, &ca.key_pem).unwrap();
     pki
 }
 
