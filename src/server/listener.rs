@@ -186,10 +186,10 @@ where
                 Err(_) => break,
             },
             p = reserve_permits.clone().acquire_owned(), if opts.reserve.is_some() => match p {
-                Ok(p) => Slot::Reserve(Arc::new(ReserveSlot {
+                Ok(p) => Slot::Reserve(ReserveSlot {
                     reserve: std::sync::Mutex::new(Some(p)),
                     regular: tokio::sync::Mutex::new(None),
-                })),
+                }),
                 Err(_) => break,
             },
         };
@@ -343,7 +343,7 @@ enum Slot {
     Regular(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
     /// One of the reserve; promoted to a regular slot by its first request that is not
     /// a reserve request.
-    Reserve(Arc<ReserveSlot>),
+    Reserve(ReserveSlot),
 }
 
 /// A reserve connection's slots.
