@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::protocol::{parse_body, ApiError, ContactItemIn, ContactItemOut, GroupItemOut, Reply};
-use super::server::{unix_now, State};
+use super::state::{unix_now, State};
 use super::world::{
     read, write, Account, ContactGroup, Mark, Peer, World, MAX_CONTACT_GROUPS, MAX_MARKED,
 };

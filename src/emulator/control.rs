@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use super::auth::{parse_params_any, percent_decode};
 use super::faults::FaultUpdate;
 use super::paging;
-use super::server::{read_body, respond, unix_now, State};
+use super::state::{read_body, respond, unix_now, State};
 use super::world::{is_heavy, read};
 
 /// Largest control request body.

@@ -9,11 +9,14 @@
 //!   conversation groups, with accounts that need several pages;
 //! - implements `recentcontact/get_list` with Chat's two cursors (`paging`), the
 //!   conversation writes and `openim/sendmsg` / `send_group_msg` keeping the world
-//!   consistent ([`writes`], [`contact_groups`]), and fires Chat's webhooks
+//!   consistent (`writes`, `contact_groups`), and fires Chat's webhooks
 //!   (`webhooks`);
 //! - injects faults on demand: 50004/50005, latency and jitter, dropped connections
 //!   and Chat's per-command rate limit (`faults`), changeable at run time through the
 //!   control endpoints (`control`).
+//!
+//! The request pipeline is `server`; what it and the command modules share (the
+//! state, the clock, body reading) is `state`.
 //!
 //! Start it with [`run`] on a listener (the `chat-gateway emulator` command) or with
 //! [`spawn`] in a background task (tests, `chat-gateway demo`).
@@ -27,6 +30,7 @@ mod paging;
 mod protocol;
 mod rng;
 mod server;
+mod state;
 mod stats;
 mod webhooks;
 mod world;
@@ -47,7 +51,7 @@ pub use config::{
 };
 
 use crate::server::listener::{serve, ServeOptions};
-use server::State;
+use state::State;
 use world::World;
 
 /// How long in-flight calls may finish after shutdown starts.
@@ -170,7 +174,7 @@ impl EmulatorHandle {
     pub fn admin_usersig(&self) -> String {
         self.state
             .auth
-            .mint(&self.state.cfg.identifier, 86_400, server::unix_now())
+            .mint(&self.state.cfg.identifier, 86_400, state::unix_now())
     }
 
     /// Stops accepting, lets in-flight calls finish (up to 5 s) and waits until the

@@ -1,4 +1,5 @@
-//! The request pipeline for `/v4` calls and the shared state behind it.
+//! The request pipeline for `/v4` calls (the state behind it is in `state`, which the
+//! command modules use too).
 //!
 //! Every `/v4` call goes through these steps; the first that fails answers:
 //! 1. added latency (fault injection);
@@ -13,105 +14,23 @@
 //!
 //! All answers are HTTP 200 with Chat's envelope and a `RequestId`.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::auth::Auth;
-use super::config::{EmulatorConfig, FaultSettings};
-use super::faults::{Fate, LiveFaults, RateLimiter};
-use super::protocol::{self, ApiError, Command, Reply, RequestIds};
-use super::stats::{FaultKind, Stats};
-use super::webhooks::Webhooks;
-use super::world::World;
+use super::config::FaultSettings;
+use super::faults::Fate;
+use super::protocol::{self, ApiError, Command, Reply};
+use super::state::{read_body, respond, unix_now, State, MAX_BODY};
+use super::stats::FaultKind;
 use super::{contact_groups, control, paging, writes};
 use crate::chat::commands::command_of_path;
-
-/// Largest request body accepted.
-pub(crate) const MAX_BODY: usize = 1024 * 1024;
-
-/// Unix seconds now.
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Unix milliseconds now.
-pub(crate) fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Everything a request handler needs, shared by all connections.
-pub(crate) struct State {
-    /// The configuration the emulator started with (faults live in `faults`).
-    pub cfg: EmulatorConfig,
-    /// The synthetic world.
-    pub world: World,
-    /// UserSig and parameter checks.
-    pub auth: Auth,
-    /// Fault settings in force.
-    pub faults: LiveFaults,
-    /// Per-command rate limit windows.
-    pub limiter: RateLimiter,
-    /// Counters.
-    pub stats: Arc<Stats>,
-    /// Webhook sender, when a callback URL is configured.
-    pub webhooks: Option<Arc<Webhooks>>,
-    /// Request id generator.
-    pub request_ids: RequestIds,
-    /// Message sequence numbers (MsgSeq, MsgKey).
-    pub msg_seq: AtomicU64,
-}
-
-impl State {
-    /// State for `cfg` around a generated `world`.
-    pub(crate) fn new(cfg: EmulatorConfig, world: World) -> Result<State, String> {
-        let stats = Arc::new(Stats::new(world.account_count()));
-        let webhooks = match &cfg.callback_url {
-            Some(url) => Some(Arc::new(Webhooks::new(
-                url,
-                cfg.callback_token.clone(),
-                cfg.sdkappid,
-                Arc::clone(&stats),
-            )?)),
-            None => None,
-        };
-        Ok(State {
-            auth: Auth::new(cfg.sdkappid, &cfg.secret_key, &cfg.identifier),
-            faults: LiveFaults::new(cfg.faults, cfg.seed),
-            limiter: RateLimiter::new(Command::ALL.len(), Instant::now()),
-            stats,
-            webhooks,
-            request_ids: RequestIds::new(unix_now_ms()),
-            msg_seq: AtomicU64::new(0),
-            world,
-            cfg,
-        })
-    }
-}
-
-/// A response with a body and a content type.
-pub(crate) fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: Bytes,
-) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
-}
 
 /// A response hyper refuses to write: it carries both `Transfer-Encoding` and a
 /// later `Content-Length`, which hyper's HTTP/1 encoder rejects before writing a
@@ -157,32 +76,6 @@ async fn api(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return dropped_connection();
     }
     respond(StatusCode::OK, "application/json", body)
-}
-
-/// Reads a body of at most `limit` bytes; 60008 when larger or unreadable.
-pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::new(
-            60008,
-            format!("request body is over {limit} bytes"),
-        ));
-    }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
-            60008,
-            format!("request body is over {limit} bytes"),
-        )),
-        Err(e) => Err(ApiError::new(
-            60008,
-            format!("could not read the request body: {e}"),
-        )),
-    }
 }
 
 #[derive(Deserialize)]

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::protocol::{parse_body, ApiError, ContactItemIn, Reply};
-use super::server::{unix_now_ms, State};
+use super::state::{unix_now_ms, State};
 use super::world::{write, Peer};
 
 /// `From_Account` → its index; 50002 when empty, `unknown_code` when unknown.
@@ -129,7 +129,7 @@ pub(crate) fn sendmsg(
     let (Some(lo_lock), Some(hi_lock)) = (state.world.account(lo), state.world.account(hi)) else {
         return Err(ApiError::new(70107, "account has not been imported"));
     };
-    let now = super::server::unix_now();
+    let now = super::state::unix_now();
     let t = {
         let mut lo_acct = write(lo_lock);
         let mut hi_acct = write(hi_lock);
@@ -212,7 +212,7 @@ pub(crate) fn send_group_msg(
         None => state.cfg.identifier.clone(),
     };
     check_msg_body(&req.msg_body)?;
-    let now = super::server::unix_now();
+    let now = super::state::unix_now();
     let t = {
         // Members are sorted: ascending lock order.
         let mut guards: Vec<_> = group

@@ -1,0 +1,126 @@
+//! What the emulator's request pipeline (`server`) and its command modules share:
+//! the state behind every request, the clock, and how a body is read and an answer
+//! built.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+use super::auth::Auth;
+use super::config::EmulatorConfig;
+use super::faults::{LiveFaults, RateLimiter};
+use super::protocol::{ApiError, Command, RequestIds};
+use super::stats::Stats;
+use super::webhooks::Webhooks;
+use super::world::World;
+
+/// Largest request body accepted.
+pub(crate) const MAX_BODY: usize = 1024 * 1024;
+
+/// Unix seconds now.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Unix milliseconds now.
+pub(crate) fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything a request handler needs, shared by all connections.
+pub(crate) struct State {
+    /// The configuration the emulator started with (faults live in `faults`).
+    pub cfg: EmulatorConfig,
+    /// The synthetic world.
+    pub world: World,
+    /// UserSig and parameter checks.
+    pub auth: Auth,
+    /// Fault settings in force.
+    pub faults: LiveFaults,
+    /// Per-command rate limit windows.
+    pub limiter: RateLimiter,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Webhook sender, when a callback URL is configured.
+    pub webhooks: Option<Arc<Webhooks>>,
+    /// Request id generator.
+    pub request_ids: RequestIds,
+    /// Message sequence numbers (MsgSeq, MsgKey).
+    pub msg_seq: AtomicU64,
+}
+
+impl State {
+    /// State for `cfg` around a generated `world`.
+    pub(crate) fn new(cfg: EmulatorConfig, world: World) -> Result<State, String> {
+        let stats = Arc::new(Stats::new(world.account_count()));
+        let webhooks = match &cfg.callback_url {
+            Some(url) => Some(Arc::new(Webhooks::new(
+                url,
+                cfg.callback_token.clone(),
+                cfg.sdkappid,
+                Arc::clone(&stats),
+            )?)),
+            None => None,
+        };
+        Ok(State {
+            auth: Auth::new(cfg.sdkappid, &cfg.secret_key, &cfg.identifier),
+            faults: LiveFaults::new(cfg.faults, cfg.seed),
+            limiter: RateLimiter::new(Command::ALL.len(), Instant::now()),
+            stats,
+            webhooks,
+            request_ids: RequestIds::new(unix_now_ms()),
+            msg_seq: AtomicU64::new(0),
+            world,
+            cfg,
+        })
+    }
+}
+
+/// A response with a body and a content type.
+pub(crate) fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Reads a body of at most `limit` bytes; 60008 when larger or unreadable.
+pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::new(
+            60008,
+            format!("request body is over {limit} bytes"),
+        ));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
+            60008,
+            format!("request body is over {limit} bytes"),
+        )),
+        Err(e) => Err(ApiError::new(
+            60008,
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
