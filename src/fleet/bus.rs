@@ -9,7 +9,8 @@
 //! stream `P:{fleet}:bus` (`MAXLEN ~` [`MAXLEN`]). Until an event is in Redis, this
 //! gateway does not read L2 for what it names ([`Pending`]), so its own writes are read
 //! back fresh. Events that cannot be sent (Redis down) wait in the queue and go out
-//! when Redis is back; past [`MAX_QUEUE`] they collapse into one "everything".
+//! when Redis is back; past [`MAX_QUEUE`] events or [`MAX_QUEUED_NAMES`] names they
+//! collapse into one "everything".
 //!
 //! **Receiving.** A task reads the stream (`XREAD BLOCK` on its own connection) from
 //! the position it remembers, and applies other gateways' events to this gateway's
@@ -57,6 +58,9 @@ use crate::metrics::names;
 pub const MAXLEN: u64 = 100_000;
 /// Events waiting to be published at most; past it they collapse into "everything".
 pub const MAX_QUEUE: usize = 10_000;
+/// Account names and GroupIds the queue may hold in all (each at most 32 bytes for an
+/// account): bounds its memory, whatever the size of each event.
+pub const MAX_QUEUED_NAMES: usize = 100_000;
 /// Events sent per batch.
 const BATCH: usize = 256;
 /// Entries read per `XREAD`.
@@ -123,9 +127,49 @@ impl Pending {
                 }
             }
             Event::Group(_) | Event::All => {
-                self.wide.fetch_sub(1, Ordering::AcqRel);
+                // Never below zero, whatever the order of confirmations.
+                let _ = self
+                    .wide
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
             }
         }
+    }
+}
+
+impl Event {
+    /// Names it carries (one for a group or "everything"), for the queue's bound.
+    fn names(&self) -> usize {
+        match self {
+            Event::Accounts(list) => list.len(),
+            Event::Group(_) | Event::All => 1,
+        }
+    }
+}
+
+/// Events waiting for Redis, and how many names they hold.
+#[derive(Debug, Default)]
+struct Queue {
+    events: VecDeque<Event>,
+    names: usize,
+}
+
+impl Queue {
+    /// Queues `event` (marked pending); past the bounds, everything queued collapses
+    /// into one "everything". Returns whether it collapsed.
+    fn push(&mut self, event: Event, pending: &Pending) -> bool {
+        pending.add(&event);
+        self.names += event.names();
+        self.events.push_back(event);
+        if self.events.len() <= MAX_QUEUE && self.names <= MAX_QUEUED_NAMES {
+            return false;
+        }
+        for e in self.events.drain(..) {
+            pending.done(&e);
+        }
+        pending.add(&Event::All);
+        self.events.push_back(Event::All);
+        self.names = 1;
+        true
     }
 }
 
@@ -138,7 +182,7 @@ pub struct Bus {
     shared: Arc<Shared>,
     l2: bool,
     live: Arc<ArcSwap<LiveSettings>>,
-    queue: Mutex<VecDeque<Event>>,
+    queue: Mutex<Queue>,
     wake: Arc<Notify>,
     /// Whether the reader holds a position in the stream.
     positioned: AtomicBool,
@@ -180,7 +224,7 @@ impl Bus {
             shared,
             l2,
             live,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             wake: Arc::new(Notify::new()),
             positioned: AtomicBool::new(false),
         });
@@ -196,17 +240,10 @@ impl Bus {
         }
         {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            self.shared.pending.add(&event);
-            q.push_back(event);
-            if q.len() > MAX_QUEUE {
-                // Too much to send one by one: invalidate everything instead.
-                for e in q.drain(..) {
-                    self.shared.pending.done(&e);
-                }
-                self.shared.pending.add(&Event::All);
-                q.push_back(Event::All);
+            // Too much to send one by one: the fleet invalidates everything instead.
+            if q.push(event, &self.shared.pending) {
                 tracing::warn!(
-                    "more than {MAX_QUEUE} invalidations waiting for Redis; the fleet will drop everything instead"
+                    "more than {MAX_QUEUE} invalidations or {MAX_QUEUED_NAMES} names waiting for Redis; the fleet will drop everything instead"
                 );
             }
         }
@@ -221,7 +258,7 @@ impl Bus {
 
     /// Events waiting to be sent.
     pub fn queued(&self) -> usize {
-        self.queue.lock().map(|q| q.len()).unwrap_or(0)
+        self.queue.lock().map(|q| q.events.len()).unwrap_or(0)
     }
 
     /// How long L2 keeps an invalidated account's generation: as long as a page.
@@ -340,7 +377,7 @@ async fn publish_loop(weak: std::sync::Weak<Bus>) {
         let Some(bus) = weak.upgrade() else { return };
         let batch: Vec<Event> = {
             let q = bus.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.iter().take(BATCH).cloned().collect()
+            q.events.iter().take(BATCH).cloned().collect()
         };
         if batch.is_empty() {
             let wake = bus.wake.clone();
@@ -352,12 +389,14 @@ async fn publish_loop(weak: std::sync::Weak<Bus>) {
         match bus.send(&batch).await {
             Ok(()) => {
                 let mut q = bus.queue.lock().unwrap_or_else(|p| p.into_inner());
-                // The queue may have collapsed meanwhile; drop only what was sent.
+                // The queue may have collapsed meanwhile (and confirmed what it
+                // dropped): take off, and confirm, only what is still at its front.
                 for e in &batch {
-                    if q.front() == Some(e) {
-                        q.pop_front();
+                    if q.events.front() == Some(e) {
+                        q.events.pop_front();
+                        q.names = q.names.saturating_sub(e.names());
+                        bus.shared.pending.done(e);
                     }
-                    bus.shared.pending.done(e);
                 }
                 counter!(names::FLEET_SENT).increment(batch.len() as u64);
             }
@@ -565,5 +604,49 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accounts(prefix: &str, n: usize) -> Event {
+        Event::Accounts((0..n).map(|i| format!("{prefix}{i}")).collect())
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_events_and_in_names() {
+        let pending = Pending::default();
+        let mut q = Queue::default();
+        // Names: five events of 20,000 fit, the sixth collapses the queue.
+        for i in 0..5 {
+            assert!(!q.push(accounts(&format!("e{i}_"), 20_000), &pending));
+        }
+        assert!(pending.blocks("e0_7"));
+        assert!(q.push(accounts("e5_", 20_000), &pending));
+        assert_eq!(q.events.len(), 1);
+        assert_eq!(q.names, 1);
+        assert!(matches!(q.events[0], Event::All));
+        // Only "everything" is pending now; the account map was emptied.
+        assert!(pending.accounts.lock().unwrap().is_empty());
+        assert_eq!(pending.wide.load(Ordering::Acquire), 1);
+        // Events: past MAX_QUEUE small ones it collapses too.
+        let mut q = Queue::default();
+        let pending = Pending::default();
+        let collapsed = (0..=MAX_QUEUE).any(|i| q.push(Event::Group(format!("@g{i}")), &pending));
+        assert!(collapsed);
+        assert_eq!(q.events.len(), 1);
+        assert_eq!(pending.wide.load(Ordering::Acquire), 1);
+    }
+
+    #[test]
+    fn confirmations_never_drive_the_count_below_zero() {
+        let pending = Pending::default();
+        pending.add(&Event::All);
+        pending.done(&Event::All);
+        pending.done(&Event::All);
+        assert_eq!(pending.wide.load(Ordering::Acquire), 0);
+        assert!(!pending.blocks("anyone"));
     }
 }
