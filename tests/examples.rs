@@ -15,8 +15,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -54,27 +53,12 @@ impl Emulator {
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().expect("start the emulator");
-        let stderr = child.stderr.take().unwrap();
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("Chat emulator listening") {
-                    let addr = line.split_whitespace().find_map(|w| {
-                        w.strip_prefix("addr=")
-                            .and_then(|a| a.parse::<SocketAddr>().ok())
-                    });
-                    if let (Some(a), Some(tx)) = (addr, tx.take()) {
-                        let _ = tx.send(a);
-                    }
-                }
-                log2.lock().unwrap().push(line);
+        let (child, log, rx) = spawn_logged(cmd, |line| {
+            if !line.contains("Chat emulator listening") {
+                return None;
             }
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("addr=").and_then(|a| a.parse().ok()))
         });
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
             .await

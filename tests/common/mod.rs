@@ -341,6 +341,37 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Spawns `cmd` (stderr piped; it dies with this test), collects its log lines, and
+/// sends the first address `announced` finds in a line.
+pub fn spawn_logged(
+    mut cmd: Command,
+    announced: fn(&str) -> Option<SocketAddr>,
+) -> (
+    Child,
+    Arc<Mutex<Vec<String>>>,
+    std::sync::mpsc::Receiver<SocketAddr>,
+) {
+    die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().expect("start the child process");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(a) = announced(&line) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(a);
+                }
+            }
+            log2.lock().unwrap().push(line);
+        }
+    });
+    (child, log, rx)
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_chat-gateway")
 }
@@ -376,27 +407,13 @@ impl Gateway {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().expect("start gateway");
-        let stderr = child.stderr.take().unwrap();
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(i) = line.find("listen=") {
-                    let addr: String = line[i + 7..]
-                        .chars()
-                        .take_while(|c| !c.is_whitespace())
-                        .collect();
-                    if let (Ok(a), Some(tx)) = (addr.parse::<SocketAddr>(), tx.take()) {
-                        let _ = tx.send(a);
-                    }
-                }
-                log2.lock().unwrap().push(line);
-            }
+        let (child, log, rx) = spawn_logged(cmd, |line| {
+            let i = line.find("listen=")?;
+            let addr: String = line[i + 7..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
+            addr.parse().ok()
         });
         // A fixed port in the config is where it listens; port 0 is announced in the
         // log (at info: a config that logs less must give a port).
