@@ -245,6 +245,22 @@ fn positive(key: &str, v: u64) -> Result<u64, ConfigError> {
     }
 }
 
+/// A positive number of milliseconds.
+fn positive_ms(key: &str, v: u64) -> Result<Duration, ConfigError> {
+    positive(key, v).map(Duration::from_millis)
+}
+
+/// Largest body any listener accepts.
+const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// A body limit: 1 byte to 64 MiB.
+fn body_limit(key: &str, v: u64) -> Result<usize, ConfigError> {
+    match v {
+        1..=MAX_BODY_LIMIT => Ok(v as usize),
+        _ => Err(ConfigError::invalid(key, "must be 1 to 67108864 (64 MiB)")),
+    }
+}
+
 impl Settings {
     /// Validates raw config into settings; the error names the first bad key.
     pub fn from_raw(raw: RawConfig) -> Result<Settings, ConfigError> {
@@ -255,26 +271,16 @@ impl Settings {
                 format!("{:?} is not an address like 127.0.0.1:8080", s.listen),
             )
         })?;
-        let max_body = positive("server.max_body_bytes", s.max_body_bytes)?;
-        if max_body > 64 * 1024 * 1024 {
-            return Err(ConfigError::invalid(
-                "server.max_body_bytes",
-                "must be at most 67108864 (64 MiB)",
-            ));
-        }
         let server = ServerSettings {
             listen,
-            max_body_bytes: max_body as usize,
+            max_body_bytes: body_limit("server.max_body_bytes", s.max_body_bytes)?,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
             max_connections: positive("server.max_connections", s.max_connections)? as usize,
-            header_read_timeout: Duration::from_millis(positive(
+            header_read_timeout: positive_ms(
                 "server.header_read_timeout_ms",
                 s.header_read_timeout_ms,
-            )?),
-            body_read_timeout: Duration::from_millis(positive(
-                "server.body_read_timeout_ms",
-                s.body_read_timeout_ms,
-            )?),
+            )?,
+            body_read_timeout: positive_ms("server.body_read_timeout_ms", s.body_read_timeout_ms)?,
             max_invalidate_accounts: positive(
                 "server.max_invalidate_accounts",
                 s.max_invalidate_accounts,
@@ -402,10 +408,7 @@ impl Settings {
             )?),
             ca_file: c.ca_file,
             usersig_ttl: Duration::from_secs(usersig_ttl),
-            request_timeout: Duration::from_millis(positive(
-                "chat.request_timeout_ms",
-                c.request_timeout_ms,
-            )?),
+            request_timeout: positive_ms("chat.request_timeout_ms", c.request_timeout_ms)?,
         };
 
         let cache = CacheSettings {
@@ -511,24 +514,16 @@ impl Settings {
                 (None, None) => None,
             },
             token_file: cb.token_file,
-            max_body_bytes: match cb.max_body_bytes {
-                n @ 1..=67_108_864 => n as usize,
-                _ => {
-                    return Err(ConfigError::invalid(
-                        "callback.max_body_bytes",
-                        "must be 1 to 67108864 (64 MiB)",
-                    ))
-                }
-            },
+            max_body_bytes: body_limit("callback.max_body_bytes", cb.max_body_bytes)?,
             max_connections: positive("callback.max_connections", cb.max_connections)? as usize,
-            header_read_timeout: Duration::from_millis(positive(
+            header_read_timeout: positive_ms(
                 "callback.header_read_timeout_ms",
                 cb.header_read_timeout_ms,
-            )?),
-            body_read_timeout: Duration::from_millis(positive(
+            )?,
+            body_read_timeout: positive_ms(
                 "callback.body_read_timeout_ms",
                 cb.body_read_timeout_ms,
-            )?),
+            )?,
         };
         if let Some(addr) = server.callback_listen {
             if !addr.ip().is_loopback() && callback.token.is_none() {
