@@ -21,15 +21,20 @@
 //! Start it with [`run`] on a listener (the `chat-gateway emulator` command) or with
 //! [`spawn`] in a background task (tests, `chat-gateway demo`).
 
+mod accounts;
 mod auth;
+mod client;
 mod config;
 mod contact_groups;
 mod control;
 mod faults;
+mod groups;
 mod paging;
+mod profile;
 mod protocol;
 mod rng;
 mod server;
+mod sns;
 mod state;
 mod stats;
 mod webhooks;
@@ -73,7 +78,7 @@ async fn build(cfg: EmulatorConfig) -> io::Result<Arc<State>> {
     tracing::info!(
         accounts,
         seed,
-        groups = world.groups().len(),
+        groups = world.generated_groups(),
         millis = started.elapsed().as_millis() as u64,
         "emulator world generated"
     );

@@ -2,8 +2,9 @@
 //! the state behind every request, the clock, and how a body is read and an answer
 //! built.
 
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -15,7 +16,7 @@ use hyper::body::Incoming;
 use super::auth::Auth;
 use super::config::EmulatorConfig;
 use super::faults::{LiveFaults, RateLimiter};
-use super::protocol::{ApiError, Command, RequestIds};
+use super::protocol::{Actor, ApiError, Command, RequestIds};
 use super::stats::Stats;
 use super::webhooks::Webhooks;
 use super::world::World;
@@ -37,6 +38,10 @@ pub(crate) fn unix_now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// An imported message's identity: (lower account, higher account, MsgSeq,
+/// MsgRandom, MsgTimeStamp).
+pub(crate) type ImportedMsg = (u32, u32, u64, u64, u64);
+
 /// Everything a request handler needs, shared by all connections.
 pub(crate) struct State {
     /// The configuration the emulator started with (faults live in `faults`).
@@ -57,6 +62,9 @@ pub(crate) struct State {
     pub request_ids: RequestIds,
     /// Message sequence numbers (MsgSeq, MsgKey).
     pub msg_seq: AtomicU64,
+    /// Messages `importmsg` has placed: (lower account, higher account, MsgSeq,
+    /// MsgRandom, MsgTimeStamp), so a repeat import is the same message.
+    pub imported_msgs: Mutex<HashSet<ImportedMsg>>,
 }
 
 impl State {
@@ -80,9 +88,29 @@ impl State {
             webhooks,
             request_ids: RequestIds::new(unix_now_ms()),
             msg_seq: AtomicU64::new(0),
+            imported_msgs: Mutex::new(HashSet::new()),
             world,
             cfg,
         })
+    }
+}
+
+impl State {
+    /// The name webhooks and answers show for `actor`: the admin identifier or the
+    /// user's UserID.
+    pub(crate) fn operator<'s>(&'s self, actor: &Actor<'_>) -> &'s str {
+        match actor {
+            Actor::Admin => &self.cfg.identifier,
+            Actor::Client { user, .. } => self.world.name(*user),
+        }
+    }
+
+    /// Sends webhook `command` with `body` when a callback URL is configured, with
+    /// `OptPlatform` from `actor`.
+    pub(crate) fn fire(&self, actor: &Actor<'_>, command: &'static str, body: serde_json::Value) {
+        if let Some(hooks) = &self.webhooks {
+            hooks.fire_as(command, body, unix_now(), actor.platform());
+        }
     }
 }
 

@@ -1,7 +1,8 @@
-//! Chat's third-party callbacks, fired after a message is sent: `POST
+//! Chat's third-party callbacks, fired after a change: `POST
 //! <callback_url>?SdkAppid=..&CallbackCommand=..&contenttype=json&ClientIP=127.0.0.1&OptPlatform=RESTAPI`
 //! plus `&Sign=<hex sha256(token + RequestTime)>&RequestTime=<unix>` when a token is
-//! set. Each is sent from its own task, so the API answer never waits for it.
+//! set (`OptPlatform` is the client's platform for changes made "from a client").
+//! Each is sent from its own task, so the API answer never waits for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,11 +76,17 @@ impl Webhooks {
         })
     }
 
-    /// The full URL for `command` at unix time `now`.
+    /// The full URL for `command` from a REST call at unix time `now`.
+    #[cfg(test)]
     pub(crate) fn url(&self, command: &str, now: u64) -> String {
+        self.url_as(command, now, "RESTAPI")
+    }
+
+    /// The full URL for `command` at unix time `now` with `OptPlatform=platform`.
+    pub(crate) fn url_as(&self, command: &str, now: u64, platform: &str) -> String {
         let mut url = format!(
-            "{}SdkAppid={}&CallbackCommand={}&contenttype=json&ClientIP=127.0.0.1&OptPlatform=RESTAPI",
-            self.base, self.sdkappid, command
+            "{}SdkAppid={}&CallbackCommand={}&contenttype=json&ClientIP=127.0.0.1&OptPlatform={}",
+            self.base, self.sdkappid, command, platform
         );
         if let Some(token) = &self.token {
             url.push_str(&format!("&Sign={}&RequestTime={now}", sign(token, now)));
@@ -87,12 +94,18 @@ impl Webhooks {
         url
     }
 
-    /// Sends `body` for `command` from a new task; the outcome only shows in stats
-    /// and the log.
-    pub(crate) fn fire(self: &Arc<Self>, command: &'static str, body: Value, now: u64) {
+    /// Sends `body` for `command` with `OptPlatform=platform` from a new task; the
+    /// outcome only shows in stats and the log.
+    pub(crate) fn fire_as(
+        self: &Arc<Self>,
+        command: &'static str,
+        body: Value,
+        now: u64,
+        platform: &str,
+    ) {
         let this = Arc::clone(self);
+        let url = this.url_as(command, now, platform);
         tokio::spawn(async move {
-            let url = this.url(command, now);
             let req = Request::builder()
                 .method(Method::POST)
                 .uri(&url)
