@@ -106,7 +106,8 @@ pub struct EmulatorConfig {
     pub seed: u64,
     /// Fault injection at start; changeable at run time.
     pub faults: FaultSettings,
-    /// Where to POST Chat webhooks after a message is sent (plain `http://` only).
+    /// Where to POST Chat webhooks after a change (plain `http://` only); changeable
+    /// at run time through `POST /__emulator/callback`.
     pub callback_url: Option<String>,
     /// Token for the webhooks' `Sign`; without it webhooks are unsigned. Redacted in
     /// `Debug`.

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::groups::check_msg_body as check_body_value;
@@ -280,13 +280,19 @@ pub(crate) fn batchsendmsg(
         )
     })?;
     *who = Some(from);
-    let mut errors: Vec<Value> = Vec::new();
+    let mut errors: Vec<SendErrorOut<'_>> = Vec::new();
     let mut receivers: Vec<u32> = Vec::new();
     for name in &names {
         match world.existing(name) {
             Some(i) if i != from => receivers.push(i),
-            Some(_) => errors.push(json!({"To_Account": name, "ErrorCode": 90001})),
-            None => errors.push(json!({"To_Account": name, "ErrorCode": 70107})),
+            Some(_) => errors.push(SendErrorOut {
+                to: name,
+                code: 90001,
+            }),
+            None => errors.push(SendErrorOut {
+                to: name,
+                code: 70107,
+            }),
         }
     }
     let now = unix_now();
@@ -315,8 +321,27 @@ pub(crate) fn batchsendmsg(
     let seq = state.msg_seq.fetch_add(1, Ordering::Relaxed) + 1;
     Ok(reply(
         Envelope::Leading,
-        &json!({"MsgKey": format!("{random}_{seq}_{t}"), "ErrorList": errors}),
+        &BatchOut {
+            key: format!("{random}_{seq}_{t}"),
+            errors,
+        },
     ))
+}
+
+#[derive(Serialize)]
+struct SendErrorOut<'a> {
+    #[serde(rename = "To_Account")]
+    to: &'a str,
+    #[serde(rename = "ErrorCode")]
+    code: i64,
+}
+
+#[derive(Serialize)]
+struct BatchOut<'a> {
+    #[serde(rename = "MsgKey")]
+    key: String,
+    #[serde(rename = "ErrorList")]
+    errors: Vec<SendErrorOut<'a>>,
 }
 
 /// Moves the conversation with `peer` to `max(its MsgTime, t)` (creating it,
