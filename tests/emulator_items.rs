@@ -3197,3 +3197,61 @@ async fn the_callback_url_can_be_set_at_run_time() {
     assert!(rx.try_recv().is_err());
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_and_reads_never_deadlock() {
+    let (emu, api) = start(no_limit()).await;
+    let ids = group_ids(&api).await;
+    let tasks: Vec<_> = (0..8u64)
+        .map(|t| {
+            let api = api.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut x = t.wrapping_mul(0x9E37_79B9) | 1;
+                let mut codes = Vec::new();
+                for i in 0..150u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let u = |k: u64| format!("user_{:04}", (x >> k) % 200 + 1);
+                    let g = &ids[(x % ids.len() as u64) as usize];
+                    let (command, body) = match x % 13 {
+                        0 => ("group_open_http_svc/send_group_msg", json!({"GroupId": g, "Random": i, "MsgBody": text_body()})),
+                        1 => ("recentcontact/update_contact_group", json!({"From_Account": u(8), "UpdateType": 1, "UpdateGroup": {
+                            "UpdateGroupType": 2, "OldGroupName": "group_0001",
+                            "ContactUpdateItem": [{"ContactOptType": 1, "ContactItem": {"Type": 2, "ToGroupId": g}}]}})),
+                        2 => ("group_open_http_svc/create_group", json!({"Type": "Public", "Name": "c", "Owner_Account": u(8), "MemberList": [{"Member_Account": u(16)}]})),
+                        3 => ("group_open_http_svc/add_group_member", json!({"GroupId": g, "MemberList": [{"Member_Account": u(8)}]})),
+                        4 => ("group_open_http_svc/delete_group_member", json!({"GroupId": g, "MemberToDel_Account": [u(8)]})),
+                        5 => ("im_open_login_svc/account_delete", json!({"DeleteItem": [{"UserID": u(8)}]})),
+                        6 => ("im_open_login_svc/account_import", json!({"UserID": u(8)})),
+                        7 => ("sns/friend_add", json!({"From_Account": u(8), "ForceAddFlags": 1, "AddFriendItem": [{"To_Account": u(16), "AddSource": "AddSource_Type_X"}]})),
+                        8 => ("sns/friend_delete", json!({"From_Account": u(8), "DeleteType": "Delete_Type_Both", "To_Account": [u(16)]})),
+                        9 => ("openim/batchsendmsg", json!({"From_Account": u(8), "SyncOtherMachine": 1, "To_Account": [u(16), u(24), u(32)], "MsgRandom": 1, "MsgBody": text_body()})),
+                        10 => ("sns/friend_get_list", json!({"From_Account": u(8), "To_Account": [u(16), u(24)], "TagList": ["Tag_Profile_IM_Nick", "Tag_SNS_IM_Remark"]})),
+                        11 => ("group_open_http_svc/get_joined_group_list", json!({"Member_Account": u(8), "ResponseFilter": {"SelfInfoFilter": ["Role"]}})),
+                        _ => ("group_open_http_svc/get_group_info", json!({"GroupIdList": [g, ids[0]]})),
+                    };
+                    codes.push(code(&api.call(command, &body).await));
+                }
+                codes
+            })
+        })
+        .collect();
+    let all = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    })
+    .await
+    .expect("1200 mixed calls finish: no deadlock");
+    assert_eq!(all.len(), 1200);
+    assert!(
+        all.iter().filter(|&&c| c == 0).count() > 600,
+        "most calls succeed"
+    );
+    assert!(all.iter().all(|&c| c == 0 || c >= 10_000));
+    emu.shutdown().await;
+}

@@ -238,7 +238,7 @@ fn groups(state: &State, query: &str) -> Response<Full<Bytes>> {
     let w = &state.world;
     let table = read(w.groups());
     match params.iter().find(|(k, _)| k == "id") {
-        Some((_, id)) => match table.index(id).and_then(|g| table.get(g)) {
+        Some((_, id)) => match w.group_index(id).and_then(|g| table.get(g)) {
             Some(d) => {
                 let members: Vec<&str> =
                     d.sorted_members().into_iter().map(|m| w.name(m)).collect();

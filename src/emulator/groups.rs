@@ -220,8 +220,6 @@ impl GroupData {
 pub(crate) struct GroupTable {
     /// By group slot; `None` once destroyed.
     pub slots: Vec<Option<GroupData>>,
-    /// Live group id → slot.
-    pub by_id: HashMap<Box<str>, u32>,
     /// Per account slot: the live groups it is a member of.
     pub joined: Vec<BTreeSet<u32>>,
     /// Groups created so far (seeds the next automatic GroupId).
@@ -229,11 +227,6 @@ pub(crate) struct GroupTable {
 }
 
 impl GroupTable {
-    /// The live group with id `id`.
-    pub(crate) fn index(&self, id: &str) -> Option<u32> {
-        self.by_id.get(id).copied()
-    }
-
     /// The live group in slot `g`.
     pub(crate) fn get(&self, g: u32) -> Option<&GroupData> {
         self.slots.get(g as usize).and_then(Option::as_ref)
@@ -279,13 +272,18 @@ const NOUNS: [&str; 16] = [
 ];
 
 /// Draws every generated group's profile and member rows from its own stream (so
-/// conversations stay as they were) and indexes them.
-pub(crate) fn generate(raw: Vec<RawGroup>, seed: u64, epoch: u64, slots: usize) -> GroupTable {
+/// conversations stay as they were) and indexes them: the table and GroupId → slot.
+pub(crate) fn generate(
+    raw: Vec<RawGroup>,
+    seed: u64,
+    epoch: u64,
+    slots: usize,
+) -> (GroupTable, HashMap<Box<str>, u32>) {
+    let mut by_id: HashMap<Box<str>, u32> = HashMap::with_capacity(raw.len());
     let mut rng = SplitMix64::new(mix64(seed ^ 0x6_2001));
     let span = 8 * 7 * 86_400;
     let mut table = GroupTable {
         slots: Vec::with_capacity(raw.len()),
-        by_id: HashMap::with_capacity(raw.len()),
         joined: vec![BTreeSet::new(); slots],
         created: 0,
     };
@@ -400,10 +398,10 @@ pub(crate) fn generate(raw: Vec<RawGroup>, seed: u64, epoch: u64, slots: usize) 
         for &m in &r.members {
             table.join(m, g as u32);
         }
-        table.by_id.insert(r.id.into_boxed_str(), g as u32);
+        by_id.insert(r.id.into_boxed_str(), g as u32);
         table.slots.push(Some(data));
     }
-    table
+    (table, by_id)
 }
 
 /// A base group field get_group_info and get_joined_group_list can return.
@@ -733,11 +731,11 @@ fn group_id_field(obj: &Map<String, Value>) -> Result<&str, ApiError> {
 }
 
 /// Looks up a live group: 10015 for an empty id, 10010 for an unknown one.
-fn find(table: &GroupTable, id: &str) -> Result<u32, ApiError> {
+fn find(world: &World, id: &str) -> Result<u32, ApiError> {
     if id.is_empty() {
         return Err(ApiError::new(10015, "GroupId is empty"));
     }
-    table.index(id).ok_or_else(|| {
+    world.group_index(id).ok_or_else(|| {
         ApiError::new(
             10010,
             format!("group {id:?} does not exist or was destroyed"),
@@ -784,7 +782,7 @@ pub(crate) fn get_group_info(state: &State, body: &[u8]) -> Result<Reply, ApiErr
     let items: Vec<GroupInfoOut<'_>> = ids
         .iter()
         .map(
-            |&id| match find(&table, id).ok().and_then(|g| table.get(g)) {
+            |&id| match find(world, id).ok().and_then(|g| table.get(g)) {
                 Some(d) => GroupInfoOut {
                     id,
                     code: 0,
@@ -880,7 +878,7 @@ pub(crate) fn get_group_member_info(state: &State, body: &[u8]) -> Result<Reply,
     };
     let world = &state.world;
     let table = super::world::read(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     let d = table
         .get(g)
         .ok_or_else(|| ApiError::new(10010, "group does not exist"))?;
@@ -1410,7 +1408,7 @@ pub(crate) fn create_group(
     let mut table = super::world::write(world.groups());
     let id = match custom_id {
         Some(id) => {
-            if table.index(id).is_some() {
+            if world.group_index(id).is_some() {
                 return Err(ApiError::new(
                     10021,
                     format!("GroupId {id:?} is already used"),
@@ -1421,7 +1419,7 @@ pub(crate) fn create_group(
         None => loop {
             table.created += 1;
             let id = auto_group_id(world.seed(), table.created);
-            if table.index(&id).is_none() {
+            if world.group_index(&id).is_none() {
                 break id;
             }
         },
@@ -1468,7 +1466,7 @@ pub(crate) fn create_group(
     for &m in &sorted {
         table.join(m, g);
     }
-    table.by_id.insert(id.clone().into_boxed_str(), g);
+    world.index_group(&id, g);
     table.slots.push(Some(data));
     drop(table);
 
@@ -1531,7 +1529,7 @@ pub(crate) fn modify_group_base_info(
     let world = &state.world;
     let now = unix_now();
     let mut table = super::world::write(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     let Some(Some(d)) = table.slots.get_mut(g as usize) else {
         return Err(ApiError::new(10010, "group does not exist"));
     };
@@ -1671,7 +1669,7 @@ pub(crate) fn add_group_member(
     let world = &state.world;
     let now = unix_now();
     let mut table = super::world::write(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     let Some(Some(d)) = table.slots.get_mut(g as usize) else {
         return Err(ApiError::new(10010, "group does not exist"));
     };
@@ -1755,7 +1753,7 @@ pub(crate) fn delete_group_member(
     }
     let world = &state.world;
     let mut table = super::world::write(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     let Some(Some(d)) = table.slots.get_mut(g as usize) else {
         return Err(ApiError::new(10010, "group does not exist"));
     };
@@ -1822,7 +1820,7 @@ pub(crate) fn destroy_group(
     let id = group_id_field(&obj)?;
     let world = &state.world;
     let mut table = super::world::write(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     if let (Some(user), Some(d)) = (actor.user(), table.get(g)) {
         if d.owner != Some(user) {
             return Err(ApiError::new(10007, "only the owner may destroy the group"));
@@ -1831,7 +1829,7 @@ pub(crate) fn destroy_group(
     let Some(d) = table.slots.get_mut(g as usize).and_then(Option::take) else {
         return Err(ApiError::new(10010, "group does not exist"));
     };
-    table.by_id.remove(id);
+    world.unindex_group(id);
     let sorted = d.sorted_members();
     for &a in &sorted {
         table.leave(a, g);
@@ -1871,7 +1869,7 @@ pub(crate) fn change_group_owner(
     let new_owner = account_arg(world, new_name)?;
     let now = unix_now();
     let mut table = super::world::write(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     let Some(Some(d)) = table.slots.get_mut(g as usize) else {
         return Err(ApiError::new(10010, "group does not exist"));
     };
@@ -1968,7 +1966,7 @@ pub(crate) fn modify_group_member_info(
     let target = account_arg(world, member_name)?;
     let now = unix_now();
     let mut table = super::world::write(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     let Some(Some(d)) = table.slots.get_mut(g as usize) else {
         return Err(ApiError::new(10010, "group does not exist"));
     };
@@ -2064,7 +2062,7 @@ pub(crate) fn forbid_send_msg(
     let world = &state.world;
     let now = unix_now();
     let mut table = super::world::write(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     let Some(Some(d)) = table.slots.get_mut(g as usize) else {
         return Err(ApiError::new(10010, "group does not exist"));
     };
@@ -2156,7 +2154,7 @@ pub(crate) fn send_group_msg(
     }
     let now = unix_now();
     let mut table = super::world::write(world.groups());
-    let g = find(&table, id)?;
+    let g = find(world, id)?;
     let Some(Some(d)) = table.slots.get_mut(g as usize) else {
         return Err(ApiError::new(10010, "group does not exist"));
     };

@@ -445,8 +445,8 @@ impl ContactItemIn {
             }
             2 => {
                 let id = self.to_group.as_deref().unwrap_or("");
-                super::world::read(world.groups())
-                    .index(id)
+                world
+                    .group_index(id)
                     .map(Peer::Group)
                     .ok_or_else(|| ApiError::new(50002, format!("unknown ToGroupId {id:?}")))
             }

@@ -23,7 +23,8 @@
 //! same) accounts run in parallel and a write locks only the accounts it changes.
 //! All groups sit behind one `RwLock` (the group table). Lock order, everywhere: the
 //! group table first, then accounts in ascending index; a handler that needs several
-//! accounts in another order takes them one at a time.
+//! accounts in another order takes them one at a time. The name and GroupId indexes
+//! are leaf locks: nothing else is taken while one is held.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -230,6 +231,10 @@ pub(crate) struct World {
     group_ids: Vec<OnceLock<Box<str>>>,
     generated_groups: u32,
     groups: RwLock<GroupTable>,
+    /// Live GroupId → group slot. A leaf lock: nothing else is locked while it is
+    /// held, so any handler may look a group up whatever it holds; it changes only
+    /// under the group table's write lock.
+    group_index: RwLock<HashMap<Box<str>, u32>>,
 }
 
 /// Reads a lock, recovering the data if a writer panicked (writes keep the lists
@@ -443,7 +448,7 @@ impl World {
         for (g, raw) in groups.iter().enumerate() {
             let _ = group_ids[g].set(raw.id.clone().into_boxed_str());
         }
-        let table = groups::generate(groups, seed, epoch, slots);
+        let (table, group_index) = groups::generate(groups, seed, epoch, slots);
         accts.resize_with(slots, Account::default);
 
         World {
@@ -457,6 +462,7 @@ impl World {
             group_ids,
             generated_groups,
             groups: RwLock::new(table),
+            group_index: RwLock::new(group_index),
         }
     }
 
@@ -562,6 +568,21 @@ impl World {
         self.generated_groups
     }
 
+    /// The slot of the live group `id`.
+    pub(crate) fn group_index(&self, id: &str) -> Option<u32> {
+        read(&self.group_index).get(id).copied()
+    }
+
+    /// Records the live group `id` in slot `g` (hold the group table's write lock).
+    pub(crate) fn index_group(&self, id: &str, g: u32) {
+        write(&self.group_index).insert(id.into(), g);
+    }
+
+    /// Forgets the live group `id` (hold the group table's write lock).
+    pub(crate) fn unindex_group(&self, id: &str) {
+        write(&self.group_index).remove(id);
+    }
+
     /// The id of the group in slot `g` (destroyed groups keep theirs).
     pub(crate) fn group_id(&self, g: u32) -> &str {
         self.group_ids
@@ -657,7 +678,7 @@ mod tests {
         for (g, group) in t.live() {
             let id = w.group_id(g);
             assert!(id.starts_with("@TGS#") && id.len() == 14);
-            assert_eq!(t.index(id), Some(g));
+            assert_eq!(w.group_index(id), Some(g));
             let owners = group
                 .members
                 .iter()
