@@ -116,20 +116,20 @@ impl SnsTag {
     }
 }
 
-/// One entry of a friend list.
+/// One entry of a friend list. A generated friendship stores nothing: its data is
+/// derived from the seed and the pair whenever it is read
+/// ([`FriendData::generated`]); once something writes it (friend_add,
+/// friend_import, friend_update) the data is stored here.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Friend(Option<Box<FriendData>>);
+
+/// A friend entry's data.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Friend {
+pub(crate) struct FriendData {
     /// When the friendship formed (unix seconds).
     pub add_time: u64,
     /// `AddSource_Type_...`.
     pub source: Cow<'static, str>,
-    /// Remark, groups, wording and custom data; most generated friends have none.
-    pub extra: Option<Box<FriendExtra>>,
-}
-
-/// The rarer parts of a friend entry.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct FriendExtra {
     /// `Tag_SNS_IM_Remark` (empty: unset).
     pub remark: String,
     /// `Tag_SNS_IM_RemarkTime` (0: unset).
@@ -142,30 +142,79 @@ pub(crate) struct FriendExtra {
     pub custom: BTreeMap<SnsCustom, Value>,
 }
 
-impl Friend {
-    fn extra_mut(&mut self) -> &mut FriendExtra {
-        self.extra.get_or_insert_with(Box::default)
+/// The draws behind a generated entry of `owner`'s list about `to`: one shared by
+/// both directions (the time the friendship formed), one per direction.
+fn draws(seed: u64, owner: u32, to: u32) -> (u64, u64, u64) {
+    let (lo, hi) = (owner.min(to), owner.max(to));
+    let pair = mix64(mix64(seed ^ 0x00F4_1E4D) ^ ((u64::from(lo) << 32) | u64::from(hi)));
+    let own = mix64(pair ^ u64::from(owner).wrapping_add(1).wrapping_mul(0x9E37_79B9));
+    (pair, own, mix64(own))
+}
+
+/// Whether the generated entry has custom data (for the initial CustomSequence).
+fn generated_has_custom(seed: u64, owner: u32, to: u32) -> bool {
+    let (_, _, r2) = draws(seed, owner, to);
+    (r2 >> 16) % 100 < 10 || (r2 >> 40) % 100 < 10
+}
+
+impl FriendData {
+    /// The data of a generated entry: formed within 400 days before `epoch`; 25%
+    /// have a remark, 15% a friend group, 10% each custom field.
+    pub(crate) fn generated(seed: u64, epoch: u64, owner: u32, to: u32) -> FriendData {
+        let (pair, own, r2) = draws(seed, owner, to);
+        let add_time = epoch - pair % (400 * 86_400);
+        let mut d = FriendData {
+            add_time,
+            source: Cow::Borrowed(SOURCES[(own % 4) as usize]),
+            remark: String::new(),
+            remark_time: 0,
+            groups: Vec::new(),
+            wording: String::new(),
+            custom: BTreeMap::new(),
+        };
+        if (own >> 8) % 100 < 25 {
+            d.remark = format!("Remark {:04x}", (own >> 16) & 0xFFFF);
+            d.remark_time = add_time + (own >> 32) % 86_400;
+        }
+        if r2 % 100 < 15 {
+            d.groups
+                .push(FRIEND_GROUPS[((r2 >> 8) % 4) as usize].to_owned());
+        }
+        if (r2 >> 16) % 100 < 10 {
+            d.custom.insert(
+                SnsCustom::Note,
+                json!(format!("note_{}", (r2 >> 24) % 1000)),
+            );
+        }
+        if (r2 >> 40) % 100 < 10 {
+            d.custom.insert(SnsCustom::Rank, json!((r2 >> 48) % 100));
+        }
+        d
     }
 
-    fn has_custom(&self) -> bool {
-        self.extra.as_ref().is_some_and(|e| !e.custom.is_empty())
+    /// A new entry formed at `now` from `source` with nothing else set.
+    fn new(now: u64, source: &str) -> FriendData {
+        FriendData {
+            add_time: now,
+            source: Cow::Owned(source.to_owned()),
+            remark: String::new(),
+            remark_time: 0,
+            groups: Vec::new(),
+            wording: String::new(),
+            custom: BTreeMap::new(),
+        }
     }
 
     /// The value of `tag`, when set.
     fn value(&self, tag: SnsTag) -> Option<Value> {
-        let e = self.extra.as_deref();
         match tag {
             SnsTag::AddSource => Some(json!(self.source)),
             SnsTag::AddTime => Some(json!(self.add_time)),
-            SnsTag::Remark => e.filter(|e| !e.remark.is_empty()).map(|e| json!(e.remark)),
-            SnsTag::RemarkTime => e
-                .filter(|e| e.remark_time > 0)
-                .map(|e| json!(e.remark_time)),
-            SnsTag::Group => e.filter(|e| !e.groups.is_empty()).map(|e| json!(e.groups)),
-            SnsTag::AddWording => e
-                .filter(|e| !e.wording.is_empty())
-                .map(|e| json!(e.wording)),
-            SnsTag::Custom(c) => e.and_then(|e| e.custom.get(&c).cloned()),
+            SnsTag::Remark => (!self.remark.is_empty()).then(|| json!(self.remark)),
+            SnsTag::RemarkTime => (self.remark_time > 0).then(|| json!(self.remark_time)),
+            SnsTag::Group => (!self.groups.is_empty()).then(|| json!(self.groups)),
+            SnsTag::AddWording => (!self.wording.is_empty()).then(|| json!(self.wording)),
+            SnsTag::Custom(c) => self.custom.get(&c).cloned(),
         }
     }
 
@@ -197,11 +246,48 @@ impl Friend {
     }
 }
 
+impl Friend {
+    /// An entry generated with the world (its data derived on read).
+    pub(crate) fn generated() -> Friend {
+        Friend(None)
+    }
+
+    /// An entry with written data.
+    fn stored(data: FriendData) -> Friend {
+        Friend(Some(Box::new(data)))
+    }
+
+    /// The entry's data: stored, or derived for `owner`'s entry about `to`.
+    fn data(&self, world: &World, owner: u32, to: u32) -> Cow<'_, FriendData> {
+        match &self.0 {
+            Some(d) => Cow::Borrowed(d),
+            None => Cow::Owned(FriendData::generated(
+                world.seed(),
+                world.epoch(),
+                owner,
+                to,
+            )),
+        }
+    }
+
+    /// The entry's data for writing (stored from now on).
+    fn data_mut(&mut self, world: &World, owner: u32, to: u32) -> &mut FriendData {
+        self.0.get_or_insert_with(|| {
+            Box::new(FriendData::generated(
+                world.seed(),
+                world.epoch(),
+                owner,
+                to,
+            ))
+        })
+    }
+}
+
 /// Generates friendships over the one-to-one conversation partners of the generated
 /// accounts: 40% of pairs are friends (75% when either side is heavy), 85% of those
-/// both ways, the rest one way; some entries carry a remark, groups or custom data.
-/// Uses its own random stream, so conversations stay as they were.
-pub(crate) fn generate(accts: &mut [Account], seed: u64, epoch: u64) {
+/// both ways, the rest one way. Only the membership is stored; each entry's data is
+/// derived on read. Uses its own random stream, so conversations stay as they were.
+pub(crate) fn generate(accts: &mut [Account], seed: u64) {
     let mut rng = SplitMix64::new(mix64(seed ^ 0x5E_F1E0D));
     let n = accts.len() as u32;
     for i in 0..n {
@@ -224,7 +310,6 @@ pub(crate) fn generate(accts: &mut [Account], seed: u64, epoch: u64) {
             if !rng.chance(p) {
                 continue;
             }
-            let add_time = epoch - rng.below(400 * 86_400);
             let (to_i, to_j) = if rng.chance(0.85) {
                 (true, true)
             } else if rng.chance(0.5) {
@@ -233,46 +318,21 @@ pub(crate) fn generate(accts: &mut [Account], seed: u64, epoch: u64) {
                 (false, true)
             };
             if to_i {
-                let f = generated_friend(&mut rng, add_time);
-                accts[i as usize].friends.insert(j, f);
+                accts[i as usize].friends.insert(j, Friend::generated());
             }
             if to_j {
-                let f = generated_friend(&mut rng, add_time);
-                accts[j as usize].friends.insert(i, f);
+                accts[j as usize].friends.insert(i, Friend::generated());
             }
         }
     }
-    for a in accts.iter_mut() {
+    for (i, a) in accts.iter_mut().enumerate() {
         a.std_seq = 1 + a.friends.len() as u64;
-        a.custom_seq = 1 + a.friends.values().filter(|f| f.has_custom()).count() as u64;
+        a.custom_seq = 1 + a
+            .friends
+            .keys()
+            .filter(|&&j| generated_has_custom(seed, i as u32, j))
+            .count() as u64;
     }
-}
-
-fn generated_friend(rng: &mut SplitMix64, add_time: u64) -> Friend {
-    let mut f = Friend {
-        add_time,
-        source: Cow::Borrowed(SOURCES[rng.below(4) as usize]),
-        extra: None,
-    };
-    if rng.chance(0.25) {
-        let e = f.extra_mut();
-        e.remark = format!("Remark {:04x}", rng.below(0x10000));
-        e.remark_time = add_time + rng.below(86_400);
-    }
-    if rng.chance(0.15) {
-        f.extra_mut()
-            .groups
-            .push(FRIEND_GROUPS[rng.below(4) as usize].to_owned());
-    }
-    if rng.chance(0.1) {
-        let note = format!("note_{}", rng.below(1000));
-        f.extra_mut().custom.insert(SnsCustom::Note, json!(note));
-    }
-    if rng.chance(0.1) {
-        let rank = rng.below(100);
-        f.extra_mut().custom.insert(SnsCustom::Rank, json!(rank));
-    }
-    f
 }
 
 /// From_Account of an sns command: for a client change it defaults to the user and
@@ -390,7 +450,7 @@ pub(crate) fn friend_get(
         .skip(start)
         .take(FRIEND_PAGE_SIZE)
         .map(|(&j, f)| {
-            let values = f.value_items(skip_std, skip_custom);
+            let values = f.data(world, from, j).value_items(skip_std, skip_custom);
             UserDataOut {
                 to: world.name(j),
                 values: (!values.is_empty()).then_some(values),
@@ -470,16 +530,18 @@ pub(crate) fn friend_get_list(
     let world = &state.world;
     // The friend entries first (From's lock only), then each friend's profile
     // (one lock at a time).
-    let entries: Vec<Option<Friend>> = {
+    let entries: Vec<Option<FriendData>> = {
         let lock = world
             .account(from)
             .ok_or_else(|| ApiError::new(30003, "account does not exist"))?;
         let acct = read(lock);
         to.iter()
             .map(|name| {
-                world
-                    .account_index(name)
-                    .and_then(|j| acct.friends.get(&j).cloned())
+                world.account_index(name).and_then(|j| {
+                    acct.friends
+                        .get(&j)
+                        .map(|f| f.data(world, from, j).into_owned())
+                })
             })
             .collect()
     };
@@ -704,31 +766,19 @@ fn add_items(obj: &Map<String, Value>, import: bool) -> Result<Vec<AddItem<'_>>,
 impl AddItem<'_> {
     /// The entry From_Account's list gets.
     fn entry(&self, now: u64) -> Friend {
-        let mut f = Friend {
-            add_time: self.add_time.unwrap_or(now),
-            source: Cow::Owned(self.source.to_owned()),
-            extra: None,
-        };
+        let mut d = FriendData::new(self.add_time.unwrap_or(now), self.source);
         if !self.remark.is_empty() {
-            let remark_time = if self.remark_time > 0 {
+            d.remark = self.remark.to_owned();
+            d.remark_time = if self.remark_time > 0 {
                 self.remark_time
             } else {
-                f.add_time
+                d.add_time
             };
-            let e = f.extra_mut();
-            e.remark = self.remark.to_owned();
-            e.remark_time = remark_time;
         }
-        if !self.groups.is_empty() {
-            f.extra_mut().groups = self.groups.clone();
-        }
-        if !self.wording.is_empty() {
-            f.extra_mut().wording = self.wording.to_owned();
-        }
-        for (c, v) in &self.custom {
-            f.extra_mut().custom.insert(*c, v.clone());
-        }
-        f
+        d.groups = self.groups.clone();
+        d.wording = self.wording.to_owned();
+        d.custom = self.custom.iter().cloned().collect();
+        Friend::stored(d)
     }
 }
 
@@ -826,11 +876,7 @@ pub(crate) fn friend_add(
             insert_friend(&mut a, to, item.entry(now));
             pairs.push(json!({"From_Account": from_name, "To_Account": item.to, "Initiator_Account": from_name}));
             if both && !b.friends.contains_key(&from) {
-                let back = Friend {
-                    add_time: now,
-                    source: Cow::Owned(item.source.to_owned()),
-                    extra: None,
-                };
+                let back = Friend::stored(FriendData::new(now, item.source));
                 insert_friend(&mut b, from, back);
                 pairs.push(json!({"From_Account": item.to, "To_Account": from_name, "Initiator_Account": from_name}));
             }
@@ -965,8 +1011,8 @@ pub(crate) fn friend_update(
                 return item_err(30001, "Err_SNS_FriendUpdate_Friend_Not_Exist");
             };
             let (mut std_changed, mut custom_changed) = (false, false);
+            let e = f.data_mut(world, from, to);
             for (tag, v) in checked {
-                let e = f.extra_mut();
                 match tag {
                     SnsTag::Remark => {
                         e.remark = v.as_str().unwrap_or_default().to_owned();
@@ -1115,21 +1161,18 @@ mod tests {
             Some(SnsTag::Custom(SnsCustom::Rank))
         );
         assert_eq!(SnsTag::parse("Tag_SNS_Custom_Other"), None);
-        let mut f = Friend {
-            add_time: 5,
-            source: Cow::Borrowed("AddSource_Type_Web"),
-            extra: None,
+        let mut d = FriendData::new(5, "AddSource_Type_Web");
+        let names = |d: &FriendData, s, c| -> Vec<&str> {
+            d.value_items(s, c).iter().map(|t| t.tag).collect()
         };
-        let names =
-            |f: &Friend, s, c| -> Vec<&str> { f.value_items(s, c).iter().map(|t| t.tag).collect() };
         assert_eq!(
-            names(&f, false, false),
+            names(&d, false, false),
             ["Tag_SNS_IM_AddSource", "Tag_SNS_IM_AddTime"]
         );
-        f.extra_mut().remark = "r".into();
-        f.extra_mut().custom.insert(SnsCustom::Rank, json!(3));
+        d.remark = "r".into();
+        d.custom.insert(SnsCustom::Rank, json!(3));
         assert_eq!(
-            names(&f, false, false),
+            names(&d, false, false),
             [
                 "Tag_SNS_IM_AddSource",
                 "Tag_SNS_IM_Remark",
@@ -1137,9 +1180,32 @@ mod tests {
                 "Tag_SNS_Custom_Rank"
             ]
         );
-        assert_eq!(names(&f, true, false), ["Tag_SNS_Custom_Rank"]);
-        assert!(names(&f, true, true).is_empty());
+        assert_eq!(names(&d, true, false), ["Tag_SNS_Custom_Rank"]);
+        assert!(names(&d, true, true).is_empty());
         assert!(SnsCustom::Rank.check(&json!("x")).is_err());
         assert!(SnsCustom::Note.check(&json!("x")).is_ok());
+    }
+
+    #[test]
+    fn generated_entries_are_derived_from_the_pair() {
+        let a = FriendData::generated(1, 1_768_000_000, 3, 9);
+        assert_eq!(a, FriendData::generated(1, 1_768_000_000, 3, 9));
+        let back = FriendData::generated(1, 1_768_000_000, 9, 3);
+        assert_eq!(a.add_time, back.add_time, "one friendship, one AddTime");
+        assert!(a.add_time <= 1_768_000_000);
+        let all: Vec<FriendData> = (0..400)
+            .map(|j| FriendData::generated(1, 1_768_000_000, 0, j))
+            .collect();
+        let remarks = all.iter().filter(|d| !d.remark.is_empty()).count();
+        assert!((60..140).contains(&remarks), "{remarks}");
+        for (j, d) in all.iter().enumerate() {
+            assert_eq!(!d.custom.is_empty(), generated_has_custom(1, 0, j as u32));
+        }
+        assert_ne!(
+            all,
+            (0..400)
+                .map(|j| FriendData::generated(2, 1_768_000_000, 0, j))
+                .collect::<Vec<_>>()
+        );
     }
 }

@@ -439,7 +439,7 @@ impl World {
 
         // Friends and group profiles come from their own streams, so the
         // conversations above stay what they were before these existed.
-        sns::generate(&mut accts, seed, epoch);
+        sns::generate(&mut accts, seed);
         let slots = n as usize + EXTRA_ACCOUNTS as usize;
         let generated_groups = groups.len() as u32;
         let group_ids: Vec<OnceLock<Box<str>>> = (0..generated_groups + EXTRA_GROUPS)
