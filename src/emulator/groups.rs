@@ -2126,7 +2126,7 @@ pub(crate) fn send_group_msg(
         .filter(|r| *r <= u64::from(u32::MAX))
         .ok_or_else(|| ApiError::new(90001, "Random is required: a uint32"))?;
     let from = match (obj.get("From_Account"), actor.user()) {
-        (None, Some(user)) => Some(world_name(state, user)),
+        (None, Some(user)) => Some(state.world.name(user)),
         (None | Some(Value::Null), None) => None,
         (Some(Value::String(s)), _) if s.is_empty() => None,
         (Some(Value::String(s)), _) => Some(s.as_str()),
@@ -2203,10 +2203,6 @@ pub(crate) fn send_group_msg(
             msg_seq: seq,
         },
     ))
-}
-
-fn world_name(state: &State, user: u32) -> &str {
-    state.world.name(user)
 }
 
 /// Takes `account` out of every group (account_delete): an owner leaves its group
