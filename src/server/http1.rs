@@ -128,9 +128,41 @@ struct Head {
     user_agent: Option<Range<usize>>,
 }
 
+/// The last `Host` value a connection sent that was valid: a keep-alive caller sends
+/// the same one every time, and comparing it costs less than checking it again.
+#[derive(Debug)]
+struct HostMemo {
+    len: usize,
+    bytes: [u8; 64],
+}
+
+impl Default for HostMemo {
+    fn default() -> Self {
+        HostMemo {
+            len: 0,
+            bytes: [0; 64],
+        }
+    }
+}
+
+impl HostMemo {
+    #[inline]
+    fn holds(&self, value: &[u8]) -> bool {
+        value.len() == self.len && self.bytes.get(..self.len) == Some(value)
+    }
+
+    #[inline]
+    fn keep(&mut self, value: &[u8]) {
+        if let Some(slot) = self.bytes.get_mut(..value.len()) {
+            slot.copy_from_slice(value);
+            self.len = value.len();
+        }
+    }
+}
+
 /// Parses the head at the start of `buf` and checks it against [`rules`]: `Ok(None)`
 /// while incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, Refusal> {
+fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -146,15 +178,15 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Refusal> {
     let method = req.method.unwrap_or("");
     let target = req.path.unwrap_or("").as_bytes();
     // The cached route's own target is valid as it is: no need to scan it.
-    let path = if target == GET_LIST_PATH.as_bytes() {
-        0..target.len()
+    let (path, get_list) = if target == GET_LIST_PATH.as_bytes() {
+        (target, true)
     } else {
-        rules::check_target(method.as_bytes(), target)?
+        let path = &target[rules::check_target(method.as_bytes(), target)?];
+        (path, path == GET_LIST_PATH.as_bytes())
     };
     if len > MAX_HEAD {
         return Err(Refusal::HeadTooLarge);
     }
-    let path = &target[path];
     let http11 = req.version == Some(1);
     let mut check = HeadCheck::new(http11);
     let mut no_cache = false;
@@ -165,7 +197,13 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Refusal> {
         let value = h.value;
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         match name.len() {
-            4 if is("host") => check.host(value),
+            4 if is("host") => {
+                if memo.holds(value) {
+                    check.host_valid();
+                } else if check.host(value) {
+                    memo.keep(value);
+                }
+            }
             14 if is("content-length") => check.content_length(value),
             17 if is("transfer-encoding") => check.transfer_encoding(value),
             10 if is("connection") => check.connection(value),
@@ -186,7 +224,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Refusal> {
         len,
         post: method == "POST",
         head_method: method == "HEAD",
-        get_list: path == GET_LIST_PATH.as_bytes(),
+        get_list,
         path: offset(path),
         http11,
         facts,
@@ -288,6 +326,8 @@ struct Connection<'a> {
     deadline: Instant,
     /// Whether shutdown has started.
     stopping: bool,
+    /// The last valid `Host` it sent.
+    host: HostMemo,
 }
 
 /// Serves one connection of `front`'s listener until it closes.
@@ -301,6 +341,7 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         out: Vec::with_capacity(512),
         deadline,
         stopping: false,
+        host: HostMemo::default(),
     };
     // One timer for the connection's life, re-armed lazily: it fires at most once per
     // header read timeout, not once per request.
@@ -369,7 +410,7 @@ impl Connection<'_> {
                     }
                 }
                 if !self.buf.is_empty() && !first {
-                    match parse_head(&self.buf) {
+                    match parse_head(&self.buf, &mut self.host) {
                         Ok(Some(head)) => break head,
                         Ok(None) => {}
                         Err(refusal) => return self.refuse(refusal).await,
@@ -857,39 +898,65 @@ impl AsyncWrite for Prefixed {
 mod tests {
     use super::*;
 
+    fn parse(buf: &[u8]) -> Result<Option<Head>, Refusal> {
+        parse_head(buf, &mut HostMemo::default())
+    }
+
+    /// The memo of a connection's last valid `Host` changes no verdict.
+    #[test]
+    fn the_host_memo_changes_nothing() {
+        let mut memo = HostMemo::default();
+        let ok = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n";
+        assert!(parse_head(ok, &mut memo).unwrap().is_some());
+        assert!(memo.holds(b"127.0.0.1:8080"));
+        assert!(parse_head(ok, &mut memo).unwrap().is_some());
+        for bad in [
+            &b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nHost: 127.0.0.1:8080\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1 8080\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(matches!(
+                parse_head(bad, &mut memo),
+                Err(Refusal::BadRequest(_))
+            ));
+        }
+        let long = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", "a".repeat(100));
+        assert!(parse_head(long.as_bytes(), &mut memo).unwrap().is_some());
+        assert!(memo.holds(b"127.0.0.1:8080"), "too long to keep");
+    }
+
     #[test]
     fn heads_are_read_in_place() {
         let raw = b"POST /v4/recentcontact/get_list?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nCache-Control: max-age=0, No-Cache\r\nX-Request-Id: abc\r\n\r\n{\"a\":1}";
-        let h = parse_head(raw).unwrap().unwrap();
+        let h = parse(raw).unwrap().unwrap();
         assert!(h.post && h.get_list && h.http11 && h.facts.keep_alive && h.no_cache);
         assert_eq!(h.facts.framing, Framing::Length(12));
         assert_eq!(&raw[h.request_id.unwrap()], b"abc");
         assert_eq!(&raw[h.path], b"/v4/recentcontact/get_list");
-        assert_eq!(parse_head(&raw[..20]).unwrap().map(|h| h.len), None);
+        assert_eq!(parse(&raw[..20]).unwrap().map(|h| h.len), None);
 
         let abs = b"POST http://gw/v4/recentcontact/get_list HTTP/1.1\r\nHost: gw\r\n\r\n";
-        let h = parse_head(abs).unwrap().unwrap();
+        let h = parse(abs).unwrap().unwrap();
         assert!(h.get_list);
         assert_eq!(&abs[h.path], b"/v4/recentcontact/get_list");
 
-        let h10 = parse_head(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        let h10 = parse(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(!h10.http11 && h10.facts.keep_alive && !h10.post);
-        let close = parse_head(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        let close = parse(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(!close.facts.keep_alive);
-        let chunked =
-            parse_head(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
-                .unwrap()
-                .unwrap();
+        let chunked = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(chunked.facts.framing, Framing::Chunked);
     }
 
     #[test]
     fn bad_heads_are_refused() {
-        let bad = |raw: &[u8]| matches!(parse_head(raw), Err(Refusal::BadRequest(_)));
+        let bad = |raw: &[u8]| matches!(parse(raw), Err(Refusal::BadRequest(_)));
         for raw in [
             &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
@@ -904,8 +971,7 @@ mod tests {
             assert!(bad(raw), "{}", String::from_utf8_lossy(raw));
         }
         assert_eq!(
-            parse_head(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
-                .err(),
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").err(),
             Some(Refusal::UnknownCoding)
         );
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
@@ -913,10 +979,10 @@ mod tests {
             many.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        assert_eq!(parse_head(&many).err(), Some(Refusal::HeadTooLarge));
+        assert_eq!(parse(&many).err(), Some(Refusal::HeadTooLarge));
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.resize(MAX_HEAD + 1, b'a');
-        assert_eq!(parse_head(&big).err(), Some(Refusal::HeadTooLarge));
+        assert_eq!(parse(&big).err(), Some(Refusal::HeadTooLarge));
     }
 
     #[test]
@@ -924,23 +990,20 @@ mod tests {
         // The request line alone, still arriving.
         let mut line = b"GET /".to_vec();
         line.resize(MAX_TARGET + REQUEST_LINE_SLACK + 1, b'a');
-        assert_eq!(parse_head(&line).err(), Some(Refusal::TargetTooLong));
+        assert_eq!(parse(&line).err(), Some(Refusal::TargetTooLong));
         line.truncate(MAX_TARGET);
-        assert!(parse_head(&line).unwrap().is_none(), "may still be fine");
+        assert!(parse(&line).unwrap().is_none(), "may still be fine");
         // A complete request line, the head still arriving.
         let mut head = format!("GET /{} HTTP/1.1\r\nX: ", "a".repeat(MAX_TARGET)).into_bytes();
-        assert_eq!(parse_head(&head).err(), Some(Refusal::TargetTooLong));
+        assert_eq!(parse(&head).err(), Some(Refusal::TargetTooLong));
         // A whole head.
         head.extend_from_slice(b"y\r\nHost: a\r\n\r\n");
-        assert_eq!(parse_head(&head).err(), Some(Refusal::TargetTooLong));
+        assert_eq!(parse(&head).err(), Some(Refusal::TargetTooLong));
         // A 70 KB target.
         let huge = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70_000));
+        assert_eq!(parse(huge.as_bytes()).err(), Some(Refusal::TargetTooLong));
         assert_eq!(
-            parse_head(huge.as_bytes()).err(),
-            Some(Refusal::TargetTooLong)
-        );
-        assert_eq!(
-            parse_head(&huge.as_bytes()[..MAX_HEAD]).err(),
+            parse(&huge.as_bytes()[..MAX_HEAD]).err(),
             Some(Refusal::TargetTooLong)
         );
     }
@@ -958,7 +1021,7 @@ mod tests {
             let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: gw\r\n{name}: ").into_bytes();
             raw.extend_from_slice(&value);
             raw.extend_from_slice(b"\r\n\r\n");
-            if let Ok(Some(h)) = parse_head(&raw) {
+            if let Ok(Some(h)) = parse(&raw) {
                 let bytes = Bytes::copy_from_slice(&raw[..h.len]);
                 proptest::prop_assert!(into_parts(&bytes).is_ok(), "{:?}", String::from_utf8_lossy(&raw));
             }

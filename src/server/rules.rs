@@ -341,14 +341,24 @@ impl HeadCheck {
         self.bad.get_or_insert(why);
     }
 
-    /// A `Host` line.
+    /// A `Host` line; returns whether its value is valid.
     #[inline]
-    pub fn host(&mut self, value: &[u8]) {
+    pub fn host(&mut self, value: &[u8]) -> bool {
+        let valid = authority(value);
+        if !valid {
+            self.bad("invalid Host");
+        }
+        self.host_valid();
+        valid
+    }
+
+    /// A `Host` line whose value is known to be valid (the caller checked these very
+    /// bytes with [`authority`] before).
+    #[inline]
+    pub fn host_valid(&mut self) {
         self.hosts = self.hosts.saturating_add(1);
         if self.hosts > 1 {
             self.bad("more than one Host");
-        } else if !authority(value) {
-            self.bad("invalid Host");
         }
     }
 
@@ -467,7 +477,9 @@ mod tests {
         for (name, value) in lines {
             let v = value.as_bytes();
             match name.to_ascii_lowercase().as_str() {
-                "host" => c.host(v),
+                "host" => {
+                    c.host(v);
+                }
                 "content-length" => c.content_length(v),
                 "transfer-encoding" => c.transfer_encoding(v),
                 "connection" => c.connection(v),
