@@ -1,13 +1,15 @@
 //! The accept loop shared by the gateway and the emulator: connection limits, a
 //! reserve for health probes, the open-connections gauge, and graceful shutdown. What
 //! happens on a connection is a *driver*'s job: [`drive_hyper`] (hyper's HTTP/1 and
-//! HTTP/2, for the emulator and whatever the gateway's own HTTP/1 front end,
-//! [`super::http1`], hands over) or that front end.
+//! HTTP/2 for the emulator; HTTP/2 for the gateway, whose own HTTP/1 front end,
+//! [`super::http1`], hands over the connections that open with the HTTP/2 preface)
+//! or that front end.
 //!
 //! Graceful shutdown follows one small pattern: when `shutdown` resolves, the listener
 //! is dropped (new connections are refused by the kernel), every open connection is
-//! told through [`Conn::stop`] to finish its in-flight request and close, and we wait
-//! for them for at most `grace`. Whatever is still running then is dropped.
+//! told through [`Conn::stop`] to finish its in-flight request and close (HTTP/1.1:
+//! `connection: close` on the answers written from then on; HTTP/2: GOAWAY), and we
+//! wait for them for at most `grace`. Whatever is still running then is dropped.
 
 use std::convert::Infallible;
 use std::future::Future;
