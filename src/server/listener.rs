@@ -328,9 +328,13 @@ pub async fn drive_hyper<I, H, Fut>(
             }
             _ = &mut first_head, if first_head_due => {
                 first_head_due = false;
-                if !activity.ever() {
+                if !activity.ever() && closing_since.is_none() {
+                    // Closed as an idle one is (HTTP/2: GOAWAY), within GOAWAY_WAIT.
                     tracing::debug!(%peer, "no request head in time; closing");
-                    return;
+                    served.as_mut().graceful_shutdown();
+                    let now = tokio::time::Instant::now();
+                    closing_since = Some(now);
+                    idle.as_mut().reset(now + GOAWAY_WAIT);
                 }
             }
             _ = conn.stop.changed(), if !stopping => {
