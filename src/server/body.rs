@@ -363,6 +363,14 @@ mod tests {
             decode(long.as_bytes(), 512, 100).map(|_| ()),
             Err(ChunkError::Malformed)
         );
+        let trailers = format!("0\r\nX-T: {}\r\n\r\n", "t".repeat(MAX_TRAILERS));
+        assert_eq!(
+            decode(trailers.as_bytes(), 1024, 100).map(|_| ()),
+            Err(ChunkError::Malformed),
+            "trailers are bounded"
+        );
+        let fine = format!("0\r\nX-T: {}\r\n\r\n", "t".repeat(MAX_TRAILERS - 64));
+        assert!(decode(fine.as_bytes(), 1024, 100).is_ok());
         let mut many = String::new();
         for _ in 0..20 {
             many.push_str(&format!("1;{}\r\nx\r\n", "e".repeat(1000)));
