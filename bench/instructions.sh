@@ -7,6 +7,7 @@
 #   bench/instructions.sh
 #   MODE=instructions bench/hit.sh          # the same
 #   N1=500 N2=1500 bench/instructions.sh    # shorter
+#   GATEWAY_ONLY=1 bench/instructions.sh    # the gateway alone (to compare two builds)
 #
 # Instruction counts are user-space instructions executed by the server process
 # (all its threads; the kernel's share, syscalls and TCP, is not counted), so they
@@ -38,6 +39,7 @@
 #   SERVER_CPU (0)        CPU the servers (under valgrind) are pinned to
 #   CLIENT_CPU (1)        CPU the emulator is pinned to
 #   NO_BUILD (unset)      set to 1 to skip `cargo build --release`
+#   GATEWAY_ONLY (unset)  set to 1 to measure the gateway alone (no nginx, no bare hyper)
 #   KEEP_TMP (unset)      set to 1 to keep the temp dir (configs, logs, callgrind files)
 #
 # Output: a table on stdout, also written to bench/out/instructions-<date>.txt,
@@ -180,6 +182,7 @@ GW_THREADS=$(thread_names "$GW_PID")
 measure gateway "$GW_PID" "$GW$PATH_GET_LIST" x-cache
 forget_pid "$GW_PID"
 
+if [[ -z "${GATEWAY_ONLY:-}" ]]; then
 # ---------------------------------------------------------------- nginx
 # The static answer: the gateway's cached page, in nginx's single-quoted string.
 grep -q '\$' "$TMP/page.json" && die "the page holds a \$, which nginx's return would expand"
@@ -221,11 +224,12 @@ prime bare "$BARE_URL$PATH_GET_LIST" x-cache
 cmp -s "$TMP/page-bare.json" "$TMP/page.json" || die "bare_hyper answers another page than the gateway's"
 measure bare "$BARE_PID" "$BARE_URL$PATH_GET_LIST" x-cache
 forget_pid "$BARE_PID"
+fi
 
 # ---------------------------------------------------------------- report
 OUT=$(out_file instructions)
 BASE=${OUT%.txt}
-for s in gateway nginx-proxy nginx-static bare; do
+for s in "${!PER_REQ[@]}"; do
     if [[ -n "${ANNOTATE[$s]:-}" ]]; then
         # Whole listings into files first: head closing a pipe would stop the script.
         callgrind_annotate --auto=no --inclusive=yes --threshold=99 "${ANNOTATE[$s]}" >"$TMP/incl.txt" 2>&1 || true
@@ -252,21 +256,27 @@ row() { # NAME LABEL
     echo
     printf '%-30s  %12s  %12s  %12s  %7s\n' server "instr/req" "batch N1/N1" "batch N2/N2" "bytes"
     row gateway "chat-gateway"
-    row nginx-proxy "nginx proxy_cache"
-    row nginx-static "nginx return 200 (static)"
-    row bare "bare hyper 1.x (floor)"
+    if [[ -z "${GATEWAY_ONLY:-}" ]]; then
+        row nginx-proxy "nginx proxy_cache"
+        row nginx-static "nginx return 200 (static)"
+        row bare "bare hyper 1.x (floor)"
+    fi
     echo "(instr/req = (I(N2) - I(N1)) / (N2 - N1): the difference of the two batches, which"
     echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size)"
     echo
-    echo "gateway / nginx static:      x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-static]}")"
-    echo "gateway / nginx proxy_cache: x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-proxy]}")"
-    echo "gateway / bare hyper:        x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[bare]}")"
-    echo "bare hyper / nginx static:   x$(ratio "${PER_REQ[bare]}" "${PER_REQ[nginx-static]}")"
-    echo
+    if [[ -z "${GATEWAY_ONLY:-}" ]]; then
+        echo "gateway / nginx static:      x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-static]}")"
+        echo "gateway / nginx proxy_cache: x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-proxy]}")"
+        echo "gateway / bare hyper:        x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[bare]}")"
+        echo "bare hyper / nginx static:   x$(ratio "${PER_REQ[bare]}" "${PER_REQ[nginx-static]}")"
+        echo
+    fi
     echo "per thread, instructions per request (valgrind thread number: count):"
     echo "  gateway:      ${THREADS[gateway]}   threads: $GW_THREADS"
-    echo "  nginx:        proxy_cache ${THREADS[nginx-proxy]}, static ${THREADS[nginx-static]}"
-    echo "  bare hyper:   ${THREADS[bare]}"
+    if [[ -z "${GATEWAY_ONLY:-}" ]]; then
+        echo "  nginx:        proxy_cache ${THREADS[nginx-proxy]}, static ${THREADS[nginx-static]}"
+        echo "  bare hyper:   ${THREADS[bare]}"
+    fi
     echo "(gateway: TOKIO_WORKER_THREADS=1, log warn, cache.ttl_secs 3600; nginx: master_process off,"
     echo " bench/nginx/nginx.conf.tmpl plus a static server; bare hyper: examples/bare_hyper.rs)"
 } | tee "$OUT"

@@ -2,6 +2,7 @@
 # Installs the programs the test suite starts or calls, when they are missing:
 #   redis-server  (the fleet tests start real Redis servers on free loopback ports)
 #   promtool      (Debian's `prometheus` package: metrics format and alert-rule tests)
+#   python3       (tests/http1.rs uploads through Python's http.client, as `requests` does)
 # Debian/Ubuntu only (apt-get); run as root or with sudo. Safe to run again: it does
 # nothing when everything is there.
 set -euo pipefail
@@ -11,6 +12,7 @@ declare -A NEED=(
   [redis-server]=redis-server
   [redis-cli]=redis-tools
   [promtool]=prometheus
+  [python3]=python3
 )
 
 missing=()

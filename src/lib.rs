@@ -23,9 +23,10 @@
 //!   `ErrorCode` means ([`chat::envelope`]), and the command table: which commands
 //!   are reads and whose lists they make stale ([`chat::commands`]).
 //! - [`server`]: the accept loop with limits, the probes' reserve and graceful
-//!   shutdown, and hyper as a connection driver ([`server::listener`]); the gateway's
-//!   own HTTP/1.1 front end with the cache-hit path ([`server::http1`]); routing per
-//!   listener and request ids ([`server::router`]); bounded bodies
+//!   shutdown, and hyper as the HTTP/2 driver ([`server::listener`]); the gateway's
+//!   own HTTP/1.1 front end with the cache-hit path ([`server::http1`]); what a valid
+//!   request head is and what becomes of its connection ([`server::rules`]); routing
+//!   per listener and request ids ([`server::router`]); bounded and chunked bodies
 //!   ([`server::body`]); caller tokens ([`server::auth`]); the access log
 //!   ([`server::access`]); response building ([`server::response`]); and one handler
 //!   per route ([`server::handlers`]).

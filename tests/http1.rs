@@ -1,6 +1,9 @@
 //! The gateway's own HTTP/1.1 front end, over raw sockets: keep-alive and
-//! pipelining, HTTP/1.0, `Expect: 100-continue`, `HEAD`, the hand-over to hyper
-//! (chunked bodies, HTTP/2), malformed and oversized heads, and arbitrary bytes.
+//! pipelining, HTTP/1.0, `Expect: 100-continue`, `HEAD`, chunked bodies, the
+//! hand-over of HTTP/2 to hyper, malformed and oversized heads, arbitrary bytes,
+//! half-closed requests, lingering close and its bounds, `Cache-Control` in any case,
+//! the HTTP/2 idle timeout, and graceful shutdown on both protocols. The table of
+//! RFC cases and request-smuggling families is `tests/conformance.rs`.
 
 mod common;
 
@@ -9,6 +12,7 @@ use std::time::Duration;
 use common::raw::*;
 use common::*;
 use proptest::prelude::*;
+use tokio::io::AsyncWriteExt;
 
 const GET_LIST: &str = "/v4/recentcontact/get_list";
 
@@ -125,10 +129,10 @@ async fn connection_semantics() {
     assert_eq!(r.header("x-cache"), "HIT");
 }
 
-/// A chunked body and an HTTP/2 connection are served (by hyper, which takes the
-/// connection over with what was read).
+/// A chunked body is served by the front end (the connection carries on), and an
+/// HTTP/2 connection by hyper, which takes it over with what was read.
 #[tokio::test]
-async fn chunked_bodies_and_http2_are_handed_over() {
+async fn chunked_bodies_are_served_and_http2_is_handed_over() {
     let (fake, gw) = gateway().await;
     let mut c = RawConn::connect(gw.addr).await;
     let body = r#"{"From_Account":"chunky"}"#;
@@ -140,7 +144,7 @@ async fn chunked_bodies_and_http2_are_handed_over() {
     let r = c.response(Duration::from_secs(3)).await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-cache"), "MISS");
-    // The connection carries on (now hyper's).
+    // The connection carries on.
     c.send(post_head(GET_LIST, body, "").as_bytes())
         .await
         .unwrap();
@@ -265,5 +269,533 @@ proptest! {
             let ok = get(&format!("http://{addr}/healthz")).await.unwrap();
             assert_eq!(ok.0, 200);
         });
+    }
+}
+
+/// A request whose sender shuts down its sending side once the request is sent (a
+/// half-close) is answered, chunked or not: a write that reached Chat gets its
+/// answer, so the caller has no reason to send it again.
+#[tokio::test]
+async fn half_closed_requests_are_answered() {
+    let fake = FakeChat::start(Box::new(|_r: &Recorded, _n| {
+        Reply::Json(
+            serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","QueryResult":[]}),
+            Duration::from_millis(50),
+        )
+    }))
+    .await;
+    let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    let body = r#"{"To_Account":["u1"]}"#;
+    for i in 0..5 {
+        for chunked in [true, false] {
+            let mut c = RawConn::connect(gw.addr).await;
+            let req = if chunked {
+                format!(
+                    "POST /v4/openim/querystate HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                    body.len()
+                )
+            } else {
+                post_head("/v4/openim/querystate", body, "")
+            };
+            c.send(req.as_bytes()).await.unwrap();
+            c.stream.shutdown().await.unwrap();
+            let r = c
+                .response(Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|e| panic!("try {i}, chunked {chunked}: no answer ({e:?})"));
+            assert_eq!(r.status, 200);
+            assert_eq!(r.json()["ErrorCode"], 0);
+            assert!(c
+                .closed_by(std::time::Instant::now() + Duration::from_secs(3))
+                .await
+                .is_some());
+        }
+    }
+    assert_eq!(
+        fake.count(),
+        10,
+        "every request reached Chat once, and was answered"
+    );
+}
+
+/// `Cache-Control: no-cache` / `no-store` skip the cache in any letter case
+/// (directives are case-insensitive, RFC 9111 §5.2), whichever path the request takes.
+#[tokio::test]
+async fn no_cache_in_any_case_bypasses_the_cache() {
+    let (fake, gw) = gateway().await;
+    let body = r#"{"From_Account":"nocache"}"#;
+    post(&gw.url(GET_LIST), body).await;
+    assert_eq!(fake.count(), 1);
+    for (i, directive) in ["No-Cache", "NO-STORE", "max-age=0, No-Store", "no-cache"]
+        .iter()
+        .enumerate()
+    {
+        let a = send(
+            http::Request::post(gw.url(GET_LIST))
+                .header("cache-control", *directive)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(header(&a, "x-cache"), "BYPASS", "{directive}");
+        assert_eq!(fake.count(), i + 2, "{directive}: Chat was asked");
+    }
+}
+
+/// Runs `python3` with `script`; returns its stdout.
+fn python(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What `requests` does underneath: Python's `http.client` sends the whole body before
+/// it reads the answer. A body far over the limit gets its 413, every time, instead of
+/// a connection reset (the gateway drains the body it refused: lingering close).
+#[tokio::test]
+async fn python_upload_over_the_limit_gets_its_413() {
+    let (fake, gw) = gateway().await;
+    let script = r#"
+import http.client, sys
+port = int(sys.argv[1])
+ok = 0
+for i in range(10):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        c.request("POST", "/v4/recentcontact/get_list", body=b"x" * (8 * 1024 * 1024),
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+        if r.status == 413 and b"60008" in data:
+            ok += 1
+        else:
+            print("try", i, "status", r.status, file=sys.stderr)
+    except Exception as e:
+        print("try", i, repr(e), file=sys.stderr)
+    c.close()
+print(ok)
+"#;
+    let port = gw.addr.port().to_string();
+    let ok = tokio::task::spawn_blocking(move || python(script, &[&port]))
+        .await
+        .unwrap();
+    assert_eq!(ok.trim(), "10", "413s out of 10 tries");
+    assert_eq!(fake.count(), 0);
+}
+
+/// What a caller writes: bytes, each after a pause.
+type Writes = Vec<(Vec<u8>, Duration)>;
+
+/// Writes all of `bytes` (as a caller that sends before it reads), then reads the
+/// answer: `(whether every write succeeded, the answer, whether the connection then
+/// ended with a clean close)`.
+async fn send_all_then_read(
+    addr: std::net::SocketAddr,
+    parts: Writes,
+) -> (bool, Option<RawResponse>, bool) {
+    let mut c = RawConn::connect(addr).await;
+    let mut sent = true;
+    for (bytes, pause) in parts {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        if c.send(&bytes).await.is_err() {
+            sent = false;
+            break;
+        }
+    }
+    let answer = c.response(Duration::from_secs(5)).await.ok();
+    let mut clean = false;
+    if answer.is_some() {
+        let mut rest = [0u8; 4096];
+        clean = matches!(
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read(&mut c.stream, &mut rest)
+            )
+            .await,
+            Ok(Ok(0))
+        );
+    }
+    (sent, answer, clean)
+}
+
+/// Every answer after which the gateway closes the connection reaches a caller that
+/// is still sending: `Connection: close` and HTTP/1.0 with more bytes behind them,
+/// a malformed head, a body over the limit, a body too slow (408). The gateway
+/// shuts down its side, drains what still comes, then closes (RFC 9112 §9.6), where
+/// closing at once would reset the connection: the caller's writes fail, and a caller
+/// that sends everything before it reads (Python's `http.client`) never reads the
+/// answer at all.
+#[tokio::test]
+async fn answers_that_close_are_not_lost_to_a_reset() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("server", "body_read_timeout_ms = 500")],
+    ))
+    .await;
+    // More than the two sockets' buffers hold, so that the caller is still writing
+    // when the gateway closes.
+    let junk = vec![b'x'; 16 * 1024 * 1024];
+    let now = Duration::ZERO;
+    let cases: Vec<(&str, Writes, u16)> = vec![
+        (
+            "Connection: close",
+            vec![
+                (
+                    b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".to_vec(),
+                    now,
+                ),
+                (junk.clone(), now),
+            ],
+            200,
+        ),
+        (
+            "HTTP/1.0",
+            vec![
+                (b"GET /healthz HTTP/1.0\r\n\r\n".to_vec(), now),
+                (junk.clone(), now),
+            ],
+            200,
+        ),
+        (
+            "malformed head",
+            vec![
+                (
+                    b"GET /healthz HTTP/1.1\r\nBad Header: x\r\n\r\n".to_vec(),
+                    now,
+                ),
+                (junk.clone(), now),
+            ],
+            400,
+        ),
+        (
+            "body over the limit",
+            vec![
+                (
+                    post_head(GET_LIST, "", "")
+                        .replace("Content-Length: 0", "Content-Length: 4194304")
+                        .into_bytes(),
+                    now,
+                ),
+                (junk.clone(), now),
+            ],
+            413,
+        ),
+        (
+            "body too slow",
+            {
+                let mut parts = vec![(
+                    post_head(GET_LIST, "", "")
+                        .replace("Content-Length: 0", "Content-Length: 10000")
+                        .into_bytes(),
+                    now,
+                )];
+                // Still trickling in well after the 408 (at 500 ms).
+                for _ in 0..12 {
+                    parts.push((vec![b'x'; 100], Duration::from_millis(100)));
+                }
+                parts
+            },
+            408,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, parts, status) in cases {
+        let (sent, answer, clean) = send_all_then_read(gw.addr, parts).await;
+        let got = answer
+            .as_ref()
+            .map(|a| (a.status, a.header("connection").to_string()));
+        if !sent || got != Some((status, "close".to_string())) || !clean {
+            failures.push(format!(
+                "{name}: writes all sent {sent}, answer {got:?}, clean close {clean}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(fake.count(), 0);
+}
+
+/// Lingering close is bounded: a caller that keeps sending after an answer that
+/// closes the connection is cut off after `LINGER_TIME` (slowly) or `LINGER_BYTES`
+/// (fast), whichever comes first.
+#[tokio::test]
+async fn lingering_close_is_bounded_in_time_and_bytes() {
+    use chat_gateway::server::http1::{LINGER_BYTES, LINGER_TIME};
+    let (_fake, gw) = gateway().await;
+    let closing = b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
+
+    // Slowly: a kilobyte every 50 ms, until the gateway closes.
+    let mut c = RawConn::connect(gw.addr).await;
+    c.send(closing).await.unwrap();
+    let r = c.response(Duration::from_secs(3)).await.unwrap();
+    assert_eq!(r.status, 200);
+    let answered = std::time::Instant::now();
+    let cut = loop {
+        if c.send(&[b'x'; 1024]).await.is_err() {
+            break answered.elapsed();
+        }
+        assert!(
+            answered.elapsed() < LINGER_TIME + Duration::from_secs(10),
+            "still draining long past LINGER_TIME"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("slow sender cut off after {cut:?}");
+    assert!(
+        cut >= LINGER_TIME - Duration::from_millis(200),
+        "cut off after {cut:?}, before LINGER_TIME"
+    );
+
+    // Fast: as fast as the socket takes it, until the gateway closes.
+    let mut c = RawConn::connect(gw.addr).await;
+    c.send(closing).await.unwrap();
+    let r = c.response(Duration::from_secs(3)).await.unwrap();
+    assert_eq!(r.status, 200);
+    let chunk = vec![b'x'; 256 * 1024];
+    let mut written = 0usize;
+    let started = std::time::Instant::now();
+    while c.send(&chunk).await.is_ok() {
+        written += chunk.len();
+        assert!(
+            written < 4 * LINGER_BYTES,
+            "still draining long past LINGER_BYTES"
+        );
+    }
+    eprintln!(
+        "fast sender cut off after {} MiB in {:?}",
+        written >> 20,
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < LINGER_TIME,
+        "the time bound cut first: this box is too slow to show the byte bound"
+    );
+    // What the gateway drained, plus what the two sockets' buffers held.
+    assert!(written >= LINGER_BYTES, "cut off after {written} bytes");
+    assert!(
+        written <= LINGER_BYTES + 32 * 1024 * 1024,
+        "drained {written} bytes"
+    );
+}
+
+/// The frames of a raw HTTP/2 connection, by type, until it closes or `within` ends:
+/// `(frame types seen, whether it closed)`. Never acknowledges the server's PING.
+async fn h2_frames(stream: &mut tokio::net::TcpStream, within: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut types = Vec::new();
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            types.push(buf[3]);
+            buf.drain(..9 + len);
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut tmp)).await {
+            Err(_) => return (types, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (types, true),
+            Ok(Ok(n)) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// HTTP/2 frame type GOAWAY.
+const GOAWAY: u8 = 0x7;
+
+/// An HTTP/2 (prior knowledge) connection idle for `server.header_read_timeout_ms`
+/// gets GOAWAY and is closed, even when the client never answers the PING that
+/// follows it; one with a request in flight longer than that is not.
+#[tokio::test]
+async fn idle_http2_connections_get_goaway_and_are_closed() {
+    let fake = FakeChat::start(Box::new(|r: &Recorded, _n| {
+        let v = r.json();
+        let acc = v["From_Account"].as_str().unwrap_or("?").to_string();
+        Reply::Json(page_for(&acc, 0), Duration::from_millis(1500))
+    }))
+    .await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("server", "header_read_timeout_ms = 1000")],
+    ))
+    .await;
+
+    // Idle: a preface and SETTINGS, then nothing.
+    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let opened = std::time::Instant::now();
+    let (types, closed) = h2_frames(&mut raw, Duration::from_secs(10)).await;
+    let after = opened.elapsed();
+    eprintln!("idle HTTP/2 connection: frames {types:?}, closed after {after:?}");
+    assert!(types.contains(&GOAWAY), "no GOAWAY: {types:?}");
+    assert!(closed, "still open after 10 s");
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}, before the idle timeout"
+    );
+    // The idle timeout, then GOAWAY_WAIT for the PING this client never answers
+    // (slack for a busy machine).
+    let bound = Duration::from_secs(1) + chat_gateway::server::listener::GOAWAY_WAIT;
+    assert!(
+        after <= bound + Duration::from_secs(3),
+        "closed after {after:?}, well past {bound:?}"
+    );
+
+    // Busy for 1.5 s (longer than the idle timeout): the request is answered.
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}{GET_LIST}", gw.addr))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"From_Account":"h2busy"}"#,
+        )))
+        .unwrap();
+    let resp = send_req.send_request(req).await.expect("answered");
+    assert_eq!(resp.status(), 200);
+    // Then idle: the gateway closes it (the client's connection task ends).
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap()
+        .ok();
+}
+
+/// SIGTERM: a request in flight on an HTTP/1.1 keep-alive connection is answered with
+/// `connection: close` and the connection closed; one in flight on HTTP/2 is answered,
+/// and HTTP/2 connections get GOAWAY; the process then exits 0.
+#[tokio::test]
+async fn sigterm_tells_keep_alive_clients_and_finishes_in_flight_requests() {
+    let fake = FakeChat::start(Box::new(|r: &Recorded, _n| {
+        let v = r.json();
+        let acc = v["From_Account"].as_str().unwrap_or("?").to_string();
+        Reply::Json(page_for(&acc, 0), Duration::from_millis(1000))
+    }))
+    .await;
+    let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+
+    // HTTP/1.1 keep-alive, one answered request, then one in flight.
+    let mut h1 = RawConn::connect(gw.addr).await;
+    h1.send(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let r = h1.response(Duration::from_secs(3)).await.unwrap();
+    assert_eq!(r.header("connection"), "", "kept alive before shutdown");
+    h1.send(post_head(GET_LIST, r#"{"From_Account":"term1"}"#, "").as_bytes())
+        .await
+        .unwrap();
+
+    // HTTP/2, one request in flight.
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}{GET_LIST}", gw.addr))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"From_Account":"term2"}"#,
+        )))
+        .unwrap();
+    let h2_answer = tokio::spawn(async move { send_req.send_request(req).await });
+
+    // HTTP/2, idle.
+    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+
+    // Both requests are in flight once Chat has seen both.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fake.count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never reached Chat"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gw.signal(libc::SIGTERM);
+
+    let r = h1.response(Duration::from_secs(5)).await.expect("answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), "close");
+    assert!(h1
+        .closed_by(std::time::Instant::now() + Duration::from_secs(5))
+        .await
+        .is_some());
+    drop(h1);
+    let resp = h2_answer
+        .await
+        .unwrap()
+        .expect("the HTTP/2 request in flight is answered");
+    assert_eq!(resp.status(), 200);
+    let (types, closed) = h2_frames(&mut raw, Duration::from_secs(5)).await;
+    assert!(types.contains(&GOAWAY), "no GOAWAY: {types:?}");
+    assert!(closed);
+    let status = tokio::task::spawn_blocking(move || {
+        let mut gw = gw;
+        gw.wait_exit(Duration::from_secs(10))
+    })
+    .await
+    .unwrap()
+    .expect("exited");
+    assert!(status.success(), "{status:?}");
+}
+
+/// HTTP/2 requests (served by hyper) are held to the target rules every HTTP/1.x
+/// request is: what hyper's URI parser lets through and the rules refuse is 400.
+#[tokio::test]
+async fn http2_requests_are_held_to_the_same_target_rules() {
+    let (_fake, gw) = gateway().await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (target, status) in [
+        ("/healthz", 200),
+        ("/healthz?q={x}", 400),
+        ("/healthz?x=%G1", 400),
+        ("/a{b}", 400),
+        ("/healthz?a|b", 400),
+    ] {
+        let req = http::Request::get(format!("http://{}{target}", gw.addr))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = send_req.send_request(req).await.expect("answered");
+        assert_eq!(resp.status(), status, "{target}");
+        if status == 400 {
+            use http_body_util::BodyExt;
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["ErrorCode"], 60008, "{target}");
+        }
     }
 }

@@ -8,16 +8,27 @@
 //! turned into an [`http::Request`] and goes through [`super::router::handle`], like
 //! the requests hyper serves, so every route behaves the same however it arrived.
 //!
-//! What this module implements of HTTP/1.1: keep-alive (HTTP/1.1 by default,
-//! HTTP/1.0 with `Connection: keep-alive`), pipelining, `Content-Length` bodies within
-//! the listener's limits (`Expect: 100-continue` answered), the header read timeout
-//! (which also closes idle keep-alive connections), graceful shutdown, and `HEAD`.
-//! What it does not: a connection that starts with the HTTP/2 preface, or a request
-//! with `Transfer-Encoding` or `Upgrade`, is handed over, with the bytes already read,
-//! to hyper ([`super::listener::drive_hyper`]) for the rest of its life.
+//! Every HTTP/1.x request is read here, whichever way it is then answered, and judged
+//! by one set of rules ([`super::rules`]): what a valid head is, how its body is
+//! framed, whether the connection is kept. What this module implements of HTTP/1.1:
+//! keep-alive (HTTP/1.1 by default, HTTP/1.0 with `Connection: keep-alive`),
+//! pipelining, `Content-Length` and chunked bodies within the listener's limits
+//! (`Expect: 100-continue` answered on HTTP/1.1), the header read timeout (which also
+//! closes idle keep-alive connections), `HEAD`, and graceful shutdown (the answers
+//! written once it has started say `connection: close`). A connection that starts with
+//! the HTTP/2 preface is handed over, with the bytes already read, to hyper
+//! ([`super::listener::drive_hyper`]).
+//!
+//! A connection closed after an answer (a refusal, a body too large or too slow,
+//! `Connection: close`, HTTP/1.0, shutdown) is closed in stages, as RFC 9112 §9.6 asks:
+//! the write side is shut down after the answer, then whatever the caller still sends
+//! is read and dropped for at most [`LINGER_TIME`] and [`LINGER_BYTES`], so that
+//! closing with unread bytes does not reset the connection under the answer before
+//! the caller has read it (a caller still uploading a refused body would otherwise
+//! see a reset instead of its 413).
 //!
 //! Limits: a request head of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] header
-//! lines (431 beyond); a malformed head gets 400. Both close the connection.
+//! lines (431 beyond), a target of at most [`super::rules::MAX_TARGET`] bytes (414).
 
 use std::io::IoSlice;
 use std::ops::Range;
@@ -27,16 +38,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version};
+use http::{HeaderName, HeaderValue, Method, Response, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::access;
-use super::body::BodyLimits;
+use super::body::{BodyLimits, ChunkError, Chunked};
 use super::listener::{drive_hyper, Conn};
 use super::response::{self, Body};
 use super::router::{self, Listener, GET_LIST_PATH};
+use super::rules::{self, Facts, Fate, Framing, HeadCheck, Refusal, MAX_TARGET};
 use super::AppState;
 use crate::cache::key;
 use crate::cache::store::Lookup;
@@ -51,6 +63,13 @@ pub const MAX_HEADERS: usize = 100;
 const INIT_BUF: usize = 8 * 1024;
 /// What an HTTP/2 connection starts with (prior knowledge).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+/// Longest a connection closed after an answer is drained (lingering close).
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
+/// Most bytes a connection closed after an answer reads and drops (lingering close).
+pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
+/// Room a request line gets beyond its target (method, version, spaces), to tell an
+/// over-long target (414) from a head that is merely incomplete.
+const REQUEST_LINE_SLACK: usize = 256;
 
 /// One listener's front end: what its connections share.
 pub struct Front {
@@ -93,20 +112,14 @@ struct Head {
     post: bool,
     /// `HEAD` (the answer carries no body)?
     head_method: bool,
-    /// The target's path is the cached route (origin-form).
+    /// The target's path is the cached route.
     get_list: bool,
     /// Range of the target's path in the buffer (for the reserve's admission).
     path: Range<usize>,
     /// HTTP/1.1 (else 1.0).
     http11: bool,
-    /// `Content-Length`, checked.
-    content_length: usize,
-    /// Whether the caller wants the connection kept (by version and `Connection`).
-    keep_alive: bool,
-    /// `Transfer-Encoding` or `Upgrade` present: hyper's job.
-    hand_over: bool,
-    /// `Expect: 100-continue`.
-    expect_continue: bool,
+    /// Framing, keep-alive, `Expect`, by [`rules`].
+    facts: Facts,
     /// `Cache-Control: no-cache` or `no-store`.
     no_cache: bool,
     /// A sane caller `x-request-id`.
@@ -115,133 +128,156 @@ struct Head {
     user_agent: Option<Range<usize>>,
 }
 
-/// Why a head cannot be served.
-#[derive(Debug, PartialEq, Eq)]
-enum HeadError {
-    /// Over [`MAX_HEADERS`] lines or [`MAX_HEAD`] bytes: 431.
-    TooLarge,
-    /// Not HTTP/1.x, or a bad `Content-Length`: 400.
-    Malformed,
+/// The last `Host` value a connection sent that was valid: a keep-alive caller sends
+/// the same one every time, and comparing it costs less than checking it again.
+#[derive(Debug)]
+struct HostMemo {
+    len: usize,
+    bytes: [u8; 64],
 }
 
-/// Parses the head at the start of `buf`: `Ok(None)` while incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
+impl Default for HostMemo {
+    fn default() -> Self {
+        HostMemo {
+            len: 0,
+            bytes: [0; 64],
+        }
+    }
+}
+
+impl HostMemo {
+    #[inline]
+    fn holds(&self, value: &[u8]) -> bool {
+        value.len() == self.len && self.bytes.get(..self.len) == Some(value)
+    }
+
+    #[inline]
+    fn keep(&mut self, value: &[u8]) {
+        if let Some(slot) = self.bytes.get_mut(..value.len()) {
+            slot.copy_from_slice(value);
+            self.len = value.len();
+        }
+    }
+}
+
+/// Parses the head at the start of `buf` and checks it against [`rules`]: `Ok(None)`
+/// while incomplete.
+fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(HeadError::Malformed),
+        Ok(httparse::Status::Partial) => return incomplete_head(buf).map(|()| None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadTooLarge),
+        Err(_) => return Err(Refusal::BadRequest("malformed request head")),
     };
-    if len > MAX_HEAD {
-        return Err(HeadError::TooLarge);
-    }
     let offset = |s: &[u8]| {
         let start = s.as_ptr() as usize - buf.as_ptr() as usize;
         start..start + s.len()
     };
     let method = req.method.unwrap_or("");
-    let target = req.path.unwrap_or("");
+    let target = req.path.unwrap_or("").as_bytes();
+    // The cached route's own target is valid as it is: no need to scan it.
+    let (path, get_list) = if target == GET_LIST_PATH.as_bytes() {
+        (target, true)
+    } else {
+        let path = &target[rules::check_target(method.as_bytes(), target)?];
+        (path, path == GET_LIST_PATH.as_bytes())
+    };
+    if len > MAX_HEAD {
+        return Err(Refusal::HeadTooLarge);
+    }
     let http11 = req.version == Some(1);
-    let path = match target.as_bytes().iter().position(|b| *b == b'?') {
-        Some(q) => &target[..q],
-        None => target,
-    };
-    let mut head = Head {
-        len,
-        post: method == "POST",
-        head_method: method == "HEAD",
-        get_list: path == GET_LIST_PATH,
-        path: offset(path.as_bytes()),
-        http11,
-        content_length: 0,
-        keep_alive: http11,
-        hand_over: false,
-        expect_continue: false,
-        no_cache: false,
-        request_id: None,
-        user_agent: None,
-    };
-    let mut content_length: Option<usize> = None;
+    let mut check = HeadCheck::new(http11);
+    let mut no_cache = false;
+    let mut request_id = None;
+    let mut user_agent = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         match name.len() {
-            14 if is("content-length") => {
-                // Repeats must agree (as must a comma-separated list).
-                for v in value.split(|b| *b == b',') {
-                    let v = v.trim_ascii();
-                    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-                        return Err(HeadError::Malformed);
-                    }
-                    let n: usize = std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .ok_or(HeadError::Malformed)?;
-                    if content_length.is_some_and(|c| c != n) {
-                        return Err(HeadError::Malformed);
-                    }
-                    content_length = Some(n);
+            4 if is("host") => {
+                if memo.holds(value) {
+                    check.host_valid();
+                } else if check.host(value) {
+                    memo.keep(value);
                 }
             }
-            17 if is("transfer-encoding") => head.hand_over = true,
-            7 if is("upgrade") => head.hand_over = true,
-            10 if is("connection") => {
-                for token in value.split(|b| *b == b',') {
-                    let t = token.trim_ascii();
-                    if t.eq_ignore_ascii_case(b"close") {
-                        head.keep_alive = false;
-                    } else if t.eq_ignore_ascii_case(b"keep-alive") && !http11 {
-                        head.keep_alive = true;
-                    } else if t.eq_ignore_ascii_case(b"upgrade") {
-                        head.hand_over = true;
-                    }
-                }
-            }
-            6 if is("expect") => {
-                head.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue")
-            }
-            13 if is("cache-control") => {
-                head.no_cache |= value.split(|b| *b == b',').any(|d| {
-                    let d = d.trim_ascii();
-                    d.eq_ignore_ascii_case(b"no-cache") || d.eq_ignore_ascii_case(b"no-store")
-                })
-            }
-            10 if is("user-agent") => head.user_agent = Some(offset(value)),
+            14 if is("content-length") => check.content_length(value),
+            17 if is("transfer-encoding") => check.transfer_encoding(value),
+            10 if is("connection") => check.connection(value),
+            6 if is("expect") => check.expect(value),
+            13 if is("cache-control") => no_cache |= rules::cache_control_no_cache(value),
+            10 if is("user-agent") => user_agent = Some(offset(value)),
             12 if is("x-request-id")
                 && router::caller_request_id(value)
-                && head.request_id.is_none() =>
+                && request_id.is_none() =>
             {
-                head.request_id = Some(offset(value));
+                request_id = Some(offset(value));
             }
             _ => {}
         }
     }
-    if req.version.is_none() {
-        return Err(HeadError::Malformed);
-    }
-    head.content_length = content_length.unwrap_or(0);
-    Ok(Some(head))
+    let facts = check.finish()?;
+    Ok(Some(Head {
+        len,
+        post: method == "POST",
+        head_method: method == "HEAD",
+        get_list,
+        path: offset(path),
+        http11,
+        facts,
+        no_cache,
+        request_id,
+        user_agent,
+    }))
 }
 
+/// An incomplete head: fine while it may still become a valid one; 414 once its
+/// request line cannot hold a target of at most [`MAX_TARGET`] bytes, 431 once it is
+/// over [`MAX_HEAD`].
+fn incomplete_head(buf: &[u8]) -> Result<(), Refusal> {
+    if buf.len() <= MAX_TARGET {
+        return Ok(());
+    }
+    match buf.iter().position(|b| *b == b'\n') {
+        None if buf.len() > MAX_TARGET + REQUEST_LINE_SLACK => Err(Refusal::TargetTooLong),
+        Some(end) => {
+            // The target is what lies between the first and the last space.
+            let line = &buf[..end];
+            let first = line.iter().position(|b| *b == b' ');
+            let last = line.iter().rposition(|b| *b == b' ');
+            match (first, last) {
+                (Some(f), Some(l)) if l > f && l - f - 1 > MAX_TARGET => {
+                    Err(Refusal::TargetTooLong)
+                }
+                _ if buf.len() >= MAX_HEAD => Err(Refusal::HeadTooLarge),
+                _ => Ok(()),
+            }
+        }
+        None => Ok(()),
+    }
+}
+
+/// A head `httparse` or the `http` types refuse.
+const MALFORMED: Refusal = Refusal::BadRequest("malformed request head");
+
 /// The head as an [`http::request::Parts`], for the router. Re-parsed from its bytes
-/// (only off the hit path).
-fn into_parts(head_bytes: &Bytes) -> Result<http::request::Parts, HeadError> {
+/// (only off the hit path). Whatever [`parse_head`] accepts is accepted here too
+/// (a unit test holds it to that), so the two paths cannot disagree.
+fn into_parts(head_bytes: &Bytes) -> Result<http::request::Parts, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head_bytes) {
         Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(HeadError::Malformed),
+        _ => return Err(MALFORMED),
     }
-    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
-        .map_err(|_| HeadError::Malformed)?;
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| MALFORMED)?;
     let target = req.path.unwrap_or("");
     let start = target.as_ptr() as usize - head_bytes.as_ptr() as usize;
     let uri = Uri::from_maybe_shared(head_bytes.slice(start..start + target.len()))
-        .map_err(|_| HeadError::Malformed)?;
+        .map_err(|_| MALFORMED)?;
     let mut builder =
         http::Request::builder()
             .method(method)
@@ -254,16 +290,15 @@ fn into_parts(head_bytes: &Bytes) -> Result<http::request::Parts, HeadError> {
     if let Some(map) = builder.headers_mut() {
         map.reserve(req.headers.len());
         for h in req.headers.iter() {
-            let name =
-                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Malformed)?;
-            let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Malformed)?;
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| MALFORMED)?;
+            let value = HeaderValue::from_bytes(h.value).map_err(|_| MALFORMED)?;
             map.append(name, value);
         }
     }
     builder
         .body(())
         .map(|r| r.into_parts().0)
-        .map_err(|_| HeadError::Malformed)
+        .map_err(|_| MALFORMED)
 }
 
 /// How reading more of a connection ended.
@@ -291,6 +326,8 @@ struct Connection<'a> {
     deadline: Instant,
     /// Whether shutdown has started.
     stopping: bool,
+    /// The last valid `Host` it sent.
+    host: HostMemo,
 }
 
 /// Serves one connection of `front`'s listener until it closes.
@@ -304,6 +341,7 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         out: Vec::with_capacity(512),
         deadline,
         stopping: false,
+        host: HostMemo::default(),
     };
     // One timer for the connection's life, re-armed lazily: it fires at most once per
     // header read timeout, not once per request.
@@ -316,30 +354,46 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         let _ = stop.wait_for(|s| *s).await;
     };
     tokio::pin!(stopped);
-    if let Some(prefix) = c.serve(timer.as_mut(), stopped.as_mut()).await {
-        // Hyper takes the connection, with what was already read.
-        let Connection { stream, conn, .. } = c;
-        let state = front.state.clone();
-        let listener = front.listener;
-        let io = TokioIo::new(Prefixed { prefix, stream });
-        drive_hyper(
-            io,
-            conn,
-            move |req, peer| router::route(state.clone(), req, peer, listener),
-            front.header_read_timeout,
-        )
-        .await;
+    match c.serve(timer.as_mut(), stopped.as_mut()).await {
+        End::Closed => {}
+        End::Answered => c.linger().await,
+        End::HandOver(prefix) => {
+            // HTTP/2 with prior knowledge: hyper takes the connection, with what was
+            // already read.
+            let Connection { stream, conn, .. } = c;
+            let state = front.state.clone();
+            let listener = front.listener;
+            let io = TokioIo::new(Prefixed { prefix, stream });
+            drive_hyper(
+                io,
+                conn,
+                move |req, peer| router::route(state.clone(), req, peer, listener),
+                front.header_read_timeout,
+                Some(front.header_read_timeout),
+            )
+            .await;
+        }
     }
 }
 
+/// How serving a connection ended.
+enum End {
+    /// Nothing more to do: the caller closed, a timeout or shutdown found it idle, or
+    /// a write failed.
+    Closed,
+    /// An answer was written and the connection is not kept: close it in stages.
+    Answered,
+    /// HTTP/2: hyper's, with the bytes read so far.
+    HandOver(Bytes),
+}
+
 impl Connection<'_> {
-    /// Serves requests until the connection closes (`None`) or must be handed over
-    /// to hyper (`Some(bytes read so far)`).
+    /// Serves requests until the connection is done with.
     async fn serve(
         &mut self,
         mut timer: Pin<&mut tokio::time::Sleep>,
         mut stopped: Pin<&mut impl std::future::Future<Output = ()>>,
-    ) -> Option<Bytes> {
+    ) -> End {
         let mut first = true;
         loop {
             // The head.
@@ -348,7 +402,7 @@ impl Connection<'_> {
                     let n = self.buf.len().min(H2_PREFACE.len());
                     if self.buf[..n] == H2_PREFACE[..n] {
                         if n == H2_PREFACE.len() {
-                            return Some(self.buf.split().freeze());
+                            return End::HandOver(self.buf.split().freeze());
                         }
                         // Could still be the preface: read on.
                     } else {
@@ -356,70 +410,57 @@ impl Connection<'_> {
                     }
                 }
                 if !self.buf.is_empty() && !first {
-                    match parse_head(&self.buf) {
+                    match parse_head(&self.buf, &mut self.host) {
                         Ok(Some(head)) => break head,
                         Ok(None) => {}
-                        Err(HeadError::TooLarge) => {
-                            self.refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
-                                .await;
-                            return None;
-                        }
-                        Err(HeadError::Malformed) => {
-                            self.refuse(StatusCode::BAD_REQUEST).await;
-                            return None;
-                        }
+                        Err(refusal) => return self.refuse(refusal).await,
                     }
                 } else if self.buf.is_empty() && self.stopping {
-                    return None;
+                    return End::Closed;
                 }
                 match self.read_more(timer.as_mut(), stopped.as_mut()).await {
                     Read::Data => continue,
-                    Read::Closed | Read::Timeout => return None,
-                    Read::Stop if self.buf.is_empty() => return None,
+                    Read::Closed | Read::Timeout => return End::Closed,
+                    Read::Stop if self.buf.is_empty() => return End::Closed,
                     Read::Stop => continue,
                 }
             };
             first = false;
-            if head.hand_over {
-                return Some(self.buf.split().freeze());
-            }
             // Only the access log reads when a request started.
             let started = self.front.state.settings.log.access.then(Instant::now);
             self.conn.admit(&self.buf[head.path.clone()]).await;
-            // The body.
-            let body_end = head.len + head.content_length;
-            let body = if head.content_length > self.front.limits.max_bytes {
-                Err(GatewayError::BodyTooLarge(self.front.limits.max_bytes))
-            } else if self.buf.len() < body_end {
-                self.read_body(&head, body_end).await
-            } else {
-                Ok(())
-            };
-            let keep_alive = head.keep_alive && body.is_ok() && !self.stopping;
+            // The body: once read, it is at buf[head.len..body_end].
+            let body = self.read_body(&head).await;
+            let body_end = head.len + *body.as_ref().unwrap_or(&0);
+            let keep_alive =
+                Fate::after(head.facts.keep_alive, body.is_ok(), false, self.stopping())
+                    == Fate::KeepAlive;
             // A hit, by the shortest path.
             if body.is_ok() && self.front.fast_hits && head.get_list && head.post && !head.no_cache
             {
-                if let Some(now) = self.try_hit(&head, body_end, keep_alive, started).await? {
-                    if !keep_alive {
-                        return None;
+                match self.try_hit(&head, body_end, keep_alive, started).await {
+                    None => return End::Closed,
+                    Some(Some(now)) => {
+                        if !keep_alive {
+                            return End::Answered;
+                        }
+                        self.next_request(body_end, now);
+                        continue;
                     }
-                    self.next_request(body_end, now);
-                    continue;
+                    Some(None) => {}
                 }
             }
             // Everything else, through the router.
             let head_bytes = self.buf.split_to(head.len).freeze();
             let body = match body {
-                Ok(()) => Ok(self.buf.split_to(head.content_length).freeze()),
+                Ok(len) => Ok(self.buf.split_to(len).freeze()),
                 Err(e) => Err(e),
             };
             let parts = match into_parts(&head_bytes) {
                 Ok(p) => p,
-                Err(_) => {
-                    self.refuse(StatusCode::BAD_REQUEST).await;
-                    return None;
-                }
+                Err(refusal) => return self.refuse(refusal).await,
             };
+            let read = body.is_ok();
             let resp = router::handle(
                 self.front.state.clone(),
                 parts,
@@ -433,11 +474,52 @@ impl Connection<'_> {
                 .headers()
                 .get(http::header::CONNECTION)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-            let keep_alive = keep_alive && !closes && !self.stopping;
-            if self.write_response(resp, &head, keep_alive).await.is_err() || !keep_alive {
-                return None;
+            let fate = Fate::after(head.facts.keep_alive, read, closes, self.stopping());
+            let keep_alive = fate == Fate::KeepAlive;
+            if self.write_response(resp, &head, keep_alive).await.is_err() {
+                return End::Closed;
+            }
+            if !keep_alive {
+                return End::Answered;
             }
             self.next_request(0, Instant::now());
+        }
+    }
+
+    /// Whether shutdown has started (checked before each answer, so that the answers
+    /// written after it say `connection: close`). One atomic load.
+    #[inline]
+    fn stopping(&mut self) -> bool {
+        if !self.stopping && self.conn.stop.has_changed().unwrap_or(true) {
+            self.stopping = true;
+        }
+        self.stopping
+    }
+
+    /// The second stage of closing after an answer (RFC 9112 §9.6): the write side is
+    /// shut down (the caller sees the end of the answer), then what the caller still
+    /// sends is read and dropped until it closes too, for at most [`LINGER_TIME`] and
+    /// [`LINGER_BYTES`]; only then is the socket closed. Closing at once with unread
+    /// bytes would make the kernel reset the connection, and a reset can destroy the
+    /// answer before the caller reads it.
+    async fn linger(&mut self) {
+        if self.stream.shutdown().await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let mut drained = 0usize;
+        self.buf.clear();
+        while drained <= LINGER_BYTES {
+            if self.buf.capacity() < INIT_BUF {
+                self.buf.reserve(INIT_BUF);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    drained += n;
+                    self.buf.clear();
+                }
+                _ => break,
+            }
         }
     }
 
@@ -486,10 +568,72 @@ impl Connection<'_> {
         }
     }
 
-    /// Reads the rest of a body, within the body read timeout.
-    async fn read_body(&mut self, head: &Head, body_end: usize) -> Result<(), GatewayError> {
+    /// Reads the request's body, whatever its framing, within the listener's limits:
+    /// returns its length, the body then being at `buf[head.len..head.len + length]`
+    /// (a chunked body decoded in place) with the next request, if any, after it.
+    async fn read_body(&mut self, head: &Head) -> Result<usize, GatewayError> {
         let limits = self.front.limits;
-        if head.expect_continue
+        match head.facts.framing {
+            Framing::Length(n) => {
+                if n > limits.max_bytes as u64 {
+                    return Err(GatewayError::BodyTooLarge(limits.max_bytes));
+                }
+                let end = head.len + n as usize;
+                if self.buf.len() >= end {
+                    return Ok(n as usize);
+                }
+                self.continue_if_expected(head).await?;
+                let deadline = tokio::time::Instant::now() + limits.timeout;
+                while self.buf.len() < end {
+                    self.buf.reserve(end - self.buf.len());
+                    self.read_body_bytes(deadline, limits).await?;
+                }
+                Ok(n as usize)
+            }
+            Framing::Chunked => {
+                let mut chunked = Chunked::new();
+                let decode = |c: &mut Chunked, buf: &mut BytesMut| {
+                    c.decode(buf, head.len, limits.max_bytes)
+                        .map_err(|e| match e {
+                            ChunkError::Malformed => GatewayError::BodyRead,
+                            ChunkError::TooLarge => GatewayError::BodyTooLarge(limits.max_bytes),
+                        })
+                };
+                if decode(&mut chunked, &mut self.buf)? {
+                    return Ok(chunked.len());
+                }
+                self.continue_if_expected(head).await?;
+                let deadline = tokio::time::Instant::now() + limits.timeout;
+                loop {
+                    if self.buf.capacity() - self.buf.len() < 1024 {
+                        self.buf.reserve(INIT_BUF);
+                    }
+                    self.read_body_bytes(deadline, limits).await?;
+                    if decode(&mut chunked, &mut self.buf)? {
+                        return Ok(chunked.len());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads more of a body, by `deadline`.
+    async fn read_body_bytes(
+        &mut self,
+        deadline: tokio::time::Instant,
+        limits: BodyLimits,
+    ) -> Result<(), GatewayError> {
+        match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+            Ok(Ok(0) | Err(_)) => Err(GatewayError::BodyRead),
+            Ok(Ok(_)) => Ok(()),
+            Err(_) => Err(GatewayError::BodyTimeout(limits.timeout)),
+        }
+    }
+
+    /// `100 Continue` before reading a body the caller holds back for it (HTTP/1.1
+    /// only: [`rules`] ignores the expectation from HTTP/1.0).
+    async fn continue_if_expected(&mut self, head: &Head) -> Result<(), GatewayError> {
+        if head.facts.expect_continue
             && self
                 .stream
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -498,20 +642,7 @@ impl Connection<'_> {
         {
             return Err(GatewayError::BodyRead);
         }
-        let read = async {
-            while self.buf.len() < body_end {
-                self.buf.reserve(body_end - self.buf.len());
-                match self.stream.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return Err(GatewayError::BodyRead),
-                    Ok(_) => {}
-                }
-            }
-            Ok(())
-        };
-        match tokio::time::timeout(limits.timeout, read).await {
-            Ok(r) => r,
-            Err(_) => Err(GatewayError::BodyTimeout(limits.timeout)),
-        }
+        Ok(())
     }
 
     /// Serves a get_list hit straight from the cache: `Some(Some(when))` once it is
@@ -621,13 +752,10 @@ impl Connection<'_> {
         write_all(&mut self.stream, &self.out, body).await
     }
 
-    /// Answers a head that cannot be served, then the connection closes.
-    async fn refuse(&mut self, status: StatusCode) {
-        let e = match status {
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request head too large",
-            _ => "malformed request",
-        };
-        let body = crate::chat::envelope::fail_body(60008, e);
+    /// Answers a head that cannot be served; the connection is then closed.
+    async fn refuse(&mut self, refusal: Refusal) -> End {
+        let status = refusal.status();
+        let body = crate::chat::envelope::fail_body(60008, refusal.reason());
         let mut out = Vec::with_capacity(160);
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.as_str().as_bytes());
@@ -638,8 +766,10 @@ impl Connection<'_> {
         out.extend_from_slice(b"\r\nconnection: close\r\ndate: ");
         out.extend_from_slice(&http_date(Instant::now()));
         out.extend_from_slice(b"\r\n\r\n");
-        let _ = write_all(&mut self.stream, &out, &body).await;
-        let _ = self.stream.shutdown().await;
+        match write_all(&mut self.stream, &out, &body).await {
+            Ok(()) => End::Answered,
+            Err(_) => End::Closed,
+        }
     }
 }
 
@@ -768,57 +898,134 @@ impl AsyncWrite for Prefixed {
 mod tests {
     use super::*;
 
+    fn parse(buf: &[u8]) -> Result<Option<Head>, Refusal> {
+        parse_head(buf, &mut HostMemo::default())
+    }
+
+    /// The memo of a connection's last valid `Host` changes no verdict.
+    #[test]
+    fn the_host_memo_changes_nothing() {
+        let mut memo = HostMemo::default();
+        let ok = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n";
+        assert!(parse_head(ok, &mut memo).unwrap().is_some());
+        assert!(memo.holds(b"127.0.0.1:8080"));
+        assert!(parse_head(ok, &mut memo).unwrap().is_some());
+        for bad in [
+            &b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nHost: 127.0.0.1:8080\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1 8080\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(matches!(
+                parse_head(bad, &mut memo),
+                Err(Refusal::BadRequest(_))
+            ));
+        }
+        let long = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", "a".repeat(100));
+        assert!(parse_head(long.as_bytes(), &mut memo).unwrap().is_some());
+        assert!(memo.holds(b"127.0.0.1:8080"), "too long to keep");
+    }
+
     #[test]
     fn heads_are_read_in_place() {
         let raw = b"POST /v4/recentcontact/get_list?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nCache-Control: max-age=0, No-Cache\r\nX-Request-Id: abc\r\n\r\n{\"a\":1}";
-        let h = parse_head(raw).unwrap().unwrap();
-        assert!(h.post && h.get_list && h.http11 && h.keep_alive && h.no_cache);
-        assert_eq!(h.content_length, 12);
+        let h = parse(raw).unwrap().unwrap();
+        assert!(h.post && h.get_list && h.http11 && h.facts.keep_alive && h.no_cache);
+        assert_eq!(h.facts.framing, Framing::Length(12));
         assert_eq!(&raw[h.request_id.unwrap()], b"abc");
         assert_eq!(&raw[h.path], b"/v4/recentcontact/get_list");
-        assert_eq!(parse_head(&raw[..20]).unwrap().map(|h| h.len), None);
+        assert_eq!(parse(&raw[..20]).unwrap().map(|h| h.len), None);
 
-        let h10 = parse_head(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        let abs = b"POST http://gw/v4/recentcontact/get_list HTTP/1.1\r\nHost: gw\r\n\r\n";
+        let h = parse(abs).unwrap().unwrap();
+        assert!(h.get_list);
+        assert_eq!(&abs[h.path], b"/v4/recentcontact/get_list");
+
+        let h10 = parse(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(!h10.http11 && h10.keep_alive && !h10.post);
-        let close = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert!(!h10.http11 && h10.facts.keep_alive && !h10.post);
+        let close = parse(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(!close.keep_alive);
-        let chunked = parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert!(!close.facts.keep_alive);
+        let chunked = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(chunked.hand_over);
+        assert_eq!(chunked.facts.framing, Framing::Chunked);
     }
 
     #[test]
     fn bad_heads_are_refused() {
+        let bad = |raw: &[u8]| matches!(parse(raw), Err(Refusal::BadRequest(_)));
         for raw in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
+            &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET healthz HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a?<b> HTTP/1.1\r\nHost: a\r\n\r\n",
             b"NOT HTTP\r\n\r\n",
         ] {
-            assert_eq!(
-                parse_head(raw).err(),
-                Some(HeadError::Malformed),
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
+            assert!(bad(raw), "{}", String::from_utf8_lossy(raw));
         }
-        let same = parse_head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(same.content_length, 3);
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").err(),
+            Some(Refusal::UnknownCoding)
+        );
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..=MAX_HEADERS {
             many.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        assert_eq!(parse_head(&many).err(), Some(HeadError::TooLarge));
-        let big = vec![b'a'; MAX_HEAD + 1];
-        assert_eq!(parse_head(&big).err(), Some(HeadError::TooLarge));
+        assert_eq!(parse(&many).err(), Some(Refusal::HeadTooLarge));
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEAD + 1, b'a');
+        assert_eq!(parse(&big).err(), Some(Refusal::HeadTooLarge));
+    }
+
+    #[test]
+    fn over_long_targets_are_414_even_before_the_head_ends() {
+        // The request line alone, still arriving.
+        let mut line = b"GET /".to_vec();
+        line.resize(MAX_TARGET + REQUEST_LINE_SLACK + 1, b'a');
+        assert_eq!(parse(&line).err(), Some(Refusal::TargetTooLong));
+        line.truncate(MAX_TARGET);
+        assert!(parse(&line).unwrap().is_none(), "may still be fine");
+        // A complete request line, the head still arriving.
+        let mut head = format!("GET /{} HTTP/1.1\r\nX: ", "a".repeat(MAX_TARGET)).into_bytes();
+        assert_eq!(parse(&head).err(), Some(Refusal::TargetTooLong));
+        // A whole head.
+        head.extend_from_slice(b"y\r\nHost: a\r\n\r\n");
+        assert_eq!(parse(&head).err(), Some(Refusal::TargetTooLong));
+        // A 70 KB target.
+        let huge = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70_000));
+        assert_eq!(parse(huge.as_bytes()).err(), Some(Refusal::TargetTooLong));
+        assert_eq!(
+            parse(&huge.as_bytes()[..MAX_HEAD]).err(),
+            Some(Refusal::TargetTooLong)
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever head the front end accepts, the router's request types accept
+        /// too: a request is never a hit on one path and a 400 on the other.
+        #[test]
+        fn accepted_heads_become_requests(
+            method in proptest::sample::select(vec!["GET", "POST", "HEAD", "OPTIONS", "X-Y"]),
+            target in "(/|http://[a-z0-9.:\\[\\]-]{0,12}/)[ -~]{0,30}",
+            name in "[!-~]{1,12}",
+            value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+        ) {
+            let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: gw\r\n{name}: ").into_bytes();
+            raw.extend_from_slice(&value);
+            raw.extend_from_slice(b"\r\n\r\n");
+            if let Ok(Some(h)) = parse(&raw) {
+                let bytes = Bytes::copy_from_slice(&raw[..h.len]);
+                proptest::prop_assert!(into_parts(&bytes).is_ok(), "{:?}", String::from_utf8_lossy(&raw));
+            }
+        }
     }
 
     #[test]

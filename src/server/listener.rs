@@ -1,13 +1,15 @@
 //! The accept loop shared by the gateway and the emulator: connection limits, a
 //! reserve for health probes, the open-connections gauge, and graceful shutdown. What
 //! happens on a connection is a *driver*'s job: [`drive_hyper`] (hyper's HTTP/1 and
-//! HTTP/2, for the emulator and whatever the gateway's own HTTP/1 front end,
-//! [`super::http1`], hands over) or that front end.
+//! HTTP/2 for the emulator; HTTP/2 for the gateway, whose own HTTP/1 front end,
+//! [`super::http1`], hands over the connections that open with the HTTP/2 preface)
+//! or that front end.
 //!
 //! Graceful shutdown follows one small pattern: when `shutdown` resolves, the listener
 //! is dropped (new connections are refused by the kernel), every open connection is
-//! told through [`Conn::stop`] to finish its in-flight request and close, and we wait
-//! for them for at most `grace`. Whatever is still running then is dropped.
+//! told through [`Conn::stop`] to finish its in-flight request and close (HTTP/1.1:
+//! `connection: close` on the answers written from then on; HTTP/2: GOAWAY), and we
+//! wait for them for at most `grace`. Whatever is still running then is dropped.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -143,6 +145,7 @@ where
                 conn,
                 handler.clone(),
                 header_read_timeout,
+                None,
             )
         },
         shutdown,
@@ -246,14 +249,25 @@ where
     }
 }
 
+/// How long a connection hyper is closing gracefully (GOAWAY sent, no request in
+/// flight) may wait for the caller's part of the exchange (HTTP/2: the PING that
+/// follows the first GOAWAY answered) before it is dropped.
+pub const GOAWAY_WAIT: Duration = Duration::from_secs(1);
+
+/// A timer's "never".
+const FAR: Duration = Duration::from_secs(365 * 86_400);
+
 /// hyper's HTTP/1 and HTTP/2 (by protocol sniffing) on one connection, with
 /// `handler` for every request, the header read timeout, the reserve's admission and
-/// graceful shutdown.
+/// graceful shutdown (HTTP/2: GOAWAY, then the requests in flight finish). With
+/// `idle_timeout`, a connection with no request in flight for that long is closed the
+/// same way.
 pub async fn drive_hyper<I, H, Fut>(
     io: I,
     mut conn: Conn,
     handler: H,
     header_read_timeout: Duration,
+    idle_timeout: Option<Duration>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
@@ -265,6 +279,9 @@ pub async fn drive_hyper<I, H, Fut>(
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .keep_alive(true)
+        // A caller may shut down its sending side once its request is sent: it still
+        // gets its answer (RFC 9112 §9.6 lets either side half-close).
+        .half_close(true)
         .max_buf_size(64 * 1024);
     builder
         .http2()
@@ -272,16 +289,18 @@ pub async fn drive_hyper<I, H, Fut>(
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
     let peer = conn.peer;
-    let got_request = Arc::new(AtomicBool::new(false));
-    let seen = got_request.clone();
+    let activity = Arc::new(Activity::default());
+    let seen = activity.clone();
     let admission = conn.admission.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
-        seen.store(true, Ordering::Relaxed);
+        let busy = seen.begin();
         let handler = handler.clone();
         let admission = admission.clone();
         async move {
             admission.admit(req.uri().path().as_bytes()).await;
-            Ok::<_, Infallible>(handler(req, peer).await)
+            let resp = handler(req, peer).await;
+            drop(busy);
+            Ok::<_, Infallible>(resp)
         }
     });
     let served = builder.serve_connection(io, svc);
@@ -293,7 +312,12 @@ pub async fn drive_hyper<I, H, Fut>(
     let first_head = tokio::time::sleep(header_read_timeout);
     tokio::pin!(first_head);
     let mut first_head_due = true;
+    // hyper has no idle timeout for HTTP/2: one timer, re-armed from the last
+    // request's end, closes a connection idle for `idle_timeout`.
+    let idle = tokio::time::sleep(idle_timeout.unwrap_or(FAR));
+    tokio::pin!(idle);
     let mut stopping = false;
+    let mut closing_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             res = &mut served => {
@@ -304,15 +328,99 @@ pub async fn drive_hyper<I, H, Fut>(
             }
             _ = &mut first_head, if first_head_due => {
                 first_head_due = false;
-                if !got_request.load(Ordering::Relaxed) {
+                if !activity.ever() && closing_since.is_none() {
+                    // Closed as an idle one is (HTTP/2: GOAWAY), within GOAWAY_WAIT.
                     tracing::debug!(%peer, "no request head in time; closing");
-                    return;
+                    served.as_mut().graceful_shutdown();
+                    let now = tokio::time::Instant::now();
+                    closing_since = Some(now);
+                    idle.as_mut().reset(now + GOAWAY_WAIT);
                 }
             }
             _ = conn.stop.changed(), if !stopping => {
                 stopping = true;
                 served.as_mut().graceful_shutdown();
+                closing_since.get_or_insert_with(tokio::time::Instant::now);
+                idle.as_mut().reset(tokio::time::Instant::now() + GOAWAY_WAIT);
             }
+            _ = &mut idle, if idle_timeout.is_some() || closing_since.is_some() => {
+                let now = tokio::time::Instant::now();
+                let quiet = activity.quiet_since(now);
+                match (closing_since, idle_timeout) {
+                    // Closing, nothing in flight and the caller had its time: drop it.
+                    (Some(since), _) if quiet.is_some_and(|q| q >= GOAWAY_WAIT)
+                        && now - since >= GOAWAY_WAIT =>
+                    {
+                        tracing::debug!(%peer, "closing a connection after GOAWAY");
+                        return;
+                    }
+                    (Some(_), _) => idle.as_mut().reset(now + GOAWAY_WAIT / 4),
+                    (None, Some(limit)) => match quiet {
+                        Some(q) if q >= limit => {
+                            tracing::debug!(%peer, "idle connection; closing (GOAWAY)");
+                            served.as_mut().graceful_shutdown();
+                            closing_since = Some(now);
+                            idle.as_mut().reset(now + GOAWAY_WAIT);
+                        }
+                        Some(q) => idle.as_mut().reset(now + (limit - q)),
+                        None => idle.as_mut().reset(now + limit),
+                    },
+                    (None, None) => idle.as_mut().reset(now + FAR),
+                }
+            }
+        }
+    }
+}
+
+/// Requests in flight on a connection hyper serves, and since when it has had none.
+struct Activity {
+    /// Requests in flight.
+    in_flight: AtomicUsize,
+    /// Whether any request arrived.
+    ever: AtomicBool,
+    /// When the connection last had nothing in flight (None while busy).
+    quiet_from: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            ever: AtomicBool::new(false),
+            quiet_from: std::sync::Mutex::new(Some(tokio::time::Instant::now())),
+        }
+    }
+}
+
+impl Activity {
+    /// A request starts; it ends when the guard is dropped.
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.ever.store(true, Ordering::Relaxed);
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            *self.quiet_from.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        Busy(self.clone())
+    }
+
+    fn ever(&self) -> bool {
+        self.ever.load(Ordering::Relaxed)
+    }
+
+    /// How long the connection has had nothing in flight (None: busy).
+    fn quiet_since(&self, now: tokio::time::Instant) -> Option<Duration> {
+        let from = *self.quiet_from.lock().unwrap_or_else(|p| p.into_inner());
+        from.map(|f| now.saturating_duration_since(f))
+    }
+}
+
+/// A request in flight on a connection hyper serves.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut quiet = self.0.quiet_from.lock().unwrap_or_else(|p| p.into_inner());
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *quiet = Some(tokio::time::Instant::now());
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod http1;
 pub mod listener;
 pub mod response;
 pub mod router;
+pub mod rules;
 pub mod state;
 
 use std::future::Future;

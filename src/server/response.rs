@@ -38,6 +38,14 @@ pub fn into_bytes(mut body: Body) -> Bytes {
     }
 }
 
+/// The answer to a request refused by [`super::rules`]: its status, `ErrorCode` 60008.
+pub fn refused(refusal: super::rules::Refusal) -> Response<Body> {
+    json(
+        refusal.status(),
+        crate::chat::envelope::fail_body(60008, refusal.reason()),
+    )
+}
+
 /// A plain-text response with `status`.
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(Full::new(body.into()));

@@ -23,7 +23,8 @@ use super::access::RequestLine;
 use super::auth;
 use super::body::{read_bounded, BodyLimits};
 use super::handlers;
-use super::response::{Body, X_REQUEST_ID};
+use super::response::{self, Body, X_REQUEST_ID};
+use super::rules;
 use super::AppState;
 use crate::chat::commands;
 use crate::error::GatewayError;
@@ -120,8 +121,9 @@ impl Listener {
     }
 }
 
-/// Routes one request of a connection hyper serves: reads its body within the
-/// listener's limits, then [`handle`]s it. Never fails: every failure is a response.
+/// Routes one request of a connection hyper serves (HTTP/2): checks its target as
+/// [`rules`] says, reads its body within the listener's limits, then [`handle`]s it.
+/// Never fails: every failure is a response.
 pub async fn route(
     state: Arc<AppState>,
     req: Request<Incoming>,
@@ -130,6 +132,11 @@ pub async fn route(
 ) -> Response<Body> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
+    // The target rules every HTTP/1.x request is held to hold for HTTP/2 as well.
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Err(refusal) = rules::check_target(parts.method.as_str().as_bytes(), target.as_bytes()) {
+        return response::refused(refusal);
+    }
     let limits = listener.body_limits(&state);
     let body = read_bounded(&parts.headers, body, limits.max_bytes, limits.timeout).await;
     handle(state, parts, body, peer, listener, started).await

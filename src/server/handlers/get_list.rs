@@ -322,14 +322,7 @@ fn wants_no_cache(headers: &http::HeaderMap) -> bool {
     headers
         .get_all(http::header::CACHE_CONTROL)
         .iter()
-        .any(|v| {
-            v.to_str()
-                .map(|s| {
-                    s.split(',')
-                        .any(|d| matches!(d.trim(), "no-cache" | "no-store"))
-                })
-                .unwrap_or(false)
-        })
+        .any(|v| crate::server::rules::cache_control_no_cache(v.as_bytes()))
 }
 
 fn cached(page: &Page, x_cache: HeaderValue, now: Instant) -> Response<Body> {
