@@ -60,6 +60,7 @@ pub mod config;
 pub mod emulator;
 pub mod error;
 pub mod fleet;
+pub mod invalidate;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;
