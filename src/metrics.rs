@@ -773,11 +773,29 @@ impl ReadCounters {
         }
     }
 
-    /// One per row of [`crate::chat::reads::READS`] (get_list's unused).
+    /// Counters that count nothing (for get_list's row, which counts its own).
+    fn noop() -> Self {
+        ReadCounters {
+            hit: Counter::noop(),
+            partial: Counter::noop(),
+            miss: Counter::noop(),
+            stale: Counter::noop(),
+            bypass: Counter::noop(),
+            from_memory: Counter::noop(),
+            from_chat: Counter::noop(),
+            saved: Counter::noop(),
+            coalesced: Counter::noop(),
+        }
+    }
+
+    /// One per row of [`crate::chat::reads::READS`] (get_list's count nothing).
     pub fn per_row() -> Vec<ReadCounters> {
         crate::chat::reads::READS
             .iter()
-            .map(|r| ReadCounters::new(r.command))
+            .map(|r| match r.store {
+                crate::chat::reads::Store::Items => ReadCounters::new(r.command),
+                crate::chat::reads::Store::Pages => ReadCounters::noop(),
+            })
             .collect()
     }
 }

@@ -93,6 +93,10 @@ pub async fn handle(
     }
     let (parts, body) = req.into_parts();
     let c = &state.read_counters[row];
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        // Sent as `{}`, like any command: Chat's to answer.
+        return forward(&state, command, body.clone()).await;
+    }
     let parsed = match item_key::parse(row, &body) {
         Ok(Parsed::Split(p)) => p,
         Ok(Parsed::Bypass(why)) => {
