@@ -85,7 +85,7 @@ impl World {
         !self.deleted.contains(u) && (!u.starts_with("nobody") || self.imported.contains(u))
     }
 
-    fn friends_of(&mut self, u: &str) -> &mut BTreeSet<String> {
+    pub fn friends_of(&mut self, u: &str) -> &mut BTreeSet<String> {
         self.friends
             .entry(u.to_string())
             .or_insert_with(|| [format!("{u}_f1"), format!("{u}_f2")].into())
@@ -472,6 +472,13 @@ impl World {
                 {
                     self.bump(&format!("conv:{u}"));
                 }
+                ok()
+            }
+            // Any other group command changes the group somehow.
+            c if c.starts_with("group_open_http_svc/") => {
+                let g = b["GroupId"].as_str().unwrap_or("").to_string();
+                self.bump(&format!("ginfo:{g}"));
+                self.bump(&format!("gmem:{g}"));
                 ok()
             }
             _ => ok(),
