@@ -63,7 +63,7 @@ pub struct Dropped {
     #[serde(rename = "Pages")]
     pub pages: usize,
     /// Entities invalidated in the item store (each drops every entry that depends
-    /// on it, however many).
+    /// on it, however many); for "everything", the item entries dropped.
     #[serde(rename = "Entities")]
     pub entities: usize,
 }

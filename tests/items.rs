@@ -427,7 +427,7 @@ async fn chat_failing_serves_stale_items_or_its_error() {
 
 #[tokio::test]
 async fn an_answer_that_cannot_be_split_is_never_assembled() {
-    // Chat answers the first call with one item missing; the gateway forwards the
+    // Chat answers the second call with one item missing; the gateway forwards the
     // caller's whole request instead of guessing.
     let fake = FakeChat::start(Box::new(|r: &Recorded, n| {
         let v = r.json();
@@ -437,7 +437,7 @@ async fn an_answer_that_cannot_be_split_is_never_assembled() {
             .iter()
             .map(|a| json!({"To_Account": a, "ResultCode": 0, "ResultInfo": "", "ProfileItem": []}))
             .collect();
-        if n == 1 {
+        if n == 2 || n == 4 {
             items.pop();
         }
         Reply::Json(
@@ -447,13 +447,35 @@ async fn an_answer_that_cannot_be_split_is_never_assembled() {
     }))
     .await;
     let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    assert_eq!(
+        header(
+            &post(&gw.url(PORTRAIT), r#"{"To_Account":["y"],"TagList":[]}"#).await,
+            "x-cache"
+        ),
+        "MISS"
+    );
     let body = r#"{"To_Account":["x","y"],  "TagList":[]}"#;
     let a = post(&gw.url(PORTRAIT), body).await;
     assert_eq!(header(&a, "x-cache"), "BYPASS");
     let calls = fake.calls();
-    assert_eq!(calls.len(), 2);
-    assert_eq!(calls[1].body, body.as_bytes(), "the original request");
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[1].json()["To_Account"], json!(["x"]));
+    assert_eq!(calls[2].body, body.as_bytes(), "the original request");
     assert_eq!(json(&a)["UserProfileItem"].as_array().unwrap().len(), 2);
+    // When the call named the whole request, its answer is Chat's answer: as is.
+    let whole = r#"{"To_Account":["p","q"],"TagList":[]}"#;
+    let b = post(&gw.url(PORTRAIT), whole).await;
+    assert_eq!(header(&b, "x-cache"), "BYPASS");
+    assert_eq!(fake.count(), 4);
+    assert_eq!(json(&b)["UserProfileItem"].as_array().unwrap().len(), 1);
+    // Nothing of it was cached.
+    assert_eq!(
+        header(
+            &post(&gw.url(PORTRAIT), r#"{"To_Account":["p"],"TagList":[]}"#).await,
+            "x-cache"
+        ),
+        "MISS"
+    );
 }
 
 #[tokio::test]

@@ -72,8 +72,9 @@ pub enum Outcome {
     },
     /// The call failed.
     Error(GatewayError),
-    /// A success the table cannot split: every caller forwards its own request.
-    Unsplittable,
+    /// A success the table cannot split: Chat's answer, given as is to a caller
+    /// whose whole request this call was; every other caller forwards its own.
+    Unsplittable(Bytes),
 }
 
 /// A flight's shared result.
@@ -248,10 +249,20 @@ async fn miss(
         upstream: stats.upstream_time(),
     };
     let command = r.command;
-    if outcomes
-        .iter()
-        .any(|(o, _)| matches!(**o, Outcome::Unsplittable))
-    {
+    if let Some(answer) = outcomes.iter().find_map(|(o, _)| match &**o {
+        Outcome::Unsplittable(answer) => Some(answer.clone()),
+        _ => None,
+    }) {
+        // Our own call named every item of the request with its other fields: its
+        // answer is Chat's answer to the request.
+        if led && !joined && hits.iter().all(Option::is_none) {
+            tracing::debug!(command, "Chat's answer could not be split; given as is");
+            c.bypass.increment(1);
+            let mut resp = response::json(StatusCode::OK, answer);
+            resp.headers_mut().insert(X_CACHE, BYPASS);
+            info.attach(&mut resp);
+            return resp;
+        }
         tracing::warn!(
             command,
             "Chat's answer could not be split; forwarding the whole request"
@@ -279,7 +290,7 @@ async fn miss(
                 upstream_failed, ..
             } => *upstream_failed && stale[*i].is_some(),
             Outcome::Error(_) => stale[*i].is_some(),
-            Outcome::Unsplittable => false,
+            Outcome::Unsplittable(_) => false,
         });
         if !may_serve_stale {
             c.bypass.increment(1);
@@ -456,7 +467,7 @@ async fn fetch(
             }
         }
         AnswerShape::Items { .. } => match split_for(r, &resp.body, &items) {
-            None => Outcome::Unsplittable,
+            None => Outcome::Unsplittable(resp.body.clone()),
             Some((split, order)) => {
                 let mut fetched = Vec::with_capacity(items.len());
                 for (name, (key, at)) in items.iter().zip(keys.iter().zip(order)) {
