@@ -55,7 +55,8 @@ pub mod names {
     pub const CACHE_ENTRIES: &str = "chat_gateway_cache_entries";
     /// Cached pages.
     pub const CACHE_PAGES: &str = "chat_gateway_cache_pages";
-    /// Weighted size of the cache, bytes.
+    /// Weighted size of the cache (pages, item entries and their generation table),
+    /// bytes.
     pub const CACHE_BYTES: &str = "chat_gateway_cache_weighted_bytes";
     /// The configured bound of the cache (`cache.max_bytes`), bytes.
     pub const CACHE_MAX_BYTES: &str = "chat_gateway_cache_max_bytes";
@@ -304,7 +305,7 @@ pub const ALL: &[Family] = &[
         n::CACHE_BYTES,
         G,
         &[],
-        "Weighted size of the get_list page cache, in bytes",
+        "Weighted size of the cache (get_list pages, item entries and their generation table), in bytes",
     ),
     family(
         n::CACHE_MAX_BYTES,

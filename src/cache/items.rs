@@ -51,7 +51,7 @@ pub const DEP_OVERHEAD: usize = 4;
 /// Bytes of the store's share that buy one generation slot (8 bytes).
 pub const SHARE_PER_SLOT: u64 = 64;
 /// Fewest and most slots of the generation table.
-pub const MIN_SLOTS: usize = 1 << 12;
+pub const MIN_SLOTS: usize = 1 << 6;
 /// See [`MIN_SLOTS`].
 pub const MAX_SLOTS: usize = 1 << 22;
 /// Longest key: the row (1 byte), the variant id (16) and an item (at most 64).
