@@ -164,7 +164,10 @@ fn outcome(row: usize, body: &[u8]) -> Outcome {
     }
 }
 
-fn case() -> impl Strategy<Value = (usize, Vec<(String, String)>, Vec<usize>, Vec<String>)> {
+/// A row, a body's members, another order of them, and whitespace to write them with.
+type Case = (usize, Vec<(String, String)>, Vec<usize>, Vec<String>);
+
+fn case() -> impl Strategy<Value = Case> {
     prop::sample::select(item_rows()).prop_flat_map(|row| {
         members(row).prop_flat_map(move |m| {
             let n = m.len();

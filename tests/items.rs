@@ -726,3 +726,44 @@ async fn a_full_hit_answers_without_chat_even_when_chat_is_gone() {
     assert_eq!(json(&b), json(&a));
     assert_eq!(json(&b), world::direct(&world, PORTRAIT, &portrait(&list)));
 }
+
+/// A request that arrives after a write was acknowledged never gets the answer of
+/// a fetch that began before the write, even though that fetch is for its item and
+/// still in the air: it asks again.
+#[tokio::test]
+async fn a_fetch_in_the_air_before_a_write_never_answers_a_request_after_it() {
+    let (fake, world, gw) = setup(&[]).await;
+    world.lock().unwrap().read_delay = Duration::from_millis(400);
+    let list = vec!["racer".to_string()];
+    let url = gw.url(PORTRAIT);
+    let early = {
+        let (url, body) = (url.clone(), portrait(&list));
+        tokio::spawn(async move { post(&url, body).await })
+    };
+    // The early fetch has reached Chat (and read the old profile).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while calls_to(&fake, PORTRAIT).is_empty() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let w = post(
+        &gw.url("/v4/profile/portrait_set"),
+        r#"{"From_Account":"racer","ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"new"}]}"#,
+    )
+    .await;
+    assert_eq!(json(&w)["ErrorCode"], 0);
+    let after = post(&url, portrait(&list)).await;
+    let now = world::direct(&world, PORTRAIT, &portrait(&list));
+    assert_eq!(
+        json(&after),
+        now,
+        "the answer after the write is the new one"
+    );
+    let before = early.await.unwrap();
+    assert_ne!(json(&before), now, "the early request read the old profile");
+    assert_eq!(calls_to(&fake, PORTRAIT).len(), 2);
+    // The early fetch did not store its old answer; the second one did.
+    let again = post(&url, portrait(&list)).await;
+    assert_eq!(header(&again, "x-cache"), "HIT");
+    assert_eq!(json(&again), now);
+}

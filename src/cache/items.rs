@@ -137,27 +137,53 @@ impl Generations {
         self.epoch.fetch_add(1, Ordering::AcqRel)
     }
 
-    fn valid(&self, e: &ItemEntry) -> bool {
-        if self.all_floor.load(Ordering::Acquire) >= e.epoch {
+    /// Whether no entity of `deps` was invalidated at or after `epoch`.
+    fn unchanged(&self, deps: &Deps, epoch: u64) -> bool {
+        if self.all_floor.load(Ordering::Acquire) >= epoch {
             return false;
         }
-        let mut kinds = e.kinds;
+        let mut kinds = deps.kinds;
         while kinds != 0 {
             let k = kinds.trailing_zeros() as usize;
             kinds &= kinds - 1;
-            if self.kind_floors[k].load(Ordering::Acquire) >= e.epoch {
+            if self.kind_floors[k].load(Ordering::Acquire) >= epoch {
                 return false;
             }
         }
-        e.deps
+        deps.slots
             .iter()
-            .all(|s| self.slots[*s as usize].load(Ordering::Acquire) < e.epoch)
+            .all(|s| self.slots[*s as usize].load(Ordering::Acquire) < epoch)
+    }
+
+    fn valid(&self, e: &ItemEntry) -> bool {
+        self.unchanged(&e.deps, e.epoch)
     }
 }
 
 /// Marks the start of a fetch: pass it to [`ItemStore::entry`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchEpoch(u64);
+
+/// The entities something depends on, as generation slots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deps {
+    /// The slots of the entities.
+    slots: Box<[u32]>,
+    /// Their kinds (a bit per [`EntityKind::index`]).
+    kinds: u8,
+}
+
+impl Deps {
+    /// How many slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
 
 /// One cached item (or whole answer).
 #[derive(Debug)]
@@ -172,10 +198,8 @@ pub struct ItemEntry {
     pub stale_until: Instant,
     /// The epoch at which its fetch began.
     epoch: u64,
-    /// The generation slots of the entities it depends on.
-    deps: Box<[u32]>,
-    /// The kinds of those entities (a bit per [`EntityKind::index`]).
-    kinds: u8,
+    /// The entities it depends on.
+    deps: Deps,
     /// Weighed size (without the key).
     weight: u32,
 }
@@ -299,15 +323,8 @@ impl ItemStore {
         FetchEpoch(self.gens.epoch.load(Ordering::Acquire))
     }
 
-    /// Builds an entry of `body` fetched since `epoch`, depending on `deps`.
-    pub fn entry<'a>(
-        &self,
-        body: &[u8],
-        epoch: FetchEpoch,
-        deps: impl IntoIterator<Item = (EntityKind, &'a str)>,
-        ttl: Duration,
-        stale_if_error: Duration,
-    ) -> ItemEntry {
+    /// The slots of `deps`.
+    pub fn deps<'a>(&self, deps: impl IntoIterator<Item = (EntityKind, &'a str)>) -> Deps {
         let mut slots = Vec::new();
         let mut kinds = 0u8;
         for (k, id) in deps {
@@ -316,6 +333,27 @@ impl ItemStore {
         }
         slots.sort_unstable();
         slots.dedup();
+        Deps {
+            slots: slots.into_boxed_slice(),
+            kinds,
+        }
+    }
+
+    /// Whether none of `deps` was invalidated since a fetch began at `epoch` (what
+    /// that fetch answered may still be served).
+    pub fn unchanged_since(&self, deps: &Deps, epoch: FetchEpoch) -> bool {
+        self.gens.unchanged(deps, epoch.0)
+    }
+
+    /// Builds an entry of `body` fetched since `epoch`, depending on `deps`.
+    pub fn entry(
+        &self,
+        body: &[u8],
+        epoch: FetchEpoch,
+        deps: Deps,
+        ttl: Duration,
+        stale_if_error: Duration,
+    ) -> ItemEntry {
         let now = Instant::now();
         let fresh_until = now + ttl;
         ItemEntry {
@@ -324,9 +362,8 @@ impl ItemStore {
             fresh_until,
             stale_until: fresh_until + stale_if_error,
             epoch: epoch.0,
-            weight: u32::try_from(weigh_item(body.len(), 0, slots.len())).unwrap_or(u32::MAX),
-            deps: slots.into_boxed_slice(),
-            kinds,
+            weight: u32::try_from(weigh_item(body.len(), 0, deps.len())).unwrap_or(u32::MAX),
+            deps,
         }
     }
 
@@ -386,7 +423,7 @@ mod tests {
     fn put(s: &ItemStore, item: &str, deps: &[(K, &str)], epoch: FetchEpoch) -> bool {
         let v = s.variant_id(0, "");
         let key = KeyBuf::new(0, v, item).unwrap();
-        let e = s.entry(item.as_bytes(), epoch, deps.iter().copied(), T, T);
+        let e = s.entry(item.as_bytes(), epoch, s.deps(deps.iter().copied()), T, T);
         s.insert(key.to_key(), Arc::new(e))
     }
 
@@ -431,7 +468,7 @@ mod tests {
         // Stored first, invalidated later: refused at lookup.
         let e = s.begin_fetch();
         let v = s.variant_id(0, "");
-        let entry = Arc::new(s.entry(b"a", e, [(K::Exists, "a")], T, T));
+        let entry = Arc::new(s.entry(b"a", e, s.deps([(K::Exists, "a")]), T, T));
         s.invalidate(K::Exists, "a");
         s.cache
             .insert(KeyBuf::new(0, v, "a").unwrap().to_key(), entry);
@@ -460,7 +497,7 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(s.variant_id(1, ""), s.variant_id(0, ""));
         assert_eq!(a, s.variant_id(0, r#","TagList":["a"]"#));
-        let e = s.entry(b"x", s.begin_fetch(), [(K::Profile, "u")], T, T);
+        let e = s.entry(b"x", s.begin_fetch(), s.deps([(K::Profile, "u")]), T, T);
         assert!(s.insert(KeyBuf::new(0, a, "u").unwrap().to_key(), Arc::new(e)));
         assert!(matches!(
             s.lookup(&KeyBuf::new(0, b, "u").unwrap(), Instant::now()),
@@ -475,7 +512,7 @@ mod tests {
         let e = s.entry(
             b"x",
             s.begin_fetch(),
-            [(K::Profile, "u")],
+            s.deps([(K::Profile, "u")]),
             Duration::ZERO,
             T,
         );
@@ -494,7 +531,13 @@ mod tests {
         for i in 0..5000 {
             let v = s.variant_id(0, "");
             let item = format!("user_{i:05}");
-            let e = s.entry(&body, s.begin_fetch(), [(K::Profile, item.as_str())], T, T);
+            let e = s.entry(
+                &body,
+                s.begin_fetch(),
+                s.deps([(K::Profile, item.as_str())]),
+                T,
+                T,
+            );
             s.insert(KeyBuf::new(0, v, &item).unwrap().to_key(), Arc::new(e));
         }
         let st = s.stats();

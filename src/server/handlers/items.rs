@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::cache::assemble::{self, Template};
 use crate::cache::coalesce::Role;
 use crate::cache::item_key::{self, ItemRequest, Parsed};
-use crate::cache::items::{ItemEntry, ItemKey, ItemLookup, KeyBuf};
+use crate::cache::items::{Deps, FetchEpoch, ItemEntry, ItemKey, ItemLookup, KeyBuf};
 use crate::chat::effects::EntityKind;
 use crate::chat::envelope::CodeClass;
 use crate::chat::reads::{AnswerShape, ReadRow, MAX_LISTED_DEPS, READS};
@@ -46,6 +46,9 @@ pub struct FetchedItem {
     pub body: Bytes,
     /// Chat listed it as failed.
     pub failed: bool,
+    /// The entities it depends on: a request that joined the flight serves it only
+    /// if none changed since the flight began.
+    pub deps: Deps,
 }
 
 /// What one flight (one call to Chat for some items) produced.
@@ -54,6 +57,8 @@ pub enum Outcome {
     /// A success, split: the items in the flight's order, and the members around
     /// them (for batched reads).
     Items {
+        /// When the flight began.
+        epoch: FetchEpoch,
         /// The answer's top-level members.
         template: Option<Template>,
         /// One per item the flight fetched.
@@ -214,15 +219,19 @@ async fn miss(
         |positions| {
             let items: Vec<Arc<str>> = positions.iter().map(|p| names[*p].clone()).collect();
             let keys: Vec<ItemKey> = positions.iter().map(|p| flight_keys[*p].clone()).collect();
+            // Taken before the flight is visible to others: what it answers is checked
+            // against invalidations since then.
+            let epoch = state.items.begin_fetch();
             // Its own task, carrying this request's span (and id).
             fetch(
                 state.clone(),
                 row,
-                variant,
-                scope,
+                variant.clone(),
+                scope.clone(),
                 items,
                 keys,
                 stats.clone(),
+                epoch,
             )
             .instrument(tracing::Span::current())
         },
@@ -242,6 +251,40 @@ async fn miss(
     if joined {
         // Some (or all) items came from another request's flight.
         c.coalesced.increment(1);
+        // A flight that began before an invalidation this request may have followed
+        // (a write acknowledged before it arrived) must not answer for it: those
+        // items are fetched again, by a call of our own.
+        let redo: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, (o, i))| match &**o {
+                Outcome::Items { epoch, items, .. } => items
+                    .get(*i)
+                    .is_some_and(|f| !state.items.unchanged_since(&f.deps, *epoch)),
+                _ => false,
+            })
+            .map(|(pos, _)| pos)
+            .collect();
+        if !redo.is_empty() {
+            let items: Vec<Arc<str>> = redo.iter().map(|p| names[*p].clone()).collect();
+            let keys: Vec<ItemKey> = redo.iter().map(|p| flight_keys[*p].clone()).collect();
+            let epoch = state.items.begin_fetch();
+            let again = fetch(
+                state.clone(),
+                row,
+                variant.clone(),
+                scope.clone(),
+                items,
+                keys,
+                stats.clone(),
+                epoch,
+            )
+            .await;
+            for (j, pos) in redo.into_iter().enumerate() {
+                outcomes[pos] = (again.clone(), j);
+            }
+            led = true;
+        }
     }
     let mut info = AccessInfo {
         code: Some(0),
@@ -329,7 +372,9 @@ async fn miss(
             break;
         };
         match &**o {
-            Outcome::Items { template: t, items } => {
+            Outcome::Items {
+                template: t, items, ..
+            } => {
                 let Some(f) = items.get(*index) else {
                     return forward(&state, command, original).await;
                 };
@@ -395,7 +440,8 @@ async fn miss(
 }
 
 /// Runs in its own task: one call to Chat for `items`, the answer split, the
-/// successes stored.
+/// successes stored (unless an invalidation since `epoch` overtook them).
+#[allow(clippy::too_many_arguments)]
 async fn fetch(
     state: Arc<AppState>,
     row: usize,
@@ -404,9 +450,9 @@ async fn fetch(
     items: Vec<Arc<str>>,
     keys: Vec<ItemKey>,
     stats: Arc<CallStats>,
+    epoch: FetchEpoch,
 ) -> Flight {
     let r = &READS[row];
-    let epoch = state.items.begin_fetch();
     let body = item_key::upstream_body(r, items.iter().map(|s| &**s), &variant);
     let class = state.command_class(r.command);
     let resp = match state.upstream.call(r.command, class, body, &stats).await {
@@ -426,10 +472,10 @@ async fn fetch(
     }
     // The settings in force when the answer is stored (a reload may have come).
     let cfg = state.live.load().commands[row];
-    let store = |body: &[u8], key: &ItemKey, deps: Vec<(EntityKind, &str)>| -> Bytes {
+    let store = |body: &[u8], key: &ItemKey, deps: &Deps| -> Bytes {
         let entry = state
             .items
-            .entry(body, epoch, deps, cfg.ttl, cfg.stale_if_error);
+            .entry(body, epoch, deps.clone(), cfg.ttl, cfg.stale_if_error);
         let copy = entry.body.clone();
         state.items.insert(key.clone(), Arc::new(entry));
         copy
@@ -437,32 +483,36 @@ async fn fetch(
     let outcome = match r.answer {
         AnswerShape::Whole => {
             let item = &*items[0];
-            let mut deps: Vec<(EntityKind, &str)> =
+            let mut named: Vec<(EntityKind, &str)> =
                 r.item_deps.iter().map(|k| (*k, item)).collect();
             let listed = r
                 .listed_deps
                 .map(|l| assemble::listed(&resp.body, l.array, l.id));
-            let body = match &listed {
-                Some(None) => Bytes::copy_from_slice(&resp.body),
-                Some(Some(ids)) if ids.len() > MAX_LISTED_DEPS => {
-                    Bytes::copy_from_slice(&resp.body)
-                }
-                Some(Some(ids)) => {
-                    let kinds = r.listed_deps.map_or(&[][..], |l| l.kinds);
-                    for id in ids {
-                        for k in kinds {
-                            deps.push((*k, id));
-                        }
+            if let (Some(Some(ids)), Some(l)) = (&listed, r.listed_deps) {
+                for id in ids {
+                    for k in l.kinds {
+                        named.push((*k, id));
                     }
-                    store(&resp.body, &keys[0], deps)
                 }
-                None => store(&resp.body, &keys[0], deps),
+            }
+            let deps = state.items.deps(named);
+            let cacheable = match &listed {
+                None => true,
+                Some(Some(ids)) => ids.len() <= MAX_LISTED_DEPS,
+                Some(None) => false,
+            };
+            let body = if cacheable {
+                store(&resp.body, &keys[0], &deps)
+            } else {
+                Bytes::copy_from_slice(&resp.body)
             };
             Outcome::Items {
+                epoch,
                 template: None,
                 items: vec![FetchedItem {
                     body,
                     failed: false,
+                    deps,
                 }],
             }
         }
@@ -472,30 +522,29 @@ async fn fetch(
                 let mut fetched = Vec::with_capacity(items.len());
                 for (name, (key, at)) in items.iter().zip(keys.iter().zip(order)) {
                     let a = &split.items[at];
+                    let deps = state.items.deps(
+                        r.item_deps.iter().map(|k| (*k, &**name)).chain(
+                            r.scope
+                                .iter()
+                                .filter_map(|(_, k)| scope.as_deref().map(|s| (*k, s))),
+                        ),
+                    );
                     let body = if a.cacheable {
-                        let deps = r
-                            .item_deps
-                            .iter()
-                            .map(|k| (*k, &**name))
-                            .chain(
-                                r.scope
-                                    .iter()
-                                    .filter_map(|(_, k)| scope.as_deref().map(|s| (*k, s))),
-                            )
-                            .collect();
-                        store(a.raw.as_bytes(), key, deps)
+                        store(a.raw.as_bytes(), key, &deps)
                     } else {
                         Bytes::copy_from_slice(a.raw.as_bytes())
                     };
                     fetched.push(FetchedItem {
                         body,
                         failed: a.failed,
+                        deps,
                     });
                 }
                 if split.items.iter().all(|i| !i.failed) {
                     state.templates.learn(row, &split.template);
                 }
                 Outcome::Items {
+                    epoch,
                     template: Some(split.template),
                     items: fetched,
                 }
