@@ -183,16 +183,13 @@ pub fn parse(row: usize, body: &[u8]) -> Result<Parsed<'_>, GatewayError> {
             w[0].0
         )));
     }
-    // The variant (and every nested duplicate, which is an error wherever it is).
+    // The variant (and every nested duplicate in it, which is an error).
     let field = r.items.field();
     let mut variant = String::new();
     let mut items_raw = None;
     for (name, value) in &sorted {
         if name == field {
             items_raw = Some(*value);
-            // Still checked for nested duplicates, which no forwarded body may hide.
-            canonical::value(value.get(), &mut String::new())
-                .map_err(GatewayError::InvalidField)?;
             continue;
         }
         variant.push(',');
@@ -202,6 +199,17 @@ pub fn parse(row: usize, body: &[u8]) -> Result<Parsed<'_>, GatewayError> {
     }
     let Some(items_raw) = items_raw else {
         return Ok(Parsed::Bypass("no items"));
+    };
+    let items = match items_of(r, items_raw) {
+        Ok(items) => items,
+        Err(why) => {
+            // Items that split are plain strings (or one-string objects), which
+            // cannot repeat a name; others may, and a name repeated at any depth is
+            // refused whatever else is wrong.
+            canonical::value(items_raw.get(), &mut String::new())
+                .map_err(GatewayError::InvalidField)?;
+            return Ok(Parsed::Bypass(why));
+        }
     };
     for req in r.required {
         if !members.iter().any(|(n, v)| n == req && v.get() != "null") {
@@ -219,10 +227,6 @@ pub fn parse(row: usize, body: &[u8]) -> Result<Parsed<'_>, GatewayError> {
                 _ => return Ok(Parsed::Bypass("the scope field is not a valid name")),
             }
         }
-    };
-    let items = match items_of(r, items_raw) {
-        Ok(items) => items,
-        Err(why) => return Ok(Parsed::Bypass(why)),
     };
     Ok(Parsed::Split(ItemRequest {
         row,
