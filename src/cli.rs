@@ -109,7 +109,8 @@ pub struct EmulatorArgs {
     /// Calls per second per API before 60007 (0 disables the limit).
     #[arg(long, default_value_t = 200)]
     pub rate_limit: u32,
-    /// Where to POST Chat webhooks after sendmsg.
+    /// Where to POST Chat webhooks after changes (messages, profiles, friends,
+    /// groups).
     #[arg(long)]
     pub callback_url: Option<String>,
     /// Token for the webhooks' Sign.

@@ -12,7 +12,7 @@ use crate::cli::EmulatorArgs;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Pinned conversations per `get_list` page by default.
 pub const DEFAULT_TOP_PAGE_SIZE: usize = 20;
-/// The most accounts a world may have (memory stays well under 1 GiB).
+/// The most accounts a world may have (such a world takes about 0.9 GB of memory).
 pub const MAX_ACCOUNTS: u32 = 200_000;
 
 /// Fault injection, as set by the CLI flags and changed at run time through
@@ -106,7 +106,8 @@ pub struct EmulatorConfig {
     pub seed: u64,
     /// Fault injection at start; changeable at run time.
     pub faults: FaultSettings,
-    /// Where to POST Chat webhooks after a message is sent (plain `http://` only).
+    /// Where to POST Chat webhooks after a change (plain `http://` only); changeable
+    /// at run time through `POST /__emulator/callback`.
     pub callback_url: Option<String>,
     /// Token for the webhooks' `Sign`; without it webhooks are unsigned. Redacted in
     /// `Debug`.

@@ -12,6 +12,9 @@
 //! | `GET /__emulator/world` | the world's shape: sizes, seed, epoch, page sizes |
 //! | `GET /__emulator/accounts/<name>` | one account's whole list, marks and groups |
 //! | `GET /__emulator/groups?id=<GroupId>` | a group's members (all groups without `id`) |
+//! | `POST /__emulator/client/<service>/<command>?as=<UserID>` | a change made from a user's app (`client`) |
+//! | `GET /__emulator/webhooks?since=<n>` | the webhooks the changes produced (numbered) |
+//! | `GET`/`POST /__emulator/callback` | the callback URL in force / change it at run time |
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -82,13 +85,41 @@ pub(crate) async fn handle(state: &State, req: Request<Incoming>) -> Response<Fu
         (Method::GET, "admin-usersig") => admin_usersig(state, &query),
         (Method::GET, "world") => world(state),
         (Method::GET, "groups") => groups(state, &query),
+        (Method::GET, "webhooks") => webhooks(state, &query),
+        (Method::GET, "callback") => callback_reply(state),
+        (Method::POST, "callback") => {
+            let body = match read_body(req, MAX_CONTROL_BODY).await {
+                Ok(b) => b,
+                Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, e.info),
+            };
+            let update: CallbackUpdate = match serde_json::from_slice(&body) {
+                Ok(u) => u,
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, format!("invalid callback JSON: {e}"))
+                }
+            };
+            match state.set_callback(update.url.as_deref(), update.token) {
+                Ok(()) => {
+                    tracing::info!(url = ?update.url, "webhook callback URL changed");
+                    callback_reply(state)
+                }
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
+            }
+        }
         (Method::GET, p) if p.starts_with("accounts/") => account(state, &p["accounts/".len()..]),
-        (_, "health" | "stats" | "reset-stats" | "faults" | "admin-usersig" | "world" | "groups") => {
+        (Method::POST, p) if p.starts_with("client/") => {
+            super::client::handle(state, &p["client/".len()..], &query, req).await
+        }
+        (
+            _,
+            "health" | "stats" | "reset-stats" | "faults" | "admin-usersig" | "world" | "groups"
+            | "webhooks" | "callback",
+        ) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "unknown control endpoint; see /__emulator/health, stats, reset-stats, faults, admin-usersig, world, accounts/<name>, groups",
+            "unknown control endpoint; see /__emulator/health, stats, reset-stats, faults, admin-usersig, world, accounts/<name>, groups, webhooks, callback, client/<service>/<command>",
         ),
     }
 }
@@ -150,7 +181,10 @@ fn world(state: &State) -> Response<Full<Bytes>> {
             "first_account": w.name(0),
             "last_account": w.name(n.saturating_sub(1)),
             "name_width": w.name_width(),
-            "groups": w.groups().len(),
+            "groups": read(w.groups()).live().count(),
+            "generated_groups": w.generated_groups(),
+            "imported_accounts": w.imported_count(),
+            "friendships": w.friendship_count(),
             "conversations": w.conversation_count(),
             "heavy_accounts": heavy,
             "page_size": state.cfg.page_size,
@@ -191,6 +225,7 @@ fn account(state: &State, name: &str) -> Response<Full<Bytes>> {
         StatusCode::OK,
         &json!({
             "Account": &*name,
+            "Imported": acct.imported,
             "SessionItem": paging::dump(&state.world, &acct),
             "Marks": marks,
             "GroupItem": groups,
@@ -200,28 +235,63 @@ fn account(state: &State, name: &str) -> Response<Full<Bytes>> {
 
 fn groups(state: &State, query: &str) -> Response<Full<Bytes>> {
     let params = parse_params_any(query);
-    let member_names =
-        |members: &[u32]| -> Vec<&str> { members.iter().map(|&m| state.world.name(m)).collect() };
+    let w = &state.world;
+    let table = read(w.groups());
     match params.iter().find(|(k, _)| k == "id") {
-        Some((_, id)) => match state
-            .world
-            .group_index(id)
-            .and_then(|g| state.world.group(g))
-        {
-            Some(g) => json_reply(
-                StatusCode::OK,
-                &json!({"GroupId": &*g.id, "Members": member_names(&g.members)}),
-            ),
+        Some((_, id)) => match w.group_index(id).and_then(|g| table.get(g)) {
+            Some(d) => {
+                let members: Vec<&str> =
+                    d.sorted_members().into_iter().map(|m| w.name(m)).collect();
+                json_reply(
+                    StatusCode::OK,
+                    &json!({
+                        "GroupId": id,
+                        "Type": d.kind.as_str(),
+                        "Owner_Account": d.owner.map_or("", |o| w.name(o)),
+                        "MemberNum": d.members.len(),
+                        "Members": members,
+                    }),
+                )
+            }
             None => error(StatusCode::NOT_FOUND, format!("no group {id:?}")),
         },
         None => {
-            let all: Vec<Value> = state
-                .world
-                .groups()
-                .iter()
-                .map(|g| json!({"GroupId": &*g.id, "MemberCount": g.members.len()}))
+            let all: Vec<Value> = table
+                .live()
+                .map(|(g, d)| json!({"GroupId": w.group_id(g), "MemberCount": d.members.len()}))
                 .collect();
             json_reply(StatusCode::OK, &json!({"Groups": all}))
         }
     }
+}
+
+fn webhooks(state: &State, query: &str) -> Response<Full<Bytes>> {
+    let params = parse_params_any(query);
+    let since = match params.iter().find(|(k, _)| k == "since") {
+        None => 0,
+        Some((_, v)) => match v.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => return error(StatusCode::BAD_REQUEST, "since must be a number"),
+        },
+    };
+    let (list, last) = state
+        .hook_log
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .since(since);
+    json_reply(StatusCode::OK, &json!({"Last": last, "Webhooks": list}))
+}
+
+/// `POST /__emulator/callback`: `{"url": "http://..." | null, "token": "..."}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallbackUpdate {
+    url: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+fn callback_reply(state: &State) -> Response<Full<Bytes>> {
+    let (url, signed) = state.callback();
+    json_reply(StatusCode::OK, &json!({"url": url, "signed": signed}))
 }

@@ -6,11 +6,15 @@
 //!   TLSSigAPIv2 UserSig, the admin check) and answers with Chat's envelope and codes;
 //! - serves a deterministic synthetic world generated from a seed (`world`): accounts,
 //!   symmetric one-to-one conversations, groups, pinned and marked conversations and
-//!   conversation groups, with accounts that need several pages;
+//!   conversation groups, with accounts that need several pages; every account's
+//!   profile (`profile`) and friend list (`sns`), every group's profile and members
+//!   (`groups`);
 //! - implements `recentcontact/get_list` with Chat's two cursors (`paging`), the
-//!   conversation writes and `openim/sendmsg` / `send_group_msg` keeping the world
-//!   consistent (`writes`, `contact_groups`), and fires Chat's webhooks
-//!   (`webhooks`);
+//!   conversation writes and the message commands keeping the world consistent
+//!   (`writes`, `contact_groups`), the profile, group, friend and account reads and
+//!   writes with Chat's limits and per-item codes (`profile`, `groups`, `sns`,
+//!   `accounts`), and fires Chat's webhooks (`webhooks`), also for changes made "from
+//!   a client" (`client`);
 //! - injects faults on demand: 50004/50005, latency and jitter, dropped connections
 //!   and Chat's per-command rate limit (`faults`), changeable at run time through the
 //!   control endpoints (`control`).
@@ -21,15 +25,20 @@
 //! Start it with [`run`] on a listener (the `chat-gateway emulator` command) or with
 //! [`spawn`] in a background task (tests, `chat-gateway demo`).
 
+mod accounts;
 mod auth;
+mod client;
 mod config;
 mod contact_groups;
 mod control;
 mod faults;
+mod groups;
 mod paging;
+mod profile;
 mod protocol;
 mod rng;
 mod server;
+mod sns;
 mod state;
 mod stats;
 mod webhooks;
@@ -73,7 +82,7 @@ async fn build(cfg: EmulatorConfig) -> io::Result<Arc<State>> {
     tracing::info!(
         accounts,
         seed,
-        groups = world.groups().len(),
+        groups = world.generated_groups(),
         millis = started.elapsed().as_millis() as u64,
         "emulator world generated"
     );

@@ -173,6 +173,12 @@ pub(crate) fn get_list(
         .account(index)
         .ok_or_else(|| ApiError::new(50001, "account not found"))?;
     let acct = read(lock);
+    if !acct.imported {
+        return Err(ApiError::new(
+            50001,
+            format!("From_Account {:?} has not been imported", req.from),
+        ));
+    }
     let top = cut(
         &acct.top,
         Cursor {

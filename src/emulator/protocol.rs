@@ -25,11 +25,53 @@ pub(crate) enum Command {
     SearchContactGroup,
     SendMsg,
     SendGroupMsg,
+    PortraitGet,
+    PortraitSet,
+    GetGroupInfo,
+    GetGroupMemberInfo,
+    GetJoinedGroupList,
+    CreateGroup,
+    ModifyGroupBaseInfo,
+    AddGroupMember,
+    DeleteGroupMember,
+    ModifyGroupMemberInfo,
+    ChangeGroupOwner,
+    DestroyGroup,
+    ForbidSendMsg,
+    FriendGet,
+    FriendGetList,
+    FriendAdd,
+    FriendImport,
+    FriendUpdate,
+    FriendDelete,
+    FriendDeleteAll,
+    AccountCheck,
+    AccountImport,
+    MultiaccountImport,
+    AccountDelete,
+    QueryOnlineStatus,
+    BatchSendMsg,
+    ImportMsg,
+}
+
+/// Where an answer puts Chat's envelope, as each command family's documentation
+/// shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Envelope {
+    /// The command's fields, then `ActionStatus, ErrorCode, ErrorInfo, RequestId`
+    /// (recentcontact).
+    Trailing,
+    /// The command's fields, then `ActionStatus, ErrorCode, ErrorInfo,
+    /// ErrorDisplay, RequestId` (profile and sns); failures carry `ErrorDisplay` too.
+    Display,
+    /// `ActionStatus, ErrorCode, ErrorInfo, RequestId`, then the command's fields
+    /// (group, account and the openim commands added with them).
+    Leading,
 }
 
 impl Command {
     /// Every command, in index order.
-    pub(crate) const ALL: [Command; 10] = [
+    pub(crate) const ALL: [Command; 37] = [
         Command::GetList,
         Command::Delete,
         Command::MarkContact,
@@ -40,6 +82,33 @@ impl Command {
         Command::SearchContactGroup,
         Command::SendMsg,
         Command::SendGroupMsg,
+        Command::PortraitGet,
+        Command::PortraitSet,
+        Command::GetGroupInfo,
+        Command::GetGroupMemberInfo,
+        Command::GetJoinedGroupList,
+        Command::CreateGroup,
+        Command::ModifyGroupBaseInfo,
+        Command::AddGroupMember,
+        Command::DeleteGroupMember,
+        Command::ModifyGroupMemberInfo,
+        Command::ChangeGroupOwner,
+        Command::DestroyGroup,
+        Command::ForbidSendMsg,
+        Command::FriendGet,
+        Command::FriendGetList,
+        Command::FriendAdd,
+        Command::FriendImport,
+        Command::FriendUpdate,
+        Command::FriendDelete,
+        Command::FriendDeleteAll,
+        Command::AccountCheck,
+        Command::AccountImport,
+        Command::MultiaccountImport,
+        Command::AccountDelete,
+        Command::QueryOnlineStatus,
+        Command::BatchSendMsg,
+        Command::ImportMsg,
     ];
 
     /// `service/command` as in the URL.
@@ -55,6 +124,33 @@ impl Command {
             Command::SearchContactGroup => "recentcontact/search_contact_group",
             Command::SendMsg => "openim/sendmsg",
             Command::SendGroupMsg => "group_open_http_svc/send_group_msg",
+            Command::PortraitGet => "profile/portrait_get",
+            Command::PortraitSet => "profile/portrait_set",
+            Command::GetGroupInfo => "group_open_http_svc/get_group_info",
+            Command::GetGroupMemberInfo => "group_open_http_svc/get_group_member_info",
+            Command::GetJoinedGroupList => "group_open_http_svc/get_joined_group_list",
+            Command::CreateGroup => "group_open_http_svc/create_group",
+            Command::ModifyGroupBaseInfo => "group_open_http_svc/modify_group_base_info",
+            Command::AddGroupMember => "group_open_http_svc/add_group_member",
+            Command::DeleteGroupMember => "group_open_http_svc/delete_group_member",
+            Command::ModifyGroupMemberInfo => "group_open_http_svc/modify_group_member_info",
+            Command::ChangeGroupOwner => "group_open_http_svc/change_group_owner",
+            Command::DestroyGroup => "group_open_http_svc/destroy_group",
+            Command::ForbidSendMsg => "group_open_http_svc/forbid_send_msg",
+            Command::FriendGet => "sns/friend_get",
+            Command::FriendGetList => "sns/friend_get_list",
+            Command::FriendAdd => "sns/friend_add",
+            Command::FriendImport => "sns/friend_import",
+            Command::FriendUpdate => "sns/friend_update",
+            Command::FriendDelete => "sns/friend_delete",
+            Command::FriendDeleteAll => "sns/friend_delete_all",
+            Command::AccountCheck => "im_open_login_svc/account_check",
+            Command::AccountImport => "im_open_login_svc/account_import",
+            Command::MultiaccountImport => "im_open_login_svc/multiaccount_import",
+            Command::AccountDelete => "im_open_login_svc/account_delete",
+            Command::QueryOnlineStatus => "openim/query_online_status",
+            Command::BatchSendMsg => "openim/batchsendmsg",
+            Command::ImportMsg => "openim/importmsg",
         }
     }
 
@@ -67,6 +163,30 @@ impl Command {
     pub(crate) fn index(self) -> usize {
         self as usize
     }
+
+    /// Where this command's answers put the envelope.
+    pub(crate) fn envelope(self) -> Envelope {
+        match self.as_str().split('/').next() {
+            Some("profile" | "sns") => Envelope::Display,
+            Some("group_open_http_svc" | "im_open_login_svc") => Envelope::Leading,
+            _ => match self {
+                Command::QueryOnlineStatus | Command::BatchSendMsg | Command::ImportMsg => {
+                    Envelope::Leading
+                }
+                _ => Envelope::Trailing,
+            },
+        }
+    }
+
+    /// This command's documented call frequency limit when the emulator's
+    /// `rate_limit` is `base` (Chat's default 200/s for most commands): the commands
+    /// Chat documents at 100 calls/s (account_check, multiaccount_import) get half.
+    pub(crate) fn rate_limit(self, base: u32) -> u32 {
+        match self {
+            Command::AccountCheck | Command::MultiaccountImport => base.div_ceil(2),
+            _ => base,
+        }
+    }
 }
 
 /// A failed call: Chat's `ErrorCode` and `ErrorInfo`.
@@ -76,6 +196,8 @@ pub(crate) struct ApiError {
     pub code: i64,
     /// `ErrorInfo`.
     pub info: Cow<'static, str>,
+    /// Whether the answer carries `ErrorDisplay` (profile and sns commands).
+    pub display: bool,
 }
 
 impl ApiError {
@@ -84,7 +206,14 @@ impl ApiError {
         ApiError {
             code,
             info: info.into(),
+            display: false,
         }
+    }
+
+    /// The same error answered with an `ErrorDisplay` field.
+    pub(crate) fn with_display(mut self) -> ApiError {
+        self.display = true;
+        self
     }
 }
 
@@ -92,8 +221,28 @@ impl ApiError {
 pub(crate) enum Reply {
     /// A serialized JSON object (typed structs, for hot paths).
     Raw(Vec<u8>),
-    /// A JSON object value (cold paths).
+    /// A JSON object value (cold paths; keys come out sorted).
     Value(serde_json::Value),
+    /// A serialized JSON object followed by the envelope with `ErrorDisplay`.
+    Display(Vec<u8>),
+    /// A serialized JSON object preceded by the envelope.
+    Leading(Vec<u8>),
+}
+
+/// Serializes a typed answer (field order as declared). Serializing these structs
+/// cannot fail; an empty object stands in if it ever did.
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// A typed answer in `envelope`'s style.
+pub(crate) fn reply<T: Serialize>(envelope: Envelope, value: &T) -> Reply {
+    let bytes = to_json(value);
+    match envelope {
+        Envelope::Trailing => Reply::Raw(bytes),
+        Envelope::Display => Reply::Display(bytes),
+        Envelope::Leading => Reply::Leading(bytes),
+    }
 }
 
 /// Makes Chat-style request ids: `Id-<32 hex>-O-Seq-<n>`, unique per emulator.
@@ -138,35 +287,84 @@ fn with_request_id(mut obj: Vec<u8>, request_id: &str) -> Bytes {
 
 /// `{"ActionStatus":"FAIL","ErrorCode":..,"ErrorInfo":..,"RequestId":..}`.
 pub(crate) fn fail(err: &ApiError, request_id: &str) -> Bytes {
+    if err.display {
+        #[derive(Serialize)]
+        struct FailDisplay<'a> {
+            #[serde(rename = "ActionStatus")]
+            status: &'static str,
+            #[serde(rename = "ErrorCode")]
+            code: i64,
+            #[serde(rename = "ErrorInfo")]
+            info: &'a str,
+            #[serde(rename = "ErrorDisplay")]
+            display: &'static str,
+            #[serde(rename = "RequestId")]
+            request_id: &'a str,
+        }
+        return Bytes::from(to_json(&FailDisplay {
+            status: "FAIL",
+            code: err.code,
+            info: &err.info,
+            display: "",
+            request_id,
+        }));
+    }
     with_request_id(
         envelope::fail_body(err.code, &err.info).to_vec(),
         request_id,
     )
 }
 
+/// Closes `obj` (a serialized object) with `tail` (`"K":v,...` without braces).
+fn close_with(mut obj: Vec<u8>, tail: &[u8], request_id: &str) -> Bytes {
+    if obj.last() == Some(&b'}') {
+        obj.pop();
+        if obj.last() != Some(&b'{') {
+            obj.push(b',');
+        }
+        obj.extend_from_slice(tail);
+        obj.extend_from_slice(b"\"RequestId\":\"");
+        obj.extend_from_slice(request_id.as_bytes());
+        obj.extend_from_slice(b"\"}");
+    }
+    Bytes::from(obj)
+}
+
 /// The command's fields followed by `ActionStatus`, `ErrorCode`, `ErrorInfo` and
 /// `RequestId`.
 pub(crate) fn ok(reply: Reply, request_id: &str) -> Bytes {
     match reply {
-        Reply::Raw(mut obj) => {
-            if obj.last() == Some(&b'}') {
-                obj.pop();
-                if obj.last() != Some(&b'{') {
-                    obj.push(b',');
-                }
-                obj.extend_from_slice(
-                    br#""ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","RequestId":""#,
-                );
-                obj.extend_from_slice(request_id.as_bytes());
-                obj.extend_from_slice(b"\"}");
-            }
-            Bytes::from(obj)
-        }
+        Reply::Raw(obj) => close_with(
+            obj,
+            br#""ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","#,
+            request_id,
+        ),
         Reply::Value(mut v) => {
             if let Some(obj) = v.as_object_mut() {
                 obj.insert("RequestId".into(), request_id.into());
             }
             envelope::ok_body(v)
+        }
+        Reply::Display(obj) => close_with(
+            obj,
+            br#""ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","ErrorDisplay":"","#,
+            request_id,
+        ),
+        Reply::Leading(obj) => {
+            let mut out = Vec::with_capacity(obj.len() + 96);
+            out.extend_from_slice(
+                br#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","RequestId":""#,
+            );
+            out.extend_from_slice(request_id.as_bytes());
+            out.push(b'"');
+            match obj.strip_prefix(b"{") {
+                Some(rest) if rest != b"}" => {
+                    out.push(b',');
+                    out.extend_from_slice(rest);
+                }
+                _ => out.push(b'}'),
+            }
+            Bytes::from(out)
         }
     }
 }
@@ -184,6 +382,39 @@ pub(crate) fn parse_body<'a, T: Deserialize<'a>>(
             _ => ApiError::new(60003, format!("request body is not valid JSON: {e}")),
         }
     })
+}
+
+/// Who makes a change: the app admin through REST, or a user through a client SDK
+/// (the `/__emulator/client/...` control endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Actor<'a> {
+    /// The app admin calling the REST API.
+    Admin,
+    /// A user's app: the user's account slot and the platform it runs on.
+    Client {
+        /// The acting account.
+        user: u32,
+        /// `OptPlatform` of the webhooks it causes (`iOS`, `Android`, `Web`, ...).
+        platform: &'a str,
+    },
+}
+
+impl Actor<'_> {
+    /// `OptPlatform` of the webhooks this actor's changes send.
+    pub(crate) fn platform(&self) -> &str {
+        match self {
+            Actor::Admin => "RESTAPI",
+            Actor::Client { platform, .. } => platform,
+        }
+    }
+
+    /// The acting user, for a client change.
+    pub(crate) fn user(&self) -> Option<u32> {
+        match self {
+            Actor::Admin => None,
+            Actor::Client { user, .. } => Some(*user),
+        }
+    }
 }
 
 /// A conversation reference in a request: `{Type, To_Account | ToGroupId}`

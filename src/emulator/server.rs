@@ -26,10 +26,10 @@ use serde::Deserialize;
 
 use super::config::FaultSettings;
 use super::faults::Fate;
-use super::protocol::{self, ApiError, Command, Reply};
+use super::protocol::{self, Actor, ApiError, Command, Envelope, Reply};
 use super::state::{read_body, respond, unix_now, State, MAX_BODY};
 use super::stats::FaultKind;
-use super::{contact_groups, control, paging, writes};
+use super::{accounts, contact_groups, control, groups, paging, profile, sns, writes};
 use crate::chat::commands::command_of_path;
 
 /// A response hyper refuses to write: it carries both `Transfer-Encoding` and a
@@ -120,17 +120,14 @@ async fn process(
             "request body is empty (send {} for no fields)",
         ));
     }
-    if !state
-        .limiter
-        .admit(command.index(), settings.rate_limit, Instant::now())
-    {
+    let limit = command.rate_limit(settings.rate_limit);
+    if !state.limiter.admit(command.index(), limit, Instant::now()) {
         count_account(state, &body);
         return Err(ApiError::new(
             60007,
             format!(
-                "{} is limited to {} calls per second",
-                command.as_str(),
-                settings.rate_limit
+                "{} is limited to {limit} calls per second",
+                command.as_str()
             ),
         ));
     }
@@ -149,15 +146,32 @@ async fn process(
         return Err(ApiError::new(code, info));
     }
     let mut who = None;
-    let result = dispatch(state, command, &body, &mut who);
+    let result = dispatch(state, &Actor::Admin, command, &body, &mut who);
     if let Some(i) = who {
         state.stats.account(i);
     }
     result
 }
 
-fn dispatch(
+/// Runs `command` for `actor`. Errors of the profile and sns commands carry
+/// `ErrorDisplay`, as their answers do.
+pub(crate) fn dispatch(
     state: &State,
+    actor: &Actor<'_>,
+    command: Command,
+    body: &[u8],
+    who: &mut Option<u32>,
+) -> Result<Reply, ApiError> {
+    let result = run(state, actor, command, body, who);
+    match command.envelope() {
+        Envelope::Display => result.map_err(ApiError::with_display),
+        _ => result,
+    }
+}
+
+fn run(
+    state: &State,
+    actor: &Actor<'_>,
     command: Command,
     body: &[u8],
     who: &mut Option<u32>,
@@ -171,13 +185,40 @@ fn dispatch(
             who,
         ),
         Command::Delete => writes::delete(state, body, who),
-        Command::SendMsg => writes::sendmsg(state, body, who),
-        Command::SendGroupMsg => writes::send_group_msg(state, body, who),
+        Command::SendMsg => writes::sendmsg(state, actor, body, who),
+        Command::SendGroupMsg => groups::send_group_msg(state, actor, body, who),
         Command::MarkContact => contact_groups::mark_contact(state, body, who),
         Command::CreateContactGroup => contact_groups::create_contact_group(state, body, who),
         Command::UpdateContactGroup => contact_groups::update_contact_group(state, body, who),
         Command::DelContactGroup => contact_groups::del_contact_group(state, body, who),
         Command::GetContactGroup => contact_groups::get_contact_group(state, body, who),
         Command::SearchContactGroup => contact_groups::search_contact_group(state, body, who),
+        Command::PortraitGet => profile::portrait_get(state, body),
+        Command::PortraitSet => profile::portrait_set(state, actor, body, who),
+        Command::GetGroupInfo => groups::get_group_info(state, body),
+        Command::GetGroupMemberInfo => groups::get_group_member_info(state, body),
+        Command::GetJoinedGroupList => groups::get_joined_group_list(state, body, who),
+        Command::CreateGroup => groups::create_group(state, actor, body, who),
+        Command::ModifyGroupBaseInfo => groups::modify_group_base_info(state, actor, body, who),
+        Command::AddGroupMember => groups::add_group_member(state, actor, body, who),
+        Command::DeleteGroupMember => groups::delete_group_member(state, actor, body, who),
+        Command::ModifyGroupMemberInfo => groups::modify_group_member_info(state, actor, body, who),
+        Command::ChangeGroupOwner => groups::change_group_owner(state, actor, body, who),
+        Command::DestroyGroup => groups::destroy_group(state, actor, body, who),
+        Command::ForbidSendMsg => groups::forbid_send_msg(state, actor, body, who),
+        Command::FriendGet => sns::friend_get(state, body, who),
+        Command::FriendGetList => sns::friend_get_list(state, body, who),
+        Command::FriendAdd => sns::friend_add(state, actor, body, who),
+        Command::FriendImport => sns::friend_import(state, body, who),
+        Command::FriendUpdate => sns::friend_update(state, actor, body, who),
+        Command::FriendDelete => sns::friend_delete(state, actor, body, who),
+        Command::FriendDeleteAll => sns::friend_delete_all(state, body, who),
+        Command::AccountCheck => accounts::account_check(state, body),
+        Command::AccountImport => accounts::account_import(state, body, who),
+        Command::MultiaccountImport => accounts::multiaccount_import(state, body),
+        Command::AccountDelete => accounts::account_delete(state, body),
+        Command::QueryOnlineStatus => accounts::query_online_status(state, body),
+        Command::BatchSendMsg => writes::batchsendmsg(state, body, who),
+        Command::ImportMsg => writes::importmsg(state, body, who),
     }
 }

@@ -2,8 +2,9 @@
 //! the state behind every request, the clock, and how a body is read and an answer
 //! built.
 
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -15,9 +16,9 @@ use hyper::body::Incoming;
 use super::auth::Auth;
 use super::config::EmulatorConfig;
 use super::faults::{LiveFaults, RateLimiter};
-use super::protocol::{ApiError, Command, RequestIds};
+use super::protocol::{Actor, ApiError, Command, RequestIds};
 use super::stats::Stats;
-use super::webhooks::Webhooks;
+use super::webhooks::{HookLog, Webhooks};
 use super::world::World;
 
 /// Largest request body accepted.
@@ -37,6 +38,10 @@ pub(crate) fn unix_now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// An imported message's identity: (lower account, higher account, MsgSeq,
+/// MsgRandom, MsgTimeStamp).
+pub(crate) type ImportedMsg = (u32, u32, u64, u64, u64);
+
 /// Everything a request handler needs, shared by all connections.
 pub(crate) struct State {
     /// The configuration the emulator started with (faults live in `faults`).
@@ -51,12 +56,18 @@ pub(crate) struct State {
     pub limiter: RateLimiter,
     /// Counters.
     pub stats: Arc<Stats>,
-    /// Webhook sender, when a callback URL is configured.
-    pub webhooks: Option<Arc<Webhooks>>,
+    /// Webhook sender, when a callback URL is configured (changeable at run time
+    /// through `POST /__emulator/callback`).
+    pub webhooks: RwLock<Option<Arc<Webhooks>>>,
     /// Request id generator.
     pub request_ids: RequestIds,
     /// Message sequence numbers (MsgSeq, MsgKey).
     pub msg_seq: AtomicU64,
+    /// Messages `importmsg` has placed: (lower account, higher account, MsgSeq,
+    /// MsgRandom, MsgTimeStamp), so a repeat import is the same message.
+    pub imported_msgs: Mutex<HashSet<ImportedMsg>>,
+    /// Every webhook produced, for `GET /__emulator/webhooks`.
+    pub hook_log: Mutex<HookLog>,
 }
 
 impl State {
@@ -77,12 +88,69 @@ impl State {
             faults: LiveFaults::new(cfg.faults, cfg.seed),
             limiter: RateLimiter::new(Command::ALL.len(), Instant::now()),
             stats,
-            webhooks,
+            webhooks: RwLock::new(webhooks),
             request_ids: RequestIds::new(unix_now_ms()),
             msg_seq: AtomicU64::new(0),
+            imported_msgs: Mutex::new(HashSet::new()),
+            hook_log: Mutex::new(HookLog::default()),
             world,
             cfg,
         })
+    }
+}
+
+impl State {
+    /// The name webhooks and answers show for `actor`: the admin identifier or the
+    /// user's UserID.
+    pub(crate) fn operator<'s>(&'s self, actor: &Actor<'_>) -> &'s str {
+        match actor {
+            Actor::Admin => &self.cfg.identifier,
+            Actor::Client { user, .. } => self.world.name(*user),
+        }
+    }
+
+    /// Points webhooks at `url` (signed with `token` when set), or turns them off.
+    pub(crate) fn set_callback(
+        &self,
+        url: Option<&str>,
+        token: Option<String>,
+    ) -> Result<(), String> {
+        let hooks = match url {
+            Some(url) => Some(Arc::new(Webhooks::new(
+                url,
+                token,
+                self.cfg.sdkappid,
+                Arc::clone(&self.stats),
+            )?)),
+            None => None,
+        };
+        *self.webhooks.write().unwrap_or_else(|e| e.into_inner()) = hooks;
+        Ok(())
+    }
+
+    /// The callback URL in force and whether webhooks are signed.
+    pub(crate) fn callback(&self) -> (Option<String>, bool) {
+        match &*self.webhooks.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(h) => (Some(h.target().to_owned()), h.signed()),
+            None => (None, false),
+        }
+    }
+
+    /// Logs webhook `command` with `body` and sends it when a callback URL is
+    /// configured, with `OptPlatform` from `actor`.
+    pub(crate) fn fire(&self, actor: &Actor<'_>, command: &'static str, body: serde_json::Value) {
+        self.hook_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(command, actor.platform(), &body);
+        let hooks = self
+            .webhooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hooks) = hooks {
+            hooks.fire_as(command, body, unix_now(), actor.platform());
+        }
     }
 }
 

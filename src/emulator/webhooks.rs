@@ -1,8 +1,10 @@
-//! Chat's third-party callbacks, fired after a message is sent: `POST
+//! Chat's third-party callbacks, fired after a change: `POST
 //! <callback_url>?SdkAppid=..&CallbackCommand=..&contenttype=json&ClientIP=127.0.0.1&OptPlatform=RESTAPI`
 //! plus `&Sign=<hex sha256(token + RequestTime)>&RequestTime=<unix>` when a token is
-//! set. Each is sent from its own task, so the API answer never waits for it.
+//! set (`OptPlatform` is the client's platform for changes made "from a client").
+//! Each is sent from its own task, so the API answer never waits for it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +21,48 @@ use super::stats::Stats;
 
 /// How long one webhook may take before it counts as failed.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// Webhooks the log keeps (the oldest go first).
+pub(crate) const LOG_CAPACITY: usize = 10_000;
+
+/// Every webhook the emulator's changes produced, newest last, numbered from 1:
+/// `GET /__emulator/webhooks?since=<n>` reads it. A webhook is logged when the
+/// change is made (before the API answers), whether or not a callback URL is set,
+/// so a test can tell synchronously which webhooks a write produced.
+#[derive(Debug, Default)]
+pub(crate) struct HookLog {
+    entries: VecDeque<(u64, Value)>,
+    next: u64,
+}
+
+impl HookLog {
+    /// Appends one webhook: its command, OptPlatform and body.
+    pub(crate) fn push(&mut self, command: &str, platform: &str, body: &Value) {
+        self.next += 1;
+        if self.entries.len() == LOG_CAPACITY {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((
+            self.next,
+            serde_json::json!({
+                "Seq": self.next,
+                "CallbackCommand": command,
+                "OptPlatform": platform,
+                "Body": body,
+            }),
+        ));
+    }
+
+    /// The webhooks numbered above `since`, and the number of the newest.
+    pub(crate) fn since(&self, since: u64) -> (Vec<Value>, u64) {
+        let list = self
+            .entries
+            .iter()
+            .filter(|(n, _)| *n > since)
+            .map(|(_, v)| v.clone())
+            .collect();
+        (list, self.next)
+    }
+}
 
 /// Checks a callback URL: plain `http://` with a host (the emulator is loopback
 /// tooling; TLS is the real Chat's business).
@@ -44,6 +88,8 @@ pub(crate) fn sign(token: &str, request_time: u64) -> String {
 
 /// The webhook sender.
 pub(crate) struct Webhooks {
+    /// The callback URL as configured.
+    target: String,
     /// The callback URL followed by `?` or `&`, ready for the query.
     base: String,
     token: Option<String>,
@@ -67,6 +113,7 @@ impl Webhooks {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(TIMEOUT));
         Ok(Webhooks {
+            target: url.to_owned(),
             base: format!("{url}{sep}"),
             token: token.filter(|t| !t.is_empty()),
             sdkappid,
@@ -75,11 +122,27 @@ impl Webhooks {
         })
     }
 
-    /// The full URL for `command` at unix time `now`.
+    /// The callback URL.
+    pub(crate) fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Whether webhooks carry `Sign` (a token is set).
+    pub(crate) fn signed(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// The full URL for `command` from a REST call at unix time `now`.
+    #[cfg(test)]
     pub(crate) fn url(&self, command: &str, now: u64) -> String {
+        self.url_as(command, now, "RESTAPI")
+    }
+
+    /// The full URL for `command` at unix time `now` with `OptPlatform=platform`.
+    pub(crate) fn url_as(&self, command: &str, now: u64, platform: &str) -> String {
         let mut url = format!(
-            "{}SdkAppid={}&CallbackCommand={}&contenttype=json&ClientIP=127.0.0.1&OptPlatform=RESTAPI",
-            self.base, self.sdkappid, command
+            "{}SdkAppid={}&CallbackCommand={}&contenttype=json&ClientIP=127.0.0.1&OptPlatform={}",
+            self.base, self.sdkappid, command, platform
         );
         if let Some(token) = &self.token {
             url.push_str(&format!("&Sign={}&RequestTime={now}", sign(token, now)));
@@ -87,12 +150,18 @@ impl Webhooks {
         url
     }
 
-    /// Sends `body` for `command` from a new task; the outcome only shows in stats
-    /// and the log.
-    pub(crate) fn fire(self: &Arc<Self>, command: &'static str, body: Value, now: u64) {
+    /// Sends `body` for `command` with `OptPlatform=platform` from a new task; the
+    /// outcome only shows in stats and the log.
+    pub(crate) fn fire_as(
+        self: &Arc<Self>,
+        command: &'static str,
+        body: Value,
+        now: u64,
+        platform: &str,
+    ) {
         let this = Arc::clone(self);
+        let url = this.url_as(command, now, platform);
         tokio::spawn(async move {
-            let url = this.url(command, now);
             let req = Request::builder()
                 .method(Method::POST)
                 .uri(&url)

@@ -14,14 +14,28 @@
 //! - some conversations are pinned, marked (StandardMark, CustomMark) or in
 //!   conversation groups (ContactGroupId, GroupItem).
 //!
+//! - every account has a profile (generated from the seed on demand, stored once
+//!   written: `profile`), a friend list (`sns`), and is "imported" until
+//!   `account_delete`; `account_import` adds accounts with any UserID;
+//! - groups carry their whole profile and member rows (`groups`).
+//!
 //! Each account's state sits behind its own `RwLock`, so reads of different (or the
 //! same) accounts run in parallel and a write locks only the accounts it changes.
+//! All groups sit behind one `RwLock` (the group table). Lock order, everywhere: the
+//! group table first, then accounts in ascending index; a handler that needs several
+//! accounts in another order takes them one at a time. The name and GroupId indexes
+//! are leaf locks: nothing else is taken while one is held.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use serde_json::Value;
+
+use super::groups::{self, GroupTable, RawGroup};
+use super::profile::ProfileTag;
 use super::rng::{mix64, SplitMix64};
+use super::sns::{self, Friend};
 
 /// 2026-01-01T00:00:00Z: the base of every world's epoch.
 const BASE_EPOCH: u64 = 1_767_225_600;
@@ -31,6 +45,10 @@ const SPAN_SECS: u64 = 8 * 7 * 86_400;
 pub(crate) const MAX_CONTACT_GROUPS: usize = 20;
 /// Conversations with marks or groups a user may have (Chat's documented limit).
 pub(crate) const MAX_MARKED: usize = 1000;
+/// Accounts `account_import` may add beyond the generated ones (then 70398).
+pub(crate) const EXTRA_ACCOUNTS: u32 = 10_000;
+/// Groups `create_group` may add beyond the generated ones.
+pub(crate) const EXTRA_GROUPS: u32 = 10_000;
 
 /// The other side of a conversation. `User` sorts before `Group`, which fixes the
 /// order of conversations that share a MsgTime.
@@ -107,6 +125,18 @@ pub(crate) struct Account {
     pub next_group_id: u32,
     /// The newest MsgTime this account has ever had: a new message gets a later one.
     pub max_time: u64,
+    /// Imported (exists for every API); false for a free slot or after
+    /// `account_delete`.
+    pub imported: bool,
+    /// The profile once written (`portrait_set`, import, delete); `None` while it is
+    /// still the one generated from the seed.
+    pub profile: Option<BTreeMap<ProfileTag, Value>>,
+    /// The friend list: friend account index → friend data.
+    pub friends: BTreeMap<u32, Friend>,
+    /// `StandardSequence` of the friend list: grows on every change.
+    pub std_seq: u64,
+    /// `CustomSequence` of the friend list: grows when custom friend data changes.
+    pub custom_seq: u64,
 }
 
 impl Account {
@@ -161,27 +191,50 @@ impl Account {
     pub(crate) fn group_by_name(&self, name: &str) -> Option<&ContactGroup> {
         self.contact_groups.iter().find(|g| g.name == name)
     }
+
+    /// The state of an account just (re-)imported: nothing but its existence and an
+    /// empty profile; conversation groups start at 1 again.
+    pub(crate) fn reset_imported(&mut self) {
+        let std_seq = self.std_seq + 1;
+        let custom_seq = self.custom_seq + 1;
+        *self = Account {
+            imported: true,
+            next_group_id: 1,
+            profile: Some(BTreeMap::new()),
+            std_seq,
+            custom_seq,
+            ..Account::default()
+        };
+    }
 }
 
-/// A Chat group.
-#[derive(Debug, Clone)]
-pub(crate) struct Group {
-    /// `@TGS#` followed by nine characters, as Chat names groups.
-    pub id: Box<str>,
-    /// Member account indexes, ascending (which is also the lock order).
-    pub members: Vec<u32>,
+/// Why an account slot could not be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotError {
+    /// Every extra slot is taken.
+    Full,
 }
 
-/// The whole world. Accounts and groups never appear or disappear after generation;
-/// conversation lists, marks and conversation groups change.
+/// The whole world: accounts (generated, then imported ones in extra slots),
+/// conversation lists, marks and conversation groups, profiles, friends and groups.
 pub(crate) struct World {
     seed: u64,
     epoch: u64,
     width: usize,
     names: Vec<Box<str>>,
-    groups: Vec<Group>,
-    group_index: HashMap<Box<str>, u32>,
+    /// Names of imported accounts beyond the generated ones, slot `names.len() + k`.
+    extra_names: Vec<OnceLock<Box<str>>>,
+    /// Name → slot for the extra accounts.
+    extra_index: RwLock<HashMap<Box<str>, u32>>,
     accounts: Vec<RwLock<Account>>,
+    /// Every group id ever used, by group slot (set once, never changed).
+    group_ids: Vec<OnceLock<Box<str>>>,
+    generated_groups: u32,
+    groups: RwLock<GroupTable>,
+    /// Live GroupId → group slot. A leaf lock: nothing else is locked while it is
+    /// held, so any handler may look a group up whatever it holds; it changes only
+    /// under the group table's write lock.
+    group_index: RwLock<HashMap<Box<str>, u32>>,
 }
 
 /// Reads a lock, recovering the data if a writer panicked (writes keep the lists
@@ -233,6 +286,7 @@ impl World {
         let mut accts: Vec<Account> = (0..n)
             .map(|_| Account {
                 next_group_id: 1,
+                imported: true,
                 ..Account::default()
             })
             .collect();
@@ -284,15 +338,16 @@ impl World {
         }
         drop(seen);
 
-        // Groups and their members.
+        // Groups and their members (in the order they were drawn: the join order).
         let group_count = (n / 20).max(1);
-        let mut groups: Vec<Group> = Vec::with_capacity(group_count as usize);
-        let mut group_index: HashMap<Box<str>, u32> = HashMap::new();
-        for g in 0..group_count {
+        let mut groups: Vec<RawGroup> = Vec::with_capacity(group_count as usize);
+        let mut used: HashSet<String> = HashSet::new();
+        for _ in 0..group_count {
             let mut id = random_group_id(&mut rng);
-            while group_index.contains_key(id.as_str()) {
+            while used.contains(&id) {
                 id = random_group_id(&mut rng);
             }
+            used.insert(id.clone());
             let size = rng.range(3, 40).min(u64::from(n)) as usize;
             let mut members: Vec<u32> = Vec::with_capacity(size);
             while members.len() < size {
@@ -301,12 +356,13 @@ impl World {
                     members.push(m);
                 }
             }
-            group_index.insert(id.clone().into_boxed_str(), g);
-            groups.push(Group {
-                id: id.into_boxed_str(),
+            groups.push(RawGroup {
+                id,
                 members,
+                last_msg_time: 0,
             });
         }
+        drop(used);
         for i in (0..n).filter(|&i| is_heavy(i)) {
             for _ in 0..5 {
                 let g = rng.below(u64::from(group_count)) as usize;
@@ -316,9 +372,11 @@ impl World {
             }
         }
         for (g, group) in groups.iter_mut().enumerate() {
-            group.members.sort_unstable();
+            let mut sorted = group.members.clone();
+            sorted.sort_unstable();
             let t = msg_time(&mut rng);
-            for &m in &group.members {
+            group.last_msg_time = t;
+            for &m in &sorted {
                 let pinned = rng.chance(pin_chance(m));
                 push(&mut accts[m as usize], Peer::Group(g as u32), t, pinned);
             }
@@ -379,14 +437,32 @@ impl World {
             }
         }
 
+        // Friends and group profiles come from their own streams, so the
+        // conversations above stay what they were before these existed.
+        sns::generate(&mut accts, seed);
+        let slots = n as usize + EXTRA_ACCOUNTS as usize;
+        let generated_groups = groups.len() as u32;
+        let group_ids: Vec<OnceLock<Box<str>>> = (0..generated_groups + EXTRA_GROUPS)
+            .map(|_| OnceLock::new())
+            .collect();
+        for (g, raw) in groups.iter().enumerate() {
+            let _ = group_ids[g].set(raw.id.clone().into_boxed_str());
+        }
+        let (table, group_index) = groups::generate(groups, seed, epoch, slots);
+        accts.resize_with(slots, Account::default);
+
         World {
             seed,
             epoch,
             width,
             names,
-            groups,
-            group_index,
+            extra_names: (0..EXTRA_ACCOUNTS).map(|_| OnceLock::new()).collect(),
+            extra_index: RwLock::new(HashMap::new()),
             accounts: accts.into_iter().map(RwLock::new).collect(),
+            group_ids,
+            generated_groups,
+            groups: RwLock::new(table),
+            group_index: RwLock::new(group_index),
         }
     }
 
@@ -400,9 +476,14 @@ impl World {
         self.epoch
     }
 
-    /// Number of accounts.
+    /// Number of generated accounts (imported ones come on top).
     pub(crate) fn account_count(&self) -> u32 {
         self.names.len() as u32
+    }
+
+    /// Number of account slots: generated plus room for imported accounts.
+    pub(crate) fn slot_count(&self) -> u32 {
+        self.accounts.len() as u32
     }
 
     /// Digits in an account number (4 unless there are more than 9999 accounts).
@@ -410,8 +491,17 @@ impl World {
         self.width
     }
 
-    /// The account named `name` (exactly: `user_1` is not `user_0001`).
+    /// The slot of the account named `name`, imported or not (exactly: `user_1` is
+    /// not `user_0001`). Generated names are parsed; others are looked up among the
+    /// imported ones.
     pub(crate) fn account_index(&self, name: &str) -> Option<u32> {
+        if let Some(i) = self.generated_index(name) {
+            return Some(i);
+        }
+        read(&self.extra_index).get(name).copied()
+    }
+
+    fn generated_index(&self, name: &str) -> Option<u32> {
         let digits = name.strip_prefix("user_")?;
         if digits.len() != self.width || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
@@ -420,9 +510,47 @@ impl World {
         (number >= 1 && number <= self.names.len() as u64).then(|| (number - 1) as u32)
     }
 
+    /// The slot of `name` when the account is imported now.
+    pub(crate) fn existing(&self, name: &str) -> Option<u32> {
+        let i = self.account_index(name)?;
+        self.is_imported(i).then_some(i)
+    }
+
+    /// Whether the account in slot `index` is imported now.
+    pub(crate) fn is_imported(&self, index: u32) -> bool {
+        self.account(index).is_some_and(|a| read(a).imported)
+    }
+
+    /// The slot for `name`, allocating one for a new name.
+    pub(crate) fn slot_for(&self, name: &str) -> Result<u32, SlotError> {
+        if let Some(i) = self.account_index(name) {
+            return Ok(i);
+        }
+        let mut index = write(&self.extra_index);
+        if let Some(&i) = index.get(name) {
+            return Ok(i);
+        }
+        let k = index.len();
+        let cell = self.extra_names.get(k).ok_or(SlotError::Full)?;
+        if cell.set(name.into()).is_err() {
+            return Err(SlotError::Full);
+        }
+        let slot = self.names.len() as u32 + k as u32;
+        index.insert(name.into(), slot);
+        Ok(slot)
+    }
+
     /// The name of the account at `index`.
     pub(crate) fn name(&self, index: u32) -> &str {
-        self.names.get(index as usize).map_or("", |s| s)
+        let i = index as usize;
+        match self.names.get(i) {
+            Some(n) => n,
+            None => self
+                .extra_names
+                .get(i - self.names.len())
+                .and_then(OnceLock::get)
+                .map_or("", |s| s),
+        }
     }
 
     /// The account at `index` (an index from [`World::account_index`] or a peer).
@@ -430,32 +558,72 @@ impl World {
         self.accounts.get(index as usize)
     }
 
-    /// All groups.
-    pub(crate) fn groups(&self) -> &[Group] {
+    /// The group table (lock it before any account).
+    pub(crate) fn groups(&self) -> &RwLock<GroupTable> {
         &self.groups
     }
 
-    /// The group whose id is `id`.
-    pub(crate) fn group_index(&self, id: &str) -> Option<u32> {
-        self.group_index.get(id).copied()
+    /// Groups generated with the world.
+    pub(crate) fn generated_groups(&self) -> u32 {
+        self.generated_groups
     }
 
-    /// The group at `index`.
-    pub(crate) fn group(&self, index: u32) -> Option<&Group> {
-        self.groups.get(index as usize)
+    /// The slot of the live group `id`.
+    pub(crate) fn group_index(&self, id: &str) -> Option<u32> {
+        read(&self.group_index).get(id).copied()
+    }
+
+    /// Records the live group `id` in slot `g` (hold the group table's write lock).
+    pub(crate) fn index_group(&self, id: &str, g: u32) {
+        write(&self.group_index).insert(id.into(), g);
+    }
+
+    /// Forgets the live group `id` (hold the group table's write lock).
+    pub(crate) fn unindex_group(&self, id: &str) {
+        write(&self.group_index).remove(id);
+    }
+
+    /// The id of the group in slot `g` (destroyed groups keep theirs).
+    pub(crate) fn group_id(&self, g: u32) -> &str {
+        self.group_ids
+            .get(g as usize)
+            .and_then(OnceLock::get)
+            .map_or("", |s| s)
+    }
+
+    /// Records `id` for group slot `g`; false when the slot is out of range or taken.
+    pub(crate) fn set_group_id(&self, g: u32, id: &str) -> bool {
+        self.group_ids
+            .get(g as usize)
+            .is_some_and(|cell| cell.set(id.into()).is_ok())
+    }
+
+    /// How many group slots there are in all.
+    pub(crate) fn group_capacity(&self) -> u32 {
+        self.group_ids.len() as u32
     }
 
     /// Display id of a peer: the account name or the group id.
     pub(crate) fn peer_id(&self, peer: Peer) -> &str {
         match peer {
             Peer::User(i) => self.name(i),
-            Peer::Group(g) => self.group(g).map_or("", |g| &g.id),
+            Peer::Group(g) => self.group_id(g),
         }
     }
 
     /// Total conversations over all accounts (takes every read lock in turn).
     pub(crate) fn conversation_count(&self) -> usize {
         self.accounts.iter().map(|a| read(a).len()).sum()
+    }
+
+    /// Imported accounts right now (takes every read lock in turn).
+    pub(crate) fn imported_count(&self) -> usize {
+        self.accounts.iter().filter(|a| read(a).imported).count()
+    }
+
+    /// Friend-list entries over all accounts (takes every read lock in turn).
+    pub(crate) fn friendship_count(&self) -> usize {
+        self.accounts.iter().map(|a| read(a).friends.len()).sum()
     }
 }
 
@@ -488,7 +656,11 @@ mod tests {
                         let back = all(&b).into_iter().find(|x| x.peer == Peer::User(i));
                         assert_eq!(back.map(|x| x.msg_time), Some(c.msg_time), "{i} {j}");
                     }
-                    Peer::Group(g) => assert!(w.group(g).unwrap().members.contains(&i)),
+                    Peer::Group(g) => {
+                        let t = read(w.groups());
+                        assert!(t.get(g).unwrap().members.iter().any(|m| m.account == i));
+                        assert!(t.joined[i as usize].contains(&g));
+                    }
                 }
                 assert!(c.msg_time > 0 && c.msg_time <= w.epoch());
             }
@@ -501,13 +673,82 @@ mod tests {
                 .windows(2)
                 .all(|p| order_key(&p[0]) < order_key(&p[1])));
         }
-        for (g, group) in w.groups().iter().enumerate() {
-            assert!(group.id.starts_with("@TGS#") && group.id.len() == 14);
-            for &m in &group.members {
-                let a = read(w.account(m).unwrap());
-                assert!(a.position(Peer::Group(g as u32)).is_some());
+        let t = read(w.groups());
+        assert_eq!(t.live().count() as u32, w.generated_groups());
+        for (g, group) in t.live() {
+            let id = w.group_id(g);
+            assert!(id.starts_with("@TGS#") && id.len() == 14);
+            assert_eq!(w.group_index(id), Some(g));
+            let owners = group
+                .members
+                .iter()
+                .filter(|m| m.role == groups::Role::Owner);
+            assert_eq!(
+                owners.map(|m| m.account).collect::<Vec<_>>(),
+                group.owner.into_iter().collect::<Vec<_>>()
+            );
+            assert!(group
+                .members
+                .windows(2)
+                .all(|p| p[0].join_time <= p[1].join_time));
+            for m in &group.members {
+                let a = read(w.account(m.account).unwrap());
+                let c = all(&a).into_iter().find(|c| c.peer == Peer::Group(g));
+                assert_eq!(c.map(|c| c.msg_time), Some(group.last_msg_time));
             }
         }
+    }
+
+    #[test]
+    fn the_conversations_are_those_of_earlier_versions() {
+        // Figures from docs/emulator.md, measured before profiles, friends and group
+        // profiles were added: those come from their own random streams.
+        let w = World::generate(1000, 1);
+        assert_eq!(w.conversation_count(), 46_671);
+        assert_eq!(read(w.account(0).unwrap()).len(), 191);
+    }
+
+    #[test]
+    fn friends_are_mostly_mutual_and_follow_conversations() {
+        let w = World::generate(1000, 1);
+        let (mut entries, mut mutual) = (0, 0);
+        for i in 0..w.account_count() {
+            let a = read(w.account(i).unwrap()).clone();
+            assert!(a.std_seq > a.friends.len() as u64);
+            for &j in a.friends.keys() {
+                entries += 1;
+                assert!(a.position(Peer::User(j)).is_some(), "{i} {j}");
+                if read(w.account(j).unwrap()).friends.contains_key(&i) {
+                    mutual += 1;
+                }
+            }
+        }
+        assert!(entries > 5000, "{entries}");
+        assert!(mutual * 10 > entries * 8, "{mutual} of {entries}");
+        let heavy = read(w.account(0).unwrap()).friends.len();
+        assert!(
+            heavy > 100,
+            "user_0001 has {heavy} friends: more than a friend_get page"
+        );
+    }
+
+    #[test]
+    fn imported_accounts_get_slots_until_full() {
+        let w = World::generate(10, 1);
+        assert_eq!(w.account_index("alice"), None);
+        let a = w.slot_for("alice").unwrap();
+        assert_eq!(a, 10);
+        assert_eq!(w.slot_for("alice"), Ok(10));
+        assert_eq!(w.account_index("alice"), Some(10));
+        assert_eq!(w.name(10), "alice");
+        assert!(!w.is_imported(10));
+        assert_eq!(w.slot_for("user_0003"), Ok(2));
+        assert_eq!(w.slot_for("user_0011"), Ok(11));
+        for k in 0..EXTRA_ACCOUNTS - 2 {
+            w.slot_for(&format!("x{k}")).unwrap();
+        }
+        assert_eq!(w.slot_for("one_more"), Err(SlotError::Full));
+        assert_eq!(w.slot_count(), 10 + EXTRA_ACCOUNTS);
     }
 
     #[test]
@@ -556,7 +797,27 @@ mod tests {
         };
         assert_eq!(lists(&a), lists(&b));
         assert_ne!(lists(&a), lists(&c));
-        assert_eq!(a.groups()[0].id, b.groups()[0].id);
+        assert_eq!(a.group_id(0), b.group_id(0));
+        let friends = |w: &World| -> Vec<Vec<(u32, sns::Friend)>> {
+            (0..w.account_count())
+                .map(|i| {
+                    read(w.account(i).unwrap())
+                        .friends
+                        .clone()
+                        .into_iter()
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(friends(&a), friends(&b));
+        assert_ne!(friends(&a), friends(&c));
+        let names = |w: &World| -> Vec<String> {
+            read(w.groups())
+                .live()
+                .map(|(_, d)| d.name.clone())
+                .collect()
+        };
+        assert_eq!(names(&a), names(&b));
     }
 
     #[test]
