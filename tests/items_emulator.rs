@@ -373,3 +373,208 @@ async fn changes_from_a_client_reach_the_cache_through_webhooks() {
         sans_request_id(direct(&s.emu, PORTRAIT, &portrait).await)
     );
 }
+
+/// xorshift64*, deterministic.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}
+
+/// Read-your-writes through one gateway: a randomized run of 1,000 steps, reads of
+/// every cached command (a fixed set asked again and again, so most are cached when
+/// a write comes) and the writes that change them, all through the gateway; every
+/// read answers what the emulator answers at that moment.
+#[tokio::test]
+async fn read_your_writes_randomized_through_one_gateway() {
+    let cfg = EmulatorConfig {
+        faults: emulator::FaultSettings {
+            rate_limit: 0,
+            ..Default::default()
+        },
+        ..EmulatorConfig::default()
+    };
+    let emu = emulator::spawn(cfg).await.unwrap();
+    let proxy = Proxy::start(emu.base_url()).await;
+    let secret = emu.config().secret_key.clone();
+    let gw = Gateway::start(&config_toml_with(
+        &proxy.url(),
+        &secret,
+        &[("ratelimit", "per_command_per_sec = 100000")],
+    ))
+    .await;
+    let pool: Vec<String> = (1..=8).map(|i| format!("user_{i:04}")).collect();
+    let extra: Vec<String> = (0..4).map(|i| format!("newbie_{i}")).collect();
+    let listed: Value = serde_json::from_slice(
+        &get(&format!("{}/__emulator/groups", emu.base_url()))
+            .await
+            .unwrap()
+            .2,
+    )
+    .unwrap();
+    let groups: Vec<String> = listed["Groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(6)
+        .map(|g| g["GroupId"].as_str().unwrap().to_string())
+        .collect();
+    // Everyone in the pool befriends everyone: friend updates then change something.
+    for (i, u) in pool.iter().enumerate() {
+        let to: Vec<Value> = pool[i + 1..]
+            .iter()
+            .map(|v| json!({"To_Account": v, "AddSource": "AddSource_Type_Web"}))
+            .collect();
+        if !to.is_empty() {
+            let body = json!({"From_Account": u, "ForceAddFlags": 1, "AddFriendItem": to});
+            assert_eq!(
+                post(&gw.url("/v4/sns/friend_add"), body.to_string())
+                    .await
+                    .0,
+                200
+            );
+        }
+    }
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let some = |rng: &mut Rng, v: &[String], n: usize| -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        while out.len() < n {
+            let x = rng.pick(v).clone();
+            if !out.contains(&x) {
+                out.push(x);
+            }
+        }
+        out
+    };
+    let everyone: Vec<String> = pool.iter().chain(&extra).cloned().collect();
+    // A fixed set of reads, asked again and again (so most are cached when a write
+    // comes), of every cached command.
+    let mut read_set: Vec<(&str, Value)> = Vec::new();
+    for k in 0..42 {
+        read_set.push(match k % 7 {
+            0 => (
+                PORTRAIT,
+                json!({"To_Account": some(&mut rng, &everyone, 4), "TagList": ["Tag_Profile_IM_Nick", "Tag_Profile_Custom_Level"]}),
+            ),
+            1 => (GROUP_INFO, json!({ "GroupIdList": some(&mut rng, &groups, 3) })),
+            2 => {
+                let items: Vec<Value> = some(&mut rng, &everyone, 4)
+                    .into_iter()
+                    .map(|u| json!({ "UserID": u }))
+                    .collect();
+                (CHECK, json!({ "CheckItem": items }))
+            }
+            3 => (
+                "/v4/sns/friend_get_list",
+                json!({"From_Account": rng.pick(&pool), "To_Account": some(&mut rng, &pool, 4),
+                       "TagList": ["Tag_SNS_IM_Remark", "Tag_Profile_IM_Nick"]}),
+            ),
+            4 => (
+                "/v4/sns/friend_get",
+                json!({"From_Account": rng.pick(&pool), "StartIndex": 0}),
+            ),
+            5 => (
+                "/v4/group_open_http_svc/get_joined_group_list",
+                json!({"Member_Account": rng.pick(&pool),
+                       "ResponseFilter": {"GroupBaseInfoFilter": ["Name", "MemberNum"], "SelfInfoFilter": ["Role", "NameCard"]}}),
+            ),
+            _ => (
+                "/v4/group_open_http_svc/get_group_member_info",
+                json!({ "GroupId": rng.pick(&groups) }),
+            ),
+        });
+    }
+    let (mut reads, mut hits, mut writes) = (0, 0, 0);
+    for step in 0..1000 {
+        if rng.below(100) < 75 {
+            let (path, body) = rng.pick(&read_set).clone();
+            let a = post(&gw.url(path), body.to_string()).await;
+            let now = direct(&emu, path, &body.to_string()).await;
+            let (got, want) = (sans_request_id(json(&a)), sans_request_id(now));
+            assert!(
+                got == want,
+                "step {step}: {path} {body} answered {} (stale):\n got {:.600}\nwant {:.600}",
+                header(&a, "x-cache"),
+                got.to_string(),
+                want.to_string()
+            );
+            reads += 1;
+            hits += usize::from(header(&a, "x-cache") == "HIT");
+        } else {
+            let u = rng.pick(&pool).clone();
+            let v = rng.pick(&pool).clone();
+            let g = rng.pick(&groups).clone();
+            let n = rng.next() % 1000;
+            let (path, body) = match rng.below(11) {
+                0 => (
+                    "/v4/profile/portrait_set",
+                    json!({"From_Account": rng.pick(&everyone), "ProfileItem": [{"Tag": "Tag_Profile_IM_Nick", "Value": format!("nick {n}")}]}),
+                ),
+                1 => (
+                    "/v4/sns/friend_add",
+                    json!({"From_Account": u, "ForceAddFlags": 1, "AddFriendItem": [{"To_Account": v, "AddSource": "AddSource_Type_Web"}]}),
+                ),
+                2 => (
+                    "/v4/sns/friend_delete",
+                    json!({"From_Account": u, "To_Account": [v], "DeleteType": "Delete_Type_Both"}),
+                ),
+                3 => (
+                    "/v4/sns/friend_update",
+                    json!({"From_Account": u, "UpdateItem": [{"To_Account": v, "SnsItem": [{"Tag": "Tag_SNS_IM_Remark", "Value": format!("r{n}")}]}]}),
+                ),
+                4 => (
+                    "/v4/group_open_http_svc/add_group_member",
+                    json!({"GroupId": g, "MemberList": [{"Member_Account": u}]}),
+                ),
+                5 => (
+                    "/v4/group_open_http_svc/delete_group_member",
+                    json!({"GroupId": g, "MemberToDel_Account": [u]}),
+                ),
+                6 => (
+                    "/v4/group_open_http_svc/modify_group_base_info",
+                    json!({"GroupId": g, "Name": format!("g{n}")}),
+                ),
+                7 => (
+                    "/v4/group_open_http_svc/modify_group_member_info",
+                    json!({"GroupId": g, "Member_Account": u, "NameCard": format!("c{n}")}),
+                ),
+                8 => (
+                    "/v4/group_open_http_svc/send_group_msg",
+                    json!({"GroupId": g, "Random": n, "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "x"}}]}),
+                ),
+                9 => (
+                    "/v4/im_open_login_svc/account_import",
+                    json!({"UserID": rng.pick(&extra), "Nick": format!("new {n}")}),
+                ),
+                _ => (
+                    "/v4/im_open_login_svc/account_delete",
+                    json!({"DeleteItem": [{"UserID": rng.pick(&extra)}]}),
+                ),
+            };
+            let w = post(&gw.url(path), body.to_string()).await;
+            assert_eq!(w.0, 200, "step {step}: {path}");
+            writes += 1;
+        }
+    }
+    assert!(
+        reads > 300 && writes > 100,
+        "{reads} reads, {writes} writes"
+    );
+    eprintln!("{reads} reads ({hits} from the cache), {writes} writes");
+    assert!(hits > 100, "reads were served from the cache: {hits}");
+}
