@@ -254,9 +254,10 @@ async fn admin_invalidation_by_account_list_and_all() {
     let url = gw.url("/admin/cache/invalidate");
     let a = post(&url, r#"{"From_Account":"u1"}"#).await;
     assert_eq!(json(&a)["ErrorCode"], 0);
+    // Every entity of the account: its pages, and its four item entities.
     assert_eq!(
         json(&a)["Invalidated"],
-        serde_json::json!({"Accounts":1,"Pages":2})
+        serde_json::json!({"Accounts":1,"Pages":2,"Entities":4})
     );
     assert_eq!(header(&get_list(&gw, "u1").await, "x-cache"), "MISS");
     assert_eq!(header(&get_list(&gw, "u2").await, "x-cache"), "HIT");
@@ -264,7 +265,7 @@ async fn admin_invalidation_by_account_list_and_all() {
     let a = post(&url, r#"{"From_Account":["u2","u3","nobody"]}"#).await;
     assert_eq!(
         json(&a)["Invalidated"],
-        serde_json::json!({"Accounts":2,"Pages":2})
+        serde_json::json!({"Accounts":2,"Pages":2,"Entities":12})
     );
     assert_eq!(header(&get_list(&gw, "u3").await, "x-cache"), "MISS");
     assert_eq!(header(&get_list(&gw, "u4").await, "x-cache"), "HIT");
@@ -273,7 +274,7 @@ async fn admin_invalidation_by_account_list_and_all() {
     assert_eq!(json(&a)["ErrorCode"], 0);
     assert_eq!(
         json(&a)["Invalidated"],
-        serde_json::json!({"Accounts":3,"Pages":3})
+        serde_json::json!({"Accounts":3,"Pages":3,"Entities":0})
     );
     for acc in ["u1", "u2", "u3", "u4"] {
         assert_eq!(header(&get_list(&gw, acc).await, "x-cache"), "MISS");

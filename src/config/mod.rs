@@ -18,7 +18,7 @@ use std::path::Path;
 pub use redis::{RedisSettings, RedisUrl};
 pub use secret::Secret;
 pub use settings::{
-    CacheSettings, ChatSettings, LiveSettings, LogFormat, LogSettings, RetrySettings,
+    CacheSettings, ChatSettings, CommandCache, LiveSettings, LogFormat, LogSettings, RetrySettings,
     ServerSettings, Settings,
 };
 

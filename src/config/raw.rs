@@ -210,6 +210,10 @@ pub struct RawCache {
     pub max_bytes: u64,
     pub stale_if_error_secs: u64,
     pub max_pages_per_account: u64,
+    pub items_percent: u64,
+    /// `[cache.commands."service/command"]`, one table per cached read.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub commands: std::collections::BTreeMap<String, RawCommandCache>,
 }
 
 impl Default for RawCache {
@@ -219,8 +223,23 @@ impl Default for RawCache {
             max_bytes: 64 * 1024 * 1024,
             stale_if_error_secs: 300,
             max_pages_per_account: 64,
+            items_percent: 25,
+            commands: Default::default(),
         }
     }
+}
+
+/// `[cache.commands."service/command"]`: each key left out takes the command's
+/// default (`chat::reads`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCommandCache {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_if_error_secs: Option<u64>,
 }
 
 /// `[retry]`

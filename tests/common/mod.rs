@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod world;
 
 /// A test certificate authority and a server certificate it signed, for 127.0.0.1
 /// and localhost.

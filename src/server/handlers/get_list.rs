@@ -318,7 +318,9 @@ async fn release(
     }
 }
 
-fn wants_no_cache(headers: &http::HeaderMap) -> bool {
+/// Whether the request asks to skip the cache (`Cache-Control: no-cache` or
+/// `no-store`): the lookup is skipped, the answer fetched and stored.
+pub fn wants_no_cache(headers: &http::HeaderMap) -> bool {
     headers
         .get_all(http::header::CACHE_CONTROL)
         .iter()
