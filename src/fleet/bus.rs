@@ -73,6 +73,8 @@ const BATCH: usize = 256;
 const READ_COUNT: usize = 512;
 /// How long one `XREAD` blocks.
 const BLOCK: Duration = Duration::from_millis(1000);
+/// How long the reader waits for any other step (a check, a marker).
+const STEP: Duration = Duration::from_secs(2);
 
 /// Appends numbered entries. `KEYS[1]`: the stream, `KEYS[2]`: the counter. ARGV:
 /// MAXLEN, origin, then per entry: kind, value, fleet generation ('' for none).
@@ -90,24 +92,8 @@ end
 return {id, n}
 "#;
 
-/// What the reader checks when it found nothing to read. `KEYS[1]`: the stream,
-/// `KEYS[2]`: the counter. Returns {counter, number of the stream's last entry (-1
-/// if none)}.
-const CHECK: &str = r#"
-local s = tonumber(redis.call('GET', KEYS[2]) or '0')
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local n = -1
-if last[1] then
-  local f = last[1][2]
-  for i = 1, #f, 2 do if f[i] == 'n' then n = tonumber(f[i + 1]) end end
-end
-return {s, n}
-"#;
-
 pub(crate) static PUBLISH_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(PUBLISH));
-pub(crate) static CHECK_SCRIPT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(CHECK));
 
 /// An invalidation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -503,13 +489,27 @@ async fn mark(
         .await
 }
 
-/// The counter and the stream's last entry's number (-1: the stream is empty or gone).
+/// The counter and the stream's last entry's number (-1: the stream is empty or
+/// gone), read together (`MULTI`: reads only, so a Redis pausing writes answers it).
 async fn check(c: &mut MultiplexedConnection, keys: &Keys) -> redis::RedisResult<(u64, i64)> {
-    CHECK_SCRIPT
-        .key(keys.bus())
-        .key(keys.bus_seq())
-        .invoke_async(c)
-        .await
+    let (counter, last): (Option<u64>, Value) = redis::pipe()
+        .atomic()
+        .cmd("GET")
+        .arg(keys.bus_seq())
+        .cmd("XREVRANGE")
+        .arg(keys.bus())
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(c)
+        .await?;
+    let last_n = parse_entries(last)
+        .first()
+        .and_then(|(_, f)| f.get("n"))
+        .and_then(|n| n.parse::<i64>().ok())
+        .unwrap_or(-1);
+    Ok((counter.unwrap_or(0), last_n))
 }
 
 /// What the counter and the stream say about a reader at `pos` that found nothing more
@@ -544,26 +544,33 @@ fn parse_xread(v: Value) -> Vec<Entry> {
         if kv.len() != 2 {
             continue;
         }
-        let Value::Array(entries) = kv.pop().unwrap_or(Value::Nil) else {
+        out.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
+    }
+    out
+}
+
+/// Parses a list of stream entries (`XRANGE`, or one stream of `XREAD`).
+fn parse_entries(v: Value) -> Vec<Entry> {
+    let Value::Array(entries) = v else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let Value::Array(mut parts) = e else { continue };
+        if parts.len() != 2 {
             continue;
-        };
-        for e in entries {
-            let Value::Array(mut parts) = e else { continue };
-            if parts.len() != 2 {
-                continue;
-            }
-            let fields = parts.pop().unwrap_or(Value::Nil);
-            let id = text(&parts[0]);
-            let mut map = HashMap::new();
-            if let Value::Array(f) = fields {
-                for pair in f.chunks(2) {
-                    if let [k, v] = pair {
-                        map.insert(text(k), text(v));
-                    }
+        }
+        let fields = parts.pop().unwrap_or(Value::Nil);
+        let id = text(&parts[0]);
+        let mut map = HashMap::new();
+        if let Value::Array(f) = fields {
+            for pair in f.chunks(2) {
+                if let [k, v] = pair {
+                    map.insert(text(k), text(v));
                 }
             }
-            out.push((id, map));
         }
+        out.push((id, map));
     }
     out
 }
@@ -676,14 +683,17 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
             if entries.is_empty() {
                 // A whole block without an entry: were entries lost meanwhile (the
                 // stream deleted)?
-                let Ok((counter, last_n)) = check(&mut c, &bus.keys).await else {
+                let Ok(Ok((counter, last_n))) =
+                    tokio::time::timeout(STEP, check(&mut c, &bus.keys)).await
+                else {
                     break;
                 };
                 let seen = bus.shared.seq_seen.load(Ordering::Acquire);
                 if let Some(why) = judge(&p, seen, counter, last_n) {
-                    match reposition(&mut c, &bus, &p.identity, Some(why)).await {
-                        Ok(np) => pos = Some(np),
-                        Err(_) => break,
+                    let again = reposition(&mut c, &bus, &p.identity, Some(why));
+                    match tokio::time::timeout(STEP, again).await {
+                        Ok(Ok(np)) => pos = Some(np),
+                        _ => break,
                     }
                 }
                 continue;
@@ -715,9 +725,10 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
                 "applied fleet events"
             );
             if let Some(why) = broken {
-                match reposition(&mut c, &bus, &cur.identity, Some(why)).await {
-                    Ok(np) => pos = Some(np),
-                    Err(_) => break,
+                let again = reposition(&mut c, &bus, &cur.identity, Some(why));
+                match tokio::time::timeout(STEP, again).await {
+                    Ok(Ok(np)) => pos = Some(np),
+                    _ => break,
                 }
             } else {
                 pos = Some(cur);

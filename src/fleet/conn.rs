@@ -58,6 +58,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_millis(1000);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// How long establishing a session may take (off the request path).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the probe's no-op script may stay pending (Redis holding scripts).
+const PROBE_SCRIPT_WAIT: Duration = Duration::from_secs(30);
 /// The deadline of one step of the bus's bulk work (a chunk of a group's accounts),
 /// off the request path; never less than `redis.timeout_ms`.
 pub const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -439,10 +441,10 @@ pub struct Redis {
     fleet: Option<FleetHook>,
     /// The connection in use; `None` while Redis is down.
     conn: ArcSwapOption<MultiplexedConnection>,
-    /// A second connection, for `PING` only: tells a slow Redis from one that holds
-    /// our operations while it answers others.
-    probe: ArcSwapOption<MultiplexedConnection>,
-    /// What `probe` found.
+    /// Side connections (`PING`, a no-op script): tell a slow Redis from one that
+    /// holds our operations while it answers others.
+    probe: ArcSwapOption<Probes>,
+    /// What the probes found.
     probe_state: Arc<ProbeState>,
     born: Instant,
     /// Timeouts or errors in a row.
@@ -649,6 +651,7 @@ impl Redis {
                 let st = &self.probe_state;
                 if st.ok_us.load(Ordering::Acquire) > since
                     && st.script_ok_us.load(Ordering::Acquire) <= since
+                    && st.script_pending.load(Ordering::Acquire)
                 {
                     self.strike(&conn, Strike::Refusing, "held operations (writes paused)");
                     Err(FleetError::Blocked)
@@ -660,38 +663,41 @@ impl Redis {
         }
     }
 
-    /// Sends a `PING` and a no-op script on the probe connection (unless a probe is
-    /// in flight) and records when each answered. Redis answering the `PING` but not
-    /// the script holds scripts and writes (`CLIENT PAUSE WRITE`); answering both, it
-    /// is not Redis that holds our operation (our own connection is congested).
+    /// Sends a `PING` (unless one is in flight) and a no-op script (unless one is
+    /// pending) on the probe connection, and records when each answered. Redis
+    /// answering the `PING` while the script stays pending holds scripts and writes
+    /// (`CLIENT PAUSE WRITE`); answering both, it is not Redis that holds our
+    /// operation (our own connection is congested).
     fn start_probe(&self) {
-        let Some(probe) = self.probe.load_full() else {
+        let Some(probes) = self.probe.load_full() else {
             return;
         };
-        if self.probe_state.probing.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let st = self.probe_state.clone();
-        let (born, timeout) = (self.born, self.timeout);
-        let (mut c1, mut c2) = ((*probe).clone(), (*probe).clone());
-        tokio::spawn(async move {
-            let ping = async {
-                let r = redis::cmd("PING").query_async::<String>(&mut c1).await;
-                if matches!(r, Ok(ref s) if s == "PONG") {
+        let st = &self.probe_state;
+        let born = self.born;
+        if !st.ping_inflight.swap(true, Ordering::AcqRel) {
+            let (st, timeout, mut c) = (st.clone(), self.timeout, probes.ping.clone());
+            tokio::spawn(async move {
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<String>(&mut c);
+                if matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(ref s)) if s == "PONG")
+                {
                     st.ok_us
                         .fetch_max(born.elapsed().as_micros() as u64, Ordering::AcqRel);
                 }
-            };
-            let script = async {
-                let r: redis::RedisResult<i64> = NOOP_SCRIPT.invoke_async(&mut c2).await;
-                if r.is_ok() {
+                st.ping_inflight.store(false, Ordering::Release);
+            });
+        }
+        if !st.script_pending.swap(true, Ordering::AcqRel) {
+            let (st, mut c) = (st.clone(), probes.script.clone());
+            tokio::spawn(async move {
+                let run = NOOP_SCRIPT.invoke_async::<_, i64>(&mut c);
+                if let Ok(Ok(_)) = tokio::time::timeout(PROBE_SCRIPT_WAIT, run).await {
                     st.script_ok_us
                         .fetch_max(born.elapsed().as_micros() as u64, Ordering::AcqRel);
                 }
-            };
-            let _ = tokio::time::timeout(timeout, futures_util::future::join(ping, script)).await;
-            st.probing.store(false, Ordering::Release);
-        });
+                st.script_pending.store(false, Ordering::Release);
+            });
+        }
     }
 
     fn strike(&self, conn: &Arc<MultiplexedConnection>, kind: Strike, what: &str) {
@@ -729,15 +735,25 @@ impl Redis {
     }
 }
 
-/// What the probe connection found.
+/// The side connections that tell a slow Redis from one that holds scripts.
+struct Probes {
+    /// For `PING`.
+    ping: MultiplexedConnection,
+    /// For the no-op script.
+    script: MultiplexedConnection,
+}
+
+/// What the probe connections found.
 #[derive(Debug, Default)]
 struct ProbeState {
     /// When it last answered `PONG` (µs since [`Redis::born`]).
     ok_us: AtomicU64,
     /// When it last ran the no-op script.
     script_ok_us: AtomicU64,
-    /// Whether a probe is in flight.
-    probing: AtomicBool,
+    /// Whether a `PING` is in flight.
+    ping_inflight: AtomicBool,
+    /// Whether the no-op script is pending.
+    script_pending: AtomicBool,
 }
 
 /// The command a `NOPERM` error names, for the log.
@@ -752,7 +768,7 @@ fn denied_command(e: &redis::RedisError) -> String {
 /// What one successful attempt established.
 struct Established {
     conn: MultiplexedConnection,
-    probe: MultiplexedConnection,
+    probes: Probes,
     identity: String,
     /// The fleet's state in Redis went back (see [`super::heartbeat::session`]).
     lost: bool,
@@ -774,10 +790,14 @@ async fn establish(r: &Redis, last_identity: Option<&str>) -> RedisResult<Establ
         Some(h) => super::heartbeat::session(&mut c, &h.keys, &h.shared, changed).await?,
         None => false,
     };
-    let probe = r.connector.connect("probe").await?;
+    // Two: a client whose script is held holds its later commands too.
+    let probes = Probes {
+        ping: r.connector.connect("probe").await?,
+        script: r.connector.connect("probe-script").await?,
+    };
     Ok(Established {
         conn: c,
-        probe,
+        probes,
         identity,
         lost,
     })
@@ -804,7 +824,7 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
                 let restarted = changed || e.lost;
                 last_identity = Some(e.identity.clone());
                 r.strikes.store(0, Ordering::Relaxed);
-                r.probe.store(Some(Arc::new(e.probe)));
+                r.probe.store(Some(Arc::new(e.probes)));
                 r.conn.store(Some(Arc::new(e.conn)));
                 gauge!(names::REDIS_UP).set(1.0);
                 if r.lost_logged.swap(false, Ordering::Relaxed) {

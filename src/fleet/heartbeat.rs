@@ -169,11 +169,7 @@ pub async fn session(
         );
     }
     if raised == 1 && known > 0 {
-        let why = if lost == 1 {
-            Flush::Lost
-        } else {
-            Flush::Restart
-        };
+        let why = if changed { Flush::Restart } else { Flush::Lost };
         why.record(gen);
     }
     Ok(lost == 1)

@@ -55,7 +55,7 @@ use crate::metrics::names;
 
 /// Accounts of a group handled per step of a group event (one pipeline of bumps,
 /// then one script removing them and reading the next ones).
-pub const GROUP_CHUNK: usize = 500;
+pub const GROUP_CHUNK: usize = 200;
 /// Accounts bumped per pipeline for an "accounts" event.
 const BUMP_CHUNK: usize = 500;
 /// How long a group's last event is remembered for stores that began before it: far
@@ -186,10 +186,12 @@ return {fmt(now), fmt(tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0'))}
 /// bumped. Returns {exists (0/1), accounts...}.
 const GROUP_NEXT: &str = r#"
 local at = tonumber(ARGV[1])
+local done = {}
 for i = 3, #ARGV do
   local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if s and tonumber(s) <= at then redis.call('ZREM', KEYS[1], ARGV[i]) end
+  if s and tonumber(s) <= at then done[#done + 1] = ARGV[i] end
 end
+if #done > 0 then redis.call('ZREM', KEYS[1], unpack(done)) end
 local out = {tostring(redis.call('EXISTS', KEYS[1]))}
 local next = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', at, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, m in ipairs(next) do out[#out + 1] = m end

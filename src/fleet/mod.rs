@@ -43,7 +43,7 @@ use limiter::FleetLimiter;
 
 /// Every Lua script the fleet runs: loaded on each new connection, so requests never
 /// pay a `NOSCRIPT` round trip (nor a herd of them after a Redis restart).
-pub fn all_scripts() -> [&'static redis::Script; 18] {
+pub fn all_scripts() -> [&'static redis::Script; 17] {
     [
         &conn::NOOP_SCRIPT,
         &limiter::LEASE_SCRIPT,
@@ -59,7 +59,6 @@ pub fn all_scripts() -> [&'static redis::Script; 18] {
         &l2::GROUP_NEXT_SCRIPT,
         &l2::RAISE_SCRIPT,
         &bus::PUBLISH_SCRIPT,
-        &bus::CHECK_SCRIPT,
         &heartbeat::SESSION_SCRIPT,
         &heartbeat::BEAT_SCRIPT,
         &heartbeat::LEAVE_SCRIPT,
