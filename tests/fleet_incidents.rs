@@ -245,7 +245,8 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 /// 1. The primary dies while its replica lags (the replication stream held), after the
 /// fleet invalidated accounts; the replica is promoted behind the same address. The
-/// gateways connect as an ACL user without `@dangerous` (no `INFO`): they still tell
+/// gateways connect as the ACL user docs/fleet.md gives (the fleet's commands only, no
+/// `@dangerous`, so no `INFO`): they still tell
 /// the promoted replica from the old primary, raise the fleet-wide generation, drop
 /// their memory, and serve nothing stale, although the replica holds the old pages and
 /// the old generations.
@@ -256,8 +257,19 @@ async fn failover_to_a_lagging_replica_serves_nothing_stale() {
     let replica = RedisServer::start();
     let link = TcpProxy::start(primary.addr());
     replica.replicate(link.addr());
+    // The user docs/fleet.md gives: the fleet's keys and commands, nothing from
+    // @dangerous (so no INFO, no CONFIG).
+    let docs = std::fs::read_to_string("docs/fleet.md").unwrap();
+    let acl = docs
+        .lines()
+        .find_map(|l| l.strip_prefix("ACL SETUSER chat-gateway on >PASSWORD "))
+        .expect("docs/fleet.md gives the ACL line");
+    let rules: Vec<&str> = acl.split_whitespace().collect();
+    assert!(!rules
+        .iter()
+        .any(|r| *r == "+info" || r.starts_with("+config")));
     for r in [&primary, &replica] {
-        r.acl_user("gw", "gw-pw", &["+@all", "-@dangerous"]);
+        r.acl_user("gw", "gw-pw", &rules);
     }
     let front = TcpProxy::start(primary.addr());
     let fake = FakeChat::start(versioned()).await;

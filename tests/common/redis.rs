@@ -319,20 +319,11 @@ impl RedisServer {
         assert_eq!(r.as_deref(), Ok("OK"), "{r:?}");
     }
 
-    /// Creates an ACL user with `rules` (e.g. `+@all -@dangerous`) and all keys and
-    /// channels; returns its `redis://user:password@...` URL.
+    /// Creates an ACL user with `rules` (key patterns and commands, e.g. `~*`,
+    /// `+@all`, `-@dangerous`); returns its `redis://user:password@...` URL.
     pub fn acl_user(&self, user: &str, password: &str, rules: &[&str]) -> String {
         let pw = format!(">{password}");
-        let mut args = vec![
-            "ACL",
-            "SETUSER",
-            user,
-            "reset",
-            "on",
-            pw.as_str(),
-            "~*",
-            "&*",
-        ];
+        let mut args = vec!["ACL", "SETUSER", user, "reset", "on", pw.as_str()];
         args.extend_from_slice(rules);
         let r = self.command(&args);
         assert_eq!(r.as_deref(), Ok("OK"), "{r:?}");
