@@ -176,6 +176,13 @@ async fn stale_reads(gws: &[Gateway], accounts: &[String], old: &[u64]) -> Vec<S
         for (a, v) in accounts.iter().zip(old) {
             let got = get_list(gw, a).await;
             assert_eq!(json(&got)["ErrorCode"], 0, "{got:?}");
+            eprintln!(
+                "read: gateway {} {a}: version {} (cached {v}; x-cache {}, x-cache-l2 {})",
+                i + 1,
+                version(&got),
+                header(&got, "x-cache"),
+                header(&got, "x-cache-l2")
+            );
             if version(&got) <= *v {
                 stale.push(format!(
                     "gateway {} {a}: version {} (x-cache {}, x-cache-l2 {})",
@@ -342,7 +349,7 @@ async fn a_group_event_while_redis_is_full_lands_when_there_is_room() {
     let list = accounts("full", 6);
     let old = warm(&gws, &list).await;
 
-    // Fill Redis.
+    // Redis full: maxmemory below what it holds (noeviction: every write refused).
     let used: u64 = redis
         .command(&["INFO", "memory"])
         .unwrap()
@@ -351,30 +358,21 @@ async fn a_group_event_while_redis_is_full_lands_when_there_is_room() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap();
     redis
-        .command(&[
-            "CONFIG",
-            "SET",
-            "maxmemory",
-            &(used + (1 << 20)).to_string(),
-        ])
+        .command(&["CONFIG", "SET", "maxmemory", &(used / 2).to_string()])
         .unwrap();
-    let blob = "x".repeat(64 * 1024);
-    let mut full = false;
-    for i in 0..200 {
-        let r = redis
-            .command(&["SET", &format!("junk:{i}"), &blob])
-            .unwrap();
-        if r.starts_with("OOM") {
-            full = true;
-            break;
-        }
-    }
-    assert!(full, "Redis never filled");
+    assert!(redis
+        .command(&["SET", "probe", "x"])
+        .unwrap()
+        .starts_with("OOM"));
 
     let before = received(&gws).await;
     group_webhook(&gws[0]).await;
-    // Redis refuses the event's writes for a while.
+    // Redis refuses the event's writes for a while (the gateway retries every 200 ms).
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(redis
+        .command(&["SET", "probe", "x"])
+        .unwrap()
+        .starts_with("OOM"));
     // Room again: the event lands, whole.
     redis.command(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
     wait_received(&gws[1..], &before[1..], 1.0).await;
@@ -793,7 +791,11 @@ async fn an_accounts_l2_pages_are_capped() {
         assert_eq!(header(&a, "x-cache"), "MISS");
     }
     let pages = redis.keys(&format!("{PREFIX}:{{a:many}}:p:*"));
-    assert!(pages.len() <= 4, "{} pages in L2: {pages:?}", pages.len());
+    assert!(
+        (1..=4).contains(&pages.len()),
+        "{} pages in L2: {pages:?}",
+        pages.len()
+    );
     let index = redis
         .command(&["ZCARD", &format!("{PREFIX}:{{a:many}}:ix")])
         .unwrap();
