@@ -686,9 +686,10 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     );
     let timeout = Duration::from_millis(50);
     assert!(l2_p99 <= timeout + Duration::from_millis(20), "{l2_p99:?}");
-    // The lookup, then the rate limit's own lease (another round trip).
+    // The lookup, then the rate limit's own lease: each at most timeout_ms, plus
+    // slack for a busy machine.
     assert!(
-        chat_p99 <= 2 * timeout + Duration::from_millis(20),
+        chat_p99 <= 2 * timeout + Duration::from_millis(50),
         "{chat_p99:?}"
     );
 }
