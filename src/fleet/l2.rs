@@ -57,7 +57,7 @@ use crate::metrics::names;
 /// then one script removing them and reading the next ones).
 pub const GROUP_CHUNK: usize = 200;
 /// Accounts bumped per pipeline for an "accounts" event.
-const BUMP_CHUNK: usize = 500;
+pub const BUMP_CHUNK: usize = 500;
 /// How long a group's last event is remembered for stores that began before it: far
 /// longer than any fetch (`chat.request_timeout_ms` + 1 s at most holds the lock).
 pub const EVENT_MEMORY: Duration = Duration::from_secs(300);
