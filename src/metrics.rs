@@ -109,8 +109,14 @@ pub mod names {
     pub const FLEET_GATEWAYS: &str = "chat_gateway_fleet_gateways";
     /// Waits on another gateway's identical fetch, by `outcome` (served, timeout).
     pub const FLEET_COALESCED: &str = "chat_gateway_fleet_coalesced_waits_total";
-    /// Full resynchronisations with the fleet, by `reason` (reconnect, gap, restart).
+    /// Full resynchronisations with the fleet, by `reason` (reconnect, gap, restart,
+    /// lost).
     pub const FLEET_RESYNCS: &str = "chat_gateway_fleet_resyncs_total";
+    /// Times the fleet-wide generation was raised after an incident (every L2 page
+    /// ignored from then on), by `reason` (restart, lost, evicted).
+    pub const L2_FLUSHES: &str = "chat_gateway_l2_flushes_total";
+    /// 1 when Redis's `maxmemory-policy` may evict the fleet's keys without expiry.
+    pub const REDIS_POLICY_UNSUPPORTED: &str = "chat_gateway_redis_maxmemory_policy_unsupported";
     /// Resident memory of the process, bytes (read at scrape time).
     pub const RESIDENT_MEMORY: &str = "chat_gateway_resident_memory_bytes";
     /// Answers of the cached reads other than get_list, by `command` and `result`
@@ -183,7 +189,9 @@ pub mod values {
     /// `fleet_coalesced_waits_total{outcome}`.
     pub const FLEET_WAIT_OUTCOMES: &[&str] = &["served", "timeout"];
     /// `fleet_resyncs_total{reason}`.
-    pub const RESYNC_REASONS: &[&str] = &["reconnect", "gap", "restart"];
+    pub const RESYNC_REASONS: &[&str] = &["reconnect", "gap", "restart", "lost"];
+    /// `l2_flushes_total{reason}`.
+    pub const L2_FLUSH_REASONS: &[&str] = &["restart", "lost", "evicted"];
     /// `item_cache_requests_total{result}`.
     pub const ITEM_RESULTS: &[&str] = &["hit", "partial", "miss", "stale", "bypass"];
     /// `item_cache_items_total{source}`.
@@ -461,7 +469,19 @@ pub const ALL: &[Family] = &[
         n::FLEET_RESYNCS,
         C,
         &["reason"],
-        "Full resynchronisations with the fleet, by reason (reconnect, gap, restart)",
+        "Full resynchronisations with the fleet, by reason (reconnect, gap, restart, lost)",
+    ),
+    family(
+        n::L2_FLUSHES,
+        C,
+        &["reason"],
+        "Times the fleet-wide generation was raised after a Redis incident, so no earlier L2 page is served, by reason (restart, lost, evicted)",
+    ),
+    family(
+        n::REDIS_POLICY_UNSUPPORTED,
+        G,
+        &[],
+        "1 when Redis's maxmemory-policy may evict the fleet's keys that have no expiry (allkeys-*), else 0",
     ),
     family(
         n::RESIDENT_MEMORY,
@@ -570,6 +590,7 @@ pub fn known_series(family: &str) -> Vec<Vec<(&'static str, &'static str)>> {
             .collect(),
         n::CALLS_SAVED => v::item_commands().map(|c| vec![("command", c)]).collect(),
         n::INVALIDATED_ENTITIES => one("kind", v::ENTITY_KINDS),
+        n::L2_FLUSHES => one("reason", v::L2_FLUSH_REASONS),
         _ => vec![Vec::new()],
     }
 }

@@ -17,7 +17,7 @@ use chat_gateway::cache::PageCache;
 use chat_gateway::config::{self, RedisUrl, Settings};
 use chat_gateway::fleet::conn::{Connector, Redis};
 use chat_gateway::fleet::keys::Keys;
-use chat_gateway::fleet::l2::{self, L2Page, Lock, MissPlan, L2};
+use chat_gateway::fleet::l2::{self, FetchPlan, Lock, MissPlan, L2};
 use chat_gateway::fleet::limiter::FleetLimiter;
 use chat_gateway::fleet::{Event, Fleet, Shared};
 use chat_gateway::upstream::ratelimit::RateLimiter;
@@ -316,12 +316,27 @@ async fn events_reach_the_other_gateways_memory() {
     eprintln!("first event applied after {lag:?}");
 }
 
+/// An `EVAL` that publishes an "accounts" event the way a gateway does: numbered from
+/// the fleet's counter.
+fn publish_as_someone<'a>(stream: &'a str, seq: &'a str, accounts: &'a str) -> [&'a str; 6] {
+    [
+        "EVAL",
+        "local n = redis.call('INCR', KEYS[2]) \
+         return redis.call('XADD', KEYS[1], '*', 'o', 'someone', 'k', 'a', 'v', ARGV[1], 'n', n)",
+        "2",
+        stream,
+        seq,
+        accounts,
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() {
     let mut redis = RedisServer::start();
     let a = member(&redis.url()).await;
     let b = member(&redis.url()).await;
-    let stream = Keys::new("chat-gateway", 1400000000).bus();
+    let keys = Keys::new("chat-gateway", 1400000000);
+    let (stream, seq) = (keys.bus(), keys.bus_seq());
 
     // A dropped connection while an event is published: read on reconnection,
     // nothing else dropped.
@@ -331,17 +346,7 @@ async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() 
     redis
         .atomically(&[
             &["CLIENT", "KILL", "ID", &id],
-            &[
-                "XADD",
-                &stream,
-                "*",
-                "o",
-                "someone",
-                "k",
-                "a",
-                "v",
-                "[\"erin\"]",
-            ],
+            &publish_as_someone(&stream, &seq, "[\"erin\"]"),
         ])
         .unwrap();
     b.wait_gone("erin").await;
@@ -356,9 +361,7 @@ async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() 
     redis
         .atomically(&[
             &["CLIENT", "KILL", "ID", &id],
-            &[
-                "XADD", &stream, "*", "o", "someone", "k", "a", "v", "[\"x\"]",
-            ],
+            &publish_as_someone(&stream, &seq, "[\"x\"]"),
             &["XTRIM", &stream, "MAXLEN", "0"],
         ])
         .unwrap();
@@ -392,34 +395,40 @@ fn l2_for(url: &str, id: &str, timeout: Duration) -> (Arc<Redis>, L2, Arc<Shared
         shared.clone(),
         id.to_string(),
         timeout,
+        64,
     );
     (redis, l2, shared)
 }
 
-fn l2_page(body: &str, fresh: Duration) -> L2Page {
-    let now = l2::unix_ms();
-    L2Page {
-        body: Bytes::from(body.to_string()),
-        stored_ms: now,
-        fresh_until_ms: now + fresh.as_millis() as u64,
-        stale_until_ms: now + 60_000,
-        groups: vec!["@g".into()],
+/// A page body listing the group `@g`.
+fn body(text: &str) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"SessionItem":[{{"Type":2,"GroupId":"@g"}}],"Text":"{text}","ErrorCode":0}}"#
+    ))
+}
+
+fn plan(f: &l2::Found, token: Option<&str>) -> FetchPlan {
+    FetchPlan {
+        gen: f.gen,
+        token: token.map(str::to_string),
+        stale: None,
+        since_ms: f.now_ms,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l2_generations_locks_and_waiting_for_another_gateway() {
     let redis = RedisServer::start();
-    let (r1, g1, _) = l2_for(&redis.url(), "one", Duration::from_millis(600));
+    let (r1, g1, s1) = l2_for(&redis.url(), "one", Duration::from_millis(600));
     let (r2, g2, _) = l2_for(&redis.url(), "two", Duration::from_millis(600));
     assert!(r1.wait_up(Duration::from_secs(5)).await && r2.wait_up(Duration::from_secs(5)).await);
     let key = PageKey::default();
-    let ttl = Duration::from_secs(60);
+    let (ttl, stale) = (Duration::from_secs(30), Duration::from_secs(30));
 
     // A miss takes the lock; another gateway sees it taken.
     let f = g1.lookup("alice", &key, true).await.unwrap();
     assert!(f.page.is_none());
-    let Lock::Mine(token) = f.lock else {
+    let Lock::Mine(token) = f.lock.clone() else {
         panic!("{:?}", f.lock)
     };
     assert_eq!(
@@ -434,44 +443,56 @@ async fn l2_generations_locks_and_waiting_for_another_gateway() {
         (plan, started.elapsed(), g2)
     });
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let p = l2_page("alice v1", Duration::from_secs(30));
+    let p = body("alice v1");
     assert!(g1
-        .store("alice", &p, &key, f.gen, Some(&token), ttl)
+        .store("alice", &p, &key, &plan(&f, Some(&token)), ttl, stale)
         .await
         .unwrap());
-    let (plan, waited, g2) = waiter.await.unwrap();
-    match plan {
-        MissPlan::Serve(got) => assert_eq!(got.body, p.body),
+    let (got, waited, g2) = waiter.await.unwrap();
+    match got {
+        MissPlan::Serve(got, _) => assert_eq!(got.body, p),
         other => panic!("{other:?}"),
     }
     assert!(waited < Duration::from_millis(300), "{waited:?}");
 
-    // An invalidation bumps the generation: the page is gone, and a fetch that began
+    // An invalidation raises the generation: the page is gone, and a fetch that began
     // before it does not store.
-    let old_gen = f.gen;
+    let old = f.clone();
     let keys = Keys::new("t", 1);
-    l2::bump_accounts(&r1, &keys, &["alice".to_string()], ttl)
+    l2::bump_accounts(&r1, &keys, &["alice".to_string()])
         .await
         .unwrap();
     let f = g1.lookup("alice", &key, false).await.unwrap();
-    assert!(f.page.is_none() && f.gen == old_gen + 1);
+    assert!(f.page.is_none() && f.gen > old.gen);
     assert!(!g1
-        .store("alice", &p, &key, old_gen, None, ttl)
+        .store("alice", &p, &key, &plan(&old, None), ttl, stale)
         .await
         .unwrap());
-    assert!(g1.store("alice", &p, &key, f.gen, None, ttl).await.unwrap());
+    assert!(g1
+        .store("alice", &p, &key, &plan(&f, None), ttl, stale)
+        .await
+        .unwrap());
 
-    // A group event takes the accounts whose L2 pages list the group.
-    let members = l2::take_group(&r1, &keys, "@g").await.unwrap();
-    assert_eq!(members, vec!["alice".to_string()]);
-    assert!(l2::take_group(&r1, &keys, "@g").await.unwrap().is_empty());
+    // A group event bumps the accounts whose L2 pages list the group, and empties the
+    // group's index of them.
+    let done = l2::group_event(&r1, &keys, &s1, "@g").await.unwrap();
+    assert_eq!((done.accounts, done.raised), (1, None));
+    let after = g1.lookup("alice", &key, false).await.unwrap();
+    assert!(after.page.is_none() && after.gen > f.gen);
+    let done = l2::group_event(&r1, &keys, &s1, "@g").await.unwrap();
+    assert_eq!(done.accounts, 0);
+    // A fetch that began before the group's event does not store.
+    assert!(!g1
+        .store("alice", &p, &key, &plan(&f, None), ttl, stale)
+        .await
+        .unwrap());
 
     // A holder that dies leaves a lock that others wait out (bounded), then fetch.
     let held = g1.lookup("bob", &key, true).await.unwrap();
     assert!(matches!(held.lock, Lock::Mine(_)));
     let started = Instant::now();
     match g2.plan_miss("bob", &key).await {
-        MissPlan::Fetch { token: None, .. } => {}
+        MissPlan::Fetch(FetchPlan { token: None, .. }) => {}
         other => panic!("{other:?}"),
     }
     let waited = started.elapsed();
@@ -480,19 +501,27 @@ async fn l2_generations_locks_and_waiting_for_another_gateway() {
         "{waited:?}"
     );
 
-    // A stale page is offered for stale-if-error, with the lock to refresh it.
-    let stale = l2_page("carol old", Duration::ZERO);
+    // A page past its TTL is offered for stale-if-error, with the lock to refresh it.
+    let old_carol = body("carol old");
     let f = g1.lookup("carol", &key, false).await.unwrap();
     assert!(g1
-        .store("carol", &stale, &key, f.gen, None, ttl)
+        .store(
+            "carol",
+            &old_carol,
+            &key,
+            &plan(&f, None),
+            Duration::from_millis(1),
+            stale
+        )
         .await
         .unwrap());
+    tokio::time::sleep(Duration::from_millis(10)).await;
     match g2.plan_miss("carol", &key).await {
-        MissPlan::Fetch {
+        MissPlan::Fetch(FetchPlan {
             token: Some(_),
-            stale: Some(s),
+            stale: Some((s, _)),
             ..
-        } => assert_eq!(s.body, stale.body),
+        }) => assert_eq!(s.body, old_carol),
         other => panic!("{other:?}"),
     }
 }
