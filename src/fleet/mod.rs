@@ -107,15 +107,12 @@ impl Fleet {
         let redis = Redis::start(connector, r.timeout);
         let keys = Keys::new(&r.key_prefix, settings.chat.sdkappid);
         let shared = Arc::new(Shared::default());
-        let rl = &settings.ratelimit;
         let limiter = FleetLimiter::start(
             redis.clone(),
             keys.clone(),
             id.clone(),
-            rl.per_command_per_sec,
-            rl.commands.clone(),
-            r.lease,
-            r.latency_allowance,
+            &settings.ratelimit,
+            r,
         );
         let bus = Bus::start(
             redis.clone(),
