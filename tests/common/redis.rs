@@ -20,6 +20,8 @@ pub struct RedisOpts {
     pub tls: bool,
     /// Extra `--name value` arguments.
     pub extra: Vec<(String, String)>,
+    /// Listen on this port (e.g. one gateways were told about before it ran).
+    pub port: Option<u16>,
 }
 
 /// A test CA and a server certificate for 127.0.0.1 / localhost, as files.
@@ -68,7 +70,7 @@ impl RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = opts.tls.then(|| make_pki(dir.path()));
         let mut s = RedisServer {
-            port: free_port(),
+            port: opts.port.unwrap_or_else(free_port),
             tls_port: opts.tls.then(free_port),
             pki,
             opts,

@@ -1,0 +1,125 @@
+//! Load for rate-limit and retry tests: closed-loop callers sending distinct get_list
+//! misses, and the busiest window of arrivals at the fake Chat.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+/// The get_list path.
+pub const GET_LIST: &str = "/v4/recentcontact/get_list";
+
+/// The most instants in any half-open window of `w`.
+pub fn max_in_window(times: &[Instant], w: Duration) -> usize {
+    let mut times = times.to_vec();
+    times.sort();
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..times.len() {
+        while times[i] >= times[j] + w {
+            j += 1;
+        }
+        best = best.max(i - j + 1);
+    }
+    best
+}
+
+/// The most instants in any one-second window.
+pub fn max_per_second(times: &[Instant]) -> usize {
+    max_in_window(times, Duration::from_secs(1))
+}
+
+/// When the fake Chat received each get_list call.
+pub fn arrivals(fake: &super::FakeChat) -> Vec<Instant> {
+    fake.calls()
+        .iter()
+        .filter(|c| c.path == GET_LIST)
+        .map(|c| c.at)
+        .collect()
+}
+
+/// One caller request and what it got.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The account asked for (distinct per request).
+    pub account: String,
+    /// When it was sent and answered.
+    pub sent: Instant,
+    pub done: Instant,
+    /// HTTP status (0: no answer).
+    pub status: u16,
+    /// Chat's or the gateway's `ErrorCode` (-1: none).
+    pub code: i64,
+}
+
+impl Outcome {
+    pub fn ok(&self) -> bool {
+        self.status == 200 && self.code == 0
+    }
+}
+
+/// Sends one get_list for `account` to `base` (a gateway's address).
+pub async fn get_list(base: &str, account: &str) -> Outcome {
+    let sent = Instant::now();
+    let r = super::send(
+        http::Request::post(format!("{base}{GET_LIST}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                r#"{{"From_Account":"{account}"}}"#
+            ))))
+            .unwrap(),
+    )
+    .await;
+    let (status, code) = match &r {
+        Ok((s, _, body)) => (
+            s.as_u16(),
+            serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["ErrorCode"].as_i64())
+                .unwrap_or(-1),
+        ),
+        Err(_) => (0, -1),
+    };
+    Outcome {
+        account: account.to_string(),
+        sent,
+        done: Instant::now(),
+        status,
+        code,
+    }
+}
+
+/// `callers` closed-loop callers (caller i on `bases[i % len]`), each sending distinct
+/// get_list misses one after another until `run` has passed.
+pub async fn closed_loop(bases: &[String], callers: usize, run: Duration, tag: &str) -> Vec<Outcome> {
+    let until = Instant::now() + run;
+    let mut tasks = Vec::new();
+    for i in 0..callers {
+        let base = bases[i % bases.len()].clone();
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut j = 0;
+            while Instant::now() < until {
+                out.push(get_list(&base, &format!("{tag}_{i}_{j}")).await);
+                j += 1;
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// A summary of outcomes for assertion messages.
+pub fn tally(out: &[Outcome]) -> String {
+    let mut by: std::collections::BTreeMap<(u16, i64), usize> = Default::default();
+    for o in out {
+        *by.entry((o.status, o.code)).or_default() += 1;
+    }
+    by.iter()
+        .map(|((s, c), n)| format!("{n}× HTTP {s} ErrorCode {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,149 @@
+//! The rate limit of one gateway, end to end: the real binary in front of a fake Chat
+//! that records when each call arrives. Over the limit, callers wait their turn on a
+//! smooth schedule instead of being refused; a burst after idle goes at once; Chat
+//! never sees more than N in any one-second window.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::load::*;
+use common::*;
+
+/// These tests measure throughput: one at a time.
+static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A fake Chat answering every get_list with its account's page after `delay`.
+fn pages_after(delay: Duration) -> Responder {
+    Box::new(move |r: &Recorded, _n| {
+        let v = r.json();
+        let acc = v["From_Account"].as_str().unwrap_or("?").to_string();
+        Reply::Json(page_for(&acc, 0), delay)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_callers_over_the_limit_wait_their_turn_instead_of_429() {
+    let _alone = MACHINE.lock().await;
+    let fake = FakeChat::start(pages_after(Duration::ZERO)).await;
+    // Defaults: 200 per second, max_wait_ms 500, burst_percent 75.
+    let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    let run = Duration::from_secs(4);
+    let started = Instant::now();
+    let out = closed_loop(&[gw.url("")], 20, run, "twenty").await;
+    let refused = out.iter().filter(|o| o.status == 429).count();
+    let served = out
+        .iter()
+        .filter(|o| o.ok() && o.done <= started + run)
+        .count();
+    let at_chat = arrivals(&fake);
+    let most = max_per_second(&at_chat);
+    let rate = served as f64 / run.as_secs_f64();
+    let worst = out.iter().map(|o| o.done - o.sent).max().unwrap_or_default();
+    eprintln!(
+        "20 callers, 4 s: {served} served ({rate:.1}/s), {refused} refused (429), busiest second at Chat {most}, slowest answer {worst:?}; {}",
+        tally(&out)
+    );
+    assert_eq!(refused, 0, "{}", tally(&out));
+    assert!(out.iter().all(|o| o.ok()), "{}", tally(&out));
+    assert!(most <= 200, "Chat saw {most} calls in one second");
+    assert!(rate >= 180.0, "{rate:.1} served per second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_150_concurrent_misses_after_idle_goes_at_once() {
+    let _alone = MACHINE.lock().await;
+    // Chat takes 300 ms, as a far region might: the 150 are in flight together.
+    let fake = FakeChat::start(pages_after(Duration::from_millis(300))).await;
+    let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    let base = gw.url("");
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            get_list(&base, &format!("burst_{i}")).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    assert!(out.iter().all(|o| o.ok()), "{}", tally(&out));
+    // Each call reached Chat without waiting for a slot: paced, the last of 150
+    // would wait 0.75 s; a new window, a second.
+    let reached: HashMap<String, Instant> = fake
+        .calls()
+        .iter()
+        .map(|c| (c.json()["From_Account"].as_str().unwrap().to_string(), c.at))
+        .collect();
+    let waited = out
+        .iter()
+        .map(|o| reached[&o.account] - o.sent)
+        .max()
+        .unwrap();
+    let at_chat = arrivals(&fake);
+    let spread = *at_chat.iter().max().unwrap() - *at_chat.iter().min().unwrap();
+    eprintln!("150 concurrent after idle: at Chat within {spread:?}; the longest from send to Chat {waited:?}");
+    assert_eq!(at_chat.len(), 150);
+    assert!(
+        waited < Duration::from_millis(400),
+        "a call waited {waited:?} to reach Chat"
+    );
+    assert!(spread < Duration::from_millis(400), "{spread:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_burst_callers_are_paced_and_refused_only_past_max_wait() {
+    let _alone = MACHINE.lock().await;
+    // N = 20, burst 50% (10): 40 concurrent callers with a slow Chat (in flight
+    // together). Ten go at once; the other ten slots of the span are spread over it
+    // (one every ~93 ms); with max_wait 500 ms five of them fit, the rest are refused
+    // at once with the wait they would have had.
+    let fake = FakeChat::start(pages_after(Duration::from_millis(600))).await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[(
+            "ratelimit",
+            "per_command_per_sec = 20\nburst_percent = 50\nmax_wait_ms = 500",
+        )],
+    ))
+    .await;
+    let base = gw.url("");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            get_list(&base, &format!("paced_{i}")).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    let ok = out.iter().filter(|o| o.ok()).count();
+    let refused: Vec<&Outcome> = out.iter().filter(|o| o.status == 429).collect();
+    let mut at_chat = arrivals(&fake);
+    at_chat.sort();
+    let gaps: Vec<u128> = at_chat
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    eprintln!(
+        "N = 20, burst 10, 40 at once: {ok} served, {} refused; gaps at Chat (ms) {gaps:?}",
+        refused.len()
+    );
+    assert_eq!(ok + refused.len(), 40, "{}", tally(&out));
+    assert!((14..=16).contains(&ok), "{}", tally(&out));
+    // The refusals came at once, not after waiting.
+    assert!(refused
+        .iter()
+        .all(|o| o.done - started < Duration::from_millis(400)));
+    // Ten together, then paced about 93 ms apart.
+    assert!(at_chat[9] - at_chat[0] < Duration::from_millis(200));
+    for g in &gaps[10..] {
+        assert!((70..=130).contains(g), "{gaps:?}");
+    }
+    assert!(max_per_second(&at_chat) <= 20);
+}
