@@ -50,7 +50,10 @@ async fn limiter(url: &str, id: &str, rate: u32) -> Arc<FleetLimiter> {
     let rate = rate.to_string();
     let s = settings(
         url,
-        &[("CHAT_GATEWAY__RATELIMIT__PER_COMMAND_PER_SEC", rate.as_str())],
+        &[(
+            "CHAT_GATEWAY__RATELIMIT__PER_COMMAND_PER_SEC",
+            rate.as_str(),
+        )],
     );
     let l = FleetLimiter::start(
         redis,

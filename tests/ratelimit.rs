@@ -26,7 +26,7 @@ fn pages_after(delay: Duration) -> Responder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_callers_over_the_limit_wait_their_turn_instead_of_429() {
     let _alone = MACHINE.lock().await;
-    let fake = FakeChat::start(pages_after(Duration::ZERO)).await;
+    let fake = fake_chat_apart(pages_after(Duration::ZERO));
     // Defaults: 200 per second, max_wait_ms 500, burst_percent 75.
     let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
     let run = Duration::from_secs(4);
@@ -40,7 +40,11 @@ async fn twenty_callers_over_the_limit_wait_their_turn_instead_of_429() {
     let at_chat = arrivals(&fake);
     let most = max_per_second(&at_chat);
     let rate = served as f64 / run.as_secs_f64();
-    let worst = out.iter().map(|o| o.done - o.sent).max().unwrap_or_default();
+    let worst = out
+        .iter()
+        .map(|o| o.done - o.sent)
+        .max()
+        .unwrap_or_default();
     eprintln!(
         "20 callers, 4 s: {served} served ({rate:.1}/s), {refused} refused (429), busiest second at Chat {most}, slowest answer {worst:?}; {}",
         tally(&out)
@@ -55,7 +59,7 @@ async fn twenty_callers_over_the_limit_wait_their_turn_instead_of_429() {
 async fn a_burst_of_150_concurrent_misses_after_idle_goes_at_once() {
     let _alone = MACHINE.lock().await;
     // Chat takes 300 ms, as a far region might: the 150 are in flight together.
-    let fake = FakeChat::start(pages_after(Duration::from_millis(300))).await;
+    let fake = fake_chat_apart(pages_after(Duration::from_millis(300)));
     let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
     let base = gw.url("");
     let mut tasks = Vec::new();
@@ -100,7 +104,7 @@ async fn past_the_burst_callers_are_paced_and_refused_only_past_max_wait() {
     // together). Ten go at once; the other ten slots of the span are spread over it
     // (one every ~93 ms); with max_wait 500 ms five of them fit, the rest are refused
     // at once with the wait they would have had.
-    let fake = FakeChat::start(pages_after(Duration::from_millis(600))).await;
+    let fake = fake_chat_apart(pages_after(Duration::from_millis(600)));
     let gw = Gateway::start(&config_toml(
         &fake.url(),
         &[(

@@ -58,8 +58,8 @@ impl Default for RawRedis {
             timeout_ms: 50,
             l2_cache: true,
             ca_file: None,
-            lease_ms: 25,
-            latency_allowance_ms: 25,
+            lease_ms: 20,
+            latency_allowance_ms: 40,
             expected_gateways: 1,
         }
     }

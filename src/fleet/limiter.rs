@@ -19,14 +19,20 @@
 //!
 //! ## Why N holds at arrival (the window proof)
 //!
-//! Let the script run at Redis time R and grant a slot s ≥ R. The gateway sent the
-//! request at local instant `t_sent` and got the answer at `t_recv`; in real time
-//! `t_sent ≤ R ≤ t_recv`. The gateway lets a call leave only within
-//! `[t_recv + (s − R), t_sent + (s − R) + v]` (only the difference `s − R` is used, so
-//! Redis's clock offset does not matter). So a call leaves at a real instant `d` with
-//! `s ≤ d ≤ s + v`. It reaches Chat at `a = d + L`, where the one-way latency `L`
-//! (connection set-up and scheduling included) lies in `[L0, L0 + J]`, J being
-//! `redis.latency_allowance_ms`. So `s + L0 ≤ a ≤ s + v + L0 + J`.
+//! Let the script run at Redis time R and grant a slot s ≥ R. Every lease brackets
+//! R in the gateway's own time: it was sent at `t_sent` and answered at `t_recv`, so
+//! the offset θ between the clocks (Redis time = local time + θ) lies within
+//! `[R − t_recv, R − t_sent]`. The gateway intersects the brackets of its recent
+//! leases (each widened by 0.1% of its age, the most the clocks may drift apart), so
+//! θ is known to within `[lo, hi]`, as tightly as its fastest recent round trip: a
+//! slow answer does not eat the permit. It lets a call leave only within
+//! `[s − lo, s − hi + v]` in local time (widened inwards by the drift until then). So
+//! a call leaves at a real instant `d` with `s ≤ d ≤ s + v`. It reaches Chat at
+//! `a = d + L`, where the one-way latency `L` (connection set-up and scheduling
+//! included) lies in `[L0, L0 + J]`, J being `redis.latency_allowance_ms`. So
+//! `s + L0 ≤ a ≤ s + v + L0 + J`. (Like the log's window itself, this relies on
+//! Redis's clock not being stepped; a step makes the brackets disagree, and then
+//! only the newest counts.)
 //!
 //! Take any one-second window `[x, x + 1 s)` of arrivals. The slots of its calls
 //! satisfy `x − v − L0 − J ≤ s < x + 1 s − L0`: they lie in one window of length
@@ -34,7 +40,7 @@
 //! slots (each new slot is at or after the newest, and is granted only while the log
 //! holds fewer than N in `(s − W, s]`). Hence at most N calls arrive in any second.
 //! The price is throughput: the fleet sends at most N per W (with the defaults,
-//! v = J = 25 ms, 0.95·N per second at saturation).
+//! v = 20 ms and J = 40 ms, 0.94·N per second at saturation).
 //!
 //! A call that wakes too late for its permit does not go: it asks again.
 //!
@@ -132,7 +138,7 @@ const SUSPECT_FOR: Duration = Duration::from_secs(5);
 /// `<count>|<tag>` (scored by its slot; tag `fill:…` for a fill).
 ///
 /// Returns {birth, leases, wait until the first slot not granted (µs; 0 if all
-/// were), then per lease (slot − now µs, count)}.
+/// were), now (Redis µs), then per lease (slot − now µs, count)}.
 pub const LEASE: &str = r#"
 local key = KEYS[1]
 local t = redis.call('TIME')
@@ -238,7 +244,7 @@ while granted < want do
   last = s
   granted = granted + 1
 end
-local reply = {birth, leases, math.floor(retry)}
+local reply = {birth, leases, math.floor(retry), now}
 for k = 1, leases do
   local s = out[2 * k - 1]
   local c = out[2 * k]
@@ -292,6 +298,8 @@ struct LeaseReply {
     leases: Vec<(i64, u32)>,
     /// How far the first slot not granted is (µs); 0 when every caller got one.
     retry_us: i64,
+    /// Redis's clock when the script ran (µs).
+    now: i64,
 }
 
 impl LeaseReply {
@@ -301,9 +309,10 @@ impl LeaseReply {
         LeaseReply {
             birth: get(0),
             leases: (0..nl)
-                .map(|k| (get(3 + 2 * k), get(4 + 2 * k).max(0) as u32))
+                .map(|k| (get(4 + 2 * k), get(5 + 2 * k).max(0) as u32))
                 .collect(),
             retry_us: get(2).max(0),
+            now: get(3),
         }
     }
 }
@@ -392,6 +401,74 @@ impl CommandState {
     }
 }
 
+/// How fast Redis's clock may run against ours, at most: 0.1%.
+const DRIFT_PER_MILLION: i64 = 1000;
+/// Lease round trips remembered to bound Redis's clock.
+const CLOCK_SAMPLES: usize = 64;
+/// ... and for how long.
+const CLOCK_SAMPLE_AGE: Duration = Duration::from_secs(5);
+
+/// Recent lease round trips, which bound Redis's clock in this gateway's time: each
+/// one saw Redis read R between sending at `t_sent` and receiving at `t_recv`, so the
+/// offset θ (Redis time = local time + θ) was within `[R − t_recv, R − t_sent]`. The
+/// intersection over recent round trips, each widened by the drift since, is as
+/// tight as the fastest of them, not as loose as the current one.
+#[derive(Debug)]
+struct ClockSync {
+    base: Instant,
+    /// (sent µs, received µs, Redis µs), oldest first.
+    samples: Mutex<VecDeque<(i64, i64, i64)>>,
+}
+
+impl ClockSync {
+    fn new() -> Self {
+        ClockSync {
+            base: Instant::now(),
+            samples: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn us(&self, t: Instant) -> i64 {
+        t.saturating_duration_since(self.base).as_micros() as i64
+    }
+
+    fn at(&self, us: i64) -> Instant {
+        self.base + Duration::from_micros(us.max(0) as u64)
+    }
+
+    /// Adds a round trip; returns the bounds `(lo, hi)` of θ now.
+    fn add(&self, sent: Instant, recv: Instant, redis_us: i64) -> (i64, i64) {
+        let (s, r) = (self.us(sent), self.us(recv));
+        let mut q = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        q.push_back((s, r, redis_us));
+        let max_age = CLOCK_SAMPLE_AGE.as_micros() as i64;
+        while q.len() > CLOCK_SAMPLES || q.front().is_some_and(|x| r - x.1 > max_age) {
+            q.pop_front();
+        }
+        loop {
+            let (mut lo, mut hi) = (i64::MIN, i64::MAX);
+            for &(si, ri, ti) in q.iter() {
+                let widen = (r - ri).max(0) * DRIFT_PER_MILLION / 1_000_000;
+                lo = lo.max(ti - ri - widen);
+                hi = hi.min(ti - si + widen);
+            }
+            if lo <= hi || q.len() <= 1 {
+                return (lo, hi);
+            }
+            // The samples disagree (a clock stepped): trust the newest.
+            q.pop_front();
+        }
+    }
+
+    /// Forgets every round trip (a new server has a clock of its own).
+    fn clear(&self) {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
 /// A call this gateway sent on its local share, for writing into the fleet's log.
 type Departures = HashMap<String, VecDeque<Instant>>;
 
@@ -423,6 +500,8 @@ pub struct FleetLimiter {
     synced: AtomicU64,
     /// A session whose first leases are suspect, and when it started.
     suspect: Mutex<(u64, Instant)>,
+    /// Redis's clock in ours.
+    clock: ClockSync,
     /// Unique per lease, with the gateway id.
     nonce: AtomicU64,
     id: String,
@@ -476,6 +555,7 @@ impl FleetLimiter {
             departures: Mutex::new(HashMap::new()),
             synced: AtomicU64::new(0),
             suspect: Mutex::new((0, Instant::now())),
+            clock: ClockSync::new(),
             nonce: AtomicU64::new(0),
             id,
             denied_logged: AtomicBool::new(false),
@@ -706,6 +786,7 @@ impl FleetLimiter {
                     return;
                 }
             };
+            let (lo, hi) = self.clock.add(t_sent, t_recv, reply.now);
             let nap = {
                 let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
                 s.birth = reply.birth;
@@ -715,15 +796,24 @@ impl FleetLimiter {
                     .increment(granted);
                 for (offset, g) in reply.leases {
                     let wait = Duration::from_micros(offset.max(0) as u64);
+                    let slot = reply.now + offset.max(0);
+                    let drift = offset.max(0) * DRIFT_PER_MILLION / 1_000_000;
                     let mut lease = Lease {
-                        slot: t_sent + wait,
-                        from: t_recv + wait,
-                        until: t_sent + wait + self.lease,
+                        slot: self.clock.at(slot - hi),
+                        from: self.clock.at(slot - lo + drift),
+                        until: self
+                            .clock
+                            .at(slot - hi - drift + self.lease.as_micros() as i64),
                         left: g,
                     };
                     s.last_slot = Some(s.last_slot.map_or(lease.slot, |l| l.max(lease.slot)));
                     if lease.until <= lease.from + MIN_USABLE {
-                        // The round trip ate the lease; nothing usable.
+                        // The clocks are not known well enough; nothing usable.
+                        tracing::debug!(
+                            rtt_us = (t_recv - t_sent).as_micros() as u64,
+                            width_us = hi - lo,
+                            "lease unusable"
+                        );
                         continue;
                     }
                     while lease.left > 0 {
@@ -889,6 +979,7 @@ async fn sync_loop(
         let session = sessions.borrow_and_update().clone();
         if session.seq > 0 {
             let Some(l) = weak.upgrade() else { return };
+            l.clock.clear();
             if session.restarted || l.sent_locally() {
                 *l.suspect.lock().unwrap_or_else(|p| p.into_inner()) =
                     (session.seq, Instant::now());
@@ -951,6 +1042,11 @@ impl RateLimiter for FleetLimiter {
                                 self.departed(command, false);
                                 return Ok(());
                             }
+                            tracing::debug!(
+                                late_us = Instant::now().saturating_duration_since(from).as_micros()
+                                    as u64,
+                                "permit void"
+                            );
                         }
                         Grant::Refused(retry_after) => return Err(Throttled { retry_after }),
                         // Redis failed this lease but is not (yet) declared unusable:
@@ -1049,18 +1145,20 @@ mod tests {
     #[test]
     fn lease_replies_parse() {
         assert_eq!(
-            LeaseReply::parse(&[1_700_000_000_000_000, 0, 700_000]),
+            LeaseReply::parse(&[1_700_000_000_000_000, 0, 700_000, 1_800_000_000_000_000]),
             LeaseReply {
                 birth: 1_700_000_000_000_000,
                 leases: vec![],
                 retry_us: 700_000,
+                now: 1_800_000_000_000_000,
             }
         );
         // Two leases (now, 30; in 0.4 s, 1), and the next slot beyond the horizon.
-        let r = LeaseReply::parse(&[7, 2, 900_000, 0, 30, 400_000, 1]);
+        let r = LeaseReply::parse(&[7, 2, 900_000, 9, 0, 30, 400_000, 1]);
         assert_eq!(r.birth, 7);
         assert_eq!(r.leases, vec![(0, 30), (400_000, 1)]);
         assert_eq!(r.retry_us, 900_000);
+        assert_eq!(r.now, 9);
     }
 
     #[test]

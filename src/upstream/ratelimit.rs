@@ -33,7 +33,7 @@
 //! The span is the window plus [`ARRIVAL_MARGIN`]: calls admitted a little apart can
 //! reach Chat closer together (a new connection's set-up delays one, scheduling
 //! another), so what *arrives* at Chat still holds N in any second. The cost: at
-//! saturation N calls go per 1.025 s (195/s for N = 200), and after a burst of B the
+//! saturation N calls go per 1.04 s (192/s for N = 200), and after a burst of B the
 //! rest of that window is paced at (N − B) per span.
 //!
 //! The fleet's limiter ([`crate::fleet::limiter`]) runs the same schedule in a Redis
@@ -54,8 +54,9 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 /// Calls admitted a little apart can reach Chat closer together (a new connection's
 /// set-up delays one, scheduling another), so admissions are spaced over the window
 /// plus this margin: what *arrives* at Chat still holds N in any one second, at the
-/// cost of 2.5% of the rate.
-pub const ARRIVAL_MARGIN: Duration = Duration::from_millis(25);
+/// cost of 4% of the rate. (The fleet budgets the same spread as
+/// `redis.latency_allowance_ms`, 40 ms by default.)
+pub const ARRIVAL_MARGIN: Duration = Duration::from_millis(40);
 /// The span admissions are counted over.
 pub const SPAN: Duration = WINDOW.saturating_add(ARRIVAL_MARGIN);
 /// Commands with a log of their own at most; past it, unknown commands share one.
@@ -465,7 +466,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             now += Duration::from_micros(x % 20_000);
-            if x % 7 == 0 {
+            if x.is_multiple_of(7) {
                 log.burst_open = false;
             }
             if let Ok(s) = log.reserve(now, ms(x % 1500)) {

@@ -88,8 +88,15 @@ pub async fn get_list(base: &str, account: &str) -> Outcome {
 }
 
 /// `callers` closed-loop callers (caller i on `bases[i % len]`), each sending distinct
-/// get_list misses one after another until `run` has passed.
-pub async fn closed_loop(bases: &[String], callers: usize, run: Duration, tag: &str) -> Vec<Outcome> {
+/// get_list misses one after another until `run` has passed. A caller refused with 429
+/// waits 100 ms before its next request (as a client honouring `retry-after` would,
+/// only sooner: demand stays over the limit without a storm of refusals).
+pub async fn closed_loop(
+    bases: &[String],
+    callers: usize,
+    run: Duration,
+    tag: &str,
+) -> Vec<Outcome> {
     let until = Instant::now() + run;
     let mut tasks = Vec::new();
     for i in 0..callers {
@@ -99,8 +106,13 @@ pub async fn closed_loop(bases: &[String], callers: usize, run: Duration, tag: &
             let mut out = Vec::new();
             let mut j = 0;
             while Instant::now() < until {
-                out.push(get_list(&base, &format!("{tag}_{i}_{j}")).await);
+                let o = get_list(&base, &format!("{tag}_{i}_{j}")).await;
+                let refused = o.status == 429;
+                out.push(o);
                 j += 1;
+                if refused {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
             out
         }));
@@ -122,4 +134,22 @@ pub fn tally(out: &[Outcome]) -> String {
         .map(|((s, c), n)| format!("{n}× HTTP {s} ErrorCode {c}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A fake Chat on a thread and runtime of its own, so that when it records a call's
+/// arrival does not depend on how busy the test's callers keep the test's runtime
+/// (Chat is another machine).
+pub fn fake_chat_apart(responder: super::Responder) -> super::FakeChat {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the fake Chat");
+        rt.block_on(async move {
+            let _ = tx.send(super::FakeChat::start(responder).await);
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().expect("the fake Chat started")
 }
