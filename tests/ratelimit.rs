@@ -151,3 +151,62 @@ async fn past_the_burst_callers_are_paced_and_refused_only_past_max_wait() {
     }
     assert!(max_per_second(&at_chat) <= 20);
 }
+
+#[test]
+fn check_config_shows_the_rate_limit_and_retry_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        config_toml(
+            "http://127.0.0.1:9",
+            &[
+                ("ratelimit", "burst_percent = 40"),
+                (
+                    "redis",
+                    "url = \"redis://127.0.0.1:6379/0\"\nexpected_gateways = 6",
+                ),
+            ],
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let table = |name: &str| -> toml::Table {
+        text.parse::<toml::Table>().unwrap()[name]
+            .as_table()
+            .unwrap()
+            .clone()
+    };
+    let rl = table("ratelimit");
+    assert_eq!(rl["per_command_per_sec"].as_integer(), Some(200));
+    assert_eq!(rl["max_wait_ms"].as_integer(), Some(500));
+    assert_eq!(rl["burst_percent"].as_integer(), Some(40));
+    let retry = table("retry");
+    assert_eq!(retry["budget_percent"].as_integer(), Some(5));
+    assert_eq!(retry["budget_min_per_sec"].as_integer(), Some(0));
+    let redis = table("redis");
+    assert_eq!(redis["expected_gateways"].as_integer(), Some(6));
+    assert_eq!(redis["lease_ms"].as_integer(), Some(20));
+    assert_eq!(redis["latency_allowance_ms"].as_integer(), Some(40));
+    // Out of range: refused, naming the key.
+    std::fs::write(
+        &path,
+        config_toml("http://127.0.0.1:9", &[("ratelimit", "burst_percent = 0")]),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ratelimit.burst_percent"));
+}
