@@ -1162,6 +1162,31 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_is_known_as_well_as_the_fastest_recent_round_trip() {
+        let c = ClockSync::new();
+        let t0 = c.base + Duration::from_secs(1);
+        let ms = |n: u64| Duration::from_millis(n);
+        // Redis is 5 s ahead of our base (θ = 5 s). A fast round trip: 1 ms.
+        let theta = 5_000_000i64;
+        let redis_at = |t: Instant| c.us(t) + theta;
+        let (lo, hi) = c.add(t0, t0 + ms(1), redis_at(t0) + 500);
+        assert!(lo <= theta && theta <= hi && hi - lo <= 1_000, "{lo} {hi}");
+        // A slow one (40 ms) later does not widen what is known.
+        let t1 = t0 + ms(100);
+        let (lo, hi) = c.add(t1, t1 + ms(40), redis_at(t1) + 20_000);
+        assert!(lo <= theta && theta <= hi, "{lo} {hi}");
+        // Its bracket, widened by 0.1% of the 140 ms since on each side.
+        assert!(hi - lo <= 1_300, "{}", hi - lo);
+        // A stepped clock contradicts the samples: only the newest is kept.
+        let t2 = t1 + ms(100);
+        let (lo, hi) = c.add(t2, t2 + ms(2), redis_at(t2) + 10_000_000);
+        assert!(lo <= theta + 10_000_000 && theta + 10_000_000 <= hi + 2_000);
+        assert_eq!(c.samples.lock().unwrap().len(), 1);
+        c.clear();
+        assert!(c.samples.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn the_hold_outlasts_the_slowest_reconnection() {
         // A gateway still on its local share reconnects at most MAX_BACKOFF + 25%
         // after the first: before the first slot after a fill (hold + W, W ≥ 1 s).
