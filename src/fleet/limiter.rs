@@ -850,11 +850,11 @@ impl FleetLimiter {
                     }
                     let later = !kept.is_empty();
                     s.waiters = kept;
-                    // Ask again when half a horizon's worth of slots is in reach: a
+                    // Ask again when three quarters of a horizon's worth of slots are in reach: a
                     // batch, not one slot per lease.
                     later.then(|| {
                         retry
-                            .saturating_sub(self.horizon / 2)
+                            .saturating_sub(self.horizon / 4)
                             .max(Duration::from_millis(5))
                     })
                 } else {
