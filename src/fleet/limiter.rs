@@ -850,8 +850,8 @@ impl FleetLimiter {
                     }
                     let later = !kept.is_empty();
                     s.waiters = kept;
-                    // Ask again when three quarters of a horizon's worth of slots are in reach: a
-                    // batch, not one slot per lease.
+                    // Ask again when three quarters of a horizon's worth of slots
+                    // are in reach: a batch, not one slot per lease.
                     later.then(|| {
                         retry
                             .saturating_sub(self.horizon / 4)
