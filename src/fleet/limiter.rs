@@ -104,7 +104,7 @@ use crate::config::RedisSettings;
 use crate::metrics::names;
 use crate::upstream::command_label;
 use crate::upstream::ratelimit::{
-    burst_of, pace, LocalRateLimiter, RateLimiter, Throttled, WINDOW,
+    burst_of, pace, LocalRateLimiter, RateLimiter, Throttled, MAX_LATE, WINDOW,
 };
 
 /// Commands with a state of their own at most; past it, unknown commands share one.
@@ -1081,6 +1081,10 @@ impl RateLimiter for FleetLimiter {
                     }
                     if now >= at && !self.redis.is_up() {
                         slot.slot = None;
+                        if now > at + MAX_LATE {
+                            // Woken too late for the slot: ask again.
+                            continue 'call;
+                        }
                         self.departed(command, true);
                         return Ok(());
                     }

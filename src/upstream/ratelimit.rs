@@ -32,7 +32,8 @@
 //!
 //! The span is the window plus [`ARRIVAL_MARGIN`]: calls admitted a little apart can
 //! reach Chat closer together (a new connection's set-up delays one, scheduling
-//! another), so what *arrives* at Chat still holds N in any second. The cost: at
+//! another), so what *arrives* at Chat still holds N in any second. A caller woken
+//! more than [`MAX_LATE`] after its slot asks again instead of going. The cost: at
 //! saturation N calls go per 1.04 s (192/s for N = 200), and after a burst of B the
 //! rest of that window is paced at (N − B) per span.
 //!
@@ -59,6 +60,10 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 pub const ARRIVAL_MARGIN: Duration = Duration::from_millis(40);
 /// The span admissions are counted over.
 pub const SPAN: Duration = WINDOW.saturating_add(ARRIVAL_MARGIN);
+/// A caller woken later than this after its slot does not go: it asks again. So a
+/// call leaves within this of its slot, and the rest of the margin covers the way to
+/// Chat.
+pub const MAX_LATE: Duration = Duration::from_millis(20);
 /// Commands with a log of their own at most; past it, unknown commands share one.
 const MAX_BUCKETS: usize = 4096;
 /// The shared log's name.
@@ -321,20 +326,30 @@ impl RateLimiter for LocalRateLimiter {
         command: &'a str,
         max_wait: Duration,
     ) -> BoxFuture<'a, Result<(), Throttled>> {
+        let deadline = Instant::now() + max_wait;
         let reserved = self.reserve(command, max_wait);
         Box::pin(async move {
-            let slot = reserved?;
-            let mut r = Reserved {
-                limiter: self,
-                command,
-                slot,
-                used: false,
-            };
-            if slot > Instant::now() {
-                tokio::time::sleep_until(slot.into()).await;
+            let mut slot = reserved?;
+            loop {
+                let mut r = Reserved {
+                    limiter: self,
+                    command,
+                    slot,
+                    used: false,
+                };
+                if slot > Instant::now() {
+                    tokio::time::sleep_until(slot.into()).await;
+                }
+                r.used = true;
+                let now = Instant::now();
+                if now <= slot + MAX_LATE {
+                    return Ok(());
+                }
+                // Woken too late: the slot is spent, and going now could bring this
+                // call within a second of one a span later. Ask again.
+                let left = deadline.saturating_duration_since(now);
+                slot = self.reserve(command, left)?;
             }
-            r.used = true;
-            Ok(())
         })
     }
 

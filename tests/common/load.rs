@@ -56,20 +56,47 @@ impl Outcome {
     }
 }
 
-/// Sends one get_list for `account` to `base` (a gateway's address).
+/// A keep-alive HTTP client (one per caller: its connection is reused).
+pub type Http = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// A keep-alive client.
+pub fn http() -> Http {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// Sends one get_list for `account` to `base` (a gateway's address), on a new
+/// connection.
 pub async fn get_list(base: &str, account: &str) -> Outcome {
+    get_list_on(&http(), base, account).await
+}
+
+/// Sends one get_list for `account` to `base` with `client`.
+pub async fn get_list_on(client: &Http, base: &str, account: &str) -> Outcome {
+    use http_body_util::BodyExt;
     let sent = Instant::now();
-    let r = super::send(
-        http::Request::post(format!("{base}{GET_LIST}"))
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
-                r#"{{"From_Account":"{account}"}}"#
-            ))))
-            .unwrap(),
-    )
+    let req = http::Request::post(format!("{base}{GET_LIST}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+            r#"{{"From_Account":"{account}"}}"#
+        ))))
+        .unwrap();
+    let r: Result<(http::StatusCode, bytes::Bytes), String> = async {
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    }
     .await;
     let (status, code) = match &r {
-        Ok((s, _, body)) => (
+        Ok((s, body)) => (
             s.as_u16(),
             serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
@@ -88,9 +115,10 @@ pub async fn get_list(base: &str, account: &str) -> Outcome {
 }
 
 /// `callers` closed-loop callers (caller i on `bases[i % len]`), each sending distinct
-/// get_list misses one after another until `run` has passed. A caller refused with 429
-/// waits 100 ms before its next request (as a client honouring `retry-after` would,
-/// only sooner: demand stays over the limit without a storm of refusals).
+/// get_list misses one after another on a keep-alive connection until `run` has
+/// passed. A caller refused with 429 waits 100 ms before its next request (as a
+/// client honouring `retry-after` would, only sooner: demand stays over the limit
+/// without a storm of refusals).
 pub async fn closed_loop(
     bases: &[String],
     callers: usize,
@@ -103,10 +131,11 @@ pub async fn closed_loop(
         let base = bases[i % bases.len()].clone();
         let tag = tag.to_string();
         tasks.push(tokio::spawn(async move {
+            let client = http();
             let mut out = Vec::new();
             let mut j = 0;
             while Instant::now() < until {
-                let o = get_list(&base, &format!("{tag}_{i}_{j}")).await;
+                let o = get_list_on(&client, &base, &format!("{tag}_{i}_{j}")).await;
                 let refused = o.status == 429;
                 out.push(o);
                 j += 1;
