@@ -614,9 +614,9 @@ async fn a_retry_waits_for_its_slot_instead_of_failing() {
     ))
     .await;
     let url = gw.url(GET_CONTACT_GROUP);
-    // Each first attempt comes when the limiter is idle (one pace, 1.04 s / 20, after
+    // Each first attempt comes when the limiter is idle (one pace, 1.06 s / 20, after
     // the last call), so with max_wait_ms = 0 it goes at once; the retry (or the
-    // attempt after a renewal) right after it is paced about 52 ms later, and waits
+    // attempt after a renewal) right after it is paced about 53 ms later, and waits
     // for that slot instead of failing.
     let call = || async {
         tokio::time::sleep(Duration::from_millis(60)).await;

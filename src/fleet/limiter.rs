@@ -42,7 +42,9 @@
 //! The price is throughput: the fleet sends at most N per W (with the defaults,
 //! v = 20 ms and J = 40 ms, 0.94·N per second at saturation).
 //!
-//! A call that wakes too late for its permit does not go: it asks again.
+//! A call that wakes too late for its permit does not go: its permit is moved to the
+//! present if the log allows ([`RETIME`]: its caller keeps its turn), otherwise it
+//! asks again.
 //!
 //! ## When Redis is lost, and when it comes back
 //!
@@ -84,8 +86,8 @@
 //!
 //! ## What the Redis user needs
 //!
-//! `EVALSHA`, `EVAL` and `SCRIPT LOAD`; inside the scripts `TIME`, `ZADD`, `ZSCORE`,
-//! `ZRANGEBYSCORE`, `ZREMRANGEBYSCORE` and `PERSIST`. None is in `@dangerous`. A denied
+//! `EVALSHA`, `EVAL` and `SCRIPT LOAD`; inside the scripts `TIME`, `ZADD`, `ZREM`,
+//! `ZSCORE`, `ZRANGEBYSCORE`, `ZREMRANGEBYSCORE` and `PERSIST`. None is in `@dangerous`. A denied
 //! one is logged once, and the gateway keeps to its local share.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -282,6 +284,46 @@ end
 return added
 "#;
 
+/// Moves one permit of a lease that its caller could not use in time to now, if no
+/// window would then hold more than N. `KEYS[1]`: the log. ARGV: limit N, the lease's
+/// slot (µs, to the microsecond below), its tag, a nonce. Returns {moved (1/0), now}.
+///
+/// Why it is safe: a window that holds the new slot (now) but not the old one (s)
+/// ends at or after s + W, so it holds nothing before s; if the log holds fewer than N
+/// slots after s, it has room. Every other window holds both, or only the old one.
+pub const RETIME: &str = r#"
+local key = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local limit = tonumber(ARGV[1])
+local s = tonumber(ARGV[2])
+local found, fc, fs = nil, 0, 0
+local near = redis.call('ZRANGEBYSCORE', key, s - 1, s + 2, 'WITHSCORES')
+for k = 1, #near, 2 do
+  local c, tag = string.match(near[k], '^(%d+)|(.*)$')
+  if c and tag == ARGV[3] then
+    found = near[k]
+    fc = tonumber(c)
+    fs = tonumber(near[k + 1])
+  end
+end
+if not found or now < fs then return {0, now} end
+if tonumber(redis.call('ZSCORE', key, 'pause') or '0') > now then return {0, now} end
+local after = 0
+local items = redis.call('ZRANGEBYSCORE', key, '(' .. string.format('%.17g', fs), '+inf')
+for k = 1, #items do
+  local c = string.match(items[k], '^(%d+)|')
+  if c then after = after + tonumber(c) end
+end
+if after + 1 > limit then return {0, now} end
+redis.call('ZREM', key, found)
+if fc > 1 then redis.call('ZADD', key, fs, (fc - 1) .. '|' .. ARGV[3]) end
+redis.call('ZADD', key, now, '1|' .. ARGV[4])
+return {1, now}
+"#;
+
+pub(crate) static RETIME_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(RETIME));
 pub(crate) static LEASE_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(LEASE));
 pub(crate) static PAUSE_SCRIPT: LazyLock<redis::Script> =
@@ -321,7 +363,11 @@ impl LeaseReply {
 #[derive(Debug)]
 enum Grant {
     /// Go within `[from, until)`.
-    Permit { from: Instant, until: Instant },
+    Permit {
+        from: Instant,
+        until: Instant,
+        mark: Mark,
+    },
     /// The next slot is further than the caller may wait.
     Refused(Duration),
     /// Redis failed: use the local share.
@@ -337,6 +383,15 @@ struct Lease {
     from: Instant,
     until: Instant,
     left: u32,
+    /// Where its permits are in the log, to move one that was not used in time.
+    mark: Mark,
+}
+
+/// A lease's entry in the log: its slot (Redis µs, to the microsecond below) and tag.
+#[derive(Debug, Clone)]
+struct Mark {
+    slot: i64,
+    tag: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -393,6 +448,7 @@ impl CommandState {
         let g = Grant::Permit {
             from: lease.from,
             until: lease.until,
+            mark: lease.mark.clone(),
         };
         if lease.left == 0 {
             self.pool.pop_front();
@@ -748,6 +804,7 @@ impl FleetLimiter {
                 continue;
             }
             let nonce = format!("{}:{}", self.id, self.nonce.fetch_add(1, Ordering::Relaxed));
+            let tag = nonce.clone();
             let session = self.redis.session_seq();
             let (window_us, hold_us) = (self.window_us, self.hold.as_micros() as u64);
             let burst_size = burst_of(limit as usize, self.burst_percent);
@@ -794,7 +851,7 @@ impl FleetLimiter {
                 let granted: u64 = reply.leases.iter().map(|(_, g)| u64::from(*g)).sum();
                 counter!(names::PERMITS_LEASED, "command" => command_label(&s.name))
                     .increment(granted);
-                for (offset, g) in reply.leases {
+                for (k, (offset, g)) in reply.leases.into_iter().enumerate() {
                     let wait = Duration::from_micros(offset.max(0) as u64);
                     let slot = reply.now + offset.max(0);
                     let drift = offset.max(0) * DRIFT_PER_MILLION / 1_000_000;
@@ -805,6 +862,10 @@ impl FleetLimiter {
                             .clock
                             .at(slot - hi - drift + self.lease.as_micros() as i64),
                         left: g,
+                        mark: Mark {
+                            slot,
+                            tag: format!("{tag}:{}", k + 1).into(),
+                        },
                     };
                     s.last_slot = Some(s.last_slot.map_or(lease.slot, |l| l.max(lease.slot)));
                     if lease.until <= lease.from + MIN_USABLE {
@@ -827,6 +888,7 @@ impl FleetLimiter {
                         let g = Grant::Permit {
                             from: lease.from,
                             until: lease.until,
+                            mark: lease.mark.clone(),
                         };
                         if w.tx.send(g).is_ok() {
                             lease.left -= 1;
@@ -867,13 +929,64 @@ impl FleetLimiter {
         }
     }
 
+    /// Moves a permit its caller woke too late for to now, if the log allows: the
+    /// caller keeps its turn and the slot is not wasted. Returns whether it may go.
+    async fn retime(&self, command: &str, mark: &Mark) -> bool {
+        if !self.fleet_mode() {
+            return false;
+        }
+        let (name, limit) = {
+            let st = self.state(command);
+            let s = st.lock().unwrap_or_else(|p| p.into_inner());
+            (s.name.clone(), s.limit)
+        };
+        let key = self.keys.limiter(&name);
+        let nonce = format!(
+            "{}:t{}",
+            self.id,
+            self.nonce.fetch_add(1, Ordering::Relaxed)
+        );
+        let (slot, tag) = (mark.slot, mark.tag.to_string());
+        let t_sent = Instant::now();
+        let res = self
+            .redis
+            .run(Op::Ratelimit, |mut c| async move {
+                let r = RETIME_SCRIPT
+                    .key(key)
+                    .arg(limit)
+                    .arg(slot)
+                    .arg(tag)
+                    .arg(nonce)
+                    .invoke_async::<Vec<i64>>(&mut c)
+                    .await;
+                r
+            })
+            .await;
+        let t_recv = Instant::now();
+        let Ok(v) = res else { return false };
+        let (moved, now) = (
+            v.first().copied() == Some(1),
+            v.get(1).copied().unwrap_or(0),
+        );
+        if !moved {
+            return false;
+        }
+        let (lo, hi) = self.clock.add(t_sent, t_recv, now);
+        let from = self.clock.at(now - lo);
+        let until = self.clock.at(now - hi + self.lease.as_micros() as i64);
+        if from > Instant::now() {
+            tokio::time::sleep_until(from.into()).await;
+        }
+        Instant::now() + MIN_USABLE <= until
+    }
+
     /// Logs, once, that the Redis user may not run what the limiter needs.
     fn denied(&self, e: &FleetError) {
         if let FleetError::Redis(msg) = e {
             if msg.contains("NOPERM") && !self.denied_logged.swap(true, Ordering::Relaxed) {
                 tracing::error!(
                     error = %msg,
-                    "the Redis user may not run the rate limiter's commands (EVALSHA, EVAL, SCRIPT LOAD; in scripts TIME, ZADD, ZSCORE, ZRANGEBYSCORE, ZREMRANGEBYSCORE, PERSIST): the rate limit runs at this gateway's share"
+                    "the Redis user may not run the rate limiter's commands (EVALSHA, EVAL, SCRIPT LOAD; in scripts TIME, ZADD, ZREM, ZSCORE, ZRANGEBYSCORE, ZREMRANGEBYSCORE, PERSIST): the rate limit runs at this gateway's share"
                 );
             }
         }
@@ -1034,7 +1147,7 @@ impl RateLimiter for FleetLimiter {
                 while self.fleet_mode() {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match self.take_or_wait(command, left).await {
-                        Grant::Permit { from, until } => {
+                        Grant::Permit { from, until, mark } => {
                             if from > Instant::now() {
                                 tokio::time::sleep_until(from.into()).await;
                             }
@@ -1047,6 +1160,12 @@ impl RateLimiter for FleetLimiter {
                                     as u64,
                                 "permit void"
                             );
+                            // Woken too late: move the permit to now if the log allows,
+                            // rather than losing the caller's turn.
+                            if self.retime(command, &mark).await {
+                                self.departed(command, false);
+                                return Ok(());
+                            }
                         }
                         Grant::Refused(retry_after) => return Err(Throttled { retry_after }),
                         // Redis failed this lease but is not (yet) declared unusable:

@@ -34,7 +34,7 @@
 //! reach Chat closer together (a new connection's set-up delays one, scheduling
 //! another), so what *arrives* at Chat still holds N in any second. A caller woken
 //! more than [`MAX_LATE`] after its slot asks again instead of going. The cost: at
-//! saturation N calls go per 1.04 s (192/s for N = 200), and after a burst of B the
+//! saturation N calls go per 1.06 s (188/s for N = 200), and after a burst of B the
 //! rest of that window is paced at (N − B) per span.
 //!
 //! The fleet's limiter ([`crate::fleet::limiter`]) runs the same schedule in a Redis
@@ -55,9 +55,10 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 /// Calls admitted a little apart can reach Chat closer together (a new connection's
 /// set-up delays one, scheduling another), so admissions are spaced over the window
 /// plus this margin: what *arrives* at Chat still holds N in any one second, at the
-/// cost of 4% of the rate. (The fleet budgets the same spread as
-/// `redis.latency_allowance_ms`, 40 ms by default.)
-pub const ARRIVAL_MARGIN: Duration = Duration::from_millis(40);
+/// cost of 6% of the rate. It covers waking up to [`MAX_LATE`] late and 40 ms on the
+/// way to Chat (the fleet budgets the same: `redis.lease_ms` and
+/// `redis.latency_allowance_ms`).
+pub const ARRIVAL_MARGIN: Duration = Duration::from_millis(60);
 /// The span admissions are counted over.
 pub const SPAN: Duration = WINDOW.saturating_add(ARRIVAL_MARGIN);
 /// A caller woken later than this after its slot does not go: it asks again. So a
@@ -466,7 +467,7 @@ mod tests {
         assert!(worst < ms(200), "a caller waited {worst:?}");
         let span = *slots.last().unwrap() - slots[0];
         let rate = slots.len() as f64 / span.as_secs_f64();
-        assert!(rate > 190.0, "{rate:.1}/s");
+        assert!(rate > 185.0, "{rate:.1}/s");
     }
 
     #[test]
