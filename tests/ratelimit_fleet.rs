@@ -182,8 +182,10 @@ async fn sixty_callers_on_three_gateways_wait_their_turn_instead_of_429() {
         eprintln!("refused (sent ms, took ms): {r:?}");
         for gw in &gws {
             eprintln!(
-                "void or unusable permits: {}",
-                gw.log_count("permit void") + gw.log_count("lease unusable")
+                "permits woken too late for: {}, moved to the present {}, not {}",
+                gw.log_count("permit void") + gw.log_count("lease unusable"),
+                gw.log_count("moved=true"),
+                gw.log_count("moved=false"),
             );
         }
     }

@@ -284,11 +284,12 @@ end
 return added
 "#;
 
-/// Moves one permit of a lease that its caller could not use in time to now, if no
-/// window would then hold more than N. `KEYS[1]`: the log. ARGV: limit N, the lease's
-/// slot (µs, to the microsecond below), its tag, a nonce. Returns {moved (1/0), now}.
+/// Moves one permit of a lease that its caller could not use in time to just after
+/// now, if no window would then hold more than N. `KEYS[1]`: the log. ARGV: limit N,
+/// the lease's slot (µs, to the microsecond below), its tag, a nonce, how far after
+/// now (µs). Returns {moved (1/0), now, the new slot}.
 ///
-/// Why it is safe: a window that holds the new slot (now) but not the old one (s)
+/// Why it is safe: a window that holds the new slot s' > s but not the old one s
 /// ends at or after s + W, so it holds nothing before s; if the log holds fewer than N
 /// slots after s, it has room. Every other window holds both, or only the old one.
 pub const RETIME: &str = r#"
@@ -307,19 +308,20 @@ for k = 1, #near, 2 do
     fs = tonumber(near[k + 1])
   end
 end
-if not found or now < fs then return {0, now} end
-if tonumber(redis.call('ZSCORE', key, 'pause') or '0') > now then return {0, now} end
+if not found or now < fs then return {0, now, 0} end
+if tonumber(redis.call('ZSCORE', key, 'pause') or '0') > now then return {0, now, 0} end
 local after = 0
 local items = redis.call('ZRANGEBYSCORE', key, '(' .. string.format('%.17g', fs), '+inf')
 for k = 1, #items do
   local c = string.match(items[k], '^(%d+)|')
   if c then after = after + tonumber(c) end
 end
-if after + 1 > limit then return {0, now} end
+if after + 1 > limit then return {0, now, 0} end
+local target = now + tonumber(ARGV[5])
 redis.call('ZREM', key, found)
 if fc > 1 then redis.call('ZADD', key, fs, (fc - 1) .. '|' .. ARGV[3]) end
-redis.call('ZADD', key, now, '1|' .. ARGV[4])
-return {1, now}
+redis.call('ZADD', key, target, '1|' .. ARGV[4])
+return {1, now, target}
 "#;
 
 pub(crate) static RETIME_SCRIPT: LazyLock<redis::Script> =
@@ -514,6 +516,12 @@ impl ClockSync {
             // The samples disagree (a clock stepped): trust the newest.
             q.pop_front();
         }
+    }
+
+    /// The longest recent round trip (µs), 0 when none is known.
+    fn slowest_recent(&self) -> i64 {
+        let q = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().map(|(s, r, _)| r - s).max().unwrap_or(0)
     }
 
     /// Forgets every round trip (a new server has a clock of its own).
@@ -933,6 +941,7 @@ impl FleetLimiter {
     /// caller keeps its turn and the slot is not wasted. Returns whether it may go.
     async fn retime(&self, command: &str, mark: &Mark) -> bool {
         if !self.fleet_mode() {
+            tracing::debug!("could not move a permit: Redis unusable");
             return false;
         }
         let (name, limit) = {
@@ -947,6 +956,8 @@ impl FleetLimiter {
             self.nonce.fetch_add(1, Ordering::Relaxed)
         );
         let (slot, tag) = (mark.slot, mark.tag.to_string());
+        // Far enough ahead that the answer is back before the new slot.
+        let ahead = self.clock.slowest_recent().clamp(2_500, 50_000) * 2;
         let t_sent = Instant::now();
         let res = self
             .redis
@@ -957,23 +968,32 @@ impl FleetLimiter {
                     .arg(slot)
                     .arg(tag)
                     .arg(nonce)
+                    .arg(ahead)
                     .invoke_async::<Vec<i64>>(&mut c)
                     .await;
                 r
             })
             .await;
         let t_recv = Instant::now();
-        let Ok(v) = res else { return false };
-        let (moved, now) = (
+        let v = match res {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not move a permit");
+                return false;
+            }
+        };
+        let (moved, now, target) = (
             v.first().copied() == Some(1),
             v.get(1).copied().unwrap_or(0),
+            v.get(2).copied().unwrap_or(0),
         );
+        tracing::debug!(moved, "permit moved to the present");
         if !moved {
             return false;
         }
         let (lo, hi) = self.clock.add(t_sent, t_recv, now);
-        let from = self.clock.at(now - lo);
-        let until = self.clock.at(now - hi + self.lease.as_micros() as i64);
+        let from = self.clock.at(target - lo);
+        let until = self.clock.at(target - hi + self.lease.as_micros() as i64);
         if from > Instant::now() {
             tokio::time::sleep_until(from.into()).await;
         }
