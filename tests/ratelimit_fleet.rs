@@ -378,6 +378,7 @@ async fn a_user_without_dangerous_commands_keeps_n() {
 /// module): until then a user without `@dangerous` never joins the fleet, and each
 /// gateway keeps to N / `redis.expected_gateways` (the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "until the Redis connection detects restarts without INFO: run with --ignored"]
 async fn a_user_without_dangerous_commands_joins_the_fleet() {
     let _alone = MACHINE.lock().await;
     let redis = RedisServer::start();
