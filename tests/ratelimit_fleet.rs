@@ -112,6 +112,28 @@ fn check(what: &str, fake: &FakeChat, out: &[Outcome], n: usize) -> usize {
         at_chat.len(),
         tally(out)
     );
+    if most > n {
+        // The busiest window, call by call (ms from its first), and the gaps around it.
+        let mut t = at_chat.clone();
+        t.sort();
+        let start = (0..t.len())
+            .find(|&i| {
+                t[i..]
+                    .iter()
+                    .take_while(|u| **u < t[i] + Duration::from_secs(1))
+                    .count()
+                    == most
+            })
+            .unwrap_or(0);
+        let from = start.saturating_sub(3);
+        let shown: Vec<i128> = t[from..(start + most + 3).min(t.len())]
+            .iter()
+            .map(|u| {
+                u.duration_since(t[start]).as_millis() as i128 - if *u < t[start] { 0 } else { 0 }
+            })
+            .collect();
+        eprintln!("busiest window (ms after its first call; 3 calls before and after): {shown:?}");
+    }
     assert!(
         most <= n,
         "{what}: Chat saw {most} calls in one second (N = {n})"
