@@ -129,7 +129,11 @@ fn check(what: &str, fake: &FakeChat, out: &[Outcome], n: usize) -> usize {
         let shown: Vec<i128> = t[from..(start + most + 3).min(t.len())]
             .iter()
             .map(|u| {
-                u.duration_since(t[start]).as_millis() as i128 - if *u < t[start] { 0 } else { 0 }
+                if *u < t[start] {
+                    -((t[start] - *u).as_millis() as i128)
+                } else {
+                    (*u - t[start]).as_millis() as i128
+                }
             })
             .collect();
         eprintln!("busiest window (ms after its first call; 3 calls before and after): {shown:?}");
