@@ -47,14 +47,20 @@ async fn limiter(url: &str, id: &str, rate: u32) -> Arc<FleetLimiter> {
         Connector::new(u, None, id).unwrap(),
         Duration::from_millis(50),
     );
+    let rate = rate.to_string();
+    let s = settings(
+        url,
+        &[(
+            "CHAT_GATEWAY__RATELIMIT__PER_COMMAND_PER_SEC",
+            rate.as_str(),
+        )],
+    );
     let l = FleetLimiter::start(
         redis,
         Keys::new("test", 1),
         id.to_string(),
-        rate,
-        Default::default(),
-        Duration::from_millis(50),
-        Duration::from_millis(50),
+        &s.ratelimit,
+        s.redis.as_ref().unwrap(),
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !l.fleet_mode() {
@@ -117,7 +123,8 @@ async fn three_limiters_keep_n_in_any_second_and_lease_in_batches() {
     let ops = script_calls(&redis) - before;
     let most = max_in_window(&mut times, Duration::from_secs(1));
     assert!(most <= 50, "{most} calls in one second (limit 50)");
-    let span = times[times.len() - 1] - times[0] + Duration::from_secs(1);
+    // Paced: one call every W / N from the first to the last (a burst at the start).
+    let span = times[times.len() - 1] - times[0];
     let rate = times.len() as f64 / span.as_secs_f64();
     assert!(rate >= 40.0, "{rate:.1} calls/s while demand lasted");
     let per_call = ops as f64 / times.len() as f64;
@@ -158,7 +165,7 @@ async fn a_pause_from_one_gateway_holds_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
+async fn losing_redis_counts_a_full_window_then_a_share_and_coming_back_replays() {
     let mut redis = RedisServer::start();
     let url = redis.url();
     let ls = [
@@ -169,8 +176,8 @@ async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
     for l in &ls {
         l.set_live_gateways(3);
     }
-    // Steady demand of 3 × 8 calls/s (under N = 30) for 4 s, across a kill (at 1.2 s)
-    // and an empty restart (at 2.4 s).
+    // Steady demand of 3 × 8 calls/s (under N = 30) for 6 s, across a kill (at 1.2 s)
+    // and an empty restart (at 3.6 s, after the local shares took over).
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, l) in ls.iter().enumerate() {
@@ -178,13 +185,11 @@ async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             let mut next = started + Duration::from_millis(40 * i as u64);
-            while next < started + Duration::from_secs(4) {
+            while next < started + Duration::from_secs(6) {
                 tokio::time::sleep_until(next.into()).await;
                 let asked = Instant::now();
-                l.acquire(CMD, Duration::from_millis(500))
-                    .await
-                    .expect("admitted without waiting on Redis");
-                out.push((asked, Instant::now()));
+                let r = l.acquire(CMD, Duration::from_millis(500)).await;
+                out.push((asked, Instant::now(), r.is_ok()));
                 next += Duration::from_millis(125);
             }
             out
@@ -192,22 +197,34 @@ async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
     }
     tokio::time::sleep_until((started + Duration::from_millis(1200)).into()).await;
     redis.kill();
-    tokio::time::sleep_until((started + Duration::from_millis(2400)).into()).await;
+    tokio::time::sleep_until((started + Duration::from_millis(3600)).into()).await;
     redis.restart();
     let mut times = Vec::new();
     let mut slowest = Duration::ZERO;
+    let (mut local, mut after) = (0, 0);
     for t in tasks {
-        for (asked, at) in t.await.unwrap() {
+        for (asked, at, ok) in t.await.unwrap() {
             slowest = slowest.max(at - asked);
-            times.push(at);
+            if ok {
+                times.push(at);
+                let since = at - started;
+                if since > Duration::from_millis(2400) && since < Duration::from_millis(3600) {
+                    local += 1;
+                }
+                if since > Duration::from_millis(5000) {
+                    after += 1;
+                }
+            }
         }
     }
     let most = max_in_window(&mut times, Duration::from_secs(1));
     assert!(most <= 30, "{most} calls in one second (limit 30)");
     assert!(
-        slowest < Duration::from_millis(500),
-        "a call waited {slowest:?}"
+        slowest < Duration::from_millis(600),
+        "a call waited {slowest:?}: nothing waits on a dead Redis"
     );
+    assert!(local > 0, "the local shares took over");
+    assert!(after > 0, "calls went on after the restart");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !ls.iter().all(|l| l.fleet_mode()) {
         assert!(
@@ -540,20 +557,45 @@ async fn without_redis_a_gateway_keeps_to_its_share_and_reports_it_on_return() {
         assert!(Instant::now() < deadline, "Redis loss never noticed");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The fleet may have leased up to the hold ahead: the local share counts that
+    // and a whole window more as used. Nothing waits on the dead Redis meanwhile.
+    let lost = Instant::now();
     let started = Instant::now();
-    let mut admitted = 0;
-    for _ in 0..30 {
-        if a.acquire(CMD, Duration::ZERO).await.is_ok() {
-            admitted += 1;
-        }
-    }
+    let t = a.acquire(CMD, Duration::ZERO).await.unwrap_err();
     assert!(
         started.elapsed() < Duration::from_millis(100),
         "nothing waits on a dead Redis"
     );
-    assert_eq!(admitted, 10, "N / 3 without Redis, never unlimited");
+    assert!(
+        t.retry_after > a.hold() + Duration::from_secs(1),
+        "{:?}",
+        t.retry_after
+    );
+    tokio::time::sleep(t.retry_after).await;
+    // Then N / 3 per span, never unlimited: twelve callers, ten in the first span.
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            a.acquire(CMD, Duration::from_secs(2))
+                .await
+                .map(|_| Instant::now())
+        }));
+    }
+    let mut local = Vec::new();
+    for t in tasks {
+        local.push(t.await.unwrap().expect("admitted on the local share"));
+    }
+    local.sort();
+    let span = chat_gateway::upstream::ratelimit::SPAN;
+    assert_eq!(
+        local.iter().filter(|t| **t < local[0] + span).count(),
+        10,
+        "N / 3 without Redis"
+    );
+    assert!(local[0] - lost > a.hold() + Duration::from_secs(1));
     // Redis comes back empty: a's ten calls are written into the log before it
-    // leases again, so another gateway bursting now gets only the rest of N.
+    // leases again, so another gateway gets only the rest of N in that window.
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !a.fleet_mode() {
@@ -561,11 +603,14 @@ async fn without_redis_a_gateway_keeps_to_its_share_and_reports_it_on_return() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let b = limiter(&url, "s2", 30).await;
-    let mut admitted = 0;
+    let mut times = local.clone();
     for _ in 0..30 {
-        if b.acquire(CMD, Duration::ZERO).await.is_ok() {
-            admitted += 1;
+        if b.acquire(CMD, Duration::from_millis(300)).await.is_ok() {
+            times.push(Instant::now());
         }
     }
-    assert_eq!(admitted, 20, "the log counts the calls made without Redis");
+    let w = b.window();
+    let most = max_in_window(&mut times, w);
+    assert!(most <= 30, "{most} calls in one window with a's (limit 30)");
+    assert!(times.len() > 30, "b was admitted too");
 }

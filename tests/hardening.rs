@@ -662,15 +662,20 @@ async fn a_retry_waits_for_its_slot_instead_of_failing() {
     ))
     .await;
     let url = gw.url(GET_CONTACT_GROUP);
-    let call = || post(&url, r#"{"From_Account":"u"}"#);
+    // Each first attempt comes when the limiter is idle (one pace, 1.06 s / 20, after
+    // the last call), so with max_wait_ms = 0 it goes at once; the retry (or the
+    // attempt after a renewal) right after it is paced about 53 ms later, and waits
+    // for that slot instead of failing.
+    let call = || async {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        post(&url, r#"{"From_Account":"u"}"#).await
+    };
     for code in [50004, 70001] {
         fail_next.store(code, Ordering::SeqCst);
         let a = call().await;
         assert_eq!(json(&a)["ErrorCode"], 0, "after {code}: {:?}", a.2);
     }
     assert_eq!(fake.count(), 4);
-    // Fill the window (4 calls so far + 15 = 19), then one whose first attempt (the
-    // 20th) fails: its retry is the 21st call of the second and waits for a slot.
     for _ in 0..15 {
         assert_eq!(json(&call().await)["ErrorCode"], 0);
     }

@@ -34,6 +34,7 @@ pub struct RawRedis {
     pub ca_file: Option<PathBuf>,
     pub lease_ms: u64,
     pub latency_allowance_ms: u64,
+    pub expected_gateways: u64,
 }
 
 /// A Redis URL as `redis://user:<redacted>@host:port/db`; all of it redacted if it
@@ -57,8 +58,9 @@ impl Default for RawRedis {
             timeout_ms: 50,
             l2_cache: true,
             ca_file: None,
-            lease_ms: 50,
-            latency_allowance_ms: 50,
+            lease_ms: 20,
+            latency_allowance_ms: 40,
+            expected_gateways: 1,
         }
     }
 }
@@ -77,6 +79,7 @@ pub struct RawRoutes {
 pub struct RawRateLimit {
     pub per_command_per_sec: u64,
     pub max_wait_ms: u64,
+    pub burst_percent: u64,
     pub commands: std::collections::BTreeMap<String, u64>,
 }
 
@@ -85,6 +88,7 @@ impl Default for RawRateLimit {
         RawRateLimit {
             per_command_per_sec: 200,
             max_wait_ms: 500,
+            burst_percent: 75,
             commands: Default::default(),
         }
     }
@@ -264,8 +268,8 @@ impl Default for RawRetry {
                 .iter()
                 .map(|c| c.to_string())
                 .collect(),
-            budget_percent: 20,
-            budget_min_per_sec: 10,
+            budget_percent: 5,
+            budget_min_per_sec: 0,
         }
     }
 }

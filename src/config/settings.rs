@@ -52,6 +52,8 @@ pub struct RateLimitSettings {
     /// How long a request may wait for its turn before it fails with 60007.
     #[serde(with = "millis", rename = "max_wait_ms")]
     pub max_wait: Duration,
+    /// The burst admitted at once after idle, in percent of a command's rate.
+    pub burst_percent: u32,
 }
 
 /// `[callback]`
@@ -227,9 +229,9 @@ pub struct RetrySettings {
     pub max_delay: Duration,
     /// Commands besides the built-in reads that are safe to retry like reads.
     pub idempotent_commands: std::collections::BTreeSet<String>,
-    /// Retries may be at most this percentage of recent requests...
+    /// Retry throttling: every request adds this percentage of a retry token...
     pub budget_percent: u32,
-    /// ...plus this many per second.
+    /// ...and this many tokens are added per second (every answered call adds half).
     pub budget_min_per_sec: u32,
 }
 
@@ -534,6 +536,12 @@ impl Settings {
             per_command_per_sec: rate("ratelimit.per_command_per_sec", rl.per_command_per_sec)?,
             commands,
             max_wait: Duration::from_millis(rl.max_wait_ms),
+            burst_percent: u32::try_from(rl.burst_percent)
+                .ok()
+                .filter(|p| (1..=100).contains(p))
+                .ok_or_else(|| {
+                    ConfigError::invalid("ratelimit.burst_percent", "must be 1 to 100")
+                })?,
         };
         let format = match raw.log.format.as_str() {
             "text" => LogFormat::Text,
@@ -721,6 +729,7 @@ impl Settings {
             ratelimit: RawRateLimit {
                 per_command_per_sec: u64::from(self.ratelimit.per_command_per_sec),
                 max_wait_ms: ms(self.ratelimit.max_wait),
+                burst_percent: u64::from(self.ratelimit.burst_percent),
                 commands: self
                     .ratelimit
                     .commands
@@ -737,6 +746,7 @@ impl Settings {
                     ca_file: r.ca_file.clone(),
                     lease_ms: ms(r.lease),
                     latency_allowance_ms: ms(r.latency_allowance),
+                    expected_gateways: u64::from(r.expected_gateways),
                 },
                 None => RawRedis::default(),
             },

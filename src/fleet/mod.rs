@@ -147,15 +147,12 @@ impl Fleet {
             shared: shared.clone(),
         };
         let redis = Redis::start_with(connector, r.timeout, Some(hook));
-        let rl = &settings.ratelimit;
         let limiter = FleetLimiter::start(
             redis.clone(),
             keys.clone(),
             id.clone(),
-            rl.per_command_per_sec,
-            rl.commands.clone(),
-            r.lease,
-            r.latency_allowance,
+            &settings.ratelimit,
+            r,
         );
         let bus = Bus::start(
             redis.clone(),

@@ -43,6 +43,7 @@ impl TestCa {
         }
     }
 }
+pub mod load;
 pub mod redis;
 
 use std::collections::HashMap;

@@ -20,6 +20,8 @@ pub struct RedisOpts {
     pub tls: bool,
     /// Extra `--name value` arguments.
     pub extra: Vec<(String, String)>,
+    /// Listen on this port (e.g. one gateways were told about before it ran).
+    pub port: Option<u16>,
 }
 
 /// A test CA and a server certificate for 127.0.0.1 / localhost, as files.
@@ -68,7 +70,7 @@ impl RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = opts.tls.then(|| make_pki(dir.path()));
         let mut s = RedisServer {
-            port: free_port(),
+            port: opts.port.unwrap_or_else(free_port),
             tls_port: opts.tls.then(free_port),
             pki,
             opts,
@@ -170,25 +172,7 @@ impl RedisServer {
     /// status or bulk string as is, an integer as digits, an error as `ERR...`, an
     /// array as its elements one per line.
     pub fn command(&self, args: &[&str]) -> Result<String, String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let mut req = Vec::new();
-        let mut push = |parts: &[&str]| {
-            req.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
-            for p in parts {
-                req.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
-            }
-        };
-        if let Some(pw) = &self.opts.password {
-            push(&["AUTH", pw]);
-        }
-        push(args);
-        s.write_all(&req).map_err(|e| e.to_string())?;
-        let mut r = BufReader::new(s);
-        if self.opts.password.is_some() {
-            read_reply(&mut r)?;
-        }
-        read_reply(&mut r)
+        command_at(self.port, self.opts.password.as_deref(), args)
     }
 
     /// Sends several commands in one `MULTI`/`EXEC` (atomic).
@@ -246,6 +230,29 @@ impl RedisServer {
             })
             .collect()
     }
+}
+
+/// Sends one command to the server on `port` (see [`RedisServer::command`]).
+pub fn command_at(port: u16, password: Option<&str>, args: &[&str]) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut req = Vec::new();
+    let mut push = |parts: &[&str]| {
+        req.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+        for p in parts {
+            req.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
+        }
+    };
+    if let Some(pw) = password {
+        push(&["AUTH", pw]);
+    }
+    push(args);
+    s.write_all(&req).map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    if password.is_some() {
+        read_reply(&mut r)?;
+    }
+    read_reply(&mut r)
 }
 
 fn read_reply(r: &mut impl BufRead) -> Result<String, String> {
