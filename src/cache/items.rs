@@ -20,32 +20,44 @@
 //!   stores its answer after it;
 //! - two entities sharing a slot only cost a refetch, never a stale answer.
 //!
-//! An invalidated entry is dead weight until moka evicts it or its stale window
-//! ends; a newer fetch of the same key replaces it.
+//! An invalidated entry is dead weight until the eviction reaches it or its stale
+//! window ends; a newer fetch of the same key replaces it.
+//!
+//! **The table: sharded, read-mostly, no per-hit bookkeeping.** A fully cached
+//! batched read looks up every item (20 for a typical portrait_get), so a lookup must
+//! cost little: the key is hashed once with a fast keyed hash (foldhash, seeded per
+//! process), that hash picks one of up to [`MAX_SHARDS`] shards and the bucket in
+//! the shard's hash table; the shard's read lock is held only to clone the entry's
+//! `Arc`. A hit records nothing but a "visited" bit. Each shard evicts by CLOCK
+//! (second chance) over its insertion queue when its share of the budget is full;
+//! entries past their stale window and entries a generation invalidated go first,
+//! whenever an insert passes them.
 //!
 //! **Memory.** Entries are weighed at what they cost ([`weigh_item`]): the item's
 //! bytes (an exact-size copy of its slice of Chat's answer), the key, the
-//! dependency slots and a fixed overhead for moka's bookkeeping and the entry
-//! itself. The store's share of `cache.max_bytes` (`cache.items_percent`) pays for
-//! the generation table too (one 8-byte slot per 64 bytes of the share), so
-//! entries and table together stay within it.
+//! dependency slots and a fixed overhead for the table slot, the queue record, the
+//! entry itself and the allocator's rounding. The store's share of
+//! `cache.max_bytes` (`cache.items_percent`) pays for the generation table too (one
+//! 8-byte slot per 64 bytes of the share), so entries and table together stay
+//! within it: each shard holds at most its part of the rest.
 
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::Expiry;
+use hashbrown::HashTable;
 
 use crate::chat::effects::EntityKind;
 
-/// Bytes counted per entry on top of its item bytes, key and dependencies: moka's
-/// per-entry bookkeeping (hash-table slot, access and write order nodes, timer
-/// wheel node, entry info; about 300 bytes, see the page store's calibrated
-/// `ENTRY_OVERHEAD`), the `Arc<ItemEntry>` allocation, the key's and the body's
-/// allocations and the allocator's rounding.
-pub const ITEM_OVERHEAD: usize = 448;
+/// Bytes counted per entry on top of its item bytes, key and dependencies: its
+/// table slot (40 bytes, at most 8/7 of it with the table's load factor) and queue
+/// record (16, up to twice while replaced entries wait to be compacted), the
+/// `Arc<ItemEntry>` allocation (about 150 bytes), the key's and the body's
+/// allocations and the allocator's rounding of each (up to 64 bytes apiece).
+pub const ITEM_OVERHEAD: usize = 384;
 /// Bytes counted per dependency slot an entry records.
 pub const DEP_OVERHEAD: usize = 4;
 /// Bytes of the store's share that buy one generation slot (8 bytes).
@@ -56,6 +68,10 @@ pub const MIN_SLOTS: usize = 1 << 6;
 pub const MAX_SLOTS: usize = 1 << 22;
 /// Longest key: the row (1 byte), the variant id (16) and an item (at most 64).
 pub const MAX_KEY: usize = 1 + 16 + 64;
+/// Most shards of the table.
+pub const MAX_SHARDS: usize = 64;
+/// Least budget a shard gets (fewer shards for a small share).
+const MIN_SHARD_BYTES: u64 = 256 * 1024;
 
 /// What one entry weighs, in bytes.
 pub fn weigh_item(body_len: usize, key_len: usize, deps: usize) -> usize {
@@ -75,12 +91,13 @@ pub struct KeyBuf {
 impl KeyBuf {
     /// The key of `item` of `row` in `variant`; `None` when the item is longer than
     /// any row allows (such requests are never split).
+    #[inline]
     pub fn new(row: usize, variant: VariantId, item: &str) -> Option<KeyBuf> {
-        let mut buf = [0u8; MAX_KEY];
         let len = 17 + item.len();
         if len > MAX_KEY {
             return None;
         }
+        let mut buf = [0u8; MAX_KEY];
         buf[0] = row as u8;
         buf[1..17].copy_from_slice(&variant.0.to_le_bytes());
         buf[17..len].copy_from_slice(item.as_bytes());
@@ -88,6 +105,7 @@ impl KeyBuf {
     }
 
     /// The key's bytes.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
@@ -138,6 +156,7 @@ impl Generations {
     }
 
     /// Whether no entity of `deps` was invalidated at or after `epoch`.
+    #[inline]
     fn unchanged(&self, deps: &Deps, epoch: u64) -> bool {
         if self.all_floor.load(Ordering::Acquire) >= epoch {
             return false;
@@ -155,6 +174,7 @@ impl Generations {
             .all(|s| self.slots[*s as usize].load(Ordering::Acquire) < epoch)
     }
 
+    #[inline]
     fn valid(&self, e: &ItemEntry) -> bool {
         self.unchanged(&e.deps, e.epoch)
     }
@@ -190,6 +210,9 @@ impl Deps {
 pub struct ItemEntry {
     /// The item's JSON exactly as Chat returned it (an exact-size copy).
     pub body: Bytes,
+    /// The same bytes after a comma (one allocation with `body`): how an item that is
+    /// not the first of an answer is written.
+    with_comma: Bytes,
     /// When it was stored, for `age`.
     pub stored_at: Instant,
     /// Served as fresh until then.
@@ -202,6 +225,16 @@ pub struct ItemEntry {
     deps: Deps,
     /// Weighed size (without the key).
     weight: u32,
+    /// Read since the eviction last passed it.
+    visited: AtomicBool,
+}
+
+impl ItemEntry {
+    /// `,` and the item's JSON: how it follows another item in an answer.
+    #[inline]
+    pub fn with_comma(&self) -> &[u8] {
+        &self.with_comma
+    }
 }
 
 /// What a lookup found.
@@ -226,45 +259,111 @@ pub struct ItemStats {
     pub table_bytes: u64,
 }
 
-struct ItemExpiry;
+/// One entry of a shard's table.
+struct Slot {
+    hash: u64,
+    /// Its insertion number in the shard (its queue record names it).
+    seq: u64,
+    key: ItemKey,
+    entry: Arc<ItemEntry>,
+}
 
-impl Expiry<ItemKey, Arc<ItemEntry>> for ItemExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &ItemKey,
-        value: &Arc<ItemEntry>,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.stale_until.saturating_duration_since(created_at))
+impl Slot {
+    fn weight(&self) -> u64 {
+        u64::from(self.entry.weight) + self.key.len() as u64
     }
+}
 
-    fn expire_after_update(
-        &self,
-        _key: &ItemKey,
-        value: &Arc<ItemEntry>,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.stale_until.saturating_duration_since(updated_at))
+/// A part of the table, under its own lock.
+#[derive(Default)]
+struct Shard {
+    table: HashTable<Slot>,
+    /// Insertion order: (hash, seq) of each entry; records of replaced or removed
+    /// entries are skipped (and compacted away).
+    queue: VecDeque<(u64, u64)>,
+    weight: u64,
+    next_seq: u64,
+}
+
+impl Shard {
+    /// Makes room (CLOCK over the insertion queue) until the shard is within
+    /// `budget`, dropping on the way every dead entry at the front (expired, or
+    /// invalidated per `gens`).
+    fn evict(&mut self, budget: u64, gens: &Generations, now: Instant) {
+        let Shard {
+            table,
+            queue,
+            weight,
+            ..
+        } = self;
+        // Each live record is passed at most twice (its visited bit cleared the
+        // first time), so this ends.
+        let mut passes = 2 * queue.len() + 1;
+        while let Some(&(h, seq)) = queue.front() {
+            if passes == 0 {
+                break;
+            }
+            passes -= 1;
+            let over = *weight > budget;
+            let Ok(slot) = table.find_entry(h, |s| s.seq == seq) else {
+                queue.pop_front();
+                continue;
+            };
+            let e = &slot.get().entry;
+            let dead = now >= e.stale_until || !gens.valid(e);
+            if dead || (over && !e.visited.load(Ordering::Relaxed)) {
+                *weight = weight.saturating_sub(slot.get().weight());
+                slot.remove();
+                queue.pop_front();
+            } else if over {
+                e.visited.store(false, Ordering::Relaxed);
+                queue.pop_front();
+                queue.push_back((h, seq));
+            } else {
+                break;
+            }
+        }
+        if queue.len() > 2 * table.len() + 64 {
+            queue.retain(|(h, seq)| table.find(*h, |s| s.seq == *seq).is_some());
+        }
     }
 }
 
 /// The item store.
 pub struct ItemStore {
-    cache: moka::sync::Cache<ItemKey, Arc<ItemEntry>>,
+    shards: Box<[RwLock<Shard>]>,
+    /// Bits of a key's hash that pick its shard start here (above the bits the
+    /// shard's table uses for the bucket, below those it keeps as tags).
+    shard_mask: u64,
+    shard_budget: u64,
+    /// Keyed per process.
+    hasher: foldhash::fast::RandomState,
     gens: Generations,
     /// Two keys for the 128-bit variant ids.
     variant_keys: [std::collections::hash_map::RandomState; 2],
 }
 
+/// Where the shard index sits in a key's hash.
+const SHARD_SHIFT: u32 = 40;
+
 impl std::fmt::Debug for ItemStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.stats();
         f.debug_struct("ItemStore")
-            .field("entries", &self.cache.entry_count())
-            .field("weighted_bytes", &self.cache.weighted_size())
+            .field("entries", &s.entries)
+            .field("weighted_bytes", &s.weighted_bytes)
             .field("slots", &self.gens.slots.len())
+            .field("shards", &self.shards.len())
             .finish()
     }
+}
+
+fn read(s: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
+    s.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(s: &RwLock<Shard>) -> std::sync::RwLockWriteGuard<'_, Shard> {
+    s.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl ItemStore {
@@ -276,16 +375,29 @@ impl ItemStore {
             .unwrap_or(MAX_SLOTS)
             .clamp(MIN_SLOTS, MAX_SLOTS);
         let table = (slots * 8) as u64;
-        let cache = moka::sync::Cache::builder()
-            .max_capacity(share.saturating_sub(table))
-            .weigher(|k: &ItemKey, v: &Arc<ItemEntry>| v.weight.saturating_add(k.len() as u32))
-            .expire_after(ItemExpiry)
-            .build();
+        let entries = share.saturating_sub(table);
+        let mut shards = 1usize;
+        while shards < MAX_SHARDS && entries / (2 * shards as u64) >= MIN_SHARD_BYTES {
+            shards *= 2;
+        }
         ItemStore {
-            cache,
+            shards: (0..shards).map(|_| RwLock::default()).collect(),
+            shard_mask: shards as u64 - 1,
+            shard_budget: entries / shards as u64,
+            hasher: foldhash::fast::RandomState::default(),
             gens: Generations::new(slots),
             variant_keys: Default::default(),
         }
+    }
+
+    #[inline]
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    #[inline]
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
+        &self.shards[((hash >> SHARD_SHIFT) & self.shard_mask) as usize]
     }
 
     /// The id of `variant` (a row's canonical other fields) for `row`.
@@ -301,11 +413,22 @@ impl ItemStore {
         )
     }
 
-    /// Finds an entry; allocates nothing.
+    /// Finds an entry; allocates nothing, and holds the shard's read lock only to
+    /// clone the entry's `Arc`.
+    #[inline]
     pub fn lookup(&self, key: &KeyBuf, now: Instant) -> ItemLookup {
-        let Some(e) = self.cache.get(key.as_bytes()) else {
-            return ItemLookup::Miss;
+        let k = key.as_bytes();
+        let h = self.hash(k);
+        let e = {
+            let shard = read(self.shard(h));
+            match shard.table.find(h, |s| s.hash == h && *s.key == *k) {
+                Some(s) => s.entry.clone(),
+                None => return ItemLookup::Miss,
+            }
         };
+        if !e.visited.load(Ordering::Relaxed) {
+            e.visited.store(true, Ordering::Relaxed);
+        }
         if !self.gens.valid(&e) {
             return ItemLookup::Miss;
         }
@@ -345,7 +468,8 @@ impl ItemStore {
         self.gens.unchanged(deps, epoch.0)
     }
 
-    /// Builds an entry of `body` fetched since `epoch`, depending on `deps`.
+    /// Builds an entry of `body` fetched since `epoch`, depending on `deps`, stored
+    /// now.
     pub fn entry(
         &self,
         body: &[u8],
@@ -356,25 +480,103 @@ impl ItemStore {
     ) -> ItemEntry {
         let now = Instant::now();
         let fresh_until = now + ttl;
-        ItemEntry {
-            body: Bytes::copy_from_slice(body),
-            stored_at: now,
+        self.entry_at(
+            body,
+            epoch,
+            deps,
+            now,
             fresh_until,
-            stale_until: fresh_until + stale_if_error,
+            fresh_until + stale_if_error,
+        )
+    }
+
+    /// Builds an entry with given times (an entry from the fleet's L2, stamped on
+    /// Redis's clock).
+    pub fn entry_at(
+        &self,
+        body: &[u8],
+        epoch: FetchEpoch,
+        deps: Deps,
+        stored_at: Instant,
+        fresh_until: Instant,
+        stale_until: Instant,
+    ) -> ItemEntry {
+        let mut v = Vec::with_capacity(body.len() + 1);
+        v.push(b',');
+        v.extend_from_slice(body);
+        let with_comma = Bytes::from(v);
+        ItemEntry {
+            body: with_comma.slice(1..),
+            with_comma,
+            stored_at,
+            fresh_until,
+            stale_until,
             epoch: epoch.0,
             weight: u32::try_from(weigh_item(body.len(), 0, deps.len())).unwrap_or(u32::MAX),
             deps,
+            visited: AtomicBool::new(false),
         }
     }
 
-    /// Stores `entry` under `key` unless it was invalidated since its fetch began;
-    /// returns whether it was stored.
+    /// Stores `entry` under `key` unless it was invalidated since its fetch began
+    /// (or weighs more than a shard holds); returns whether it was stored.
     pub fn insert(&self, key: ItemKey, entry: Arc<ItemEntry>) -> bool {
         if !self.gens.valid(&entry) {
             return false;
         }
-        self.cache.insert(key, entry);
+        let h = self.hash(&key);
+        let slot_weight = u64::from(entry.weight) + key.len() as u64;
+        if slot_weight > self.shard_budget {
+            return false;
+        }
+        let now = Instant::now();
+        let mut shard = write(self.shard(h));
+        let s = &mut *shard;
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        match s.table.find_entry(h, |x| x.hash == h && *x.key == *key) {
+            Ok(mut old) => {
+                let old = old.get_mut();
+                s.weight = s.weight.saturating_sub(old.weight());
+                old.seq = seq;
+                old.entry = entry;
+            }
+            Err(_) => {
+                s.table.insert_unique(
+                    h,
+                    Slot {
+                        hash: h,
+                        seq,
+                        key,
+                        entry,
+                    },
+                    |x| x.hash,
+                );
+            }
+        }
+        s.weight += slot_weight;
+        s.queue.push_back((h, seq));
+        s.evict(self.shard_budget, &self.gens, now);
         true
+    }
+
+    /// Stores without the validity check (a test of what lookups refuse).
+    #[cfg(test)]
+    fn force_insert(&self, key: ItemKey, entry: Arc<ItemEntry>) {
+        let h = self.hash(&key);
+        let mut s = write(self.shard(h));
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        s.table.insert_unique(
+            h,
+            Slot {
+                hash: h,
+                seq,
+                key,
+                entry,
+            },
+            |x| x.hash,
+        );
     }
 
     /// Invalidates one entity: O(1).
@@ -389,23 +591,33 @@ impl ItemStore {
         self.gens.kind_floors[kind.index()].fetch_max(e, Ordering::AcqRel);
     }
 
-    /// Invalidates everything (and frees the entries).
+    /// Invalidates everything (and frees the entries); returns how many there were.
     pub fn invalidate_all(&self) -> u64 {
         let e = self.gens.bump();
         self.gens.all_floor.fetch_max(e, Ordering::AcqRel);
-        let n = self.cache.entry_count();
-        self.cache.invalidate_all();
+        let mut n = 0;
+        for s in self.shards.iter() {
+            let mut s = write(s);
+            n += s.table.len() as u64;
+            s.table.clear();
+            s.queue.clear();
+            s.weight = 0;
+        }
         n
     }
 
     /// Current sizes.
     pub fn stats(&self) -> ItemStats {
-        self.cache.run_pending_tasks();
-        ItemStats {
-            entries: self.cache.entry_count(),
-            weighted_bytes: self.cache.weighted_size(),
+        let mut st = ItemStats {
             table_bytes: (self.gens.slots.len() * 8) as u64,
+            ..ItemStats::default()
+        };
+        for s in self.shards.iter() {
+            let s = read(s);
+            st.entries += s.table.len() as u64;
+            st.weighted_bytes += s.weight;
         }
+        st
     }
 }
 
@@ -470,8 +682,7 @@ mod tests {
         let v = s.variant_id(0, "");
         let entry = Arc::new(s.entry(b"a", e, s.deps([(K::Exists, "a")]), T, T));
         s.invalidate(K::Exists, "a");
-        s.cache
-            .insert(KeyBuf::new(0, v, "a").unwrap().to_key(), entry);
+        s.force_insert(KeyBuf::new(0, v, "a").unwrap().to_key(), entry);
         assert!(!fresh(&s, "a"));
     }
 
@@ -545,6 +756,74 @@ mod tests {
         assert!(st.entries > 100 && st.entries < 5000, "{st:?}");
         let per = st.weighted_bytes / st.entries;
         assert!(per as usize >= body.len() + ITEM_OVERHEAD, "{per}");
+    }
+
+    #[test]
+    fn eviction_gives_read_entries_a_second_chance_and_drops_dead_ones_first() {
+        // One shard (a small share), room for about 40 entries of 1 KB.
+        let s = ItemStore::new(64 * 1024);
+        assert_eq!(s.shards.len(), 1);
+        let v = s.variant_id(0, "");
+        let body = vec![b'x'; 1000];
+        let add = |item: &str| {
+            let e = s.entry(&body, s.begin_fetch(), s.deps([(K::Profile, item)]), T, T);
+            assert!(s.insert(KeyBuf::new(0, v, item).unwrap().to_key(), Arc::new(e)));
+        };
+        add("hot");
+        for i in 0..10 {
+            add(&format!("dead{i}"));
+            s.invalidate(K::Profile, &format!("dead{i}"));
+        }
+        for i in 0..200 {
+            // Read the hot entry between inserts: it is never the one evicted.
+            assert!(fresh(&s, "hot"), "evicted after {i} inserts");
+            add(&format!("cold{i}"));
+        }
+        let st = s.stats();
+        assert!(st.weighted_bytes + st.table_bytes <= 64 * 1024, "{st:?}");
+        // Invalidated entries were dropped before any live one.
+        let sh = read(&s.shards[0]);
+        assert!(sh
+            .table
+            .iter()
+            .all(|x| !x.key.ends_with(b"dead0") && !x.key.ends_with(b"dead9")));
+        // Replacing an entry again and again neither leaks weight nor grows the queue.
+        drop(sh);
+        let before = s.stats().weighted_bytes;
+        for _ in 0..1000 {
+            add("cold199");
+        }
+        assert_eq!(s.stats().weighted_bytes, before);
+        assert!(read(&s.shards[0]).queue.len() <= 2 * s.stats().entries as usize + 65);
+    }
+
+    #[test]
+    fn shards_split_the_budget() {
+        let share = 64 << 20;
+        let s = ItemStore::new(share);
+        assert_eq!(s.shards.len(), MAX_SHARDS);
+        let v = s.variant_id(0, "");
+        let body = vec![b'x'; 4000];
+        for i in 0..40_000 {
+            let item = format!("u{i}");
+            let e = s.entry(
+                &body,
+                s.begin_fetch(),
+                s.deps([(K::Profile, item.as_str())]),
+                T,
+                T,
+            );
+            s.insert(KeyBuf::new(0, v, &item).unwrap().to_key(), Arc::new(e));
+        }
+        let st = s.stats();
+        assert!(st.weighted_bytes + st.table_bytes <= share, "{st:?}");
+        // Every shard was used, and filled to most of its part.
+        assert!(
+            st.weighted_bytes > (share - st.table_bytes) * 9 / 10,
+            "{st:?}"
+        );
+        assert_eq!(s.invalidate_all(), st.entries);
+        assert_eq!(s.stats().entries, 0);
     }
 
     #[test]
