@@ -417,8 +417,20 @@ impl ItemStore {
     /// clone the entry's `Arc`.
     #[inline]
     pub fn lookup(&self, key: &KeyBuf, now: Instant) -> ItemLookup {
+        self.lookup_hashed(key, self.key_hash(key), now)
+    }
+
+    /// The hash of `key` (for [`ItemStore::lookup_hashed`]; the hit path also uses
+    /// it to tell items named twice).
+    #[inline]
+    pub fn key_hash(&self, key: &KeyBuf) -> u64 {
+        self.hash(key.as_bytes())
+    }
+
+    /// [`ItemStore::lookup`] of a key whose [`ItemStore::key_hash`] is `h`.
+    #[inline]
+    pub fn lookup_hashed(&self, key: &KeyBuf, h: u64, now: Instant) -> ItemLookup {
         let k = key.as_bytes();
-        let h = self.hash(k);
         let e = {
             let shard = read(self.shard(h));
             match shard.table.find(h, |s| s.hash == h && *s.key == *k) {

@@ -32,9 +32,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::cache::PageCache;
 use crate::config::{LiveSettings, Settings};
-pub use bus::Event;
+pub use bus::{Applied, Event, Sink};
 use bus::{Bus, Pending};
 use conn::{Connector, Redis};
 use keys::Keys;
@@ -43,7 +42,7 @@ use limiter::FleetLimiter;
 
 /// Every Lua script the fleet runs: loaded on each new connection, so requests never
 /// pay a `NOSCRIPT` round trip (nor a herd of them after a Redis restart).
-pub fn all_scripts() -> [&'static redis::Script; 17] {
+pub fn all_scripts() -> [&'static redis::Script; 18] {
     [
         &conn::NOOP_SCRIPT,
         &limiter::LEASE_SCRIPT,
@@ -59,6 +58,7 @@ pub fn all_scripts() -> [&'static redis::Script; 17] {
         &l2::GROUP_NEXT_SCRIPT,
         &l2::RAISE_SCRIPT,
         &bus::PUBLISH_SCRIPT,
+        &bus::BEHIND_SCRIPT,
         &heartbeat::SESSION_SCRIPT,
         &heartbeat::BEAT_SCRIPT,
         &heartbeat::LEAVE_SCRIPT,
@@ -127,12 +127,12 @@ fn new_id() -> String {
 impl Fleet {
     /// Joins the fleet `[redis]` describes, if any: starts connecting (in the
     /// background: a Redis that is down delays nothing), the heartbeat, the bus
-    /// (applying other gateways' invalidations to `cache`) and the limiter. Must run
+    /// (applying other gateways' invalidations to `memory`) and the limiter. Must run
     /// inside a tokio runtime. Fails only on a bad `redis.ca_file`. (`_live` is kept
     /// for callers: each L2 store carries the TTL it was fetched with.)
     pub fn start(
         settings: &Settings,
-        cache: Arc<dyn PageCache>,
+        memory: Arc<dyn Sink>,
         _live: Arc<ArcSwap<LiveSettings>>,
     ) -> Result<Option<Arc<Fleet>>, String> {
         let Some(r) = &settings.redis else {
@@ -158,7 +158,7 @@ impl Fleet {
             redis.clone(),
             keys.clone(),
             id.clone(),
-            cache,
+            memory,
             shared.clone(),
             r.l2_cache,
         );
@@ -205,9 +205,16 @@ impl Fleet {
         &self.bus
     }
 
-    /// Sends an invalidation this gateway took to the rest of the fleet.
-    pub fn publish(&self, event: Event) {
-        self.bus.publish(event);
+    /// Sends an invalidation this gateway took to the rest of the fleet; returns its
+    /// ticket for [`Fleet::wait_applied`].
+    pub fn publish(&self, event: Event) -> u64 {
+        self.bus.publish(event)
+    }
+
+    /// Waits until every live gateway has applied what this gateway published up to
+    /// `ticket`, at most `redis.timeout_ms`.
+    pub async fn wait_applied(&self, ticket: u64) -> Applied {
+        self.bus.wait_applied(ticket, self.redis.timeout()).await
     }
 
     /// Waits (at most `timeout`) until Redis is up, the limiter is in fleet mode and

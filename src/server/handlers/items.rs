@@ -11,6 +11,10 @@
 //!       window → `STALE`; otherwise Chat's answer (or the gateway's error) as is
 //! not splittable (request or answer): forwarded unchanged → `BYPASS`
 //! `[cache.commands."…"] enabled = false`: forwarded like any other command.
+//!
+//! On HTTP/1.1 a full hit of a common body never reaches [`handle`]: the front end
+//! asks [`fast_hit`] (the fast scanner, the lookups, no serde, no allocation) and
+//! writes the pieces it returns with one `writev`; anything else comes here.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,11 +25,12 @@ use tracing::Instrument;
 
 use crate::cache::assemble::{self, Template};
 use crate::cache::coalesce::Role;
+use crate::cache::item_fast;
 use crate::cache::item_key::{self, ItemRequest, Parsed};
 use crate::cache::items::{Deps, FetchEpoch, ItemEntry, ItemKey, ItemLookup, KeyBuf};
 use crate::chat::effects::EntityKind;
 use crate::chat::envelope::CodeClass;
-use crate::chat::reads::{AnswerShape, ReadRow, MAX_LISTED_DEPS, READS};
+use crate::chat::reads::{AnswerShape, ReadRow, Store, MAX_LISTED_DEPS, READS};
 use crate::error::GatewayError;
 use crate::server::access::AccessInfo;
 use crate::server::handlers::{get_list, passthrough};
@@ -84,6 +89,113 @@ pub enum Outcome {
 
 /// A flight's shared result.
 pub type Flight = Arc<Outcome>;
+
+/// A full hit, ready for the HTTP/1.1 front end to write: the entries in request
+/// order and the template's pieces around them.
+pub struct FastHit {
+    entries: [Option<Arc<ItemEntry>>; item_fast::MAX_ITEMS],
+    n: usize,
+    /// `None` for a single read (its one entry is the whole answer).
+    template: Option<arc_swap::Guard<Arc<Template>>>,
+    /// Seconds since the oldest item was stored.
+    pub age: u64,
+    /// Bytes of the answer.
+    pub len: usize,
+}
+
+/// Most pieces a [`FastHit`] is written in: the prefix, the items, the closing.
+pub const FAST_PIECES: usize = item_fast::MAX_ITEMS + 2;
+
+impl FastHit {
+    /// The answer's pieces, in order, into `out` (room for [`FAST_PIECES`]); returns
+    /// how many. Written one after the other they are what [`handle`] answers for the
+    /// same request.
+    pub fn pieces<'s>(&'s self, out: &mut [std::io::IoSlice<'s>]) -> usize {
+        if out.len() < self.n + 2 {
+            return 0;
+        }
+        let entries = self.entries[..self.n].iter().flatten();
+        let Some(t) = &self.template else {
+            return match entries.into_iter().next() {
+                Some(e) => {
+                    out[0] = std::io::IoSlice::new(&e.body);
+                    1
+                }
+                None => 0,
+            };
+        };
+        out[0] = std::io::IoSlice::new(t.prefix.as_bytes());
+        let mut k = 1;
+        for (i, e) in entries.enumerate() {
+            out[k] = std::io::IoSlice::new(if i == 0 { &e.body } else { e.with_comma() });
+            k += 1;
+        }
+        out[k] = std::io::IoSlice::new(t.closing.as_bytes());
+        k + 1
+    }
+}
+
+/// A full hit of `body` as a request of row `row`, by the shortest path: the fast
+/// scanner, one lookup per item, counted as [`handle`] counts a hit. `None` when it is
+/// anything else (the caller then routes the request to [`handle`]): a body the fast
+/// scanner leaves to the general parser, an item named twice, an item not fresh,
+/// caching disabled.
+pub fn fast_hit(state: &AppState, row: usize, body: &[u8], now: Instant) -> Option<FastHit> {
+    let r = READS.get(row)?;
+    if r.store != Store::Items || !state.live.load().commands[row].enabled {
+        return None;
+    }
+    let mut req = item_fast::request();
+    if !item_fast::scan(r, body, &mut req) {
+        return None;
+    }
+    let vid = state.items.variant_id(row, req.variant());
+    let items = req.items();
+    let mut hit = FastHit {
+        entries: [const { None }; item_fast::MAX_ITEMS],
+        n: items.len(),
+        template: None,
+        age: 0,
+        len: 0,
+    };
+    // Items named twice are Chat's to answer: a bit per hash, and an exact check
+    // when two bits meet.
+    let mut seen = [0u64; 16];
+    let mut len = 0usize;
+    let mut oldest = now;
+    for (i, item) in items.iter().enumerate() {
+        let key = KeyBuf::new(row, vid, item)?;
+        let h = state.items.key_hash(&key);
+        let bit = (h & 1023) as usize;
+        let (word, mask) = (bit >> 6, 1u64 << (bit & 63));
+        if seen[word] & mask != 0 && items[..i].contains(item) {
+            return None;
+        }
+        seen[word] |= mask;
+        let ItemLookup::Fresh(e) = state.items.lookup_hashed(&key, h, now) else {
+            return None;
+        };
+        len += e.body.len();
+        oldest = oldest.min(e.stored_at);
+        hit.entries[i] = Some(e);
+    }
+    hit.age = now.saturating_duration_since(oldest).as_secs();
+    hit.len = match r.answer {
+        AnswerShape::Whole => len,
+        AnswerShape::Items { .. } => {
+            let t = state.templates.guard(row);
+            let n = t.prefix.len() + len + items.len().saturating_sub(1) + t.closing.len();
+            hit.template = Some(t);
+            n
+        }
+    };
+    let c = &state.read_counters[row];
+    c.hit.increment(1);
+    c.from_memory.increment(items.len() as u64);
+    c.saved.increment(1);
+    c.request_ok.increment(1);
+    Some(hit)
+}
 
 /// Handles one request of the cached read `command` (row `row`).
 pub async fn handle(
