@@ -787,6 +787,8 @@ pub struct ReadCounters {
     pub from_memory: Counter,
     /// `item_cache_items_total{source="chat"}`
     pub from_chat: Counter,
+    /// `item_cache_items_total{source="l2"}`
+    pub from_l2: Counter,
     /// `upstream_calls_saved_total`
     pub saved: Counter,
     /// `coalesced_waits_total`
@@ -809,6 +811,7 @@ impl ReadCounters {
             bypass: r("bypass"),
             from_memory: i("memory"),
             from_chat: i("chat"),
+            from_l2: i("l2"),
             saved: counter!(n::CALLS_SAVED, "command" => command),
             coalesced: counter!(n::COALESCED),
             request_ok: counter!(n::REQUESTS, "route" => "items", "outcome" => "ok"),
@@ -825,6 +828,7 @@ impl ReadCounters {
             bypass: Counter::noop(),
             from_memory: Counter::noop(),
             from_chat: Counter::noop(),
+            from_l2: Counter::noop(),
             saved: Counter::noop(),
             coalesced: Counter::noop(),
             request_ok: Counter::noop(),

@@ -114,6 +114,16 @@ impl KeyBuf {
     pub fn to_key(&self) -> ItemKey {
         Arc::from(self.as_bytes())
     }
+
+    /// The stack form of an owned key.
+    pub fn from_key(key: &[u8]) -> Option<KeyBuf> {
+        let mut buf = [0u8; MAX_KEY];
+        buf.get_mut(..key.len())?.copy_from_slice(key);
+        Some(KeyBuf {
+            buf,
+            len: key.len(),
+        })
+    }
 }
 
 /// An entry's key, owned.

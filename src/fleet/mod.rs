@@ -10,6 +10,8 @@
 //! - [`bus`]: invalidation events to and from every gateway, and loss detection.
 //! - [`l2`]: pages in Redis (on Redis's clock, capped per account), per-account
 //!   generations, the group index, and the fleet fetch lock.
+//! - [`items`]: the item entries of the other cached reads in Redis (the same
+//!   properties, per item), and the per-item fetch lock.
 //! - [`heartbeat`]: live gateways, the fleet-wide generation, and the loss checks of
 //!   every session.
 //!
@@ -22,6 +24,7 @@
 pub mod bus;
 pub mod conn;
 pub mod heartbeat;
+pub mod items;
 pub mod keys;
 pub mod l2;
 pub mod limiter;
@@ -36,13 +39,14 @@ use crate::config::{LiveSettings, Settings};
 pub use bus::{Applied, Event, Sink};
 use bus::{Bus, Pending};
 use conn::{Connector, Redis};
+use items::ItemL2;
 use keys::Keys;
 use l2::L2;
 use limiter::FleetLimiter;
 
 /// Every Lua script the fleet runs: loaded on each new connection, so requests never
 /// pay a `NOSCRIPT` round trip (nor a herd of them after a Redis restart).
-pub fn all_scripts() -> [&'static redis::Script; 18] {
+pub fn all_scripts() -> [&'static redis::Script; 22] {
     [
         &conn::NOOP_SCRIPT,
         &limiter::LEASE_SCRIPT,
@@ -57,6 +61,10 @@ pub fn all_scripts() -> [&'static redis::Script; 18] {
         &l2::GROUP_EVENT_SCRIPT,
         &l2::GROUP_NEXT_SCRIPT,
         &l2::RAISE_SCRIPT,
+        &items::ITEM_LOOKUP_SCRIPT,
+        &items::ITEM_STORE_SCRIPT,
+        &items::GEN_READ_SCRIPT,
+        &items::GEN_TOUCH_SCRIPT,
         &bus::PUBLISH_SCRIPT,
         &bus::BEHIND_SCRIPT,
         &heartbeat::SESSION_SCRIPT,
@@ -108,6 +116,7 @@ pub struct Fleet {
     limiter: Arc<FleetLimiter>,
     bus: Arc<Bus>,
     l2: Option<Arc<L2>>,
+    items: Option<Arc<ItemL2>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -172,6 +181,16 @@ impl Fleet {
                 settings.cache.max_pages_per_account,
             ))
         });
+        let items = r.l2_cache.then(|| {
+            Arc::new(ItemL2::new(
+                redis.clone(),
+                keys.clone(),
+                shared.clone(),
+                id.clone(),
+                settings.chat.request_timeout,
+                settings.cache.max_pages_per_account,
+            ))
+        });
         let fleet = Arc::new(Fleet {
             id,
             redis,
@@ -180,6 +199,7 @@ impl Fleet {
             limiter,
             bus,
             l2,
+            items,
         });
         heartbeat::spawn(&fleet);
         Ok(Some(fleet))
@@ -193,6 +213,17 @@ impl Fleet {
     /// The L2 cache, when `redis.l2_cache` is on.
     pub fn l2(&self) -> Option<&Arc<L2>> {
         self.l2.as_ref()
+    }
+
+    /// The item entries of the cached reads in L2, when `redis.l2_cache` is on.
+    pub fn item_l2(&self) -> Option<&Arc<ItemL2>> {
+        self.items.as_ref()
+    }
+
+    /// Whether L2 must not be read for what depends on the entity `kind` `id` now
+    /// (this gateway invalidated it, and Redis does not have it yet).
+    pub fn pending(&self, kind: crate::chat::effects::EntityKind, id: &str) -> bool {
+        self.shared.pending.blocks_entity(kind, id)
     }
 
     /// The connection and its health.
