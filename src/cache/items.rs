@@ -79,7 +79,7 @@ pub fn weigh_item(body_len: usize, key_len: usize, deps: usize) -> usize {
 }
 
 /// The id of a request's other fields (everything but the items), canonical.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct VariantId(pub u128);
 
 /// A key in a stack buffer.
@@ -351,7 +351,26 @@ pub struct ItemStore {
     gens: Generations,
     /// Two keys for the 128-bit variant ids.
     variant_keys: [std::collections::hash_map::RandomState; 2],
+    /// This store among the process's (for the per-thread memo of variant ids).
+    id: u64,
 }
+
+/// One remembered variant id.
+#[derive(Default)]
+struct Memo {
+    store: u64,
+    row: usize,
+    text: Vec<u8>,
+    id: VariantId,
+}
+
+thread_local! {
+    /// The last variant ids this thread computed (any store's: each names its own).
+    static VARIANT_MEMO: std::cell::RefCell<[Memo; 4]> = std::cell::RefCell::default();
+}
+
+/// Ids of stores, from 1.
+static STORES: AtomicU64 = AtomicU64::new(1);
 
 /// Where the shard index sits in a key's hash.
 const SHARD_SHIFT: u32 = 40;
@@ -397,6 +416,7 @@ impl ItemStore {
             hasher: foldhash::fast::RandomState::default(),
             gens: Generations::new(slots),
             variant_keys: Default::default(),
+            id: STORES.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -410,8 +430,29 @@ impl ItemStore {
         &self.shards[((hash >> SHARD_SHIFT) & self.shard_mask) as usize]
     }
 
-    /// The id of `variant` (a row's canonical other fields) for `row`.
+    /// The id of `variant` (a row's canonical other fields) for `row`. The last few
+    /// variants each thread asked for are remembered (the same TagList comes again
+    /// and again), so a hit usually compares bytes instead of hashing them.
     pub fn variant_id(&self, row: usize, variant: &str) -> VariantId {
+        VARIANT_MEMO.with(|m| {
+            let mut m = m.borrow_mut();
+            let found = m.iter().find(|e| {
+                e.store == self.id && e.row == row && e.text.as_slice() == variant.as_bytes()
+            });
+            if let Some(e) = found {
+                return e.id;
+            }
+            let id = self.variant_id_uncached(row, variant);
+            m.rotate_right(1);
+            let e = &mut m[0];
+            (e.store, e.row, e.id) = (self.id, row, id);
+            e.text.clear();
+            e.text.extend_from_slice(variant.as_bytes());
+            id
+        })
+    }
+
+    fn variant_id_uncached(&self, row: usize, variant: &str) -> VariantId {
         let h = |k: &std::collections::hash_map::RandomState| {
             let mut h = k.build_hasher();
             row.hash(&mut h);
@@ -725,6 +766,22 @@ mod tests {
     #[test]
     fn variants_are_told_apart() {
         let s = store();
+        // The memo answers what the hash does, per store and per row.
+        let other = store();
+        for _ in 0..3 {
+            for (st, row, v) in [
+                (&s, 0, "a"),
+                (&s, 1, "a"),
+                (&other, 0, "a"),
+                (&s, 0, "b"),
+                (&s, 0, "c"),
+                (&s, 0, "d"),
+                (&s, 0, "e"),
+            ] {
+                assert_eq!(st.variant_id(row, v), st.variant_id_uncached(row, v));
+            }
+        }
+        assert_ne!(s.variant_id(0, "a"), other.variant_id(0, "a"));
         let a = s.variant_id(0, r#","TagList":["a"]"#);
         let b = s.variant_id(0, r#","TagList":["b"]"#);
         assert_ne!(a, b);

@@ -194,17 +194,19 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
     };
     let method = req.method.unwrap_or("");
     let target = req.path.unwrap_or("").as_bytes();
-    // The cached route's own target is valid as it is: no need to scan it.
-    let (path, get_list) = if target == GET_LIST_PATH.as_bytes() {
-        (target, true)
+    // The cached routes' own targets are valid as they are: no need to scan them.
+    let (path, get_list, item_row) = if target == GET_LIST_PATH.as_bytes() {
+        (target, true, None)
+    } else if let Some(row) = item_row(target) {
+        (target, false, Some(row))
     } else {
         let path = &target[rules::check_target(method.as_bytes(), target)?];
-        (path, path == GET_LIST_PATH.as_bytes())
+        let get_list = path == GET_LIST_PATH.as_bytes();
+        (path, get_list, if get_list { None } else { item_row(path) })
     };
     if len > MAX_HEAD {
         return Err(Refusal::HeadTooLarge);
     }
-    let item_row = if get_list { None } else { item_row(path) };
     let http11 = req.version == Some(1);
     let mut check = HeadCheck::new(http11);
     let mut no_cache = false;
@@ -253,10 +255,18 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
     }))
 }
 
-/// The row of the reads table whose entries are per item, if `path` is its route.
+/// The row of the reads table whose entries are per item, if `path` is exactly its
+/// route.
 fn item_row(path: &[u8]) -> Option<u8> {
-    let command = std::str::from_utf8(path.strip_prefix(b"/v4/")?).ok()?;
-    crate::chat::reads::item_row(command).and_then(|(i, _)| u8::try_from(i).ok())
+    let command = path.strip_prefix(b"/v4/")?;
+    crate::chat::reads::READS
+        .iter()
+        .position(|r| {
+            r.command.len() == command.len()
+                && r.command.as_bytes() == command
+                && r.store == crate::chat::reads::Store::Items
+        })
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 /// An incomplete head: fine while it may still become a valid one; 414 once its
@@ -353,6 +363,9 @@ struct Connection<'a> {
     stopping: bool,
     /// The last valid `Host` it sent.
     host: HostMemo,
+    /// The entries of a full hit of a cached read being written (kept, empty, from
+    /// one request to the next: no allocation per hit).
+    hits: Vec<Arc<crate::cache::items::ItemEntry>>,
 }
 
 /// Serves one connection of `front`'s listener until it closes.
@@ -367,6 +380,7 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         deadline,
         stopping: false,
         host: HostMemo::default(),
+        hits: Vec::new(),
     };
     // One timer for the connection's life, re-armed lazily: it fires at most once per
     // header read timeout, not once per request.
@@ -777,7 +791,9 @@ impl Connection<'_> {
             usize::from(row),
             &self.buf[head.len..body_end],
             now,
+            &mut self.hits,
         ) else {
+            self.hits.clear();
             return Some(None);
         };
         let out = &mut self.out;
@@ -823,10 +839,11 @@ impl Connection<'_> {
         }
         let mut slices = [IoSlice::new(&[]); handlers::items::FAST_PIECES + 1];
         slices[0] = IoSlice::new(&self.out);
-        let n = hit.pieces(&mut slices[1..]);
-        write_slices(&mut self.stream, &mut slices[..=n])
-            .await
-            .ok()?;
+        let n = hit.pieces(&self.hits, &mut slices[1..]);
+        let written = write_slices(&mut self.stream, &mut slices[..=n]).await;
+        drop(hit);
+        self.hits.clear();
+        written.ok()?;
         Some(Some(now))
     }
 

@@ -105,11 +105,9 @@ pub enum Outcome {
 /// A flight's shared result.
 pub type Flight = Arc<Outcome>;
 
-/// A full hit, ready for the HTTP/1.1 front end to write: the entries in request
-/// order and the template's pieces around them.
+/// A full hit, ready for the HTTP/1.1 front end to write: the template's pieces
+/// around the entries [`fast_hit`] put, in request order, in the caller's vector.
 pub struct FastHit {
-    entries: [Option<Arc<ItemEntry>>; item_fast::MAX_ITEMS],
-    n: usize,
     /// `None` for a single read (its one entry is the whole answer).
     template: Option<arc_swap::Guard<Arc<Template>>>,
     /// Seconds since the oldest item was stored.
@@ -123,15 +121,18 @@ pub const FAST_PIECES: usize = item_fast::MAX_ITEMS + 2;
 
 impl FastHit {
     /// The answer's pieces, in order, into `out` (room for [`FAST_PIECES`]); returns
-    /// how many. Written one after the other they are what [`handle`] answers for the
-    /// same request.
-    pub fn pieces<'s>(&'s self, out: &mut [std::io::IoSlice<'s>]) -> usize {
-        if out.len() < self.n + 2 {
+    /// how many. `entries` are those [`fast_hit`] found. Written one after the other
+    /// they are what [`handle`] answers for the same request.
+    pub fn pieces<'s>(
+        &'s self,
+        entries: &'s [Arc<ItemEntry>],
+        out: &mut [std::io::IoSlice<'s>],
+    ) -> usize {
+        if out.len() < entries.len() + 2 {
             return 0;
         }
-        let entries = self.entries[..self.n].iter().flatten();
         let Some(t) = &self.template else {
-            return match entries.into_iter().next() {
+            return match entries.first() {
                 Some(e) => {
                     out[0] = std::io::IoSlice::new(&e.body);
                     1
@@ -141,7 +142,7 @@ impl FastHit {
         };
         out[0] = std::io::IoSlice::new(t.prefix.as_bytes());
         let mut k = 1;
-        for (i, e) in entries.enumerate() {
+        for (i, e) in entries.iter().enumerate() {
             out[k] = std::io::IoSlice::new(if i == 0 { &e.body } else { e.with_comma() });
             k += 1;
         }
@@ -151,11 +152,19 @@ impl FastHit {
 }
 
 /// A full hit of `body` as a request of row `row`, by the shortest path: the fast
-/// scanner, one lookup per item, counted as [`handle`] counts a hit. `None` when it is
-/// anything else (the caller then routes the request to [`handle`]): a body the fast
-/// scanner leaves to the general parser, an item named twice, an item not fresh,
-/// caching disabled.
-pub fn fast_hit(state: &AppState, row: usize, body: &[u8], now: Instant) -> Option<FastHit> {
+/// scanner, one lookup per item (the entries, in request order, into `entries`, a
+/// vector the caller keeps from one request to the next), counted as [`handle`]
+/// counts a hit. `None` when it is anything else (the caller then routes the
+/// request to [`handle`]): a body the fast scanner leaves to the general parser, an
+/// item named twice, an item not fresh, caching disabled.
+pub fn fast_hit(
+    state: &AppState,
+    row: usize,
+    body: &[u8],
+    now: Instant,
+    entries: &mut Vec<Arc<ItemEntry>>,
+) -> Option<FastHit> {
+    entries.clear();
     let r = READS.get(row)?;
     if r.store != Store::Items || !state.live.load().commands[row].enabled {
         return None;
@@ -166,13 +175,6 @@ pub fn fast_hit(state: &AppState, row: usize, body: &[u8], now: Instant) -> Opti
     }
     let vid = state.items.variant_id(row, req.variant());
     let items = req.items();
-    let mut hit = FastHit {
-        entries: [const { None }; item_fast::MAX_ITEMS],
-        n: items.len(),
-        template: None,
-        age: 0,
-        len: 0,
-    };
     // Items named twice are Chat's to answer: a bit per hash, and an exact check
     // when two bits meet.
     let mut seen = [0u64; 16];
@@ -192,18 +194,18 @@ pub fn fast_hit(state: &AppState, row: usize, body: &[u8], now: Instant) -> Opti
         };
         len += e.body.len();
         oldest = oldest.min(e.stored_at);
-        hit.entries[i] = Some(e);
+        entries.push(e);
     }
-    hit.age = now.saturating_duration_since(oldest).as_secs();
-    hit.len = match r.answer {
-        AnswerShape::Whole => len,
-        AnswerShape::Items { .. } => {
-            let t = state.templates.guard(row);
-            let n = t.prefix.len() + len + items.len().saturating_sub(1) + t.closing.len();
-            hit.template = Some(t);
-            n
-        }
+    let mut hit = FastHit {
+        template: None,
+        age: now.saturating_duration_since(oldest).as_secs(),
+        len,
     };
+    if let AnswerShape::Items { .. } = r.answer {
+        let t = state.templates.guard(row);
+        hit.len = t.prefix.len() + len + items.len().saturating_sub(1) + t.closing.len();
+        hit.template = Some(t);
+    }
     let c = &state.read_counters[row];
     c.hit.increment(1);
     c.from_memory.increment(items.len() as u64);
