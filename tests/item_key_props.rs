@@ -193,7 +193,11 @@ fn fast_agrees(row: usize, body: &[u8]) -> Result<Option<Vec<String>>, String> {
     if !item_fast::scan(&READS[row], body, &mut f) {
         return Ok(None);
     }
-    let items: Vec<String> = f.items().iter().map(|s| s.to_string()).collect();
+    let items: Vec<String> = f
+        .items()
+        .iter()
+        .map(|s| String::from_utf8(s.to_vec()).unwrap())
+        .collect();
     let mut sorted = items.clone();
     sorted.sort();
     sorted.dedup();
@@ -201,10 +205,10 @@ fn fast_agrees(row: usize, body: &[u8]) -> Result<Option<Vec<String>>, String> {
     let text = String::from_utf8_lossy(body);
     match general {
         Outcome::Split(gi, gv, _) if sorted.len() == items.len() => {
-            if gi != items || gv != f.variant() {
+            if gi != items || gv.as_bytes() != f.variant() {
                 return Err(format!(
                     "{text}: fast {items:?} {:?}, general {gi:?} {gv:?}",
-                    f.variant()
+                    String::from_utf8_lossy(f.variant())
                 ));
             }
         }

@@ -27,24 +27,24 @@ pub const MAX_DEPTH: usize = 8;
 /// A request the fast scanner read: items borrowed from the body, the variant in a
 /// stack buffer.
 pub struct FastRequest<'a> {
-    items: [&'a str; MAX_ITEMS],
+    items: [&'a [u8]; MAX_ITEMS],
     n: usize,
     variant: [u8; MAX_VARIANT],
     variant_len: usize,
 }
 
 impl<'a> FastRequest<'a> {
-    /// The items, in request order.
+    /// The items, in request order (each valid UTF-8: the body was checked).
     #[inline]
-    pub fn items(&self) -> &[&'a str] {
+    pub fn items(&self) -> &[&'a [u8]] {
         &self.items[..self.n]
     }
 
-    /// The other fields, canonical (as [`super::item_key::ItemRequest::variant`]).
+    /// The other fields, canonical (as [`super::item_key::ItemRequest::variant`]),
+    /// as bytes (valid UTF-8: whole strings of a checked body and ASCII).
     #[inline]
-    pub fn variant(&self) -> &str {
-        // Only whole UTF-8 strings and ASCII were copied in.
-        std::str::from_utf8(&self.variant[..self.variant_len]).unwrap_or("")
+    pub fn variant(&self) -> &[u8] {
+        &self.variant[..self.variant_len]
     }
 }
 
@@ -76,19 +76,20 @@ fn zero_bytes(w: u64) -> u64 {
     w.wrapping_sub(splat(1)) & !w & splat(0x80)
 }
 
-/// Whether a word of string content may hold a `"`, a `\` or a control character.
+/// Whether a word of string content may hold a `"`, a `\`, a control character or
+/// a byte that is not ASCII.
 #[inline]
 fn special(w: u64) -> bool {
     let ctrl = w.wrapping_sub(splat(0x20)) & !w & splat(0x80);
-    (zero_bytes(w ^ splat(b'"')) | zero_bytes(w ^ splat(b'\\')) | ctrl) != 0
+    (zero_bytes(w ^ splat(b'"')) | zero_bytes(w ^ splat(b'\\')) | ctrl | (w & splat(0x80))) != 0
 }
 
 struct Scan<'a> {
-    /// The body, valid UTF-8 (checked once, so strings are sliced from it as they
-    /// are found).
-    text: &'a str,
     s: &'a [u8],
     i: usize,
+    /// A string held a byte that is not ASCII: the body is checked as UTF-8 at the
+    /// end (everything outside strings is ASCII by the grammar).
+    non_ascii: bool,
 }
 
 impl<'a> Scan<'a> {
@@ -119,25 +120,28 @@ impl<'a> Scan<'a> {
     /// A string without escapes or control characters: its content. Eight bytes at
     /// a time while none of them may end it.
     #[inline]
-    fn string(&mut self) -> Option<&'a str> {
+    fn string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
-        while let Some(chunk) = self.s.get(self.i..self.i + 8) {
-            let w = u64::from_le_bytes(<[u8; 8]>::try_from(chunk).ok()?);
-            if special(w) {
-                break;
-            }
-            self.i += 8;
-        }
         loop {
+            while let Some(chunk) = self.s.get(self.i..self.i + 8) {
+                let w = u64::from_le_bytes(<[u8; 8]>::try_from(chunk).ok()?);
+                if special(w) {
+                    break;
+                }
+                self.i += 8;
+            }
             match *self.s.get(self.i)? {
                 b'"' => break,
                 b'\\' | 0..=0x1f => return None,
+                0x80.. => {
+                    self.non_ascii = true;
+                    self.i += 1;
+                }
                 _ => self.i += 1,
             }
         }
-        // Both ends are ASCII quotes: character boundaries of the valid text.
-        let content = self.text.get(start..self.i)?;
+        let content = &self.s[start..self.i];
         self.i += 1;
         Some(content)
     }
@@ -191,7 +195,7 @@ impl<'a> Scan<'a> {
             b'"' => {
                 let s = self.string()?;
                 out.push(b"\"")?;
-                out.push(s.as_bytes())?;
+                out.push(s)?;
                 out.push(b"\"")
             }
             b'[' if depth < MAX_DEPTH => {
@@ -223,7 +227,7 @@ impl<'a> Scan<'a> {
                     self.i += 1;
                     return out.push(b"}");
                 }
-                let mut last: Option<&str> = None;
+                let mut last: Option<&[u8]> = None;
                 loop {
                     let name = self.string()?;
                     // In sorted order already (which also rules out repeats).
@@ -233,7 +237,7 @@ impl<'a> Scan<'a> {
                     last = Some(name);
                     self.eat(b':')?;
                     out.push(b"\"")?;
-                    out.push(name.as_bytes())?;
+                    out.push(name)?;
                     out.push(b"\":")?;
                     self.value(out, depth + 1)?;
                     match self.peek()? {
@@ -270,7 +274,7 @@ impl<'a> Scan<'a> {
 
     /// An item: a string of 1 to `max` bytes.
     #[inline]
-    fn item(&mut self, max: usize) -> Option<&'a str> {
+    fn item(&mut self, max: usize) -> Option<&'a [u8]> {
         let s = self.string()?;
         (!s.is_empty() && s.len() <= max).then_some(s)
     }
@@ -285,7 +289,7 @@ pub fn scan<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> boo
 /// A fresh, empty request to scan into.
 pub fn request<'a>() -> FastRequest<'a> {
     FastRequest {
-        items: [""; MAX_ITEMS],
+        items: [b""; MAX_ITEMS],
         n: 0,
         variant: [0; MAX_VARIANT],
         variant_len: 0,
@@ -293,16 +297,15 @@ pub fn request<'a>() -> FastRequest<'a> {
 }
 
 fn scan_inner<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> Option<()> {
-    let text = std::str::from_utf8(body).ok()?;
     let mut sc = Scan {
-        text,
         s: body,
         i: 0,
+        non_ascii: false,
     };
-    let field = row.items.field();
+    let field = row.items.field().as_bytes();
     let max = row.max_items.min(MAX_ITEMS);
     // The other members: name, and where its canonical value is in `values`.
-    let mut names: [&str; MAX_FIELDS] = [""; MAX_FIELDS];
+    let mut names: [&[u8]; MAX_FIELDS] = [b""; MAX_FIELDS];
     let mut spans: [(u16, u16); MAX_FIELDS] = [(0, 0); MAX_FIELDS];
     let mut fields = 0usize;
     let mut values = [0u8; MAX_VARIANT];
@@ -338,7 +341,7 @@ fn scan_inner<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> O
                         let item = match row.items {
                             ItemShape::ObjectList(_, key) => {
                                 sc.eat(b'{')?;
-                                if sc.string()? != key {
+                                if sc.string()? != key.as_bytes() {
                                     return None;
                                 }
                                 sc.eat(b':')?;
@@ -384,15 +387,18 @@ fn scan_inner<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> O
     if sc.i != body.len() || !items_seen {
         return None;
     }
+    if sc.non_ascii && std::str::from_utf8(body).is_err() {
+        return None;
+    }
     let value = |k: usize| &values[spans[k].0 as usize..spans[k].1 as usize];
     for req in row.required {
-        let k = (0..fields).find(|k| names[*k] == *req)?;
+        let k = (0..fields).find(|k| names[*k] == req.as_bytes())?;
         if value(k) == b"null" {
             return None;
         }
     }
     if let Some((f, _)) = row.scope {
-        let k = (0..fields).find(|k| names[*k] == f)?;
+        let k = (0..fields).find(|k| names[*k] == f.as_bytes())?;
         let v = value(k);
         // A string of 1 to 32 bytes (no escapes: its text is its value).
         if v.len() < 3 || v[0] != b'"' || v.len() - 2 > crate::chat::reads::MAX_ACCOUNT_BYTES {
@@ -415,7 +421,7 @@ fn scan_inner<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> O
             return None;
         }
         v.push(b",\"")?;
-        v.push(names[k].as_bytes())?;
+        v.push(names[k])?;
         v.push(b"\":")?;
         v.push(value(k))?;
     }
@@ -434,8 +440,11 @@ mod tests {
         let mut f = request();
         let fast = scan(r, body.as_bytes(), &mut f).then(|| {
             (
-                f.items().iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-                f.variant().to_string(),
+                f.items()
+                    .iter()
+                    .map(|s| String::from_utf8(s.to_vec()).unwrap())
+                    .collect::<Vec<_>>(),
+                String::from_utf8(f.variant().to_vec()).unwrap(),
             )
         });
         if let Some(fast) = &fast {
@@ -499,8 +508,11 @@ mod tests {
             r#"{"From_Account":"o","To_Account":["p"],"TagList":[]}"#
         )
         .is_some());
-        // Non-ASCII is fine.
+        // Non-ASCII is fine; bytes that are not UTF-8 are not.
         assert!(both(p, r#"{"To_Account":["é"],"TagList":["ü"]}"#).is_some());
+        let mut bad = br#"{"To_Account":["a"],"TagList":["#.to_vec();
+        bad.extend_from_slice(b"\xff\xfe\"]}");
+        assert!(!scan(row(p).unwrap().1, &bad, &mut request()));
     }
 
     #[test]

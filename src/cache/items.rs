@@ -93,6 +93,12 @@ impl KeyBuf {
     /// any row allows (such requests are never split).
     #[inline]
     pub fn new(row: usize, variant: VariantId, item: &str) -> Option<KeyBuf> {
+        Self::of_bytes(row, variant, item.as_bytes())
+    }
+
+    /// [`KeyBuf::new`] of an item's bytes (UTF-8).
+    #[inline]
+    pub fn of_bytes(row: usize, variant: VariantId, item: &[u8]) -> Option<KeyBuf> {
         let len = 17 + item.len();
         if len > MAX_KEY {
             return None;
@@ -100,7 +106,7 @@ impl KeyBuf {
         let mut buf = [0u8; MAX_KEY];
         buf[0] = row as u8;
         buf[1..17].copy_from_slice(&variant.0.to_le_bytes());
-        buf[17..len].copy_from_slice(item.as_bytes());
+        buf[17..len].copy_from_slice(item);
         Some(KeyBuf { buf, len })
     }
 
@@ -387,6 +393,22 @@ impl std::fmt::Debug for ItemStore {
     }
 }
 
+/// Whether two keys are equal: eight bytes at a time, inline (keys are short, and a
+/// call to `memcmp` costs more than comparing them).
+#[inline]
+fn key_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (mut x, mut y) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (p, q) in (&mut x).zip(&mut y) {
+        if p != q {
+            return false;
+        }
+    }
+    x.remainder() == y.remainder()
+}
+
 fn read(s: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
     s.read().unwrap_or_else(PoisonError::into_inner)
 }
@@ -434,11 +456,16 @@ impl ItemStore {
     /// variants each thread asked for are remembered (the same TagList comes again
     /// and again), so a hit usually compares bytes instead of hashing them.
     pub fn variant_id(&self, row: usize, variant: &str) -> VariantId {
+        self.variant_id_of(row, variant.as_bytes())
+    }
+
+    /// [`ItemStore::variant_id`] of the variant's bytes (UTF-8).
+    pub fn variant_id_of(&self, row: usize, variant: &[u8]) -> VariantId {
         VARIANT_MEMO.with(|m| {
             let mut m = m.borrow_mut();
-            let found = m.iter().find(|e| {
-                e.store == self.id && e.row == row && e.text.as_slice() == variant.as_bytes()
-            });
+            let found = m
+                .iter()
+                .find(|e| e.store == self.id && e.row == row && e.text.as_slice() == variant);
             if let Some(e) = found {
                 return e.id;
             }
@@ -447,16 +474,17 @@ impl ItemStore {
             let e = &mut m[0];
             (e.store, e.row, e.id) = (self.id, row, id);
             e.text.clear();
-            e.text.extend_from_slice(variant.as_bytes());
+            e.text.extend_from_slice(variant);
             id
         })
     }
 
-    fn variant_id_uncached(&self, row: usize, variant: &str) -> VariantId {
+    fn variant_id_uncached(&self, row: usize, variant: &[u8]) -> VariantId {
         let h = |k: &std::collections::hash_map::RandomState| {
             let mut h = k.build_hasher();
-            row.hash(&mut h);
-            variant.hash(&mut h);
+            h.write_usize(row);
+            h.write(variant);
+            h.write_u8(0xff);
             h.finish()
         };
         VariantId(
@@ -484,7 +512,7 @@ impl ItemStore {
         let k = key.as_bytes();
         let e = {
             let shard = read(self.shard(h));
-            match shard.table.find(h, |s| s.hash == h && *s.key == *k) {
+            match shard.table.find(h, |s| s.hash == h && key_eq(&s.key, k)) {
                 Some(s) => s.entry.clone(),
                 None => return ItemLookup::Miss,
             }
@@ -778,7 +806,10 @@ mod tests {
                 (&s, 0, "d"),
                 (&s, 0, "e"),
             ] {
-                assert_eq!(st.variant_id(row, v), st.variant_id_uncached(row, v));
+                assert_eq!(
+                    st.variant_id(row, v),
+                    st.variant_id_uncached(row, v.as_bytes())
+                );
             }
         }
         assert_ne!(s.variant_id(0, "a"), other.variant_id(0, "a"));

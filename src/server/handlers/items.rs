@@ -173,7 +173,7 @@ pub fn fast_hit(
     if !item_fast::scan(r, body, &mut req) {
         return None;
     }
-    let vid = state.items.variant_id(row, req.variant());
+    let vid = state.items.variant_id_of(row, req.variant());
     let items = req.items();
     // Items named twice are Chat's to answer: a bit per hash, and an exact check
     // when two bits meet.
@@ -181,7 +181,7 @@ pub fn fast_hit(
     let mut len = 0usize;
     let mut oldest = now;
     for (i, item) in items.iter().enumerate() {
-        let key = KeyBuf::new(row, vid, item)?;
+        let key = KeyBuf::of_bytes(row, vid, item)?;
         let h = state.items.key_hash(&key);
         let bit = (h & 1023) as usize;
         let (word, mask) = (bit >> 6, 1u64 << (bit & 63));
