@@ -16,6 +16,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chat_gateway::emulator::{self, EmulatorConfig, EmulatorHandle};
+use common::raw;
 use common::redis::RedisServer;
 use common::*;
 use serde_json::{json, Value};
@@ -200,7 +201,11 @@ async fn read_your_writes_across_the_fleet_randomized() {
                 "/v4/group_open_http_svc/get_group_member_info",
                 json!({ "GroupId": rng.pick(&groups) }),
             ),
-            _ => (GET_LIST, json!({ "From_Account": rng.pick(&pool) })),
+            _ => (
+                GET_LIST,
+                json!({"From_Account": rng.pick(&pool), "TimeStamp": 0, "StartIndex": 0,
+                       "TopTimeStamp": 0, "TopStartIndex": 0, "AssistFlags": 15}),
+            ),
         });
     }
     let (mut reads, mut writes) = (0usize, 0usize);
@@ -349,23 +354,36 @@ async fn changes_from_a_client_reach_every_gateway() {
         assert_eq!(c.0, 200, "{:?}", c.2);
         let mut waits = Vec::new();
         for gw in &gws {
-            let (url, body, nick) = (gw.url(PORTRAIT), read(u), nick.clone());
+            // One keep-alive connection per gateway, asking every millisecond.
+            let (addr, body, nick) = (gw.addr, read(u), nick.clone());
+            let ask = format!(
+                "POST {PORTRAIT} HTTP/1.1\r\nHost: gw\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
             waits.push(tokio::spawn(async move {
+                let mut c = raw::RawConn::connect(addr).await;
                 loop {
-                    let a = post(&url, body.clone()).await;
-                    if json(&a)["UserProfileItem"][0]["ProfileItem"][0]["Value"] == nick.as_str() {
+                    c.send(ask.as_bytes()).await.unwrap();
+                    let a = c.response(Duration::from_secs(10)).await.unwrap();
+                    if a.json()["UserProfileItem"][0]["ProfileItem"][0]["Value"] == nick.as_str() {
                         return started.elapsed();
                     }
                     assert!(
                         started.elapsed() < Duration::from_secs(10),
-                        "{url} never served the change"
+                        "{addr} never served the change"
                     );
-                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }));
         }
+        let mut row = Vec::new();
         for w in waits {
-            delays.push(w.await.unwrap());
+            let d = w.await.unwrap();
+            row.push(d.as_secs_f64() * 1000.0);
+            delays.push(d);
+        }
+        if std::env::var("SHOW_EACH").is_ok() {
+            eprintln!("round {round}: {row:.1?} ms");
         }
     }
     delays.sort();
