@@ -400,13 +400,14 @@ fn key_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
+    let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(0, u64::from_ne_bytes);
     let (mut x, mut y) = (a.chunks_exact(8), b.chunks_exact(8));
     for (p, q) in (&mut x).zip(&mut y) {
-        if p != q {
+        if word(p) != word(q) {
             return false;
         }
     }
-    x.remainder() == y.remainder()
+    x.remainder().iter().zip(y.remainder()).all(|(p, q)| p == q)
 }
 
 fn read(s: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
@@ -442,9 +443,18 @@ impl ItemStore {
         }
     }
 
+    /// A key's hash: the item's bytes hashed (foldhash, keyed per process) and mixed
+    /// with the row and variant id (which are themselves keyed hashes).
     #[inline]
     fn hash(&self, key: &[u8]) -> u64 {
-        self.hasher.hash_one(key)
+        let (head, item) = key.split_at(key.len().min(17));
+        let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
+        let v = word(head.get(1..9).unwrap_or(&[]))
+            ^ word(head.get(9..17).unwrap_or(&[])).rotate_left(29);
+        let h = self.hasher.hash_one(item) ^ v ^ u64::from(head.first().copied().unwrap_or(0));
+        // One multiply-xorshift round so that the variant's bits reach every bit used.
+        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 29)
     }
 
     #[inline]
