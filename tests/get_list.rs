@@ -399,7 +399,9 @@ async fn post_cc(gw: &Gateway, body: &str, cache_control: &str) -> Answer {
         http::Request::post(gw.url(GET_LIST))
             .header("content-type", "application/json")
             .header("cache-control", cache_control)
-            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
             .unwrap(),
     )
     .await
@@ -421,16 +423,26 @@ async fn no_cache_and_no_store_refresh_the_stored_page() {
     let first = post(&gw.url(GET_LIST), body).await;
     assert_eq!(header(&first, "x-cache"), "MISS");
     assert_eq!(json(&first)["TimeStamp"], 1);
-    assert_eq!(header(&post(&gw.url(GET_LIST), body).await, "x-cache"), "HIT");
+    assert_eq!(
+        header(&post(&gw.url(GET_LIST), body).await, "x-cache"),
+        "HIT"
+    );
     for (i, directive) in ["no-cache", "no-store"].into_iter().enumerate() {
         let version = i as u64 + 2;
         let b = post_cc(&gw, body, directive).await;
         assert_eq!(header(&b, "x-cache"), "BYPASS", "{directive}");
-        assert_eq!(json(&b)["TimeStamp"], version, "{directive}: Chat's new page");
+        assert_eq!(
+            json(&b)["TimeStamp"],
+            version,
+            "{directive}: Chat's new page"
+        );
         assert_eq!(fake.count() as u64, version, "{directive}: Chat was asked");
         let h = post(&gw.url(GET_LIST), body).await;
         assert_eq!(header(&h, "x-cache"), "HIT", "{directive}");
-        assert_eq!(h.2, b.2, "{directive}: the stored page is the refreshed one");
+        assert_eq!(
+            h.2, b.2,
+            "{directive}: the stored page is the refreshed one"
+        );
     }
     assert_eq!(fake.count(), 3);
 }
@@ -490,9 +502,9 @@ async fn a_caller_that_disconnects_cancels_nothing() {
         // A second caller of the same page joins the fetch (over HTTP/1.1).
         let follower = (account == "with_a_follower").then(|| {
             let url = gw.url(GET_LIST);
-            tokio::spawn(async move {
-                post(&url, format!(r#"{{"From_Account":"{account}"}}"#)).await
-            })
+            tokio::spawn(
+                async move { post(&url, format!(r#"{{"From_Account":"{account}"}}"#)).await },
+            )
         });
         if follower.is_some() {
             // Its connection is open (with the first caller's and the scrape's).
@@ -529,10 +541,17 @@ async fn a_caller_that_disconnects_cancels_nothing() {
         // (an abandoned fetch would wait for the next caller to resume it).
         let deadline = Instant::now() + Duration::from_secs(10);
         while scrape(&gw, "chat_gateway_cache_pages").await < (round + 1) as f64 {
-            assert!(Instant::now() < deadline, "{account}: the page was never stored");
+            assert!(
+                Instant::now() < deadline,
+                "{account}: the page was never stored"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let a = post(&gw.url(GET_LIST), format!(r#"{{"From_Account":"{account}"}}"#)).await;
+        let a = post(
+            &gw.url(GET_LIST),
+            format!(r#"{{"From_Account":"{account}"}}"#),
+        )
+        .await;
         assert_eq!(header(&a, "x-cache"), "HIT", "{account}");
         assert_eq!(json(&a)["ErrorCode"], 0);
         assert_eq!(fake.count(), round + 1, "{account}: one call to Chat");
@@ -565,10 +584,7 @@ async fn every_waiter_gets_the_failed_fetchs_error() {
     for (account, timeout_ms) in [("refused", 60_000), ("silent", 1_500)] {
         let gw = Gateway::start(&config_toml(
             &fake.url(),
-            &[(
-                "chat",
-                &format!("request_timeout_ms = {timeout_ms}"),
-            )],
+            &[("chat", &format!("request_timeout_ms = {timeout_ms}"))],
         ))
         .await;
         let before = fake.count();
@@ -607,7 +623,11 @@ async fn every_waiter_gets_the_failed_fetchs_error() {
         let calls = fake.count() - before;
         let waited = scrape(&gw, "chat_gateway_coalesced_waits_total").await as usize;
         eprintln!("{account}: {CALLERS} callers, {calls} calls to Chat, {waited} waited");
-        assert_eq!(calls + waited, CALLERS, "{account}: each caller called or waited");
+        assert_eq!(
+            calls + waited,
+            CALLERS,
+            "{account}: each caller called or waited"
+        );
         assert!(waited >= 1, "{account}: no caller waited on a fetch");
         // Not cached: the next request asks Chat again.
         if account == "refused" {
@@ -649,7 +669,11 @@ async fn a_fetch_overtaken_by_an_invalidation_is_answered_not_stored() {
     let first = tokio::spawn(async move { post(&url, body).await });
     wait_until("the fetch is at Chat", || fake.count() == 1).await;
     // A write lands (here: the admin endpoint) while Chat is answering the read.
-    let inv = post(&gw.url("/admin/cache/invalidate"), r#"{"From_Account":"overtaken"}"#).await;
+    let inv = post(
+        &gw.url("/admin/cache/invalidate"),
+        r#"{"From_Account":"overtaken"}"#,
+    )
+    .await;
     assert_eq!(json(&inv)["ErrorCode"], 0);
     gate.add_permits(1);
     let a = first.await.unwrap();
