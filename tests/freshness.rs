@@ -611,3 +611,132 @@ async fn an_l2_answer_carries_the_pages_age() {
     assert_eq!(header(&c, "x-cache"), "HIT");
     assert_age(&c, 1, 5);
 }
+
+/// Every conversation write that passes through the gateway refreshes the writer's
+/// get_list pages (against the emulator, which applies each write as Chat does):
+/// after each, the page is fetched again and equals what Chat answers now, which
+/// differs from before. A write Chat refuses invalidates too (it may have been
+/// applied).
+#[tokio::test]
+async fn conversation_writes_refresh_the_writers_pages() {
+    let emu = chat_gateway::emulator::spawn(chat_gateway::emulator::EmulatorConfig::default())
+        .await
+        .unwrap();
+    let secret = emu.config().secret_key.clone();
+    let gw = Gateway::start(&config_toml_with(
+        &emu.base_url(),
+        &secret,
+        &[("cache", "ttl_secs = 600")],
+    ))
+    .await;
+    let (me, peer) = ("user_0003", "user_0004");
+    // The body the gateway forwards for `{"From_Account": me}` (Chat's defaults).
+    let page_body = format!(
+        r#"{{"From_Account":"{me}","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}}"#
+    );
+    let direct = || {
+        let url = format!(
+            "{}{GET_LIST}?sdkappid={SDKAPPID}&identifier={IDENTIFIER}&usersig={}&random=1&contenttype=json",
+            emu.base_url(),
+            emu.admin_usersig()
+        );
+        let body = page_body.clone();
+        async move { sans_request_id(json(&post(&url, body).await)) }
+    };
+    // The conversation with the peer is on the first page.
+    let sent = post(
+        &gw.url("/v4/openim/sendmsg"),
+        format!(
+            r#"{{"From_Account":"{me}","To_Account":"{peer}","MsgRandom":7,"MsgBody":[{{"MsgType":"TIMTextElem","MsgContent":{{"Text":"x"}}}}]}}"#
+        ),
+    )
+    .await;
+    assert_eq!(json(&sent)["ErrorCode"], 0, "{:?}", json(&sent));
+
+    let writes: [(&str, serde_json::Value, i64); 7] = [
+        (
+            "create_contact_group",
+            serde_json::json!({"From_Account": me, "GroupContactItem": [
+                {"GroupName": "friends", "ContactItem": [{"Type": 1, "To_Account": peer}]}]}),
+            0,
+        ),
+        (
+            "mark_contact",
+            serde_json::json!({"From_Account": me, "MarkItem": [{"OptType": 3,
+                "ContactItem": {"Type": 1, "To_Account": peer}, "SetMark": [0, 3], "CustomMark": "vip"}]}),
+            0,
+        ),
+        (
+            "update_contact_group",
+            serde_json::json!({"From_Account": me, "UpdateType": 1, "UpdateGroup": {"UpdateGroupType": 1,
+                "OldGroupName": "friends", "NewGroupName": "pals"}}),
+            0,
+        ),
+        (
+            "update_contact_group",
+            serde_json::json!({"From_Account": me, "UpdateType": 1, "UpdateGroup": {"UpdateGroupType": 2,
+                "OldGroupName": "pals", "ContactUpdateItem": [{"ContactOptType": 2,
+                "ContactItem": [{"Type": 1, "To_Account": peer}]}]}}),
+            0,
+        ),
+        (
+            "del_contact_group",
+            serde_json::json!({"From_Account": me, "GroupName": ["pals"]}),
+            0,
+        ),
+        (
+            "delete",
+            serde_json::json!({"From_Account": me, "Type": 1, "To_Account": peer, "ClearRamble": 1}),
+            0,
+        ),
+        // Refused (no such group): the page is dropped all the same.
+        (
+            "del_contact_group",
+            serde_json::json!({"From_Account": me, "GroupName": ["pals"]}),
+            50002,
+        ),
+    ];
+    for (command, body, code) in writes {
+        let before = get_list(&gw, me).await;
+        let cached = get_list(&gw, me).await;
+        assert_eq!(
+            header(&cached, "x-cache"),
+            "HIT",
+            "{command}: cached before"
+        );
+        let w = post(
+            &gw.url(&format!("/v4/recentcontact/{command}")),
+            body.to_string(),
+        )
+        .await;
+        assert_eq!(json(&w)["ErrorCode"], code, "{command}: {:?}", json(&w));
+        let after = get_list(&gw, me).await;
+        assert_eq!(
+            header(&after, "x-cache"),
+            "MISS",
+            "{command}: the page was dropped"
+        );
+        let now = direct().await;
+        assert_eq!(
+            sans_request_id(json(&after)),
+            now,
+            "{command}: what Chat answers now"
+        );
+        if code == 0 {
+            assert_ne!(
+                sans_request_id(json(&before)),
+                now,
+                "{command}: the write changed the page (test check)"
+            );
+        }
+    }
+    emu.shutdown().await;
+}
+
+/// A Chat answer without its `RequestId` (a new one on every answer).
+fn sans_request_id(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("RequestId");
+    }
+    v
+}
