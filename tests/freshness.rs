@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use sha2::{Digest, Sha256};
 
+/// A way for Chat to fail, and the fake's responder that makes it.
+type Failure = (&'static str, fn() -> Responder);
+
 const GET_LIST: &str = "/v4/recentcontact/get_list";
 
 /// The peer of the newest general (unpinned) conversation: pinned ones come first in
@@ -332,7 +335,7 @@ async fn stale_pages_are_served_only_while_chat_fails_and_only_within_the_window
 
     // Each way Chat can fail: 50005 (after the retries), HTTP 5xx, no answer at all
     // (the connection closed), throttling.
-    let failures: [(&str, fn() -> Responder); 4] = [
+    let failures: [Failure; 4] = [
         ("50005", || {
             Box::new(|_, _| Reply::Json(chat_error(50005), Duration::ZERO))
         }),

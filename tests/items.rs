@@ -14,6 +14,9 @@ use common::world::{self, World};
 use common::*;
 use serde_json::{json, Value};
 
+/// A way for Chat to fail, and the fake's responder that makes it.
+type Failure = (&'static str, fn() -> Responder);
+
 const PORTRAIT: &str = "/v4/profile/portrait_get";
 const GROUP_INFO: &str = "/v4/group_open_http_svc/get_group_info";
 const CHECK: &str = "/v4/im_open_login_svc/account_check";
@@ -442,7 +445,7 @@ async fn stale_items_stand_in_for_any_failure_with_their_age() {
     let a = post(&gw.url(PORTRAIT), portrait(&list)).await;
     assert_eq!(header(&a, "x-cache"), "MISS");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let failures: [(&str, fn() -> Responder); 4] = [
+    let failures: [Failure; 4] = [
         ("50005", || {
             Box::new(|_, _| Reply::Json(chat_error(50005), Duration::ZERO))
         }),

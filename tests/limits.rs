@@ -48,7 +48,7 @@ fn hard_nofile() -> u64 {
     };
     // SAFETY: getrlimit writes only the struct we pass.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    lim.rlim_max as u64
+    lim.rlim_max
 }
 
 /// Makes `cmd` start with a soft open-files limit of `soft` (the hard one kept).
