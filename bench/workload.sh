@@ -31,6 +31,8 @@
 #      the steady state;
 #   4. everything invalidated (POST /admin/cache/invalidate {"All":true}), then as
 #      2 with independent picks for portrait_get.
+# The floor: bench/workload_ideal.py, an ideal cache on the same mix (no TTL, no
+# eviction, only writes drop entries), printed beside the rounds.
 # Default TTLs (portrait_get 60 s, get_group_info, get_joined_group_list and
 # get_list 10 s).
 #
@@ -175,6 +177,13 @@ c3=$(gateway_read_calls)
 run independent --targets "$TARGETS" --portraits independent
 c4=$(gateway_read_calls)
 
+# The floor: an ideal cache on the same mix (bench/workload_ideal.py).
+NGROUPS=$(curl -fsS --max-time 5 "$EMU/__emulator/world" | python3 -c 'import json, sys; print(json.load(sys.stdin)["groups"])')
+log "an ideal cache on the same mix ($NGROUPS groups)"
+IDEAL=$(python3 "$ROOT/bench/workload_ideal.py" --ops "$OPS" --accounts "$ACCOUNTS" --groups "$NGROUPS" --seed "$SEED")
+IDEAL_IND=$(python3 "$ROOT/bench/workload_ideal.py" --ops "$OPS" --accounts "$ACCOUNTS" --groups "$NGROUPS" --seed "$SEED" --rounds 1 --portraits independent)
+ideal_per() { sed -n "$1p" <<<"$2" | sed -E 's/.* ([0-9.]+) per 1,000 reads/\1/'; }
+
 row() { # NAME JSON CALLS
     local reads per
     reads=$(field "$2" 'v["reads"]')
@@ -200,6 +209,9 @@ OUT=$(out_file workload)
     d_per=$(awk -v c="$((e1 - e0))" -v r="$(field "$TMP/direct.json" 'v["reads"]')" 'BEGIN { print 1000 * c / r }')
     warm_per=$(awk -v c="$((c2 - c1))" -v r="$(field "$TMP/warm.json" 'v["reads"]')" 'BEGIN { print 1000 * c / r }')
     echo "Chat calls per 1,000 reads: without the gateway / with it = x$(ratio "$d_per" "$gw_per") (cold), x$(ratio "$d_per" "$warm_per") (warm)"
+    echo "an ideal cache (one for the fleet, no TTL, no eviction, dropped only by writes; bench/workload_ideal.py):" \
+        "$(ideal_per 1 "$IDEAL") (cold), $(ideal_per 2 "$IDEAL") (warm), $(ideal_per 1 "$IDEAL_IND") (independent) calls per 1,000 reads," \
+        "x$(ratio 1000 "$(ideal_per 1 "$IDEAL")") / x$(ratio 1000 "$(ideal_per 2 "$IDEAL")") fewer than without a cache"
     echo "Chat calls per command: cold $(calls_per_command "$TMP/calls-gateway-0.txt" "$TMP/calls-gateway-1.txt"); warm $(calls_per_command "$TMP/calls-gateway-1.txt" "$TMP/calls-warm-1.txt")"
     echo "reads per command (gateway round): $(field "$TMP/gateway.json" 'v["reads_per_command"]')"
     echo "x-cache: cold $(field "$TMP/gateway.json" 'v["x_cache"]'); warm $(field "$TMP/warm.json" 'v["x_cache"]'); independent $(field "$TMP/independent.json" 'v["x_cache"]')"

@@ -257,7 +257,11 @@ fn op(world: &World, rng: &mut Rng, screens: bool) -> Op {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-async fn post(client: &HttpClient, url: &str, body: &str) -> Result<(http::HeaderMap, Value), String> {
+async fn post(
+    client: &HttpClient,
+    url: &str,
+    body: &str,
+) -> Result<(http::HeaderMap, Value), String> {
     let req = Request::post(url)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
