@@ -26,6 +26,10 @@ const GROUP_INFO: &str = "/v4/group_open_http_svc/get_group_info";
 const CHECK: &str = "/v4/im_open_login_svc/account_check";
 const GET_LIST: &str = "/v4/recentcontact/get_list";
 
+/// The two tests run one after the other: the delays measured by the second are the
+/// gateways', not those of six gateways sharing the machine's two cores.
+static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// What the emulator answers for `body` on `path`, asked directly.
 async fn direct(emu: &EmulatorHandle, path: &str, body: &str) -> Value {
     let url = format!(
@@ -143,6 +147,7 @@ async fn groups(emu: &EmulatorHandle, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_across_the_fleet_randomized() {
+    let _alone = MACHINE.lock().await;
     let (emu, _redis, gws) = fleet().await;
     let pool: Vec<String> = (1..=8).map(|i| format!("user_{i:04}")).collect();
     let extra: Vec<String> = (0..4).map(|i| format!("newbie_{i}")).collect();
@@ -321,6 +326,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_from_a_client_reach_every_gateway() {
+    let _alone = MACHINE.lock().await;
     let (emu, _redis, gws) = fleet().await;
     // Chat's webhooks go to one gateway (as through a Service in front of them all).
     let set = format!("{}/__emulator/callback", emu.base_url());
@@ -370,7 +376,10 @@ async fn changes_from_a_client_reach_every_gateway() {
                     }
                     assert!(
                         started.elapsed() < Duration::from_secs(10),
-                        "{addr} never served the change"
+                        "{addr} never served the change; its last answer: {} x-cache {} {}",
+                        a.status,
+                        a.header("x-cache"),
+                        String::from_utf8_lossy(&a.body)
                     );
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -378,7 +387,15 @@ async fn changes_from_a_client_reach_every_gateway() {
         }
         let mut row = Vec::new();
         for w in waits {
-            let d = w.await.unwrap();
+            let d = match w.await {
+                Ok(d) => d,
+                Err(e) => {
+                    for gw in &gws {
+                        eprintln!("--- {} log:\n{}", gw.addr, gw.log_text());
+                    }
+                    panic!("round {round} ({u}): {e}");
+                }
+            };
             row.push(d.as_secs_f64() * 1000.0);
             delays.push(d);
         }
