@@ -13,7 +13,7 @@
 # modify_group_base_info), CONCURRENCY workers, each operation on one of the
 # gateways picked at random. A portrait_get names the 20 accounts of one screen:
 # the viewer is picked Zipf(1.1), its 20 accounts are 20 Zipf(1.1) picks from the
-# viewer's seed (the same screen names the same accounts); the second run draws 20
+# viewer's seed (the same screen names the same accounts); the last round draws 20
 # fresh picks per request instead ("independent"). Every read is checked against
 # the emulator right after it is answered (when no write was in flight meanwhile):
 # a difference is a stale answer. A read answered with an error (ErrorCode not 0)
@@ -28,7 +28,7 @@
 #      Chat calls are the gateways' chat_gateway_upstream_calls_total of the four
 #      read commands (the checks go straight to the emulator and are not counted);
 #   3. as 2, continuing with the caches round 2 left (other operations, SEED + 1):
-#      the steady state;
+#      warm caches (not yet a steady state: see bench/workload_ideal.py --rounds 20);
 #   4. everything invalidated (POST /admin/cache/invalidate {"All":true}), then as
 #      2 with independent picks for portrait_get.
 # The floor: bench/workload_ideal.py, an ideal cache on the same mix (no TTL, no
