@@ -2,7 +2,9 @@
 # Instructions per cache hit, counted by valgrind's callgrind: chat-gateway, nginx
 # proxy_cache, nginx answering the same page with `return 200 '...'` (no cache),
 # and a bare hyper 1.x server (examples/bare_hyper.rs: the same bytes and headers,
-# no logic), the floor for anything built on hyper.
+# no logic), the floor for anything built on hyper. The gateway is also measured
+# on a fully cached profile/portrait_get of 20 accounts (20 item entries looked
+# up and assembled), beside its get_list hit.
 #
 #   bench/instructions.sh
 #   MODE=instructions bench/hit.sh          # the same
@@ -36,6 +38,8 @@
 #   WARMUP_REQS (300)     hits before the measured batches
 #   ACCOUNT (743)         account number of the page (user_0743 of the default
 #                         1000-account emulator world: a 1,273-byte answer)
+#   PORTRAIT_ITEMS (20)   accounts named by the portrait_get request (every 37th
+#                         account from ACCOUNT on, TagList Nick + Image + Gender)
 #   SERVER_CPU (0)        CPU the servers (under valgrind) are pinned to
 #   CLIENT_CPU (1)        CPU the emulator is pinned to
 #   NO_BUILD (unset)      set to 1 to skip `cargo build --release`
@@ -70,10 +74,22 @@ BARE="$ROOT/target/release/examples/bare_hyper"
 make_tmp instructions
 mkdir -p "$TMP/cg"
 
+PORTRAIT_ITEMS=${PORTRAIT_ITEMS:-20}
+PATH_PORTRAIT=/v4/profile/portrait_get
 start_emulator 1000 "$CLIENT_CPU"
 ACCOUNT_WIDTH=4
-write_gateway_config $'[cache]\nttl_secs = 3600\n\n[log]\nformat = "text"\nlevel = "warn"'
+write_gateway_config $'[cache]\nttl_secs = 3600\n\n[cache.commands."profile/portrait_get"]\nttl_secs = 3600\n\n[log]\nformat = "text"\nlevel = "warn"'
 body_of "$ACCOUNT" >"$TMP/request.json"
+# The portrait_get request: PORTRAIT_ITEMS accounts of the world.
+python3 - "$ACCOUNT" "$PORTRAIT_ITEMS" >"$TMP/portrait.json" <<'PY'
+import json, sys
+first, n = int(sys.argv[1]), int(sys.argv[2])
+accounts = ["user_%04d" % ((first + 37 * i - 1) % 1000 + 1) for i in range(n)]
+print(json.dumps({"To_Account": accounts,
+                  "TagList": ["Tag_Profile_IM_Nick", "Tag_Profile_IM_Image", "Tag_Profile_IM_Gender"]},
+                 separators=(",", ":")), end="")
+PY
+REQ="$TMP/request.json"
 
 # valgrind_for NAME: the command prefix running a server under callgrind.
 valgrind_for() {
@@ -88,10 +104,10 @@ valgrind_for() {
 prime() {
     local name=$1 url=$2 hdr=$3 fill=${4:-}
     if [[ -n "$fill" ]]; then
-        post "$url" "$(cat "$TMP/request.json")" /dev/null --max-time 60 >/dev/null \
+        post "$url" "$(cat "$REQ")" /dev/null --max-time 60 >/dev/null \
             || die "$name: first request failed"
     fi
-    post "$url" "$(cat "$TMP/request.json")" "$TMP/headers" --max-time 60 >"$TMP/page-$name.json" \
+    post "$url" "$(cat "$REQ")" "$TMP/headers" --max-time 60 >"$TMP/page-$name.json" \
         || die "$name: request failed"
     [[ "$(header "$TMP/headers" "$hdr")" == HIT ]] || die "$name: not a HIT: $(cat "$TMP/headers")"
     grep -q '"ErrorCode" *: *0[,}]' "$TMP/page-$name.json" || die "$name answered: $(cat "$TMP/page-$name.json")"
@@ -100,7 +116,7 @@ prime() {
 }
 
 client() { # NAME URL HEADER N
-    python3 "$CLIENT" --url "$2" --body-file "$TMP/request.json" -n "$4" \
+    python3 "$CLIENT" --url "$2" --body-file "$REQ" -n "$4" \
         --expect "$3=HIT" --length "$PAGE_LEN" 2>"$TMP/client.err" \
         || die "$1: $(cat "$TMP/client.err")"
 }
@@ -180,6 +196,11 @@ prime gateway "$GW$PATH_GET_LIST" x-cache fill
 cp "$TMP/page-gateway.json" "$TMP/page.json"
 GW_THREADS=$(thread_names "$GW_PID")
 measure gateway "$GW_PID" "$GW$PATH_GET_LIST" x-cache
+# The same process: a fully cached portrait_get of PORTRAIT_ITEMS accounts.
+REQ="$TMP/portrait.json"
+prime gateway-portrait "$GW$PATH_PORTRAIT" x-cache fill
+measure gateway-portrait "$GW_PID" "$GW$PATH_PORTRAIT" x-cache
+REQ="$TMP/request.json"
 forget_pid "$GW_PID"
 
 if [[ -z "${GATEWAY_ONLY:-}" ]]; then
@@ -256,6 +277,7 @@ row() { # NAME LABEL
     echo
     printf '%-30s  %12s  %12s  %12s  %7s\n' server "instr/req" "batch N1/N1" "batch N2/N2" "bytes"
     row gateway "chat-gateway"
+    row gateway-portrait "chat-gateway portrait_get x$PORTRAIT_ITEMS"
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         row nginx-proxy "nginx proxy_cache"
         row nginx-static "nginx return 200 (static)"
@@ -263,6 +285,8 @@ row() { # NAME LABEL
     fi
     echo "(instr/req = (I(N2) - I(N1)) / (N2 - N1): the difference of the two batches, which"
     echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size)"
+    echo
+    echo "portrait_get of $PORTRAIT_ITEMS (fully cached) / get_list hit: x$(ratio "${PER_REQ[gateway-portrait]}" "${PER_REQ[gateway]}")"
     echo
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         echo "gateway / nginx static:      x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-static]}")"
@@ -273,6 +297,7 @@ row() { # NAME LABEL
     fi
     echo "per thread, instructions per request (valgrind thread number: count):"
     echo "  gateway:      ${THREADS[gateway]}   threads: $GW_THREADS"
+    echo "  portrait_get: ${THREADS[gateway-portrait]}"
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         echo "  nginx:        proxy_cache ${THREADS[nginx-proxy]}, static ${THREADS[nginx-static]}"
         echo "  bare hyper:   ${THREADS[bare]}"

@@ -41,8 +41,8 @@
 //!   ([`cache::groups`]); for the other cached reads, what an item's key is and what
 //!   is forwarded ([`cache::item_key`]), answers split and assembled
 //!   ([`cache::assemble`]), the item store validated by a generation table
-//!   ([`cache::items`]); and miss coalescing, per key and per item
-//!   ([`cache::coalesce`]).
+//!   ([`cache::items`]) and its fast path for full hits ([`cache::item_fast`]); and
+//!   miss coalescing, per key and per item ([`cache::coalesce`]).
 //! - [`invalidate`]: the one door for invalidations, above `cache` and `fleet`: it
 //!   applies the effects the table names to both stores and publishes them to the
 //!   fleet.
@@ -54,8 +54,8 @@
 //! - [`fleet`]: many gateways as one through Redis (`[redis]`): the connection and its
 //!   health ([`fleet::conn`]), the keys ([`fleet::keys`]), the fleet-wide rate limit
 //!   ([`fleet::limiter`]), invalidation events and loss detection ([`fleet::bus`]), the
-//!   shared L2 page cache and fetch lock ([`fleet::l2`]), and the heartbeat
-//!   ([`fleet::heartbeat`]).
+//!   shared L2 page cache and fetch lock ([`fleet::l2`]), the item entries in L2
+//!   ([`fleet::items`]), and the heartbeat ([`fleet::heartbeat`]).
 //! - [`error`]: the request error type: where each failure came from and what the
 //!   caller is told (its response is built in [`server::response`]).
 //! - [`metrics`]: every metric family (registered from the first scrape) and

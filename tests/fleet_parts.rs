@@ -314,7 +314,7 @@ async fn events_reach_the_other_gateways_memory() {
     b.cache("alice", &[]);
     b.cache("bob", &["@g1"]);
     b.cache("carol", &[]);
-    a.fleet.publish(Event::Accounts(vec!["alice".into()]));
+    a.fleet.publish(Event::accounts(&["alice"]));
     let lag = b.wait_gone("alice").await;
     assert!(b.has("bob") && b.has("carol"));
     a.fleet.publish(Event::Group("@g1".into()));
@@ -325,9 +325,9 @@ async fn events_reach_the_other_gateways_memory() {
     // A gateway does not apply its own events twice (it applied them when it took
     // them): its other pages stay.
     a.cache("dave", &[]);
-    a.fleet.publish(Event::Accounts(vec!["erin".into()]));
+    a.fleet.publish(Event::accounts(&["erin"]));
     b.cache("frank", &[]);
-    a.fleet.publish(Event::Accounts(vec!["frank".into()]));
+    a.fleet.publish(Event::accounts(&["frank"]));
     b.wait_gone("frank").await;
     assert!(a.has("dave"));
     eprintln!("first event applied after {lag:?}");
@@ -395,7 +395,7 @@ async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() 
     bus_client_id(&redis, &b).await;
     assert!(a.fleet.wait_ready(Duration::from_secs(5)).await);
     b.cache("r", &[]);
-    a.fleet.publish(Event::Accounts(vec!["r".into()]));
+    a.fleet.publish(Event::accounts(&["r"]));
     b.wait_gone("r").await;
 }
 

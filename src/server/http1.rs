@@ -45,6 +45,7 @@ use tokio::net::TcpStream;
 
 use super::access;
 use super::body::{BodyLimits, ChunkError, Chunked};
+use super::handlers;
 use super::listener::{drive_hyper, Conn};
 use super::response::{self, Body};
 use super::router::{self, Listener, GET_LIST_PATH};
@@ -84,6 +85,8 @@ pub struct Front {
     /// Whether get_list hits take the shortest path: on the main listener, when no
     /// caller token or route rule needs the whole request.
     pub fast_hits: bool,
+    /// The same for the other cached reads: a bit per row of the reads table.
+    pub fast_items: u64,
 }
 
 impl Front {
@@ -93,12 +96,24 @@ impl Front {
         let fast_hits = listener == Listener::Main
             && !state.auth_required
             && state.route_allowed(crate::chat::commands::GET_LIST);
+        let fast_items = crate::chat::reads::READS
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                *i < 64
+                    && r.store == crate::chat::reads::Store::Items
+                    && listener == Listener::Main
+                    && !state.auth_required
+                    && state.route_allowed(r.command)
+            })
+            .fold(0u64, |bits, (i, _)| bits | 1 << i);
         Front {
             state,
             listener,
             header_read_timeout,
             limits,
             fast_hits,
+            fast_items,
         }
     }
 }
@@ -114,6 +129,8 @@ struct Head {
     head_method: bool,
     /// The target's path is the cached route.
     get_list: bool,
+    /// The target's path is another cached read: its row of the reads table.
+    item_row: Option<u8>,
     /// Range of the target's path in the buffer (for the reserve's admission).
     path: Range<usize>,
     /// HTTP/1.1 (else 1.0).
@@ -177,12 +194,15 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
     };
     let method = req.method.unwrap_or("");
     let target = req.path.unwrap_or("").as_bytes();
-    // The cached route's own target is valid as it is: no need to scan it.
-    let (path, get_list) = if target == GET_LIST_PATH.as_bytes() {
-        (target, true)
+    // The cached routes' own targets are valid as they are: no need to scan them.
+    let (path, get_list, item_row) = if target == GET_LIST_PATH.as_bytes() {
+        (target, true, None)
+    } else if let Some(row) = item_row(target) {
+        (target, false, Some(row))
     } else {
         let path = &target[rules::check_target(method.as_bytes(), target)?];
-        (path, path == GET_LIST_PATH.as_bytes())
+        let get_list = path == GET_LIST_PATH.as_bytes();
+        (path, get_list, if get_list { None } else { item_row(path) })
     };
     if len > MAX_HEAD {
         return Err(Refusal::HeadTooLarge);
@@ -225,6 +245,7 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
         post: method == "POST",
         head_method: method == "HEAD",
         get_list,
+        item_row,
         path: offset(path),
         http11,
         facts,
@@ -232,6 +253,20 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
         request_id,
         user_agent,
     }))
+}
+
+/// The row of the reads table whose entries are per item, if `path` is exactly its
+/// route.
+fn item_row(path: &[u8]) -> Option<u8> {
+    let command = path.strip_prefix(b"/v4/")?;
+    crate::chat::reads::READS
+        .iter()
+        .position(|r| {
+            r.command.len() == command.len()
+                && r.command.as_bytes() == command
+                && r.store == crate::chat::reads::Store::Items
+        })
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 /// An incomplete head: fine while it may still become a valid one; 414 once its
@@ -328,6 +363,9 @@ struct Connection<'a> {
     stopping: bool,
     /// The last valid `Host` it sent.
     host: HostMemo,
+    /// The entries of a full hit of a cached read being written (kept, empty, from
+    /// one request to the next: no allocation per hit).
+    hits: Vec<Arc<crate::cache::items::ItemEntry>>,
 }
 
 /// Serves one connection of `front`'s listener until it closes.
@@ -342,6 +380,7 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         deadline,
         stopping: false,
         host: HostMemo::default(),
+        hits: Vec::new(),
     };
     // One timer for the connection's life, re-armed lazily: it fires at most once per
     // header read timeout, not once per request.
@@ -448,6 +487,28 @@ impl Connection<'_> {
                         continue;
                     }
                     Some(None) => {}
+                }
+            }
+            // A full hit of another cached read, by the same path.
+            if let Some(row) = head
+                .item_row
+                .filter(|r| self.front.fast_items & (1 << r) != 0)
+            {
+                if body.is_ok() && head.post && !head.no_cache {
+                    match self
+                        .try_item_hit(&head, row, body_end, keep_alive, started)
+                        .await
+                    {
+                        None => return End::Closed,
+                        Some(Some(now)) => {
+                            if !keep_alive {
+                                return End::Answered;
+                            }
+                            self.next_request(body_end, now);
+                            continue;
+                        }
+                        Some(None) => {}
+                    }
                 }
             }
             // Everything else, through the router.
@@ -712,6 +773,80 @@ impl Connection<'_> {
         Some(Some(now))
     }
 
+    /// Serves a full hit of a cached read other than get_list (row `row`) straight
+    /// from the item store ([`handlers::items::fast_hit`]): the head, then the
+    /// answer's pieces (template and items) gathered in one `writev`. Returns as
+    /// [`Connection::try_hit`] does.
+    async fn try_item_hit(
+        &mut self,
+        head: &Head,
+        row: u8,
+        body_end: usize,
+        keep_alive: bool,
+        started: Option<Instant>,
+    ) -> Option<Option<Instant>> {
+        let now = Instant::now();
+        let Some(hit) = handlers::items::fast_hit(
+            &self.front.state,
+            usize::from(row),
+            &self.buf[head.len..body_end],
+            now,
+            &mut self.hits,
+        ) else {
+            self.hits.clear();
+            return Some(None);
+        };
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-cache: HIT\r\nage: ",
+        );
+        push_u64(out, hit.age);
+        out.extend_from_slice(b"\r\nx-request-id: ");
+        let fresh_id;
+        let request_id: &[u8] = match &head.request_id {
+            Some(r) => &self.buf[r.clone()],
+            None => {
+                fresh_id = router::fresh_request_id_bytes();
+                &fresh_id
+            }
+        };
+        out.extend_from_slice(request_id);
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        push_u64(out, hit.len as u64);
+        finish_head(out, head, keep_alive, now);
+        if let Some(started) = started {
+            let text = |r: &Option<Range<usize>>| {
+                r.as_ref()
+                    .and_then(|r| std::str::from_utf8(&self.buf[r.clone()]).ok())
+                    .unwrap_or("")
+            };
+            access::line(&access::Line {
+                method: "POST",
+                path: std::str::from_utf8(&self.buf[head.path.clone()]).unwrap_or(""),
+                status: 200,
+                cache: "HIT",
+                code: Some(0),
+                attempts: 0,
+                upstream: Duration::ZERO,
+                bytes: hit.len as u64,
+                duration: now.saturating_duration_since(started),
+                request_id: std::str::from_utf8(request_id).unwrap_or(""),
+                peer: self.conn.peer,
+                user_agent: access::truncate_user_agent(text(&head.user_agent)),
+                listener: self.front.listener.as_str(),
+            });
+        }
+        let mut slices = [IoSlice::new(&[]); handlers::items::FAST_PIECES + 1];
+        slices[0] = IoSlice::new(&self.out);
+        let n = hit.pieces(&self.hits, &mut slices[1..]);
+        let written = write_slices(&mut self.stream, &mut slices[..=n]).await;
+        drop(hit);
+        self.hits.clear();
+        written.ok()?;
+        Some(Some(now))
+    }
+
     /// Writes a response the router made.
     async fn write_response(
         &mut self,
@@ -784,6 +919,18 @@ fn finish_head(out: &mut Vec<u8>, head: &Head, keep_alive: bool, now: Instant) {
     out.extend_from_slice(b"\r\ndate: ");
     out.extend_from_slice(&http_date(now));
     out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Writes every slice, gathered (one system call when the socket takes them all).
+async fn write_slices(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        let n = stream.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
 }
 
 /// Writes `head` then `body`, gathered (one system call when the socket takes it all).
