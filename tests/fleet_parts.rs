@@ -322,14 +322,21 @@ async fn events_reach_the_other_gateways_memory() {
     assert!(b.has("carol"));
     a.fleet.publish(Event::All);
     b.wait_gone("carol").await;
-    // A gateway does not apply its own events twice (it applied them when it took
-    // them): its other pages stay.
-    a.cache("dave", &[]);
+    // A gateway does not apply its own events twice: it applied erin's when it took
+    // it, then cached a page fetched after it; when its reader passes that event on
+    // the stream, the newer page stays.
+    b.cache("erin", &[]);
     a.fleet.publish(Event::accounts(&["erin"]));
-    b.cache("frank", &[]);
-    a.fleet.publish(Event::accounts(&["frank"]));
-    b.wait_gone("frank").await;
-    assert!(a.has("dave"));
+    a.cache("erin", &[]);
+    b.wait_gone("erin").await;
+    // An event from b after erin's: once a has applied it, its reader has passed erin's.
+    a.cache("gina", &[]);
+    b.fleet.publish(Event::accounts(&["gina"]));
+    a.wait_gone("gina").await;
+    assert!(
+        a.has("erin"),
+        "a applied its own event again and dropped a newer page"
+    );
     eprintln!("first event applied after {lag:?}");
 }
 

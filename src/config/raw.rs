@@ -184,6 +184,8 @@ pub struct RawChat {
     pub usersig_ttl_secs: u64,
     pub request_timeout_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_base_url: Option<String>,
     pub failover_cooldown_secs: u64,
 }
@@ -200,6 +202,7 @@ impl Default for RawChat {
             ca_file: None,
             usersig_ttl_secs: 86400,
             request_timeout_ms: 3000,
+            attempt_timeout_ms: None,
             backup_base_url: None,
             failover_cooldown_secs: 60,
         }

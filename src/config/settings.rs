@@ -152,6 +152,16 @@ pub struct ChatSettings {
     /// Deadline for one caller request's whole upstream exchange, retries included.
     #[serde(with = "millis", rename = "request_timeout_ms")]
     pub request_timeout: Duration,
+    /// How long one attempt of a read may wait for Chat's answer before it is given up
+    /// and retried (within `request_timeout`); `None`: the whole remaining deadline. A
+    /// write's attempt always has the whole remaining deadline: cutting it short would
+    /// only turn answers Chat was about to give into unknown outcomes.
+    #[serde(
+        with = "opt_millis",
+        rename = "attempt_timeout_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub attempt_timeout: Option<Duration>,
 }
 
 /// `[cache]` (fixed part)
@@ -275,6 +285,18 @@ pub(crate) mod millis {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+mod opt_millis {
+    pub fn serialize<S: serde::Serializer>(
+        d: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
     }
 }
 
@@ -450,6 +472,10 @@ impl Settings {
             ca_file: c.ca_file,
             usersig_ttl: Duration::from_secs(usersig_ttl),
             request_timeout: positive_ms("chat.request_timeout_ms", c.request_timeout_ms)?,
+            attempt_timeout: c
+                .attempt_timeout_ms
+                .map(|ms| positive_ms("chat.attempt_timeout_ms", ms))
+                .transpose()?,
         };
 
         let cache = CacheSettings {
@@ -658,6 +684,7 @@ impl Settings {
                 ca_file: c.ca_file.clone(),
                 usersig_ttl_secs: secs(c.usersig_ttl),
                 request_timeout_ms: ms(c.request_timeout),
+                attempt_timeout_ms: c.attempt_timeout.map(ms),
                 backup_base_url: c
                     .backup_base_url
                     .clone()

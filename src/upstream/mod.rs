@@ -79,6 +79,8 @@ pub struct Upstream {
     budget: RetryBudget,
     /// Deadline of one caller request, retries included.
     request_timeout: Duration,
+    /// How long one attempt of a read may take (`chat.attempt_timeout_ms`).
+    attempt_timeout: Option<Duration>,
     /// Retry settings, reloadable.
     live: Arc<ArcSwap<LiveSettings>>,
     /// Milliseconds since `started` of the last loud UserSig-refusal log.
@@ -135,6 +137,7 @@ impl Upstream {
             max_wait: rl.max_wait,
             budget: RetryBudget::new(),
             request_timeout: c.request_timeout,
+            attempt_timeout: c.attempt_timeout,
             live,
             last_sig_alarm: AtomicU64::new(u64::MAX),
             started: Instant::now(),
@@ -182,7 +185,12 @@ impl Upstream {
             let started = Instant::now();
             let result = self
                 .client
-                .send(base, command, body.clone(), deadline)
+                .send(
+                    base,
+                    command,
+                    body.clone(),
+                    self.attempt_deadline(class, started, deadline),
+                )
                 .await;
             self.limiter.returned(command);
             record_call(command, endpoint, &result, started);
@@ -264,6 +272,16 @@ impl Upstream {
                 }
             }
             return finish(result);
+        }
+    }
+
+    /// When the attempt starting at `now` gives up waiting for Chat: a read's at
+    /// `chat.attempt_timeout_ms` (then retried as a timeout, if the deadline allows), a
+    /// write's only at the request's deadline.
+    fn attempt_deadline(&self, class: CommandClass, now: Instant, deadline: Instant) -> Instant {
+        match (class, self.attempt_timeout) {
+            (CommandClass::Read, Some(t)) => deadline.min(now + t),
+            _ => deadline,
         }
     }
 
