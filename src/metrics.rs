@@ -112,6 +112,12 @@ pub mod names {
     pub const FLEET_RESYNCS: &str = "chat_gateway_fleet_resyncs_total";
     /// Resident memory of the process, bytes (read at scrape time).
     pub const RESIDENT_MEMORY: &str = "chat_gateway_resident_memory_bytes";
+    /// Access-log lines dropped because the log's buffer was full.
+    pub const ACCESS_LOG_DROPPED: &str = "chat_gateway_access_log_dropped_total";
+    /// Spans sent to the OTLP collector.
+    pub const SPANS_EXPORTED: &str = "chat_gateway_tracing_spans_exported_total";
+    /// Spans lost, by `reason` (queue_full, export_failed).
+    pub const SPANS_DROPPED: &str = "chat_gateway_tracing_spans_dropped_total";
 }
 
 /// The known values of each label, from which the zero-valued series are created.
@@ -168,6 +174,8 @@ pub mod values {
     pub const FLEET_WAIT_OUTCOMES: &[&str] = &["served", "timeout"];
     /// `fleet_resyncs_total{reason}`.
     pub const RESYNC_REASONS: &[&str] = &["reconnect", "gap", "restart"];
+    /// `tracing_spans_dropped_total{reason}`.
+    pub const SPAN_DROP_REASONS: &[&str] = &["queue_full", "export_failed"];
 }
 
 /// A metric family's type.
@@ -431,6 +439,24 @@ pub const ALL: &[Family] = &[
         &[],
         "Resident memory of the process, in bytes",
     ),
+    family(
+        n::ACCESS_LOG_DROPPED,
+        C,
+        &[],
+        "Access-log lines dropped because the log's buffer was full (its output stalled or too slow)",
+    ),
+    family(
+        n::SPANS_EXPORTED,
+        C,
+        &[],
+        "Spans sent to the OTLP collector",
+    ),
+    family(
+        n::SPANS_DROPPED,
+        C,
+        &["reason"],
+        "Spans lost, by reason (queue_full: the export queue was full; export_failed: the collector did not take them)",
+    ),
 ];
 
 /// The label sets created at zero for `family` at start-up (one empty set for a
@@ -485,6 +511,7 @@ pub fn known_series(family: &str) -> Vec<Vec<(&'static str, &'static str)>> {
         n::L2_REQUESTS => one("result", v::L2_RESULTS),
         n::FLEET_COALESCED => one("outcome", v::FLEET_WAIT_OUTCOMES),
         n::FLEET_RESYNCS => one("reason", v::RESYNC_REASONS),
+        n::SPANS_DROPPED => one("reason", v::SPAN_DROP_REASONS),
         _ => vec![Vec::new()],
     }
 }
