@@ -313,7 +313,23 @@ impl Redis {
             return Err(FleetError::Down);
         };
         let started = Instant::now();
-        match tokio::time::timeout(self.timeout, f((*conn).clone())).await {
+        // With tracing on, a round trip made for a recorded request is its child.
+        let span = crate::trace::redis(op.as_str());
+        let result = tokio::time::timeout(self.timeout, f((*conn).clone())).await;
+        if let Some(span) = span {
+            let error = match &result {
+                Ok(Ok(_)) => None,
+                Ok(Err(_)) => Some("error"),
+                Err(_) => Some("timeout"),
+            };
+            span.end(
+                error.map_or_else(Vec::new, |e| {
+                    vec![opentelemetry::KeyValue::new("error.type", e)]
+                }),
+                error.is_some(),
+            );
+        }
+        match result {
             Ok(Ok(v)) => {
                 histogram!(names::REDIS_LATENCY, "op" => op.as_str())
                     .record(started.elapsed().as_secs_f64());

@@ -5,15 +5,22 @@
 //! ones [`is_open`] names: the probes, `/metrics` (unless `server.protect_metrics`),
 //! `/quitquitquit` (loopback-only on its own) and `/callback` (it checks Chat's `Sign`).
 //!
-//! The comparison is constant-time: the presented token and every configured token are
-//! hashed to SHA-256 digests of equal length, and the digests are compared with
-//! [`subtle::ConstantTimeEq`] against every configured token without stopping at the
-//! first match, so neither the length of a configured token nor which one matched shows
-//! in the timing. Token values are never logged.
+//! [`CallerTokens`] is the one check, used by the cache-hit path and the router
+//! alike. It is constant-time and cheap enough for the hit path: the presented token
+//! is hashed with a keyed 128-bit SipHash (keys drawn at random per process, so the
+//! hash of a token cannot be predicted or precomputed), and the hash is compared
+//! with the precomputed hash of every configured token, all of them, without
+//! stopping at the first match ([`subtle::ConstantTimeEq`]). The time taken depends
+//! on the length of what the caller sent and the number of tokens, never on the
+//! configured tokens' contents or lengths, nor on which one matched. Token values
+//! are never logged.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
-use sha2::{Digest, Sha256};
+use siphasher::sip128::SipHasher13;
 use subtle::{Choice, ConstantTimeEq};
 
 use crate::config::Secret;
@@ -30,7 +37,12 @@ pub fn is_open(path: &str, protect_metrics: bool) -> bool {
 /// The token of an `Authorization: Bearer <token>` header (scheme matched
 /// case-insensitively), or `None` when the header is missing, not Bearer, or empty.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let value = headers.get(AUTHORIZATION)?.as_bytes();
+    bearer(headers.get(AUTHORIZATION)?.as_bytes())
+}
+
+/// The token of an `Authorization` field value `Bearer <token>`, or `None`.
+#[inline]
+pub fn bearer(value: &[u8]) -> Option<&[u8]> {
     const SCHEME: &[u8] = b"bearer";
     if value.len() <= SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
         return None;
@@ -44,27 +56,87 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
-/// Whether `headers` carry a bearer token equal to one of `tokens`.
-///
-/// Returns `false` when `tokens` is empty; callers skip the check altogether in that
-/// case. Every configured token is compared, in constant time, whatever the outcome.
-pub fn authorized(tokens: &[Secret], headers: &HeaderMap) -> bool {
-    let Some(presented) = bearer_token(headers) else {
-        return false;
-    };
-    let presented = Sha256::digest(presented);
-    let mut ok = Choice::from(0u8);
-    for t in tokens {
-        let expected = Sha256::digest(t.expose().trim().as_bytes());
-        ok |= presented.as_slice().ct_eq(expected.as_slice());
+/// The configured caller tokens, as keyed hashes, following the live token list
+/// (`server.auth_tokens_file` may change it).
+pub struct CallerTokens {
+    hasher: SipHasher13,
+    prepared: ArcSwap<Prepared>,
+}
+
+/// The hashes of one token list.
+struct Prepared {
+    /// The list they were made from.
+    source: Arc<Vec<Secret>>,
+    hashes: Vec<u128>,
+}
+
+impl std::fmt::Debug for CallerTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerTokens").finish_non_exhaustive()
     }
-    ok.into()
+}
+
+impl CallerTokens {
+    /// Hashes `tokens` under fresh random keys.
+    pub fn new(tokens: Arc<Vec<Secret>>) -> CallerTokens {
+        let hasher = SipHasher13::new_with_keys(rand::random(), rand::random());
+        let prepared = ArcSwap::from_pointee(Prepared::of(&hasher, tokens));
+        CallerTokens { hasher, prepared }
+    }
+
+    /// Whether `presented` (a bearer token, `None` when there was none) is one of
+    /// `live`'s tokens. Returns `false` when there are none; callers skip the check
+    /// altogether in that case. Every configured token is compared, in constant time,
+    /// whatever the outcome.
+    #[inline]
+    pub fn check(&self, live: &ArcSwap<Vec<Secret>>, presented: Option<&[u8]>) -> bool {
+        let Some(presented) = presented else {
+            return false;
+        };
+        let h = self.hasher.hash(presented).as_u128();
+        let prepared = self.prepared.load();
+        let current = live.load();
+        let verdict = |p: &Prepared| {
+            let mut ok = Choice::from(0u8);
+            for t in &p.hashes {
+                ok |= t.ct_eq(&h);
+            }
+            bool::from(ok)
+        };
+        if Arc::ptr_eq(&prepared.source, &current) {
+            return verdict(&prepared);
+        }
+        // The list changed since it was hashed: hash the new one (once).
+        let fresh = Arc::new(Prepared::of(&self.hasher, Arc::clone(&current)));
+        self.prepared.store(fresh.clone());
+        verdict(&fresh)
+    }
+
+    /// Whether `headers` carry a bearer token that is one of `live`'s tokens.
+    pub fn authorized(&self, live: &ArcSwap<Vec<Secret>>, headers: &HeaderMap) -> bool {
+        self.check(live, bearer_token(headers))
+    }
+}
+
+impl Prepared {
+    fn of(hasher: &SipHasher13, source: Arc<Vec<Secret>>) -> Prepared {
+        let hashes = source
+            .iter()
+            .map(|t| hasher.hash(t.expose().trim().as_bytes()).as_u128())
+            .collect();
+        Prepared { source, hashes }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    fn authorized(tokens: &[Secret], headers: &HeaderMap) -> bool {
+        let live = ArcSwap::from_pointee(tokens.to_vec());
+        CallerTokens::new(live.load_full()).authorized(&live, headers)
+    }
 
     fn with_auth(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -118,6 +190,27 @@ mod tests {
     fn configured_whitespace_is_ignored() {
         let t = vec![Secret::new("token-aaaaaaaaaaaaaaaa\n")];
         assert!(authorized(&t, &with_auth("Bearer token-aaaaaaaaaaaaaaaa")));
+    }
+
+    #[test]
+    fn a_changed_token_list_is_followed() {
+        let live = ArcSwap::from_pointee(tokens());
+        let check = CallerTokens::new(live.load_full());
+        let old = Some(&b"token-aaaaaaaaaaaaaaaa"[..]);
+        let new = Some(&b"token-dddddddddddddddd"[..]);
+        assert!(check.check(&live, old));
+        assert!(!check.check(&live, new));
+        live.store(Arc::new(vec![Secret::new("token-dddddddddddddddd")]));
+        assert!(!check.check(&live, old));
+        assert!(check.check(&live, new));
+        assert!(!check.check(&live, None));
+    }
+
+    #[test]
+    fn hashes_are_keyed_per_process_instance() {
+        let t = Arc::new(tokens());
+        let (a, b) = (CallerTokens::new(t.clone()), CallerTokens::new(t));
+        assert_ne!(a.prepared.load().hashes, b.prepared.load().hashes);
     }
 
     #[test]
