@@ -105,6 +105,8 @@ pub fn start(settings: &TracingSettings) -> Result<(), String> {
         .build()
         .map_err(|e| format!("tracing.endpoint: cannot build the OTLP exporter: {e}"))?;
     let pending = Arc::new(AtomicUsize::new(0));
+    // The recorder first: a counter made before it exists counts nothing.
+    crate::metrics::install();
     let counted = Counted {
         inner: exporter,
         pending: pending.clone(),

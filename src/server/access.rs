@@ -263,6 +263,8 @@ impl AccessLog {
         out: Box<dyn Write + Send>,
     ) -> std::io::Result<Arc<AccessLog>> {
         let sink = Arc::new(Sink::new(settings.access_buffer_bytes));
+        // The recorder first: a counter made before it exists counts nothing.
+        crate::metrics::install();
         let dropped = metrics::counter!(crate::metrics::names::ACCESS_LOG_DROPPED);
         let writer = sink.clone();
         let writer_dropped = dropped.clone();
@@ -600,6 +602,13 @@ fn peer(out: &mut Vec<u8>, p: SocketAddr) {
 /// Bytes as `Debug` writes a string's content: `"` and `\` escaped, control
 /// characters as `\n`, `\r`, `\t` or `\u{..}`; bytes that are not UTF-8 as `\x..`.
 fn debug_escaped(out: &mut Vec<u8>, s: &[u8]) {
+    // Most values (ids, user-agents) need no escape at all.
+    if s.iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(s);
+        return;
+    }
     for chunk in s.utf8_chunks() {
         let v = chunk.valid().as_bytes();
         let mut start = 0;
@@ -633,6 +642,12 @@ fn debug_escaped(out: &mut Vec<u8>, s: &[u8]) {
 /// Bytes as the content of a JSON string (control characters as `\uXXXX` or their
 /// short escapes; bytes that are not UTF-8 as U+FFFD).
 fn json_escaped(out: &mut Vec<u8>, s: &[u8]) {
+    if s.iter()
+        .all(|&b| (0x20..0x80).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(s);
+        return;
+    }
     for chunk in s.utf8_chunks() {
         let v = chunk.valid().as_bytes();
         let mut start = 0;

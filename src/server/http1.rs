@@ -349,6 +349,8 @@ struct Connection<'a> {
     stopping: bool,
     /// The last valid `Host` it sent.
     host: HostMemo,
+    /// The caller tokens as this connection sees them (made at its first hit).
+    tokens: Option<auth::TokenView<'a>>,
 }
 
 /// Serves one connection of `front`'s listener until it closes.
@@ -363,6 +365,7 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         deadline,
         stopping: false,
         host: HostMemo::default(),
+        tokens: None,
     };
     // One timer for the connection's life, re-armed lazily: it fires at most once per
     // header read timeout, not once per request.
@@ -676,7 +679,8 @@ impl Connection<'_> {
         keep_alive: bool,
         started: Option<Instant>,
     ) -> Option<Option<Instant>> {
-        let state = &self.front.state;
+        let front = self.front;
+        let state = &front.state;
         // Caller tokens, checked here in constant time (see `auth`): a caller
         // without a valid one goes to the router, which answers 401.
         if state.auth_required {
@@ -684,10 +688,10 @@ impl Connection<'_> {
                 .authorization
                 .as_ref()
                 .and_then(|r| auth::bearer(&self.buf[r.clone()]));
-            if !state
-                .caller_tokens
-                .check(&state.secrets.auth_tokens, presented)
-            {
+            let view = self
+                .tokens
+                .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens));
+            if !view.check(presented) {
                 return Some(None);
             }
         }
