@@ -398,11 +398,22 @@ impl Gateway {
         path: std::path::PathBuf,
         env: &[(&str, &str)],
     ) -> Gateway {
+        Self::start_file_with(dir, path, env, Stdio::null()).await
+    }
+
+    /// Like [`Gateway::start_file`] with the child's standard output set to `stdout`
+    /// (e.g. piped, its pipe then in `child.stdout`).
+    pub async fn start_file_with(
+        dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        env: &[(&str, &str)],
+        stdout: Stdio,
+    ) -> Gateway {
         let mut cmd = Command::new(bin());
         cmd.arg("--config")
             .arg(&path)
             .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
