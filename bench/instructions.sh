@@ -8,6 +8,14 @@
 #   MODE=instructions bench/hit.sh          # the same
 #   N1=500 N2=1500 bench/instructions.sh    # shorter
 #   GATEWAY_ONLY=1 bench/instructions.sh    # the gateway alone (to compare two builds)
+#   VARIANTS=plain bench/instructions.sh    # only the plain gateway
+#
+# The gateway is measured in VARIANTS (default: all four), each a fresh process:
+#   plain    no access log, no caller tokens, no tracing
+#   access   log.access = true (lines to stderr, a file here)
+#   token    server.auth_tokens set; every request sends `Authorization: Bearer ...`
+#   trace    [tracing] on (tracing.endpoint a port nobody listens on,
+#            sample_ratio 0), requests without a traceparent: the hit is not sampled
 #
 # Instruction counts are user-space instructions executed by the server process
 # (all its threads; the kernel's share, syscalls and TCP, is not counted), so they
@@ -40,6 +48,9 @@
 #   CLIENT_CPU (1)        CPU the emulator is pinned to
 #   NO_BUILD (unset)      set to 1 to skip `cargo build --release`
 #   GATEWAY_ONLY (unset)  set to 1 to measure the gateway alone (no nginx, no bare hyper)
+#   VARIANTS (plain access token trace)  the gateway configurations measured
+#   GATEWAY_BIN (unset)   measure this chat-gateway binary instead of the build (e.g. a
+#                         copy of another commit's, to compare in alternating runs)
 #   KEEP_TMP (unset)      set to 1 to keep the temp dir (configs, logs, callgrind files)
 #
 # Output: a table on stdout, also written to bench/out/instructions-<date>.txt,
@@ -67,6 +78,19 @@ START_TIMEOUT=300 # valgrind starts slowly
 ensure_tools valgrind:valgrind callgrind_control:valgrind callgrind_annotate:valgrind python3:python3
 build bare_hyper
 BARE="$ROOT/target/release/examples/bare_hyper"
+if [[ -n "${GATEWAY_BIN:-}" ]]; then
+    [[ -x "$GATEWAY_BIN" ]] || die "GATEWAY_BIN $GATEWAY_BIN is not an executable"
+    BIN=$GATEWAY_BIN
+fi
+VARIANTS=${VARIANTS:-plain access token trace}
+for v in $VARIANTS; do
+    [[ " plain access token trace " == *" $v "* ]] || die "unknown variant $v (plain, access, token, trace)"
+done
+[[ " $VARIANTS " == *" plain "* ]] || die "VARIANTS must include plain (the others are compared to it)"
+# plain first: the others are compared to it, and nginx and bare hyper answer its page.
+ordered=plain
+for v in $VARIANTS; do [[ $v == plain ]] || ordered+=" $v"; done
+VARIANTS=$ordered
 make_tmp instructions
 mkdir -p "$TMP/cg"
 
@@ -88,10 +112,10 @@ valgrind_for() {
 prime() {
     local name=$1 url=$2 hdr=$3 fill=${4:-}
     if [[ -n "$fill" ]]; then
-        post "$url" "$(cat "$TMP/request.json")" /dev/null --max-time 60 >/dev/null \
+        post "$url" "$(cat "$TMP/request.json")" /dev/null --max-time 60 "${CURL_ARGS[@]}" >/dev/null \
             || die "$name: first request failed"
     fi
-    post "$url" "$(cat "$TMP/request.json")" "$TMP/headers" --max-time 60 >"$TMP/page-$name.json" \
+    post "$url" "$(cat "$TMP/request.json")" "$TMP/headers" --max-time 60 "${CURL_ARGS[@]}" >"$TMP/page-$name.json" \
         || die "$name: request failed"
     [[ "$(header "$TMP/headers" "$hdr")" == HIT ]] || die "$name: not a HIT: $(cat "$TMP/headers")"
     grep -q '"ErrorCode" *: *0[,}]' "$TMP/page-$name.json" || die "$name answered: $(cat "$TMP/page-$name.json")"
@@ -101,9 +125,12 @@ prime() {
 
 client() { # NAME URL HEADER N
     python3 "$CLIENT" --url "$2" --body-file "$TMP/request.json" -n "$4" \
-        --expect "$3=HIT" --length "$PAGE_LEN" 2>"$TMP/client.err" \
+        --expect "$3=HIT" --length "$PAGE_LEN" "${CLIENT_ARGS[@]}" 2>"$TMP/client.err" \
         || die "$1: $(cat "$TMP/client.err")"
 }
+# Extra request headers of the variant being measured (curl's and the client's).
+CURL_ARGS=()
+CLIENT_ARGS=()
 
 # batch NAME PID URL HEADER N: zero the counters, N requests, dump; prints
 # "thread instructions" lines, one per thread of that dump.
@@ -174,13 +201,52 @@ forget_pid() { # PID: stop it and drop it from PIDS
 }
 
 # ---------------------------------------------------------------- the gateway
-valgrind_for gateway
-start_gateway "$SERVER_CPU" "${VG[@]}"
-prime gateway "$GW$PATH_GET_LIST" x-cache fill
-cp "$TMP/page-gateway.json" "$TMP/page.json"
-GW_THREADS=$(thread_names "$GW_PID")
-measure gateway "$GW_PID" "$GW$PATH_GET_LIST" x-cache
-forget_pid "$GW_PID"
+# Each variant is set through the environment (CHAT_GATEWAY__*), over the same file.
+TOKEN=bench-caller-token-0123456789abcdef
+declare -A GW_LABEL=(
+    [gateway]="chat-gateway"
+    [gateway-access]="  log.access = true"
+    [gateway-token]="  caller token (Bearer)"
+    [gateway-trace]="  tracing on, hit not sampled"
+)
+declare -A GW_THREADS_OF
+for v in $VARIANTS; do
+    name=gateway
+    [[ $v == plain ]] || name=gateway-$v
+    env_vars=()
+    CURL_ARGS=()
+    CLIENT_ARGS=()
+    case $v in
+        access) env_vars=(CHAT_GATEWAY__LOG__ACCESS=true) ;;
+        token)
+            env_vars=(CHAT_GATEWAY__SERVER__AUTH_TOKENS=$TOKEN)
+            CURL_ARGS=(-H "Authorization: Bearer $TOKEN")
+            CLIENT_ARGS=(--header "Authorization=Bearer $TOKEN")
+            ;;
+        trace)
+            free_port OTLP_PORT
+            env_vars=(CHAT_GATEWAY__TRACING__ENDPOINT="http://127.0.0.1:$OTLP_PORT/v1/traces"
+                CHAT_GATEWAY__TRACING__SAMPLE_RATIO=0)
+            ;;
+    esac
+    valgrind_for "$name"
+    log "gateway variant $v${env_vars[*]:+: ${env_vars[*]}}"
+    ((${#env_vars[@]} == 0)) || export "${env_vars[@]}"
+    start_gateway "$SERVER_CPU" "${VG[@]}"
+    for e in "${env_vars[@]}"; do unset "${e%%=*}"; done
+    prime "$name" "$GW$PATH_GET_LIST" x-cache fill
+    [[ $v == plain ]] && cp "$TMP/page-$name.json" "$TMP/page.json"
+    GW_THREADS_OF[$name]=$(thread_names "$GW_PID")
+    measure "$name" "$GW_PID" "$GW$PATH_GET_LIST" x-cache
+    if [[ $v == access ]]; then
+        sleep 0.5 # the writer thread flushes every 50 ms
+        grep -q ' access method=POST' "$TMP/gateway.log" || die "the access variant wrote no access line"
+    fi
+    forget_pid "$GW_PID"
+done
+CURL_ARGS=()
+CLIENT_ARGS=()
+GW_THREADS=${GW_THREADS_OF[gateway]}
 
 if [[ -z "${GATEWAY_ONLY:-}" ]]; then
 # ---------------------------------------------------------------- nginx
@@ -255,7 +321,11 @@ row() { # NAME LABEL
         "on one connection after $WARMUP_REQS warm-up hits; every answer checked (200, HIT, length)"
     echo
     printf '%-30s  %12s  %12s  %12s  %7s\n' server "instr/req" "batch N1/N1" "batch N2/N2" "bytes"
-    row gateway "chat-gateway"
+    for v in $VARIANTS; do
+        name=gateway
+        [[ $v == plain ]] || name=gateway-$v
+        row "$name" "${GW_LABEL[$name]}"
+    done
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         row nginx-proxy "nginx proxy_cache"
         row nginx-static "nginx return 200 (static)"
@@ -263,6 +333,11 @@ row() { # NAME LABEL
     fi
     echo "(instr/req = (I(N2) - I(N1)) / (N2 - N1): the difference of the two batches, which"
     echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size)"
+    echo
+    for v in $VARIANTS; do
+        [[ $v == plain ]] && continue
+        echo "gateway $v / plain: x$(ratio "${PER_REQ[gateway-$v]}" "${PER_REQ[gateway]}") ($(awk -v a="${PER_REQ[gateway-$v]}" -v b="${PER_REQ[gateway]}" 'BEGIN { printf "%+d", a - b }') per hit)"
+    done
     echo
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         echo "gateway / nginx static:      x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-static]}")"
@@ -273,6 +348,10 @@ row() { # NAME LABEL
     fi
     echo "per thread, instructions per request (valgrind thread number: count):"
     echo "  gateway:      ${THREADS[gateway]}   threads: $GW_THREADS"
+    for v in $VARIANTS; do
+        [[ $v == plain ]] && continue
+        echo "  gateway $v: ${THREADS[gateway-$v]}   threads: ${GW_THREADS_OF[gateway-$v]}"
+    done
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         echo "  nginx:        proxy_cache ${THREADS[nginx-proxy]}, static ${THREADS[nginx-static]}"
         echo "  bare hyper:   ${THREADS[bare]}"
