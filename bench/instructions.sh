@@ -158,12 +158,30 @@ batch() {
 # measure NAME PID URL HEADER: the two batches; sets PER_REQ (instructions per
 # request), BATCH1/BATCH2 (whole-batch per-request figures) and THREADS (per
 # thread, per request: "n:instr ...").
-declare -A PER_REQ BATCH1 BATCH2 THREADS ANNOTATE PAGE_OF
+declare -A PER_REQ BATCH1 BATCH2 THREADS ANNOTATE PAGE_OF OWN
+# serve_in FILE: the instructions a callgrind dump counts in the gateway's connection
+# task (Connection::serve and what it calls: socket reads and writes, parsing, the
+# lookup, the answer, the log line), inclusive.
+serve_in() {
+    callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null \
+        | awk '/Connection::serve::\{\{closure\}\}/ { gsub(",", "", $1); v = $1 + 0; if (v > m) m = v } END { printf "%d\n", m + 0 }'
+}
+# busiest_file BATCH_TXT FILES...: the dump file of the batch's busiest thread.
+busiest_file() {
+    local txt=$1 busiest f
+    shift
+    busiest=$(sort -k2 -n -r "$txt" | awk 'NR == 1 {print $1}')
+    for f in "$@"; do
+        if ((10#${f##*-} == busiest)); then echo "$f"; fi
+    done
+}
+
 measure() {
     local name=$1 pid=$2 url=$3 hdr=$4
     log "$name: $N1 then $N2 requests under callgrind"
     LAST_DUMP_FILES=()
     batch "$name" "$pid" "$url" "$hdr" "$N1" >"$TMP/cg/$name-b1.txt"
+    local first_files=("${LAST_DUMP_FILES[@]}")
     LAST_DUMP_FILES=()
     batch "$name" "$pid" "$url" "$hdr" "$N2" >"$TMP/cg/$name-b2.txt"
     local t1 t2
@@ -182,7 +200,21 @@ measure() {
         if ((10#$t == busiest)); then ANNOTATE[$name]=$f; fi
     done
     PAGE_OF[$name]=$PAGE_LEN
-    log "  $name: ${PER_REQ[$name]} instructions per request"
+    if [[ $name == gateway* ]]; then
+        # Own work: the connection task's instructions, plus the other threads' (the
+        # access log's writer, the span exporter), without the worker's scheduling
+        # and idle wake-ups (which grow with wall time, so with machine load).
+        local f1 f2 s1 s2 w1 w2
+        f1=$(busiest_file "$TMP/cg/$name-b1.txt" "${first_files[@]}")
+        f2=${ANNOTATE[$name]}
+        s1=$(serve_in "$f1")
+        s2=$(serve_in "$f2")
+        w1=$(sort -k2 -n -r "$TMP/cg/$name-b1.txt" | awk 'NR == 1 {print $2}')
+        w2=$(sort -k2 -n -r "$TMP/cg/$name-b2.txt" | awk 'NR == 1 {print $2}')
+        OWN[$name]=$(awk -v s1="$s1" -v s2="$s2" -v t1="$t1" -v t2="$t2" -v w1="$w1" -v w2="$w2" -v n1="$N1" -v n2="$N2" \
+            'BEGIN { printf "%.0f", ((s2 - s1) + ((t2 - w2) - (t1 - w1))) / (n2 - n1) }')
+    fi
+    log "  $name: ${PER_REQ[$name]} instructions per request${OWN[$name]:+ (own work ${OWN[$name]})}"
 }
 
 thread_names() { # PID -> "n:comm ..." in creation (TID) order, as valgrind numbers them
@@ -312,7 +344,7 @@ for s in "${!PER_REQ[@]}"; do
     fi
 done
 row() { # NAME LABEL
-    printf '%-30s  %12s  %12s  %12s  %7s\n' "$2" "${PER_REQ[$1]}" "${BATCH1[$1]}" "${BATCH2[$1]}" "${PAGE_OF[$1]}"
+    printf '%-30s  %12s  %12s  %12s  %7s  %9s\n' "$2" "${PER_REQ[$1]}" "${BATCH1[$1]}" "${BATCH2[$1]}" "${PAGE_OF[$1]}" "${OWN[$1]:--}"
 }
 {
     report_head "bench/instructions.sh: user-space instructions per cache hit (callgrind)"
@@ -320,7 +352,7 @@ row() { # NAME LABEL
     echo "page: user_$(printf %04d "$ACCOUNT")'s first get_list page; batches of N1=$N1 and N2=$N2 keep-alive requests" \
         "on one connection after $WARMUP_REQS warm-up hits; every answer checked (200, HIT, length)"
     echo
-    printf '%-30s  %12s  %12s  %12s  %7s\n' server "instr/req" "batch N1/N1" "batch N2/N2" "bytes"
+    printf '%-30s  %12s  %12s  %12s  %7s  %9s\n' server "instr/req" "batch N1/N1" "batch N2/N2" "bytes" "own work"
     for v in $VARIANTS; do
         name=gateway
         [[ $v == plain ]] || name=gateway-$v
@@ -332,11 +364,15 @@ row() { # NAME LABEL
         row bare "bare hyper 1.x (floor)"
     fi
     echo "(instr/req = (I(N2) - I(N1)) / (N2 - N1): the difference of the two batches, which"
-    echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size)"
+    echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size;"
+    echo " own work: the same difference for the gateway's connection task (Connection::serve,"
+    echo " inclusive: reads, parsing, lookup, answer, writes) plus its threads other than the"
+    echo " worker (access-log writer, span exporter), i.e. without the runtime's scheduling and"
+    echo " idle wake-ups, which grow with wall time and so with the machine's load)"
     echo
     for v in $VARIANTS; do
         [[ $v == plain ]] && continue
-        echo "gateway $v / plain: x$(ratio "${PER_REQ[gateway-$v]}" "${PER_REQ[gateway]}") ($(awk -v a="${PER_REQ[gateway-$v]}" -v b="${PER_REQ[gateway]}" 'BEGIN { printf "%+d", a - b }') per hit)"
+        echo "gateway $v / plain: x$(ratio "${PER_REQ[gateway-$v]}" "${PER_REQ[gateway]}") ($(awk -v a="${PER_REQ[gateway-$v]}" -v b="${PER_REQ[gateway]}" 'BEGIN { printf "%+d", a - b }') per hit; own work $(awk -v a="${OWN[gateway-$v]}" -v b="${OWN[gateway]}" 'BEGIN { printf "%+d", a - b }'))"
     done
     echo
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then

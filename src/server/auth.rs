@@ -112,6 +112,8 @@ impl CallerTokens {
             tokens: self,
             live,
             prepared,
+            memo: [0; MEMO],
+            memo_len: 0,
         }
     }
 
@@ -127,11 +129,24 @@ impl CallerTokens {
     }
 }
 
+/// Longest `Authorization` value a connection remembers.
+const MEMO: usize = 256;
+
 /// One connection's view of the caller tokens ([`CallerTokens::view`]).
+///
+/// It remembers the `Authorization` value it last accepted (a keep-alive caller
+/// sends the same one every time) while the token list stays the same, and compares
+/// the next value with it before hashing. That comparison is constant-time too: it
+/// reads as many bytes as the caller sent, whatever the remembered value, and only
+/// an exact match (which is then accepted, as it would be anyway) ends it early. A
+/// caller learns nothing it could not learn from the answer.
 pub struct TokenView<'a> {
     tokens: &'a CallerTokens,
     live: Cache<&'a ArcSwap<Vec<Secret>>, Arc<Vec<Secret>>>,
     prepared: Arc<Prepared>,
+    memo: [u8; MEMO],
+    /// Bytes of `memo` in use; 0: none.
+    memo_len: usize,
 }
 
 impl std::fmt::Debug for TokenView<'_> {
@@ -144,16 +159,61 @@ impl TokenView<'_> {
     /// [`CallerTokens::check`], for this connection.
     #[inline]
     pub fn check(&mut self, presented: Option<&[u8]>) -> bool {
+        self.follow();
         let Some(presented) = presented else {
             return false;
         };
         let h = self.tokens.hasher.hash(presented).as_u128();
+        self.prepared.verdict(h)
+    }
+
+    /// Whether an `Authorization` field value (`None`: no such field) carries one of
+    /// the tokens: the value this connection last had accepted passes at the cost of
+    /// a comparison; any other is parsed and checked ([`TokenView::check`]).
+    #[inline]
+    pub fn check_header(&mut self, value: Option<&[u8]>) -> bool {
+        self.follow();
+        let Some(value) = value else {
+            return false;
+        };
+        if value.len() <= MEMO && same(value, &self.memo[..value.len()], self.memo_len) {
+            return true;
+        }
+        let ok = self.check(bearer(value));
+        if ok && value.len() <= MEMO {
+            self.memo[..value.len()].copy_from_slice(value);
+            self.memo_len = value.len();
+        }
+        ok
+    }
+
+    /// Follows a change of the token list (and forgets what was accepted before).
+    #[inline]
+    fn follow(&mut self) {
         let current = self.live.load();
         if !Arc::ptr_eq(&self.prepared.source, current) {
             self.prepared = self.tokens.prepared_for(current);
+            self.memo_len = 0;
         }
-        self.prepared.verdict(h)
     }
+}
+
+/// Whether `a` equals the remembered `b[..len]` (`len` 0: nothing remembered), in
+/// time that depends on `a.len()` only: every byte of `a` is compared, words at a
+/// time, the differences OR-ed together, and only the total is looked at.
+#[inline]
+fn same(a: &[u8], b: &[u8], len: usize) -> bool {
+    debug_assert_eq!(a.len(), b.len());
+    let mut diff = (a.len() ^ len) as u64 | u64::from(len == 0);
+    let (ac, at) = a.as_chunks::<8>();
+    let (bc, bt) = b.as_chunks::<8>();
+    for (x, y) in ac.iter().zip(bc) {
+        diff |= u64::from_ne_bytes(*x) ^ u64::from_ne_bytes(*y);
+    }
+    for (x, y) in at.iter().zip(bt) {
+        diff |= u64::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
 }
 
 impl Prepared {
@@ -256,6 +316,61 @@ mod tests {
         assert!(!check.check(&live, None));
         assert!(!view.check(old) && view.check(new), "the view follows too");
         assert!(!view.check(None));
+    }
+
+    #[test]
+    fn a_connection_remembers_only_what_it_accepted() {
+        let live = ArcSwap::from_pointee(tokens());
+        let check = CallerTokens::new(live.load_full());
+        let mut view = check.view(&live);
+        let good = &b"Bearer token-aaaaaaaaaaaaaaaa"[..];
+        assert!(!view.check_header(None));
+        assert!(!view.check_header(Some(b"")), "nothing remembered yet");
+        assert!(view.check_header(Some(good)));
+        assert_eq!(view.memo_len, good.len());
+        assert!(view.check_header(Some(good)), "remembered");
+        for bad in [
+            &b""[..],
+            b"Bearer token-aaaaaaaaaaaaaaa",
+            b"Bearer token-aaaaaaaaaaaaaaaab",
+            b"Bearer token-aaaaaaaaaaaaaaab",
+            b"Basic token-aaaaaaaaaaaaaaaa",
+        ] {
+            assert!(
+                !view.check_header(Some(bad)),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(view.check_header(Some(b"bearer  token-bbbbbbbbbbbbbbbb")));
+        assert!(
+            view.check_header(Some(good)),
+            "another token, checked again"
+        );
+        // A rotation drops the remembered value.
+        live.store(Arc::new(vec![Secret::new("token-dddddddddddddddd")]));
+        assert!(!view.check_header(Some(good)));
+        assert!(view.check_header(Some(b"Bearer token-dddddddddddddddd")));
+        // Values longer than what is remembered are always checked.
+        let long = format!("Bearer {}", "x".repeat(300));
+        live.store(Arc::new(vec![Secret::new("x".repeat(300))]));
+        assert!(view.check_header(Some(long.as_bytes())));
+        assert!(view.check_header(Some(long.as_bytes())));
+        assert!(!view.check_header(Some(&long.as_bytes()[..299])));
+    }
+
+    #[test]
+    fn same_compares_every_byte() {
+        let b = *b"0123456789abcdefXYZ";
+        assert!(same(&b, &b, b.len()));
+        assert!(!same(&b, &b, 0), "nothing remembered");
+        assert!(!same(&b, &b, b.len() - 1), "another length");
+        for i in 0..b.len() {
+            let mut a = b;
+            a[i] ^= 1;
+            assert!(!same(&a, &b, b.len()), "byte {i}");
+        }
+        assert!(!same(b"", b"", 0));
     }
 
     #[test]

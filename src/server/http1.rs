@@ -684,14 +684,11 @@ impl Connection<'_> {
         // Caller tokens, checked here in constant time (see `auth`): a caller
         // without a valid one goes to the router, which answers 401.
         if state.auth_required {
-            let presented = head
-                .authorization
-                .as_ref()
-                .and_then(|r| auth::bearer(&self.buf[r.clone()]));
+            let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
             let view = self
                 .tokens
                 .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens));
-            if !view.check(presented) {
+            if !view.check_header(value) {
                 return Some(None);
             }
         }
