@@ -435,17 +435,18 @@ impl Child {
     }
 }
 
-/// Starts a child span of the current (recorded) request, or `None`.
-fn child(
-    name: impl Into<Cow<'static, str>>,
+/// Starts a child span of the current request when it is recorded (`what` names it
+/// and gives its first attributes, made only then), or `None`.
+fn child<N: Into<Cow<'static, str>>>(
     kind: SpanKind,
-    attributes: Vec<KeyValue>,
+    what: impl FnOnce() -> (N, Vec<KeyValue>),
 ) -> Option<Child> {
     let t = TRACING.get()?;
     let cx = Context::current();
     if !cx.span().span_context().is_sampled() {
         return None;
     }
+    let (name, attributes) = what();
     let span = t
         .tracer
         .span_builder(name)
@@ -457,7 +458,10 @@ fn child(
 
 /// A span for the cache lookup of the current request (ended with its result).
 pub fn cache_lookup() -> Option<Child> {
-    child("cache lookup", SpanKind::Internal, Vec::new())
+    if !enabled() {
+        return None;
+    }
+    child(SpanKind::Internal, || ("cache lookup", Vec::new()))
 }
 
 /// A span for attempt number `attempt` of a call of `command` to Chat (through
@@ -466,16 +470,17 @@ pub fn attempt(command: &str, attempt: u32, endpoint: &'static str) -> Option<Ch
     if !enabled() {
         return None;
     }
-    child(
-        format!("Chat {command}"),
-        SpanKind::Client,
-        vec![
-            KeyValue::new("http.request.method", "POST"),
-            KeyValue::new("chat.command", command.to_string()),
-            KeyValue::new("chat.attempt", i64::from(attempt)),
-            KeyValue::new("chat.endpoint", endpoint),
-        ],
-    )
+    child(SpanKind::Client, || {
+        (
+            format!("Chat {command}"),
+            vec![
+                KeyValue::new("http.request.method", "POST"),
+                KeyValue::new("chat.command", command.to_string()),
+                KeyValue::new("chat.attempt", i64::from(attempt)),
+                KeyValue::new("chat.endpoint", endpoint),
+            ],
+        )
+    })
 }
 
 impl Child {
@@ -502,14 +507,15 @@ pub fn redis(op: &'static str) -> Option<Child> {
     if !enabled() {
         return None;
     }
-    child(
-        format!("redis {op}"),
-        SpanKind::Client,
-        vec![
-            KeyValue::new("db.system.name", "redis"),
-            KeyValue::new("db.operation.name", op),
-        ],
-    )
+    child(SpanKind::Client, || {
+        (
+            format!("redis {op}"),
+            vec![
+                KeyValue::new("db.system.name", "redis"),
+                KeyValue::new("db.operation.name", op),
+            ],
+        )
+    })
 }
 
 /// The wall-clock time of the instant `at` (in the past).

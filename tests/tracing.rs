@@ -406,7 +406,11 @@ async fn a_callers_trace_is_continued_and_exported() {
         }
     }
 
-    // The trace id is in each request's access-log line...
+    // The trace id is in each request's access-log line (B's is the last written)...
+    assert!(
+        gw.wait_log("request_id=\"rid-trace-b\"", Duration::from_secs(5))
+            .await
+    );
     let log = gw.log_text();
     let access = |rid: &str| {
         log.lines()
@@ -517,4 +521,83 @@ async fn a_collector_down_or_stalled_costs_requests_nothing() {
             "{what}: the failure is logged"
         );
     }
+}
+
+/// With `[redis]`, the Redis round trips a request makes (its L2 lookup, the fetch
+/// lock, the fleet's rate limit) are children of its span; no key is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_round_trips_are_children_of_the_request() {
+    let redis = common::redis::RedisServer::start();
+    let receiver = Receiver::start().await;
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[
+            (
+                "redis",
+                &format!("url = \"{}\"\ntimeout_ms = 500", redis.url()),
+            ),
+            (
+                "tracing",
+                &format!(
+                    "endpoint = \"{}\"\nsample_ratio = 0.0\nexport_interval_ms = 50",
+                    receiver.url()
+                ),
+            ),
+        ],
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        std::str::from_utf8(&get(&gw.url("/metrics")).await.unwrap().2).unwrap(),
+        "chat_gateway_redis_up",
+    ) != 1.0
+    {
+        assert!(Instant::now() < deadline, "Redis never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let a = call(
+        gw.url(GET_LIST),
+        r#"{"From_Account":"rita-redis"}"#,
+        &[("traceparent", &format!("00-{t}-20f067aa0ba902b9-01"))],
+    )
+    .await;
+    assert_eq!(header(&a, "x-cache"), "MISS");
+    // Server span, cache lookup, at least one Redis round trip, the call to Chat.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let spans = loop {
+        let spans = receiver.trace(t);
+        if spans.iter().any(|s| s.name.starts_with("Chat "))
+            && spans.iter().any(|s| s.name.starts_with("redis "))
+            && spans.iter().any(|s| s.kind == SpanKind::Server as i32)
+        {
+            break spans;
+        }
+        assert!(Instant::now() < deadline, "{spans:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let server = one(&spans, "server span", |s| s.kind == SpanKind::Server as i32);
+    let round_trips: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("redis "))
+        .collect();
+    for s in &round_trips {
+        assert_eq!(s.parent_span_id, server.span_id, "{}", s.name);
+        assert_eq!(s.kind, SpanKind::Client as i32);
+        assert_eq!(attr(s, "db.system.name").as_deref(), Some("redis"));
+        let op = attr(s, "db.operation.name").expect("an operation");
+        assert_eq!(s.name, format!("redis {op}"));
+    }
+    let exported: Vec<u8> = receiver
+        .bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.to_vec())
+        .collect();
+    assert!(
+        !exported.windows(10).any(|w| w == b"rita-redis"),
+        "no account (nor a key holding one) is exported"
+    );
 }

@@ -12,8 +12,10 @@
 //! with the precomputed hash of every configured token, all of them, without
 //! stopping at the first match ([`subtle::ConstantTimeEq`]). The time taken depends
 //! on the length of what the caller sent and the number of tokens, never on the
-//! configured tokens' contents or lengths, nor on which one matched. Token values
-//! are never logged.
+//! configured tokens' contents or lengths, nor on which one matched. On the hit
+//! path a connection also remembers the `Authorization` value it last had accepted
+//! ([`TokenView`]) and compares the next one with it, in constant time, before
+//! hashing. Token values are never logged.
 
 use std::sync::Arc;
 

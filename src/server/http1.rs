@@ -731,7 +731,7 @@ impl Connection<'_> {
         finish_head(out, head, keep_alive, now);
         if let (Some(log), Some(started)) = (self.front.access, started) {
             log.log(&access::Line {
-                method: if head.head_method { "HEAD" } else { "POST" },
+                method: "POST",
                 path: GET_LIST_PATH,
                 status: 200,
                 cache: "HIT",
