@@ -160,11 +160,12 @@ batch() {
 # thread, per request: "n:instr ...").
 declare -A PER_REQ BATCH1 BATCH2 THREADS ANNOTATE PAGE_OF OWN
 # serve_in FILE: the instructions a callgrind dump counts in the gateway's connection
-# task (Connection::serve and what it calls: socket reads and writes, parsing, the
-# lookup, the answer, the log line), inclusive.
+# task (http1::drive and what it calls: socket reads and writes, parsing, the lookup,
+# the answer, the log line), inclusive. (drive, not the serve loop inside it: the
+# compiler may inline one into the other, never drive into the runtime.)
 serve_in() {
     callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null \
-        | awk '/Connection::serve::\{\{closure\}\}/ { gsub(",", "", $1); v = $1 + 0; if (v > m) m = v } END { printf "%d\n", m + 0 }'
+        | awk '/http1::drive::\{\{closure\}\}/ { gsub(",", "", $1); v = $1 + 0; if (v > m) m = v } END { printf "%d\n", m + 0 }'
 }
 # busiest_file BATCH_TXT FILES...: the dump file of the batch's busiest thread.
 busiest_file() {
@@ -365,7 +366,7 @@ row() { # NAME LABEL
     fi
     echo "(instr/req = (I(N2) - I(N1)) / (N2 - N1): the difference of the two batches, which"
     echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size;"
-    echo " own work: the same difference for the gateway's connection task (Connection::serve,"
+    echo " own work: the same difference for the gateway's connection task (http1::drive,"
     echo " inclusive: reads, parsing, lookup, answer, writes) plus its threads other than the"
     echo " worker (access-log writer, span exporter), i.e. without the runtime's scheduling and"
     echo " idle wake-ups, which grow with wall time and so with the machine's load)"
