@@ -3,11 +3,14 @@
 # redis-server in front of a fake Chat, as in tests/fleet.rs. Prints, and writes to
 # bench/out/fleet-<date>.txt:
 #   - Redis operations per admitted upstream call at saturation (rate limit, and
-#     every operation by kind), 1500 distinct misses over 3 gateways at N = 200/s;
+#     every operation by kind), 1500 distinct misses over 3 gateways at N = 200/s,
+#     and the Redis round trips of a memory miss before Chat and after the answer;
 #   - invalidation lag: an admin invalidation on gateway 1 until gateways 2 and 3
 #     answer MISS (p50/p99 over 400 samples), and the gateways' lag histogram;
 #   - what an L2 hit adds over an in-memory hit (request latency p50/p99);
-#   - memory-hit throughput of a gateway with [redis] set against one without (wrk).
+#   - memory-hit throughput of a gateway with [redis] set against one without (wrk);
+#   - a group event over 100,006 indexed accounts: time to apply it everywhere, and
+#     the largest Redis command it ran (SLOWLOG).
 #
 #   bench/fleet.sh
 #

@@ -8,9 +8,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 
+use chat_gateway::cache::assemble::Template;
+use chat_gateway::cache::item_key::{self, Parsed};
+use chat_gateway::cache::items::{ItemLookup, ItemStore, KeyBuf};
 use chat_gateway::cache::key;
 use chat_gateway::cache::store::{Lookup, Page, PageStore};
 use chat_gateway::cache::PageCache;
+use chat_gateway::chat::effects::EntityKind;
+use chat_gateway::chat::reads;
 use chat_gateway::chat::usersig;
 use chat_gateway::config::Secret;
 use chat_gateway::upstream::signer::Signer;
@@ -63,6 +68,66 @@ fn hit_path(c: &mut Criterion) {
             )
         })
     });
+}
+
+/// A fully cached portrait_get of 20 accounts, as the handler serves it: parse and
+/// key, 20 lookups (each checking its entry's dependencies), the answer assembled
+/// from the template. Beside the get_list hit above, for the ratio.
+fn item_hit_path(c: &mut Criterion) {
+    let (row, r) = reads::row("profile/portrait_get").unwrap();
+    let store = ItemStore::new(1 << 30);
+    let accounts: Vec<String> = (0..10_000).map(|i| format!("user_{i:04}")).collect();
+    let tags = r#"["Tag_Profile_IM_Nick","Tag_Profile_IM_Image"]"#;
+    let variant = format!(r#","TagList":{tags}"#);
+    let vid = store.variant_id(row, &variant);
+    for a in &accounts {
+        let item = format!(
+            r#"{{"To_Account":"{a}","ResultCode":0,"ResultInfo":"","ProfileItem":[{{"Tag":"Tag_Profile_IM_Nick","Value":"nick of {a}"}},{{"Tag":"Tag_Profile_IM_Image","Value":"https://img.example/{a}.png"}}]}}"#
+        );
+        let e = store.entry(
+            item.as_bytes(),
+            store.begin_fetch(),
+            store.deps([(EntityKind::Profile, a.as_str())]),
+            Duration::from_secs(3600),
+            Duration::from_secs(300),
+        );
+        store.insert(
+            KeyBuf::new(row, vid, a).unwrap().to_key(),
+            std::sync::Arc::new(e),
+        );
+    }
+    let template = Template::of_row(r);
+    let twenty: Vec<&str> = accounts
+        .iter()
+        .step_by(97)
+        .take(20)
+        .map(String::as_str)
+        .collect();
+    let body = format!(
+        r#"{{"To_Account":{},"TagList":{tags}}}"#,
+        serde_json::to_string(&twenty).unwrap()
+    );
+    c.bench_function(
+        "portrait_get hit of 20: parse + keys + 20 lookups + assemble",
+        |b| {
+            b.iter(|| {
+                let Parsed::Split(req) = item_key::parse(row, black_box(body.as_bytes())).unwrap()
+                else {
+                    panic!("splits")
+                };
+                let vid = store.variant_id(row, &req.variant);
+                let now = Instant::now();
+                let mut hits = Vec::with_capacity(req.items.len());
+                for item in &req.items {
+                    match store.lookup(&KeyBuf::new(row, vid, item).unwrap(), now) {
+                        ItemLookup::Fresh(e) => hits.push(e),
+                        _ => panic!("expected a hit"),
+                    }
+                }
+                black_box(template.write(r, hits.iter().map(|e| (&e.body[..], None))))
+            })
+        },
+    );
 }
 
 /// Adding a page to an account: a fresh account, and one already at the page cap
@@ -184,5 +249,12 @@ fn invalidation(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hit_path, page_insert, usersig_bench, invalidation);
+criterion_group!(
+    benches,
+    hit_path,
+    item_hit_path,
+    page_insert,
+    usersig_bench,
+    invalidation
+);
 criterion_main!(benches);

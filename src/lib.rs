@@ -4,7 +4,8 @@
 //! Services call it over plain HTTP on loopback with Chat's own request bodies and no
 //! credentials; it injects the SDKAppID, the admin identifier, a fresh UserSig and a
 //! `random`, calls Chat over HTTPS (rustls), caches `v4/recentcontact/get_list` pages
-//! per account, coalesces identical misses and retries transient failures safely.
+//! per account and the other hot reads per item, coalesces identical misses and
+//! retries transient failures safely.
 //! Many gateways act as one through Redis; every resource one holds is bounded by a
 //! setting.
 //!
@@ -20,8 +21,11 @@
 //!   files ([`config::secrets`]) and the `[redis]` settings ([`config::redis`]).
 //! - [`chat`]: the upstream's contract and nothing else: UserSig
 //!   ([`chat::usersig`]), regions ([`chat::region`]), the envelope and what each
-//!   `ErrorCode` means ([`chat::envelope`]), and the command table: which commands
-//!   are reads and whose lists they make stale ([`chat::commands`]).
+//!   `ErrorCode` means ([`chat::envelope`]), the command table: which commands are
+//!   reads ([`chat::commands`]), the table of cacheable reads: how each splits into
+//!   items and what its entries depend on ([`chat::reads`]), and the table of
+//!   invalidations: the entities each write and webhook changes
+//!   ([`chat::effects`]).
 //! - [`server`]: the accept loop with limits, the probes' reserve and graceful
 //!   shutdown, and hyper as the HTTP/2 driver ([`server::listener`]); the gateway's
 //!   own HTTP/1.1 front end with the cache-hit path ([`server::http1`]); what a valid
@@ -30,13 +34,20 @@
 //!   ([`server::body`]); caller tokens, checked in constant time on the hit path
 //!   and by the router alike ([`server::auth`]); the access log, with its own
 //!   formatter and writer thread ([`server::access`]); response building
-//!   ([`server::response`]); and one handler
-//!   per route ([`server::handlers`]).
+//!   ([`server::response`]); and one handler per route ([`server::handlers`]:
+//!   get_list, the per-item cached reads, passthrough, callbacks, admin, probes,
+//!   metrics).
 //! - [`cache`]: what a page key is and what is forwarded ([`cache::key`]: the get_list
 //!   parsers, fast and general, and the canonical form), the per-account page store
 //!   with O(1) invalidation and weighed memory ([`cache::store`]), the GroupId index
-//!   ([`cache::groups`]), miss coalescing ([`cache::coalesce`]), and the one door for
-//!   invalidations ([`cache::invalidate`]).
+//!   ([`cache::groups`]); for the other cached reads, what an item's key is and what
+//!   is forwarded ([`cache::item_key`]), answers split and assembled
+//!   ([`cache::assemble`]), the item store validated by a generation table
+//!   ([`cache::items`]); and miss coalescing, per key and per item
+//!   ([`cache::coalesce`]).
+//! - [`invalidate`]: the one door for invalidations, above `cache` and `fleet`: it
+//!   applies the effects the table names to both stores and publishes them to the
+//!   fleet.
 //! - [`upstream`]: the cached admin UserSig ([`upstream::signer`]), the per-command
 //!   rate limit ([`upstream::ratelimit`]), the retry policy ([`upstream::retry`]: the
 //!   only place that decides to retry) and its budget ([`upstream::budget`]), failover
@@ -68,6 +79,7 @@ pub mod config;
 pub mod emulator;
 pub mod error;
 pub mod fleet;
+pub mod invalidate;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;

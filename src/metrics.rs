@@ -55,7 +55,8 @@ pub mod names {
     pub const CACHE_ENTRIES: &str = "chat_gateway_cache_entries";
     /// Cached pages.
     pub const CACHE_PAGES: &str = "chat_gateway_cache_pages";
-    /// Weighted size of the cache, bytes.
+    /// Weighted size of the cache (pages, item entries and their generation table),
+    /// bytes.
     pub const CACHE_BYTES: &str = "chat_gateway_cache_weighted_bytes";
     /// The configured bound of the cache (`cache.max_bytes`), bytes.
     pub const CACHE_MAX_BYTES: &str = "chat_gateway_cache_max_bytes";
@@ -108,8 +109,14 @@ pub mod names {
     pub const FLEET_GATEWAYS: &str = "chat_gateway_fleet_gateways";
     /// Waits on another gateway's identical fetch, by `outcome` (served, timeout).
     pub const FLEET_COALESCED: &str = "chat_gateway_fleet_coalesced_waits_total";
-    /// Full resynchronisations with the fleet, by `reason` (reconnect, gap, restart).
+    /// Full resynchronisations with the fleet, by `reason` (reconnect, gap, restart,
+    /// lost).
     pub const FLEET_RESYNCS: &str = "chat_gateway_fleet_resyncs_total";
+    /// Times the fleet-wide generation was raised after an incident (every L2 page
+    /// ignored from then on), by `reason` (restart, lost, evicted).
+    pub const L2_FLUSHES: &str = "chat_gateway_l2_flushes_total";
+    /// 1 when Redis's `maxmemory-policy` may evict the fleet's keys without expiry.
+    pub const REDIS_POLICY_UNSUPPORTED: &str = "chat_gateway_redis_maxmemory_policy_unsupported";
     /// Resident memory of the process, bytes (read at scrape time).
     pub const RESIDENT_MEMORY: &str = "chat_gateway_resident_memory_bytes";
     /// Access-log lines dropped because the log's buffer was full.
@@ -118,6 +125,20 @@ pub mod names {
     pub const SPANS_EXPORTED: &str = "chat_gateway_tracing_spans_exported_total";
     /// Spans lost, by `reason` (queue_full, export_failed).
     pub const SPANS_DROPPED: &str = "chat_gateway_tracing_spans_dropped_total";
+    /// Answers of the cached reads other than get_list, by `command` and `result`
+    /// (hit, partial, miss, stale, bypass).
+    pub const ITEM_REQUESTS: &str = "chat_gateway_item_cache_requests_total";
+    /// Items those answers carried, by `command` and `source` (memory, l2, chat).
+    pub const ITEMS: &str = "chat_gateway_item_cache_items_total";
+    /// Calls to Chat a cached read did not make (every item from memory, or from
+    /// another request's fetch), by `command`.
+    pub const CALLS_SAVED: &str = "chat_gateway_upstream_calls_saved_total";
+    /// Entities invalidated, by `kind`.
+    pub const INVALIDATED_ENTITIES: &str = "chat_gateway_invalidated_entities_total";
+    /// Entries of the item store.
+    pub const CACHE_ITEMS: &str = "chat_gateway_cache_items";
+    /// Weighted size of the item store with its generation table, bytes.
+    pub const CACHE_ITEM_BYTES: &str = "chat_gateway_cache_item_weighted_bytes";
 }
 
 /// The known values of each label, from which the zero-valued series are created.
@@ -127,6 +148,7 @@ pub mod values {
     /// `requests_total{route}` other than get_list.
     pub const ROUTES: &[&str] = &[
         "passthrough",
+        "items",
         "admin",
         "callback",
         "health",
@@ -173,9 +195,33 @@ pub mod values {
     /// `fleet_coalesced_waits_total{outcome}`.
     pub const FLEET_WAIT_OUTCOMES: &[&str] = &["served", "timeout"];
     /// `fleet_resyncs_total{reason}`.
-    pub const RESYNC_REASONS: &[&str] = &["reconnect", "gap", "restart"];
+    pub const RESYNC_REASONS: &[&str] = &["reconnect", "gap", "restart", "lost"];
     /// `tracing_spans_dropped_total{reason}`.
     pub const SPAN_DROP_REASONS: &[&str] = &["queue_full", "export_failed"];
+    /// `l2_flushes_total{reason}`.
+    pub const L2_FLUSH_REASONS: &[&str] = &["restart", "lost", "evicted"];
+    /// `item_cache_requests_total{result}`.
+    pub const ITEM_RESULTS: &[&str] = &["hit", "partial", "miss", "stale", "bypass"];
+    /// `item_cache_items_total{source}`.
+    pub const ITEM_SOURCES: &[&str] = &["memory", "l2", "chat"];
+    /// `invalidated_entities_total{kind}`.
+    pub const ENTITY_KINDS: &[&str] = &[
+        "Conversations",
+        "Profile",
+        "Exists",
+        "Friends",
+        "JoinedGroups",
+        "GroupInfo",
+        "GroupMembers",
+    ];
+
+    /// The `command` label of the item-store reads.
+    pub fn item_commands() -> impl Iterator<Item = &'static str> {
+        crate::chat::reads::READS
+            .iter()
+            .filter(|r| r.store == crate::chat::reads::Store::Items)
+            .map(|r| r.command)
+    }
 }
 
 /// A metric family's type.
@@ -275,13 +321,13 @@ pub const ALL: &[Family] = &[
         n::CACHE_BYTES,
         G,
         &[],
-        "Weighted size of the page cache, in bytes",
+        "Weighted size of the cache (get_list pages, item entries and their generation table), in bytes",
     ),
     family(
         n::CACHE_MAX_BYTES,
         G,
         &[],
-        "Configured bound of the page cache (cache.max_bytes), in bytes",
+        "Configured bound of the cache, pages and items together (cache.max_bytes), in bytes",
     ),
     family(
         n::INVALIDATIONS,
@@ -431,7 +477,19 @@ pub const ALL: &[Family] = &[
         n::FLEET_RESYNCS,
         C,
         &["reason"],
-        "Full resynchronisations with the fleet, by reason (reconnect, gap, restart)",
+        "Full resynchronisations with the fleet, by reason (reconnect, gap, restart, lost)",
+    ),
+    family(
+        n::L2_FLUSHES,
+        C,
+        &["reason"],
+        "Times the fleet-wide generation was raised after a Redis incident, so no earlier L2 page is served, by reason (restart, lost, evicted)",
+    ),
+    family(
+        n::REDIS_POLICY_UNSUPPORTED,
+        G,
+        &[],
+        "1 when Redis's maxmemory-policy may evict the fleet's keys that have no expiry (allkeys-*), else 0",
     ),
     family(
         n::RESIDENT_MEMORY,
@@ -456,6 +514,37 @@ pub const ALL: &[Family] = &[
         C,
         &["reason"],
         "Spans lost, by reason (queue_full: the export queue was full; export_failed: the collector did not take them)",
+    ),
+    family(
+        n::ITEM_REQUESTS,
+        C,
+        &["command", "result"],
+        "Answers of the cached reads other than get_list, by command and result (hit, partial, miss, stale, bypass)",
+    ),
+    family(
+        n::ITEMS,
+        C,
+        &["command", "source"],
+        "Items in the answers of the cached reads, by command and where each came from (memory, l2, chat)",
+    ),
+    family(
+        n::CALLS_SAVED,
+        C,
+        &["command"],
+        "Calls to Chat a cached read did not make, by command",
+    ),
+    family(
+        n::INVALIDATED_ENTITIES,
+        C,
+        &["kind"],
+        "Entities invalidated (each drops every cached entry that depends on it), by kind",
+    ),
+    family(n::CACHE_ITEMS, G, &[], "Entries in the item store"),
+    family(
+        n::CACHE_ITEM_BYTES,
+        G,
+        &[],
+        "Weighted size of the item store, with its generation table, in bytes",
     ),
 ];
 
@@ -512,6 +601,23 @@ pub fn known_series(family: &str) -> Vec<Vec<(&'static str, &'static str)>> {
         n::FLEET_COALESCED => one("outcome", v::FLEET_WAIT_OUTCOMES),
         n::FLEET_RESYNCS => one("reason", v::RESYNC_REASONS),
         n::SPANS_DROPPED => one("reason", v::SPAN_DROP_REASONS),
+        n::ITEM_REQUESTS => v::item_commands()
+            .flat_map(|c| {
+                v::ITEM_RESULTS
+                    .iter()
+                    .map(move |r| vec![("command", c), ("result", *r)])
+            })
+            .collect(),
+        n::ITEMS => v::item_commands()
+            .flat_map(|c| {
+                v::ITEM_SOURCES
+                    .iter()
+                    .map(move |r| vec![("command", c), ("source", *r)])
+            })
+            .collect(),
+        n::CALLS_SAVED => v::item_commands().map(|c| vec![("command", c)]).collect(),
+        n::INVALIDATED_ENTITIES => one("kind", v::ENTITY_KINDS),
+        n::L2_FLUSHES => one("reason", v::L2_FLUSH_REASONS),
         _ => vec![Vec::new()],
     }
 }
@@ -672,6 +778,74 @@ impl GetListCounters {
 impl Default for GetListCounters {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Pre-resolved counters of one cached read (other than get_list).
+#[derive(Clone)]
+pub struct ReadCounters {
+    /// `item_cache_requests_total{result="hit"}`: every item from memory.
+    pub hit: Counter,
+    /// `{result="partial"}`: some items from memory, the others from Chat.
+    pub partial: Counter,
+    /// `{result="miss"}`: every item from Chat.
+    pub miss: Counter,
+    /// `{result="stale"}`: Chat failed; stale items served.
+    pub stale: Counter,
+    /// `{result="bypass"}`: not cacheable (forwarded, refused, Chat's error).
+    pub bypass: Counter,
+    /// `item_cache_items_total{source="memory"}`
+    pub from_memory: Counter,
+    /// `item_cache_items_total{source="chat"}`
+    pub from_chat: Counter,
+    /// `upstream_calls_saved_total`
+    pub saved: Counter,
+    /// `coalesced_waits_total`
+    pub coalesced: Counter,
+}
+
+impl ReadCounters {
+    /// The counters of `command`.
+    pub fn new(command: &'static str) -> Self {
+        let r = |x: &'static str| counter!(n::ITEM_REQUESTS, "command" => command, "result" => x);
+        let i = |x: &'static str| counter!(n::ITEMS, "command" => command, "source" => x);
+        ReadCounters {
+            hit: r("hit"),
+            partial: r("partial"),
+            miss: r("miss"),
+            stale: r("stale"),
+            bypass: r("bypass"),
+            from_memory: i("memory"),
+            from_chat: i("chat"),
+            saved: counter!(n::CALLS_SAVED, "command" => command),
+            coalesced: counter!(n::COALESCED),
+        }
+    }
+
+    /// Counters that count nothing (for get_list's row, which counts its own).
+    fn noop() -> Self {
+        ReadCounters {
+            hit: Counter::noop(),
+            partial: Counter::noop(),
+            miss: Counter::noop(),
+            stale: Counter::noop(),
+            bypass: Counter::noop(),
+            from_memory: Counter::noop(),
+            from_chat: Counter::noop(),
+            saved: Counter::noop(),
+            coalesced: Counter::noop(),
+        }
+    }
+
+    /// One per row of [`crate::chat::reads::READS`] (get_list's count nothing).
+    pub fn per_row() -> Vec<ReadCounters> {
+        crate::chat::reads::READS
+            .iter()
+            .map(|r| match r.store {
+                crate::chat::reads::Store::Items => ReadCounters::new(r.command),
+                crate::chat::reads::Store::Pages => ReadCounters::noop(),
+            })
+            .collect()
     }
 }
 

@@ -50,7 +50,10 @@ async fn a_stalled_access_log_loses_no_request_and_blocks_none() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut gw = Gateway::start_file_with(dir, path, &[], Stdio::piped()).await;
+    let mut gw = Gateway::start_file_with(dir, path, &[], |c| {
+        c.stdout(Stdio::piped());
+    })
+    .await;
     // Held open and not read: the gateway's stdout fills and stays full.
     let stdout = gw.child.stdout.take().unwrap();
     // Requests made (the /readyz polls of start() apart: their lines are skipped).

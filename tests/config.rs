@@ -179,3 +179,77 @@ fn a_public_callback_listener_needs_a_callback_token() {
         "loopback needs none"
     );
 }
+
+#[test]
+fn per_command_cache_settings_default_override_and_are_checked() {
+    use chat_gateway::chat::reads::{row, READS};
+    let f = file(BASE);
+    let s = load_with_env(Some(f.path()), env(&[])).unwrap();
+    assert_eq!(s.live.commands.len(), READS.len());
+    for (c, r) in s.live.commands.iter().zip(READS) {
+        assert_eq!(c.command, r.command);
+        assert!(
+            c.enabled,
+            "{}: every cached command is on by default",
+            r.command
+        );
+    }
+    let (id, r) = row("profile/portrait_get").unwrap();
+    assert_eq!(s.live.commands[id].ttl.as_secs(), r.ttl_secs);
+    assert_eq!(s.cache.items_percent, 25);
+    assert_eq!(
+        s.cache.items_bytes() + s.cache.pages_bytes(),
+        s.cache.max_bytes
+    );
+
+    let f = file(&format!(
+        "{BASE}\n[cache]\nitems_percent = 40\n[cache.commands.\"profile/portrait_get\"]\nttl_secs = 5\n\
+         [cache.commands.\"im_open_login_svc/account_check\"]\nenabled = false\nstale_if_error_secs = 0\n"
+    ));
+    let s = load_with_env(Some(f.path()), env(&[])).unwrap();
+    assert_eq!(s.live.commands[id].ttl.as_secs(), 5);
+    assert_eq!(
+        s.live.commands[id].stale_if_error.as_secs(),
+        r.stale_if_error_secs,
+        "default kept"
+    );
+    let (check, _) = row("im_open_login_svc/account_check").unwrap();
+    assert!(!s.live.commands[check].enabled);
+    assert_eq!(s.live.commands[check].stale_if_error.as_secs(), 0);
+    assert_eq!(s.cache.items_percent, 40);
+    // get_list's row mirrors cache.ttl_secs.
+    let (gl, _) = row("recentcontact/get_list").unwrap();
+    assert_eq!(s.live.commands[gl].ttl, s.live.cache_ttl);
+    let again = load_with_env(Some(file(&s.to_toml()).path()), env(&[])).unwrap();
+    assert_eq!(again.live.commands, s.live.commands);
+
+    for (extra, needle) in [
+        (
+            "[cache.commands.\"recentcontact/get_list\"]\nttl_secs = 5",
+            "cache.ttl_secs",
+        ),
+        (
+            "[cache.commands.\"openim/query_online_status\"]\nenabled = true",
+            "never cached",
+        ),
+        (
+            "[cache.commands.\"openim/sendmsg\"]\nenabled = true",
+            "not a cached command",
+        ),
+        (
+            "[cache.commands.\"profile/portrait_get\"]\nttl_secs = 0",
+            "cache.commands.\"profile/portrait_get\".ttl_secs",
+        ),
+        (
+            "[cache.commands.\"profile/portrait_get\"]\nstale_if_error_secs = 86401",
+            "stale_if_error_secs",
+        ),
+        ("[cache.commands.\"profile/portrait_get\"]\nttl = 5", "ttl"),
+        ("[cache]\nitems_percent = 0", "cache.items_percent"),
+        ("[cache]\nitems_percent = 91", "cache.items_percent"),
+    ] {
+        let f = file(&format!("{BASE}\n{extra}\n"));
+        let e = load_with_env(Some(f.path()), env(&[])).unwrap_err();
+        assert!(e.to_string().contains(needle), "{extra:?}: {e}");
+    }
+}

@@ -514,7 +514,9 @@ async fn redis_dying_is_not_an_outage_and_its_return_loses_no_invalidation() {
     .await;
     let gws = Arc::new(gws);
     // Steady misses: 3 × 8 per second (under N = 30) for 4 s; Redis is killed at 1 s
-    // and comes back empty at 2.5 s.
+    // and comes back empty at 2.5 s. Until the fleet's last window (and what it had
+    // leased ahead) has passed, a gateway cannot know what the others sent: misses are
+    // refused at once (429) rather than risk more than N at Chat.
     let started = Instant::now();
     let seq = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -529,7 +531,8 @@ async fn redis_dying_is_not_an_outage_and_its_return_loses_no_invalidation() {
                 let t = Instant::now();
                 let a = get_list(&gws[g], &format!("steady_{n}")).await;
                 slowest = slowest.max(t.elapsed());
-                assert_eq!(json(&a)["ErrorCode"], 0, "{:?}", a);
+                let code = &json(&a)["ErrorCode"];
+                assert!(code == 0 || code == 60007, "{:?}", a);
                 next += Duration::from_millis(125);
             }
             slowest
@@ -543,8 +546,9 @@ async fn redis_dying_is_not_an_outage_and_its_return_loses_no_invalidation() {
     for t in tasks {
         slowest = slowest.max(t.await.unwrap());
     }
+    // At most its wait for a rate-limit slot (ratelimit.max_wait_ms), never Redis's.
     assert!(
-        slowest < Duration::from_millis(400),
+        slowest < Duration::from_millis(700),
         "a request took {slowest:?}: nothing may wait on a dead Redis"
     );
     let most = max_per_second(get_list_calls(&fake));

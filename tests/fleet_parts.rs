@@ -17,7 +17,7 @@ use chat_gateway::cache::PageCache;
 use chat_gateway::config::{self, RedisUrl, Settings};
 use chat_gateway::fleet::conn::{Connector, Redis};
 use chat_gateway::fleet::keys::Keys;
-use chat_gateway::fleet::l2::{self, L2Page, Lock, MissPlan, L2};
+use chat_gateway::fleet::l2::{self, FetchPlan, Lock, MissPlan, L2};
 use chat_gateway::fleet::limiter::FleetLimiter;
 use chat_gateway::fleet::{Event, Fleet, Shared};
 use chat_gateway::upstream::ratelimit::RateLimiter;
@@ -47,14 +47,20 @@ async fn limiter(url: &str, id: &str, rate: u32) -> Arc<FleetLimiter> {
         Connector::new(u, None, id).unwrap(),
         Duration::from_millis(50),
     );
+    let rate = rate.to_string();
+    let s = settings(
+        url,
+        &[(
+            "CHAT_GATEWAY__RATELIMIT__PER_COMMAND_PER_SEC",
+            rate.as_str(),
+        )],
+    );
     let l = FleetLimiter::start(
         redis,
         Keys::new("test", 1),
         id.to_string(),
-        rate,
-        Default::default(),
-        Duration::from_millis(50),
-        Duration::from_millis(50),
+        &s.ratelimit,
+        s.redis.as_ref().unwrap(),
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !l.fleet_mode() {
@@ -117,7 +123,8 @@ async fn three_limiters_keep_n_in_any_second_and_lease_in_batches() {
     let ops = script_calls(&redis) - before;
     let most = max_in_window(&mut times, Duration::from_secs(1));
     assert!(most <= 50, "{most} calls in one second (limit 50)");
-    let span = times[times.len() - 1] - times[0] + Duration::from_secs(1);
+    // Paced: one call every W / N from the first to the last (a burst at the start).
+    let span = times[times.len() - 1] - times[0];
     let rate = times.len() as f64 / span.as_secs_f64();
     assert!(rate >= 40.0, "{rate:.1} calls/s while demand lasted");
     let per_call = ops as f64 / times.len() as f64;
@@ -158,7 +165,7 @@ async fn a_pause_from_one_gateway_holds_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
+async fn losing_redis_counts_a_full_window_then_a_share_and_coming_back_replays() {
     let mut redis = RedisServer::start();
     let url = redis.url();
     let ls = [
@@ -169,8 +176,8 @@ async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
     for l in &ls {
         l.set_live_gateways(3);
     }
-    // Steady demand of 3 × 8 calls/s (under N = 30) for 4 s, across a kill (at 1.2 s)
-    // and an empty restart (at 2.4 s).
+    // Steady demand of 3 × 8 calls/s (under N = 30) for 6 s, across a kill (at 1.2 s)
+    // and an empty restart (at 3.6 s, after the local shares took over).
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, l) in ls.iter().enumerate() {
@@ -178,13 +185,11 @@ async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             let mut next = started + Duration::from_millis(40 * i as u64);
-            while next < started + Duration::from_secs(4) {
+            while next < started + Duration::from_secs(6) {
                 tokio::time::sleep_until(next.into()).await;
                 let asked = Instant::now();
-                l.acquire(CMD, Duration::from_millis(500))
-                    .await
-                    .expect("admitted without waiting on Redis");
-                out.push((asked, Instant::now()));
+                let r = l.acquire(CMD, Duration::from_millis(500)).await;
+                out.push((asked, Instant::now(), r.is_ok()));
                 next += Duration::from_millis(125);
             }
             out
@@ -192,22 +197,34 @@ async fn losing_redis_falls_back_to_a_share_and_coming_back_replays() {
     }
     tokio::time::sleep_until((started + Duration::from_millis(1200)).into()).await;
     redis.kill();
-    tokio::time::sleep_until((started + Duration::from_millis(2400)).into()).await;
+    tokio::time::sleep_until((started + Duration::from_millis(3600)).into()).await;
     redis.restart();
     let mut times = Vec::new();
     let mut slowest = Duration::ZERO;
+    let (mut local, mut after) = (0, 0);
     for t in tasks {
-        for (asked, at) in t.await.unwrap() {
+        for (asked, at, ok) in t.await.unwrap() {
             slowest = slowest.max(at - asked);
-            times.push(at);
+            if ok {
+                times.push(at);
+                let since = at - started;
+                if since > Duration::from_millis(2400) && since < Duration::from_millis(3600) {
+                    local += 1;
+                }
+                if since > Duration::from_millis(5000) {
+                    after += 1;
+                }
+            }
         }
     }
     let most = max_in_window(&mut times, Duration::from_secs(1));
     assert!(most <= 30, "{most} calls in one second (limit 30)");
     assert!(
-        slowest < Duration::from_millis(500),
-        "a call waited {slowest:?}"
+        slowest < Duration::from_millis(600),
+        "a call waited {slowest:?}: nothing waits on a dead Redis"
     );
+    assert!(local > 0, "the local shares took over");
+    assert!(after > 0, "calls went on after the restart");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !ls.iter().all(|l| l.fleet_mode()) {
         assert!(
@@ -316,12 +333,27 @@ async fn events_reach_the_other_gateways_memory() {
     eprintln!("first event applied after {lag:?}");
 }
 
+/// An `EVAL` that publishes an "accounts" event the way a gateway does: numbered from
+/// the fleet's counter.
+fn publish_as_someone<'a>(stream: &'a str, seq: &'a str, accounts: &'a str) -> [&'a str; 6] {
+    [
+        "EVAL",
+        "local n = redis.call('INCR', KEYS[2]) \
+         return redis.call('XADD', KEYS[1], '*', 'o', 'someone', 'k', 'a', 'v', ARGV[1], 'n', n)",
+        "2",
+        stream,
+        seq,
+        accounts,
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() {
     let mut redis = RedisServer::start();
     let a = member(&redis.url()).await;
     let b = member(&redis.url()).await;
-    let stream = Keys::new("chat-gateway", 1400000000).bus();
+    let keys = Keys::new("chat-gateway", 1400000000);
+    let (stream, seq) = (keys.bus(), keys.bus_seq());
 
     // A dropped connection while an event is published: read on reconnection,
     // nothing else dropped.
@@ -331,17 +363,7 @@ async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() 
     redis
         .atomically(&[
             &["CLIENT", "KILL", "ID", &id],
-            &[
-                "XADD",
-                &stream,
-                "*",
-                "o",
-                "someone",
-                "k",
-                "a",
-                "v",
-                "[\"erin\"]",
-            ],
+            &publish_as_someone(&stream, &seq, "[\"erin\"]"),
         ])
         .unwrap();
     b.wait_gone("erin").await;
@@ -356,9 +378,7 @@ async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() 
     redis
         .atomically(&[
             &["CLIENT", "KILL", "ID", &id],
-            &[
-                "XADD", &stream, "*", "o", "someone", "k", "a", "v", "[\"x\"]",
-            ],
+            &publish_as_someone(&stream, &seq, "[\"x\"]"),
             &["XTRIM", &stream, "MAXLEN", "0"],
         ])
         .unwrap();
@@ -392,34 +412,40 @@ fn l2_for(url: &str, id: &str, timeout: Duration) -> (Arc<Redis>, L2, Arc<Shared
         shared.clone(),
         id.to_string(),
         timeout,
+        64,
     );
     (redis, l2, shared)
 }
 
-fn l2_page(body: &str, fresh: Duration) -> L2Page {
-    let now = l2::unix_ms();
-    L2Page {
-        body: Bytes::from(body.to_string()),
-        stored_ms: now,
-        fresh_until_ms: now + fresh.as_millis() as u64,
-        stale_until_ms: now + 60_000,
-        groups: vec!["@g".into()],
+/// A page body listing the group `@g`.
+fn body(text: &str) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"SessionItem":[{{"Type":2,"GroupId":"@g"}}],"Text":"{text}","ErrorCode":0}}"#
+    ))
+}
+
+fn plan(f: &l2::Found, token: Option<&str>) -> FetchPlan {
+    FetchPlan {
+        gen: f.gen,
+        token: token.map(str::to_string),
+        stale: None,
+        since_ms: f.now_ms,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l2_generations_locks_and_waiting_for_another_gateway() {
     let redis = RedisServer::start();
-    let (r1, g1, _) = l2_for(&redis.url(), "one", Duration::from_millis(600));
+    let (r1, g1, s1) = l2_for(&redis.url(), "one", Duration::from_millis(600));
     let (r2, g2, _) = l2_for(&redis.url(), "two", Duration::from_millis(600));
     assert!(r1.wait_up(Duration::from_secs(5)).await && r2.wait_up(Duration::from_secs(5)).await);
     let key = PageKey::default();
-    let ttl = Duration::from_secs(60);
+    let (ttl, stale) = (Duration::from_secs(30), Duration::from_secs(30));
 
     // A miss takes the lock; another gateway sees it taken.
     let f = g1.lookup("alice", &key, true).await.unwrap();
     assert!(f.page.is_none());
-    let Lock::Mine(token) = f.lock else {
+    let Lock::Mine(token) = f.lock.clone() else {
         panic!("{:?}", f.lock)
     };
     assert_eq!(
@@ -434,44 +460,56 @@ async fn l2_generations_locks_and_waiting_for_another_gateway() {
         (plan, started.elapsed(), g2)
     });
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let p = l2_page("alice v1", Duration::from_secs(30));
+    let p = body("alice v1");
     assert!(g1
-        .store("alice", &p, &key, f.gen, Some(&token), ttl)
+        .store("alice", &p, &key, &plan(&f, Some(&token)), ttl, stale)
         .await
         .unwrap());
-    let (plan, waited, g2) = waiter.await.unwrap();
-    match plan {
-        MissPlan::Serve(got) => assert_eq!(got.body, p.body),
+    let (got, waited, g2) = waiter.await.unwrap();
+    match got {
+        MissPlan::Serve(got, _) => assert_eq!(got.body, p),
         other => panic!("{other:?}"),
     }
     assert!(waited < Duration::from_millis(300), "{waited:?}");
 
-    // An invalidation bumps the generation: the page is gone, and a fetch that began
+    // An invalidation raises the generation: the page is gone, and a fetch that began
     // before it does not store.
-    let old_gen = f.gen;
+    let old = f.clone();
     let keys = Keys::new("t", 1);
-    l2::bump_accounts(&r1, &keys, &["alice".to_string()], ttl)
+    l2::bump_accounts(&r1, &keys, &["alice".to_string()])
         .await
         .unwrap();
     let f = g1.lookup("alice", &key, false).await.unwrap();
-    assert!(f.page.is_none() && f.gen == old_gen + 1);
+    assert!(f.page.is_none() && f.gen > old.gen);
     assert!(!g1
-        .store("alice", &p, &key, old_gen, None, ttl)
+        .store("alice", &p, &key, &plan(&old, None), ttl, stale)
         .await
         .unwrap());
-    assert!(g1.store("alice", &p, &key, f.gen, None, ttl).await.unwrap());
+    assert!(g1
+        .store("alice", &p, &key, &plan(&f, None), ttl, stale)
+        .await
+        .unwrap());
 
-    // A group event takes the accounts whose L2 pages list the group.
-    let members = l2::take_group(&r1, &keys, "@g").await.unwrap();
-    assert_eq!(members, vec!["alice".to_string()]);
-    assert!(l2::take_group(&r1, &keys, "@g").await.unwrap().is_empty());
+    // A group event bumps the accounts whose L2 pages list the group, and empties the
+    // group's index of them.
+    let done = l2::group_event(&r1, &keys, &s1, "@g").await.unwrap();
+    assert_eq!((done.accounts, done.raised), (1, None));
+    let after = g1.lookup("alice", &key, false).await.unwrap();
+    assert!(after.page.is_none() && after.gen > f.gen);
+    let done = l2::group_event(&r1, &keys, &s1, "@g").await.unwrap();
+    assert_eq!(done.accounts, 0);
+    // A fetch that began before the group's event does not store.
+    assert!(!g1
+        .store("alice", &p, &key, &plan(&f, None), ttl, stale)
+        .await
+        .unwrap());
 
     // A holder that dies leaves a lock that others wait out (bounded), then fetch.
     let held = g1.lookup("bob", &key, true).await.unwrap();
     assert!(matches!(held.lock, Lock::Mine(_)));
     let started = Instant::now();
     match g2.plan_miss("bob", &key).await {
-        MissPlan::Fetch { token: None, .. } => {}
+        MissPlan::Fetch(FetchPlan { token: None, .. }) => {}
         other => panic!("{other:?}"),
     }
     let waited = started.elapsed();
@@ -480,19 +518,27 @@ async fn l2_generations_locks_and_waiting_for_another_gateway() {
         "{waited:?}"
     );
 
-    // A stale page is offered for stale-if-error, with the lock to refresh it.
-    let stale = l2_page("carol old", Duration::ZERO);
+    // A page past its TTL is offered for stale-if-error, with the lock to refresh it.
+    let old_carol = body("carol old");
     let f = g1.lookup("carol", &key, false).await.unwrap();
     assert!(g1
-        .store("carol", &stale, &key, f.gen, None, ttl)
+        .store(
+            "carol",
+            &old_carol,
+            &key,
+            &plan(&f, None),
+            Duration::from_millis(1),
+            stale
+        )
         .await
         .unwrap());
+    tokio::time::sleep(Duration::from_millis(10)).await;
     match g2.plan_miss("carol", &key).await {
-        MissPlan::Fetch {
+        MissPlan::Fetch(FetchPlan {
             token: Some(_),
-            stale: Some(s),
+            stale: Some((s, _)),
             ..
-        } => assert_eq!(s.body, stale.body),
+        }) => assert_eq!(s.body, old_carol),
         other => panic!("{other:?}"),
     }
 }
@@ -511,20 +557,45 @@ async fn without_redis_a_gateway_keeps_to_its_share_and_reports_it_on_return() {
         assert!(Instant::now() < deadline, "Redis loss never noticed");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The fleet may have leased up to the hold ahead: the local share counts that
+    // and a whole window more as used. Nothing waits on the dead Redis meanwhile.
+    let lost = Instant::now();
     let started = Instant::now();
-    let mut admitted = 0;
-    for _ in 0..30 {
-        if a.acquire(CMD, Duration::ZERO).await.is_ok() {
-            admitted += 1;
-        }
-    }
+    let t = a.acquire(CMD, Duration::ZERO).await.unwrap_err();
     assert!(
         started.elapsed() < Duration::from_millis(100),
         "nothing waits on a dead Redis"
     );
-    assert_eq!(admitted, 10, "N / 3 without Redis, never unlimited");
+    assert!(
+        t.retry_after > a.hold() + Duration::from_secs(1),
+        "{:?}",
+        t.retry_after
+    );
+    tokio::time::sleep(t.retry_after).await;
+    // Then N / 3 per span, never unlimited: twelve callers, ten in the first span.
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            a.acquire(CMD, Duration::from_secs(2))
+                .await
+                .map(|_| Instant::now())
+        }));
+    }
+    let mut local = Vec::new();
+    for t in tasks {
+        local.push(t.await.unwrap().expect("admitted on the local share"));
+    }
+    local.sort();
+    let span = chat_gateway::upstream::ratelimit::SPAN;
+    assert_eq!(
+        local.iter().filter(|t| **t < local[0] + span).count(),
+        10,
+        "N / 3 without Redis"
+    );
+    assert!(local[0] - lost > a.hold() + Duration::from_secs(1));
     // Redis comes back empty: a's ten calls are written into the log before it
-    // leases again, so another gateway bursting now gets only the rest of N.
+    // leases again, so another gateway gets only the rest of N in that window.
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !a.fleet_mode() {
@@ -532,11 +603,14 @@ async fn without_redis_a_gateway_keeps_to_its_share_and_reports_it_on_return() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let b = limiter(&url, "s2", 30).await;
-    let mut admitted = 0;
+    let mut times = local.clone();
     for _ in 0..30 {
-        if b.acquire(CMD, Duration::ZERO).await.is_ok() {
-            admitted += 1;
+        if b.acquire(CMD, Duration::from_millis(300)).await.is_ok() {
+            times.push(Instant::now());
         }
     }
-    assert_eq!(admitted, 20, "the log counts the calls made without Redis");
+    let w = b.window();
+    let most = max_in_window(&mut times, w);
+    assert!(most <= 30, "{most} calls in one window with a's (limit 30)");
+    assert!(times.len() > 30, "b was admitted too");
 }

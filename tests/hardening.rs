@@ -88,7 +88,9 @@ async fn the_cache_stays_within_max_bytes() {
         post(&gw.url(GET_LIST), format!(r#"{{"From_Account":"acc{i}"}}"#)).await;
     }
     let m = scrape(&gw).await;
-    let weighted = metric(&m, "chat_gateway_cache_weighted_bytes");
+    // Pages only: the item store's share holds nothing but its table here.
+    let weighted = metric(&m, "chat_gateway_cache_weighted_bytes")
+        - metric(&m, "chat_gateway_cache_item_weighted_bytes");
     let pages = metric(&m, "chat_gateway_cache_pages");
     assert!(weighted <= max as f64, "{weighted} > {max}");
     assert!(
@@ -103,6 +105,52 @@ async fn the_cache_stays_within_max_bytes() {
     assert!(
         per_page > body_len as f64 + 500.0,
         "a page weighs its body ({body_len}) plus its overheads: {per_page}"
+    );
+}
+
+/// Per-item entries stay within their share of `cache.max_bytes`
+/// (`cache.items_percent`), generation table included, however many are offered,
+/// and each is weighed at more than its bytes; pages keep the rest.
+#[tokio::test]
+async fn item_entries_stay_within_their_share() {
+    let (fake, _world) = common::world::start().await;
+    let max: u64 = 512 * 1024;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("cache", &format!("max_bytes = {max}\nitems_percent = 40"))],
+    ))
+    .await;
+    let share = max * 40 / 100;
+    let url = gw.url("/v4/profile/portrait_get");
+    for round in 0..400 {
+        let accounts: Vec<String> = (0..50).map(|i| format!("u{round}_{i}")).collect();
+        let body = serde_json::json!({"To_Account": accounts, "TagList": ["Tag_Profile_IM_Nick"]});
+        let a = post(&url, body.to_string()).await;
+        assert_eq!(header(&a, "x-cache"), "MISS");
+    }
+    for i in (0..2000).step_by(7) {
+        post(&gw.url(GET_LIST), format!(r#"{{"From_Account":"acc{i}"}}"#)).await;
+    }
+    let m = scrape(&gw).await;
+    let items = metric(&m, "chat_gateway_cache_item_weighted_bytes");
+    let entries = metric(&m, "chat_gateway_cache_items");
+    let pages = metric(&m, "chat_gateway_cache_weighted_bytes") - items;
+    assert!(items <= share as f64, "{items} > {share}");
+    assert!(
+        pages > 0.0 && pages <= (max - share) as f64,
+        "{pages} > {}",
+        max - share
+    );
+    assert!(
+        entries > 100.0 && entries < 20_000.0,
+        "evicted some, kept some: {entries}"
+    );
+    // An item's bytes: its slice of the answer (about 100 bytes here).
+    let item_len = r#"{"To_Account":"u0_0","ResultCode":0,"ResultInfo":"","ProfileItem":[{"Tag":"Tag_Profile_IM_Nick","Value":"Tag_Profile_IM_Nick/u0_0/0"}]}"#.len();
+    assert!(
+        items / entries > item_len as f64 + 400.0,
+        "an item weighs its bytes ({item_len}) plus its overheads: {}",
+        items / entries
     );
 }
 
@@ -614,15 +662,20 @@ async fn a_retry_waits_for_its_slot_instead_of_failing() {
     ))
     .await;
     let url = gw.url(GET_CONTACT_GROUP);
-    let call = || post(&url, r#"{"From_Account":"u"}"#);
+    // Each first attempt comes when the limiter is idle (one pace, 1.06 s / 20, after
+    // the last call), so with max_wait_ms = 0 it goes at once; the retry (or the
+    // attempt after a renewal) right after it is paced about 53 ms later, and waits
+    // for that slot instead of failing.
+    let call = || async {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        post(&url, r#"{"From_Account":"u"}"#).await
+    };
     for code in [50004, 70001] {
         fail_next.store(code, Ordering::SeqCst);
         let a = call().await;
         assert_eq!(json(&a)["ErrorCode"], 0, "after {code}: {:?}", a.2);
     }
     assert_eq!(fake.count(), 4);
-    // Fill the window (4 calls so far + 15 = 19), then one whose first attempt (the
-    // 20th) fails: its retry is the 21st call of the second and waits for a slot.
     for _ in 0..15 {
         assert_eq!(json(&call().await)["ErrorCode"], 0);
     }

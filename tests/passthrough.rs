@@ -20,14 +20,14 @@ async fn any_command_is_forwarded_with_the_gateways_credentials() {
     let fake = FakeChat::start(Box::new(|_, _| Reply::Json(ok(), Duration::ZERO))).await;
     let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
     let a = post(
-        &gw.url("/v4/profile/portrait_get?usersig=forged&identifier=mallory"),
+        &gw.url("/v4/sns/friend_check?usersig=forged&identifier=mallory"),
         r#"{"To_Account":["u1"],"TagList":["Tag_Profile_IM_Nick"]}"#,
     )
     .await;
     assert_eq!(a.0, 200);
     assert_eq!(json(&a), ok(), "Chat's answer as is");
     let calls = fake.calls();
-    assert_eq!(calls[0].path, "/v4/profile/portrait_get");
+    assert_eq!(calls[0].path, "/v4/sns/friend_check");
     calls[0].assert_gateway_credentials();
     assert!(!calls[0].raw_query.contains("forged") && !calls[0].raw_query.contains("mallory"));
     assert_eq!(
@@ -64,9 +64,7 @@ async fn denied_commands_never_reach_chat() {
     assert_eq!(fake.count(), 0);
     assert_eq!(post(&gw.url(SENDMSG), SEND_BODY).await.0, 200);
     assert_eq!(
-        post(&gw.url("/v4/im_open_login_svc/account_check"), "{}")
-            .await
-            .0,
+        post(&gw.url("/v4/im_open_login_svc/kick"), "{}").await.0,
         200
     );
     assert_eq!(fake.count(), 2);

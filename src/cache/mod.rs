@@ -1,14 +1,23 @@
-//! The get_list page cache: what a key is ([`key`]), where pages live and how an
-//! account's pages are dropped ([`store`]), which accounts list a group ([`groups`]),
-//! how identical misses share one fetch ([`coalesce`]), and the one door every
-//! invalidation source goes through ([`invalidate`]).
+//! The caches. get_list pages: what a page key is ([`key`]), where pages live and
+//! how an account's pages are dropped ([`store`]), which accounts list a group
+//! ([`groups`]). The other cached reads: what an item's key is and what is
+//! forwarded ([`item_key`]), how answers split into items and are assembled back
+//! ([`assemble`]), where items live and how entities invalidate them ([`items`]).
+//! Both: how concurrent misses share one fetch ([`coalesce`]).
+//!
+//! `cache` only knows how to find, store and drop entries; what is cacheable and
+//! what goes stale is decided in [`crate::chat::reads`] and
+//! [`crate::chat::effects`], and invalidations come through [`crate::invalidate`].
 //!
 //! [`PageCache`] is the small interface the handlers use, so a shared L2 (Redis) can
 //! sit behind it later without touching them.
 
+pub mod assemble;
 pub mod coalesce;
 pub mod groups;
 pub mod invalidate;
+pub mod item_key;
+pub mod items;
 pub mod key;
 pub mod store;
 

@@ -1,5 +1,6 @@
-//! One table of Chat commands: whether each is a read (safe to retry) and whose cached
-//! conversation lists it makes stale.
+//! The command table: whether each command is a read (safe to retry), and the names
+//! metrics know. What a write makes stale is the table of invalidations
+//! ([`super::effects`]); what is cached, the table of reads ([`super::reads`]).
 
 /// A command's class, which decides how it may be retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,18 +22,7 @@ impl CommandClass {
     }
 }
 
-/// Whose cached `get_list` pages a command makes stale once Chat has answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Staleness {
-    /// Changes no conversation list.
-    None,
-    /// The body's `From_Account`.
-    FromAccount,
-    /// The body's `From_Account` and `To_Account` (one-to-one messages).
-    FromAndTo,
-}
-
-/// The get_list command, the one the gateway caches.
+/// The get_list command (its own route, key and page store).
 pub const GET_LIST: &str = "recentcontact/get_list";
 
 /// Documented read-only commands: the shipped default of `retry.idempotent_commands`.
@@ -77,6 +67,25 @@ pub const KNOWN_WRITES: &[&str] = &[
     "group_open_http_svc/send_group_msg",
     "im_open_login_svc/account_import",
     "im_open_login_svc/account_delete",
+    "openim/importmsg",
+    "profile/portrait_set",
+    "im_open_login_svc/multiaccount_import",
+    "sns/friend_add",
+    "sns/friend_import",
+    "sns/friend_update",
+    "sns/friend_delete",
+    "sns/friend_delete_all",
+    "sns/black_list_add",
+    "sns/group_add",
+    "sns/group_delete",
+    "group_open_http_svc/create_group",
+    "group_open_http_svc/modify_group_base_info",
+    "group_open_http_svc/add_group_member",
+    "group_open_http_svc/delete_group_member",
+    "group_open_http_svc/destroy_group",
+    "group_open_http_svc/change_group_owner",
+    "group_open_http_svc/modify_group_member_info",
+    "group_open_http_svc/forbid_send_msg",
 ];
 
 /// The class of a built-in command; commands not listed are writes unless config
@@ -87,19 +96,6 @@ pub fn builtin_class(command: &str) -> CommandClass {
         | "recentcontact/get_contact_group"
         | "recentcontact/search_contact_group" => CommandClass::Read,
         _ => CommandClass::Write,
-    }
-}
-
-/// Whose lists `command` makes stale (`shared/chat-api/recentcontact-family.md`).
-pub fn staleness(command: &str) -> Staleness {
-    match command {
-        "recentcontact/delete"
-        | "recentcontact/mark_contact"
-        | "recentcontact/create_contact_group"
-        | "recentcontact/update_contact_group"
-        | "recentcontact/del_contact_group" => Staleness::FromAccount,
-        "openim/sendmsg" => Staleness::FromAndTo,
-        _ => Staleness::None,
     }
 }
 
@@ -142,7 +138,13 @@ mod tests {
         assert_eq!(command_of_path("/v5/a/b"), None);
         assert_eq!(builtin_class(GET_LIST), CommandClass::Read);
         assert_eq!(builtin_class("openim/sendmsg"), CommandClass::Write);
-        assert_eq!(staleness("openim/sendmsg"), Staleness::FromAndTo);
+        for w in super::super::effects::WRITES {
+            assert!(
+                KNOWN_WRITES.contains(&w.name),
+                "{} has no metric label",
+                w.name
+            );
+        }
         assert!(DEFAULT_IDEMPOTENT.contains(&GET_LIST));
         assert!(pattern_matches("*", "a/b"));
         assert!(pattern_matches("openim/*", "openim/sendmsg"));

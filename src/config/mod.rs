@@ -20,8 +20,8 @@ pub use otel::TracingSettings;
 pub use redis::{RedisSettings, RedisUrl};
 pub use secret::Secret;
 pub use settings::{
-    AccessOutput, CacheSettings, ChatSettings, LiveSettings, LogFormat, LogSettings, RetrySettings,
-    ServerSettings, Settings,
+    AccessOutput, CacheSettings, ChatSettings, CommandCache, LiveSettings, LogFormat, LogSettings,
+    RetrySettings, ServerSettings, Settings,
 };
 
 /// Prefix of environment overrides: `CHAT_GATEWAY__CACHE__TTL_SECS=5`.

@@ -64,6 +64,7 @@ pub struct RawRedis {
     pub ca_file: Option<PathBuf>,
     pub lease_ms: u64,
     pub latency_allowance_ms: u64,
+    pub expected_gateways: u64,
 }
 
 /// A Redis URL as `redis://user:<redacted>@host:port/db`; all of it redacted if it
@@ -87,8 +88,9 @@ impl Default for RawRedis {
             timeout_ms: 50,
             l2_cache: true,
             ca_file: None,
-            lease_ms: 50,
-            latency_allowance_ms: 50,
+            lease_ms: 20,
+            latency_allowance_ms: 40,
+            expected_gateways: 1,
         }
     }
 }
@@ -107,6 +109,7 @@ pub struct RawRoutes {
 pub struct RawRateLimit {
     pub per_command_per_sec: u64,
     pub max_wait_ms: u64,
+    pub burst_percent: u64,
     pub commands: std::collections::BTreeMap<String, u64>,
 }
 
@@ -115,6 +118,7 @@ impl Default for RawRateLimit {
         RawRateLimit {
             per_command_per_sec: 200,
             max_wait_ms: 500,
+            burst_percent: 75,
             commands: Default::default(),
         }
     }
@@ -240,6 +244,10 @@ pub struct RawCache {
     pub max_bytes: u64,
     pub stale_if_error_secs: u64,
     pub max_pages_per_account: u64,
+    pub items_percent: u64,
+    /// `[cache.commands."service/command"]`, one table per cached read.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub commands: std::collections::BTreeMap<String, RawCommandCache>,
 }
 
 impl Default for RawCache {
@@ -249,8 +257,23 @@ impl Default for RawCache {
             max_bytes: 64 * 1024 * 1024,
             stale_if_error_secs: 300,
             max_pages_per_account: 64,
+            items_percent: 25,
+            commands: Default::default(),
         }
     }
+}
+
+/// `[cache.commands."service/command"]`: each key left out takes the command's
+/// default (`chat::reads`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCommandCache {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_if_error_secs: Option<u64>,
 }
 
 /// `[retry]`
@@ -275,8 +298,8 @@ impl Default for RawRetry {
                 .iter()
                 .map(|c| c.to_string())
                 .collect(),
-            budget_percent: 20,
-            budget_min_per_sec: 10,
+            budget_percent: 5,
+            budget_min_per_sec: 0,
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct RedisSettings {
     /// window budgets for.
     #[serde(with = "super::settings::millis", rename = "latency_allowance_ms")]
     pub latency_allowance: Duration,
+    /// How many gateways the fleet has, as far as the operator knows: the local share
+    /// of the rate limit is N divided by this (or by the live gateways last seen, if
+    /// more) while Redis is unusable.
+    pub expected_gateways: u32,
 }
 
 /// A parsed `redis://` or `rediss://` URL. `Debug`, `Display` and `Serialize` show it
@@ -190,6 +194,10 @@ pub fn from_raw(r: RawRedis) -> Result<Option<RedisSettings>, ConfigError> {
             "must be 0 to 1000 milliseconds",
         ));
     }
+    let expected_gateways = u32::try_from(r.expected_gateways)
+        .ok()
+        .filter(|g| (1..=10_000).contains(g))
+        .ok_or_else(|| ConfigError::invalid("redis.expected_gateways", "must be 1 to 10000"))?;
     if let Some(ca) = &r.ca_file {
         if !ca.is_file() {
             return Err(ConfigError::invalid(
@@ -212,6 +220,7 @@ pub fn from_raw(r: RawRedis) -> Result<Option<RedisSettings>, ConfigError> {
         ca_file: r.ca_file,
         lease: Duration::from_millis(r.lease_ms),
         latency_allowance: Duration::from_millis(r.latency_allowance_ms),
+        expected_gateways,
     }))
 }
 

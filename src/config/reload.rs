@@ -179,6 +179,27 @@ fn live_changes(old: &LiveSettings, new: &LiveSettings) -> Vec<String> {
         old.stale_if_error.as_secs().to_string(),
         new.stale_if_error.as_secs().to_string(),
     );
+    for (a, b) in old.commands.iter().zip(&new.commands) {
+        if a.command == crate::chat::commands::GET_LIST {
+            continue;
+        }
+        let key = |k: &str| format!("cache.commands.\"{}\".{k}", a.command);
+        cmp(
+            &key("enabled"),
+            a.enabled.to_string(),
+            b.enabled.to_string(),
+        );
+        cmp(
+            &key("ttl_secs"),
+            a.ttl.as_secs().to_string(),
+            b.ttl.as_secs().to_string(),
+        );
+        cmp(
+            &key("stale_if_error_secs"),
+            a.stale_if_error.as_secs().to_string(),
+            b.stale_if_error.as_secs().to_string(),
+        );
+    }
     cmp(
         "retry.max_attempts",
         old.retry.max_attempts.to_string(),

@@ -54,6 +54,8 @@ pub struct RateLimitSettings {
     /// How long a request may wait for its turn before it fails with 60007.
     #[serde(with = "millis", rename = "max_wait_ms")]
     pub max_wait: Duration,
+    /// The burst admitted at once after idle, in percent of a command's rate.
+    pub burst_percent: u32,
 }
 
 /// `[callback]`
@@ -157,11 +159,47 @@ pub struct ChatSettings {
 /// `[cache]` (fixed part)
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheSettings {
-    /// Capacity of the page cache, in bytes, weighed at what entries really cost.
+    /// Capacity of the cache, in bytes, weighed at what entries really cost.
     pub max_bytes: u64,
     /// Pages one account may hold; past it the account's oldest page goes.
     pub max_pages_per_account: usize,
+    /// The share of `max_bytes` (percent) for per-item entries; the rest holds
+    /// get_list pages.
+    pub items_percent: u8,
 }
+
+impl CacheSettings {
+    /// Bytes for per-item entries (and their generation table).
+    pub fn items_bytes(&self) -> u64 {
+        self.max_bytes / 100 * u64::from(self.items_percent)
+            + self.max_bytes % 100 * u64::from(self.items_percent) / 100
+    }
+
+    /// Bytes for get_list pages.
+    pub fn pages_bytes(&self) -> u64 {
+        self.max_bytes - self.items_bytes()
+    }
+}
+
+/// `[cache.commands."service/command"]`, effective: one per row of
+/// [`crate::chat::reads::READS`] (get_list's mirrors `cache.ttl_secs` and
+/// `cache.stale_if_error_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CommandCache {
+    /// The command.
+    pub command: &'static str,
+    /// Whether its answers are cached (otherwise it is forwarded like any command).
+    pub enabled: bool,
+    /// How long an entry is served as fresh.
+    #[serde(with = "secs", rename = "ttl_secs")]
+    pub ttl: Duration,
+    /// How long after its TTL an entry may be served when Chat fails.
+    #[serde(with = "secs", rename = "stale_if_error_secs")]
+    pub stale_if_error: Duration,
+}
+
+/// Longest `ttl_secs` / `stale_if_error_secs` of a cached command (a day).
+pub const MAX_COMMAND_SECS: u64 = 86_400;
 
 /// The settings that may change while the gateway runs (hot reload).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -175,6 +213,9 @@ pub struct LiveSettings {
     pub stale_if_error: Duration,
     /// `[retry]`
     pub retry: RetrySettings,
+    /// `[cache.commands."…"]`, indexed like [`crate::chat::reads::READS`].
+    #[serde(rename = "cache_commands")]
+    pub commands: Vec<CommandCache>,
 }
 
 /// `[retry]`
@@ -190,9 +231,9 @@ pub struct RetrySettings {
     pub max_delay: Duration,
     /// Commands besides the built-in reads that are safe to retry like reads.
     pub idempotent_commands: std::collections::BTreeSet<String>,
-    /// Retries may be at most this percentage of recent requests...
+    /// Retry throttling: every request adds this percentage of a retry token...
     pub budget_percent: u32,
-    /// ...plus this many per second.
+    /// ...and this many tokens are added per second (every answered call adds half).
     pub budget_min_per_sec: u32,
 }
 
@@ -453,7 +494,19 @@ impl Settings {
                     ))
                 }
             },
+            items_percent: match raw.cache.items_percent {
+                n @ 1..=90 => n as u8,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "cache.items_percent",
+                        "must be 1 to 90 (percent of cache.max_bytes)",
+                    ))
+                }
+            },
         };
+        let cache_ttl = Duration::from_secs(positive("cache.ttl_secs", raw.cache.ttl_secs)?);
+        let stale_if_error = Duration::from_secs(raw.cache.stale_if_error_secs);
+        let commands = command_caches(&raw.cache.commands, cache_ttl, stale_if_error)?;
         let r = raw.retry;
         let max_attempts = positive("retry.max_attempts", r.max_attempts)?;
         if max_attempts > 10 {
@@ -469,8 +522,9 @@ impl Settings {
             ));
         }
         let live = LiveSettings {
-            cache_ttl: Duration::from_secs(positive("cache.ttl_secs", raw.cache.ttl_secs)?),
-            stale_if_error: Duration::from_secs(raw.cache.stale_if_error_secs),
+            cache_ttl,
+            stale_if_error,
+            commands,
             retry: RetrySettings {
                 max_attempts: max_attempts as u32,
                 base_delay: Duration::from_millis(r.base_delay_ms),
@@ -513,6 +567,12 @@ impl Settings {
             per_command_per_sec: rate("ratelimit.per_command_per_sec", rl.per_command_per_sec)?,
             commands,
             max_wait: Duration::from_millis(rl.max_wait_ms),
+            burst_percent: u32::try_from(rl.burst_percent)
+                .ok()
+                .filter(|p| (1..=100).contains(p))
+                .ok_or_else(|| {
+                    ConfigError::invalid("ratelimit.burst_percent", "must be 1 to 100")
+                })?,
         };
         let log_format = |key: &str, v: &str| match v {
             "text" => Ok(LogFormat::Text),
@@ -673,6 +733,24 @@ impl Settings {
                 max_bytes: self.cache.max_bytes,
                 stale_if_error_secs: secs(self.live.stale_if_error),
                 max_pages_per_account: self.cache.max_pages_per_account as u64,
+                items_percent: u64::from(self.cache.items_percent),
+                commands: self
+                    .live
+                    .commands
+                    .iter()
+                    .zip(crate::chat::reads::READS)
+                    .filter(|(_, row)| row.store == crate::chat::reads::Store::Items)
+                    .map(|(c, _)| {
+                        (
+                            c.command.to_string(),
+                            RawCommandCache {
+                                enabled: Some(c.enabled),
+                                ttl_secs: Some(secs(c.ttl)),
+                                stale_if_error_secs: Some(secs(c.stale_if_error)),
+                            },
+                        )
+                    })
+                    .collect(),
             },
             retry: {
                 let r = &self.live.retry;
@@ -724,6 +802,7 @@ impl Settings {
             ratelimit: RawRateLimit {
                 per_command_per_sec: u64::from(self.ratelimit.per_command_per_sec),
                 max_wait_ms: ms(self.ratelimit.max_wait),
+                burst_percent: u64::from(self.ratelimit.burst_percent),
                 commands: self
                     .ratelimit
                     .commands
@@ -740,12 +819,92 @@ impl Settings {
                     ca_file: r.ca_file.clone(),
                     lease_ms: ms(r.lease),
                     latency_allowance_ms: ms(r.latency_allowance),
+                    expected_gateways: u64::from(r.expected_gateways),
                 },
                 None => RawRedis::default(),
             },
             tracing: super::otel::to_raw(self.tracing.as_ref()),
         }
     }
+}
+
+/// The effective settings of every cached read: each row's defaults, overridden by
+/// its `[cache.commands."…"]` table. get_list is set by `cache.ttl_secs` and
+/// `cache.stale_if_error_secs` (one home for each value), so a table for it is
+/// refused, as is one for a command that is not cached.
+fn command_caches(
+    raw: &std::collections::BTreeMap<String, super::raw::RawCommandCache>,
+    cache_ttl: Duration,
+    stale_if_error: Duration,
+) -> Result<Vec<CommandCache>, ConfigError> {
+    use crate::chat::reads::{self, Store, NEVER_CACHED, READS};
+    for (command, _) in raw.iter() {
+        let key = format!("cache.commands.\"{command}\"");
+        if let Some((_, why)) = NEVER_CACHED.iter().find(|(c, _)| c == command) {
+            return Err(ConfigError::invalid(
+                &key,
+                format!("is never cached: {why}"),
+            ));
+        }
+        match reads::row(command) {
+            None => {
+                let cached: Vec<&str> = READS
+                    .iter()
+                    .filter(|r| r.store == Store::Items)
+                    .map(|r| r.command)
+                    .collect();
+                return Err(ConfigError::invalid(
+                    &key,
+                    format!(
+                        "is not a cached command; cached commands: {}",
+                        cached.join(", ")
+                    ),
+                ));
+            }
+            Some((_, r)) if r.store == Store::Pages => {
+                return Err(ConfigError::invalid(
+                    &key,
+                    "get_list is set by cache.ttl_secs and cache.stale_if_error_secs",
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut out = Vec::with_capacity(READS.len());
+    for row in READS {
+        if row.store == Store::Pages {
+            out.push(CommandCache {
+                command: row.command,
+                enabled: true,
+                ttl: cache_ttl,
+                stale_if_error,
+            });
+            continue;
+        }
+        let key = format!("cache.commands.\"{}\"", row.command);
+        let set = raw.get(row.command).cloned().unwrap_or_default();
+        let ttl = set.ttl_secs.unwrap_or(row.ttl_secs);
+        if !(1..=MAX_COMMAND_SECS).contains(&ttl) {
+            return Err(ConfigError::invalid(
+                &format!("{key}.ttl_secs"),
+                format!("must be 1 to {MAX_COMMAND_SECS}"),
+            ));
+        }
+        let stale = set.stale_if_error_secs.unwrap_or(row.stale_if_error_secs);
+        if stale > MAX_COMMAND_SECS {
+            return Err(ConfigError::invalid(
+                &format!("{key}.stale_if_error_secs"),
+                format!("must be 0 to {MAX_COMMAND_SECS}"),
+            ));
+        }
+        out.push(CommandCache {
+            command: row.command,
+            enabled: set.enabled.unwrap_or(true),
+            ttl: Duration::from_secs(ttl),
+            stale_if_error: Duration::from_secs(stale),
+        });
+    }
+    Ok(out)
 }
 
 /// An optional `ip:port` key.

@@ -4,43 +4,50 @@
 //! **Publishing.** [`crate::cache::invalidate::Invalidator`] applies an invalidation to
 //! this gateway's memory and hands the event to [`Bus::publish`] (no waiting). A task
 //! sends queued events in batches: first the L2 side, once, by the publishing gateway
-//! (the accounts' generations; for a group, the accounts Redis's GroupId index holds;
-//! for "everything", the fleet-wide generation), then one `XADD` per event to the
-//! stream `P:{fleet}:bus` (`MAXLEN ~` [`MAXLEN`]). Until an event is in Redis, this
-//! gateway does not read L2 for what it names ([`Pending`]), so its own writes are read
-//! back fresh. Events that cannot be sent (Redis down) wait in the queue and go out
-//! when Redis is back; past [`MAX_QUEUE`] events or [`MAX_QUEUED_NAMES`] names they
-//! collapse into one "everything".
+//! (the accounts' generations; for a group, the accounts of Redis's GroupId index, in
+//! chunks ([`l2::group_event`]); for "everything", the fleet-wide generation), then the
+//! entries, by one script that numbers each one (`n`, from `P:{fleet}:seq`) as it
+//! appends it to the stream `P:{fleet}:bus` (`MAXLEN ~` [`MAXLEN`]). An event leaves the
+//! queue only when all of that has landed: a failure at any step (Redis down, full,
+//! paused) leaves it queued, and the retry does again what is needed (bumping twice
+//! costs nothing). Until an event is in Redis, this gateway does not read L2 for what
+//! it names ([`Pending`]), so its own writes are read back fresh. Past [`MAX_QUEUE`]
+//! events or [`MAX_QUEUED_NAMES`] names the queue collapses into one "everything".
 //!
 //! **Receiving.** A task reads the stream (`XREAD BLOCK` on its own connection) from
 //! the position it remembers, and applies other gateways' events to this gateway's
 //! memory only (no re-publishing).
 //!
-//! **Loss detection (Redis Streams with a remembered position).** The gateway drops its
-//! in-memory pages (`chat_gateway_fleet_resyncs_total{reason}`) before serving from
-//! them again whenever it may have missed an event:
-//! - `restart`: the server's `run_id` is not the one the position was taken on (Redis
-//!   restarted, possibly empty, or failed over);
-//! - `gap`: the entry at the position is gone (the stream was trimmed past it, or
-//!   deleted or evicted): trimming removes the oldest entries first, so while the
-//!   position's own entry is there, nothing after it was lost. Checked on every
-//!   reconnection, and after every full batch (a reader that far behind may have been
-//!   overtaken by trimming);
+//! **Loss detection (numbered entries in a stream, with a remembered position).** The
+//! gateway drops its in-memory pages (`chat_gateway_fleet_resyncs_total{reason}`)
+//! before serving from them again whenever it may have missed an event:
+//! - `restart`: the server is not the one the position was taken on (Redis restarted,
+//!   possibly empty, or failed over; see [`conn::Session`]);
+//! - `gap`: entries are missing: the next entry read is not numbered one past the last
+//!   one (the stream was trimmed past the position, or deleted and re-created), or
+//!   the counter is past the last entry read while the stream does not hold that
+//!   entry (the stream was deleted). Checked on every entry, on every reconnection,
+//!   and whenever a read waits a whole block for nothing;
+//! - `lost`: the counter went back (below an entry this gateway read or published):
+//!   Redis lost writes (a lagging replica promoted, an older snapshot, eviction).
+//!   Other gateways may not be able to tell (they may not have seen the lost
+//!   entries), so this gateway also publishes "everything", which raises the
+//!   fleet-wide generation (no L2 page from before is served again) and makes every
+//!   gateway drop its memory;
 //! - `reconnect`: pages were cached while the gateway held no position (it served
 //!   before it could first read the stream).
 //!
 //! A dropped connection alone is not a loss: the events stay in the stream and are
 //! read on reconnection. The position is always an entry this gateway saw; when it
-//! needs a new one it appends a marker entry (`k=h`) and takes its id, then drops its
-//! pages, so every event after the marker is read and every event before it is covered
-//! by the drop.
+//! needs a new one it appends a marker entry (`k=h`) and takes its id and number,
+//! then drops its pages, so every event after the marker is read and every event
+//! before it is covered by the drop.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use metrics::{counter, histogram};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -48,10 +55,9 @@ use tokio::sync::Notify;
 
 use super::conn::{self, FleetError, Op, Redis};
 use super::keys::Keys;
-use super::l2::{self, unix_ms};
+use super::l2;
 use super::Shared;
 use crate::cache::PageCache;
-use crate::config::LiveSettings;
 use crate::metrics::names;
 
 /// Entries the stream keeps (approximately).
@@ -67,6 +73,27 @@ const BATCH: usize = 256;
 const READ_COUNT: usize = 512;
 /// How long one `XREAD` blocks.
 const BLOCK: Duration = Duration::from_millis(1000);
+/// How long the reader waits for any other step (a check, a marker).
+const STEP: Duration = Duration::from_secs(2);
+
+/// Appends numbered entries. `KEYS[1]`: the stream, `KEYS[2]`: the counter. ARGV:
+/// MAXLEN, origin, then per entry: kind, value, fleet generation ('' for none).
+/// Returns {id, n} of the last entry.
+const PUBLISH: &str = r#"
+local id, n
+for i = 3, #ARGV, 3 do
+  n = redis.call('INCR', KEYS[2])
+  if ARGV[i + 2] ~= '' then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'o', ARGV[2], 'k', ARGV[i], 'v', ARGV[i + 1], 'n', n, 'f', ARGV[i + 2])
+  else
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'o', ARGV[2], 'k', ARGV[i], 'v', ARGV[i + 1], 'n', n)
+  end
+end
+return {id, n}
+"#;
+
+pub(crate) static PUBLISH_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(PUBLISH));
 
 /// An invalidation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,7 +208,6 @@ pub struct Bus {
     cache: Arc<dyn PageCache>,
     shared: Arc<Shared>,
     l2: bool,
-    live: Arc<ArcSwap<LiveSettings>>,
     queue: Mutex<Queue>,
     wake: Arc<Notify>,
     /// Whether the reader holds a position in the stream.
@@ -201,8 +227,34 @@ impl std::fmt::Debug for Bus {
 struct Position {
     /// The last entry read (or the marker taken).
     id: String,
-    /// The server it was read on.
-    run_id: String,
+    /// Its number.
+    n: u64,
+    /// The server it was read on ([`conn::identify`]).
+    identity: String,
+}
+
+/// Why the reader drops its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Another server.
+    Restart,
+    /// Entries missing from the stream.
+    Gap,
+    /// Redis went back (the counter is below what this gateway saw).
+    Lost,
+    /// Pages cached while the gateway held no position.
+    Reconnect,
+}
+
+impl Loss {
+    fn as_str(self) -> &'static str {
+        match self {
+            Loss::Restart => "restart",
+            Loss::Gap => "gap",
+            Loss::Lost => "lost",
+            Loss::Reconnect => "reconnect",
+        }
+    }
 }
 
 impl Bus {
@@ -214,7 +266,6 @@ impl Bus {
         cache: Arc<dyn PageCache>,
         shared: Arc<Shared>,
         l2: bool,
-        live: Arc<ArcSwap<LiveSettings>>,
     ) -> Arc<Bus> {
         let bus = Arc::new(Bus {
             redis,
@@ -223,7 +274,6 @@ impl Bus {
             cache,
             shared,
             l2,
-            live,
             queue: Mutex::new(Queue::default()),
             wake: Arc::new(Notify::new()),
             positioned: AtomicBool::new(false),
@@ -261,70 +311,76 @@ impl Bus {
         self.queue.lock().map(|q| q.events.len()).unwrap_or(0)
     }
 
-    /// How long L2 keeps an invalidated account's generation: as long as a page.
-    fn l2_ttl(&self) -> Duration {
-        let live = self.live.load();
-        live.cache_ttl + live.stale_if_error + Duration::from_secs(60)
-    }
-
-    /// Sends a batch: the L2 side first, then the events.
+    /// Sends a batch: the L2 side first, then the numbered entries.
     async fn send(&self, batch: &[Event]) -> Result<(), FleetError> {
-        let mut entries: Vec<(&'static str, String)> = Vec::with_capacity(batch.len());
+        let mut entries: Vec<(&'static str, String, String)> = Vec::with_capacity(batch.len());
         for e in batch {
             match e {
                 Event::Accounts(list) => {
                     if self.l2 {
-                        l2::bump_accounts(&self.redis, &self.keys, list, self.l2_ttl()).await?;
+                        l2::bump_accounts(&self.redis, &self.keys, list).await?;
                     }
-                    entries.push(("a", serde_json::to_string(list).unwrap_or_default()));
+                    entries.push((
+                        "a",
+                        serde_json::to_string(list).unwrap_or_default(),
+                        String::new(),
+                    ));
                 }
                 Event::Group(g) => {
+                    let mut raised = String::new();
                     if self.l2 {
-                        let members = l2::take_group(&self.redis, &self.keys, g).await?;
-                        l2::bump_accounts(&self.redis, &self.keys, &members, self.l2_ttl()).await?;
+                        let done =
+                            l2::group_event(&self.redis, &self.keys, &self.shared, g).await?;
+                        if let Some(gen) = done.raised {
+                            raised = gen.to_string();
+                        }
                     }
-                    entries.push(("g", g.clone()));
+                    entries.push(("g", g.clone(), raised));
                 }
                 Event::All => {
                     let gen = if self.l2 {
-                        let g = l2::bump_fleet(&self.redis, &self.keys).await?;
-                        self.shared.fleet_gen.fetch_max(g, Ordering::AcqRel);
-                        g
+                        l2::bump_fleet(&self.redis, &self.keys, &self.shared).await?
                     } else {
                         0
                     };
-                    entries.push(("*", gen.to_string()));
+                    entries.push(("*", gen.to_string(), String::new()));
                 }
             }
         }
-        let key = self.keys.bus();
+        let (last_id, n) = self.append(entries).await?;
+        tracing::trace!(last_id, n, "published");
+        Ok(())
+    }
+
+    /// Appends numbered entries; returns the last one's id and number.
+    async fn append(
+        &self,
+        entries: Vec<(&'static str, String, String)>,
+    ) -> Result<(String, u64), FleetError> {
+        let stream = self.keys.bus();
+        let seq = self.keys.bus_seq();
         let id = self.id.clone();
-        self.redis
-            .run(Op::Publish, |mut c| async move {
-                let mut p = redis::pipe();
-                for (kind, v) in &entries {
-                    p.cmd("XADD")
-                        .arg(&key)
-                        .arg("MAXLEN")
-                        .arg("~")
-                        .arg(MAXLEN)
-                        .arg("*")
-                        .arg("o")
-                        .arg(&id)
-                        .arg("k")
-                        .arg(*kind)
-                        .arg("v")
-                        .arg(v)
-                        .ignore();
+        let (last_id, n): (String, u64) = self
+            .redis
+            .run_long(Op::Publish, |mut c| async move {
+                let mut inv = PUBLISH_SCRIPT.key(stream);
+                inv.key(seq).arg(MAXLEN).arg(id);
+                for (kind, v, f) in &entries {
+                    inv.arg(*kind).arg(v).arg(f);
                 }
-                let r = p.query_async::<()>(&mut c).await;
+                let r = inv.invoke_async(&mut c).await;
                 r
             })
-            .await
+            .await?;
+        self.shared.seq_seen.fetch_max(n, Ordering::AcqRel);
+        Ok((last_id, n))
     }
 
     /// Applies one entry of the stream.
     fn apply(&self, entry_id: &str, fields: &HashMap<String, String>) {
+        if let Some(g) = fields.get("f").and_then(|f| f.parse::<u64>().ok()) {
+            self.shared.fleet_gen.fetch_max(g, Ordering::AcqRel);
+        }
         if fields.get("o").is_some_and(|o| *o == self.id) {
             return;
         }
@@ -351,20 +407,24 @@ impl Bus {
             .next()
             .and_then(|m| m.parse::<u64>().ok())
         {
-            let lag = unix_ms().saturating_sub(ms);
+            let lag = super::wall_ms().saturating_sub(ms);
             histogram!(names::FLEET_LAG).record(lag as f64 / 1000.0);
         }
     }
 
-    /// Drops every in-memory page: invalidations may have been missed.
-    fn resync(&self, reason: &'static str) {
+    /// Drops every in-memory page: invalidations may have been missed. After a loss
+    /// of Redis's own state, the whole fleet is told to do the same.
+    fn resync(&self, why: Loss) {
         let pages = self.cache.invalidate_all();
-        counter!(names::FLEET_RESYNCS, "reason" => reason).increment(1);
+        counter!(names::FLEET_RESYNCS, "reason" => why.as_str()).increment(1);
         tracing::warn!(
-            reason,
+            reason = why.as_str(),
             pages,
             "may have missed fleet invalidations; dropped the in-memory pages"
         );
+        if why == Loss::Lost {
+            self.publish(Event::All);
+        }
     }
 }
 
@@ -400,45 +460,70 @@ async fn publish_loop(weak: std::sync::Weak<Bus>) {
                 }
                 counter!(names::FLEET_SENT).increment(batch.len() as u64);
             }
-            Err(_) => {
+            Err(e) => {
+                tracing::debug!(error = %e, "invalidations not sent yet; retrying");
                 drop(bus);
                 // Wait for Redis to come back (a new session), or retry a transient
-                // error after a short pause.
+                // error (a full Redis, paused writes) after a short pause.
                 let _ = tokio::time::timeout(Duration::from_millis(200), sessions.changed()).await;
             }
         }
     }
 }
 
-/// Whether entry `id` is still in `stream`.
-async fn entry_exists(
+/// Appends a marker entry and returns its id and number: a position that exists.
+async fn mark(
     c: &mut MultiplexedConnection,
-    stream: &str,
-    id: &str,
-) -> redis::RedisResult<bool> {
-    let v: Value = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg(id)
-        .arg(id)
-        .query_async(c)
-        .await?;
-    Ok(matches!(v, Value::Array(a) if !a.is_empty()))
+    keys: &Keys,
+    me: &str,
+) -> redis::RedisResult<(String, u64)> {
+    PUBLISH_SCRIPT
+        .key(keys.bus())
+        .key(keys.bus_seq())
+        .arg(MAXLEN)
+        .arg(me)
+        .arg("h")
+        .arg("")
+        .arg("")
+        .invoke_async(c)
+        .await
 }
 
-/// Appends a marker entry and returns its id: a position that exists.
-async fn mark(c: &mut MultiplexedConnection, stream: &str, me: &str) -> redis::RedisResult<String> {
-    redis::cmd("XADD")
-        .arg(stream)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(MAXLEN)
-        .arg("*")
-        .arg("o")
-        .arg(me)
-        .arg("k")
-        .arg("h")
+/// The counter and the stream's last entry's number (-1: the stream is empty or
+/// gone), read together (`MULTI`: reads only, so a Redis pausing writes answers it).
+async fn check(c: &mut MultiplexedConnection, keys: &Keys) -> redis::RedisResult<(u64, i64)> {
+    let (counter, last): (Option<u64>, Value) = redis::pipe()
+        .atomic()
+        .cmd("GET")
+        .arg(keys.bus_seq())
+        .cmd("XREVRANGE")
+        .arg(keys.bus())
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
         .query_async(c)
-        .await
+        .await?;
+    let last_n = parse_entries(last)
+        .first()
+        .and_then(|(_, f)| f.get("n"))
+        .and_then(|n| n.parse::<i64>().ok())
+        .unwrap_or(-1);
+    Ok((counter.unwrap_or(0), last_n))
+}
+
+/// What the counter and the stream say about a reader at `pos` that found nothing more
+/// to read, this gateway having seen events up to `seen`.
+fn judge(pos: &Position, seen: u64, counter: u64, last_n: i64) -> Option<Loss> {
+    if counter < pos.n.max(seen) {
+        Some(Loss::Lost)
+    } else if counter > pos.n && last_n != counter as i64 {
+        // Entries were appended after ours, but the stream does not end with the last
+        // of them: they are gone (the stream was deleted or emptied).
+        Some(Loss::Gap)
+    } else {
+        None
+    }
 }
 
 type Entry = (String, HashMap<String, String>);
@@ -459,26 +544,33 @@ fn parse_xread(v: Value) -> Vec<Entry> {
         if kv.len() != 2 {
             continue;
         }
-        let Value::Array(entries) = kv.pop().unwrap_or(Value::Nil) else {
+        out.extend(parse_entries(kv.pop().unwrap_or(Value::Nil)));
+    }
+    out
+}
+
+/// Parses a list of stream entries (`XRANGE`, or one stream of `XREAD`).
+fn parse_entries(v: Value) -> Vec<Entry> {
+    let Value::Array(entries) = v else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let Value::Array(mut parts) = e else { continue };
+        if parts.len() != 2 {
             continue;
-        };
-        for e in entries {
-            let Value::Array(mut parts) = e else { continue };
-            if parts.len() != 2 {
-                continue;
-            }
-            let fields = parts.pop().unwrap_or(Value::Nil);
-            let id = text(&parts[0]);
-            let mut map = HashMap::new();
-            if let Value::Array(f) = fields {
-                for pair in f.chunks(2) {
-                    if let [k, v] = pair {
-                        map.insert(text(k), text(v));
-                    }
+        }
+        let fields = parts.pop().unwrap_or(Value::Nil);
+        let id = text(&parts[0]);
+        let mut map = HashMap::new();
+        if let Value::Array(f) = fields {
+            for pair in f.chunks(2) {
+                if let [k, v] = pair {
+                    map.insert(text(k), text(v));
                 }
             }
-            out.push((id, map));
         }
+        out.push((id, map));
     }
     out
 }
@@ -492,57 +584,78 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// Takes a new position (a marker) and then drops the memory, if `why`.
+async fn reposition(
+    c: &mut MultiplexedConnection,
+    bus: &Bus,
+    identity: &str,
+    why: Option<Loss>,
+) -> redis::RedisResult<Position> {
+    let (id, n) = mark(c, &bus.keys, &bus.id).await?;
+    bus.shared.seq_seen.fetch_max(n, Ordering::AcqRel);
+    bus.positioned.store(true, Ordering::Release);
+    // The position is taken first: every event after it will be read, every one
+    // before it is covered by this drop.
+    if let Some(w) = why {
+        bus.resync(w);
+    }
+    Ok(Position {
+        id,
+        n,
+        identity: identity.to_string(),
+    })
+}
+
 async fn read_loop(weak: std::sync::Weak<Bus>) {
     let mut pos: Option<Position> = None;
     let mut backoff = Duration::from_millis(50);
+    // The bus connection's own marker (see conn::identify).
+    let markers = AtomicU64::new(0);
     loop {
         let Some(bus) = weak.upgrade() else { return };
         let connector = bus.redis.connector().clone();
+        let marker = connector.marker("bus");
         let stream = bus.keys.bus();
-        let me = bus.id.clone();
         drop(bus);
-        let attempt = async {
-            let mut c = connector.connect("bus").await?;
-            let id = conn::run_id(&mut c).await?;
-            Ok::<_, redis::RedisError>((c, id))
-        };
         let ready = tokio::time::timeout(Duration::from_secs(2), async {
-            let (mut c, run_id) = attempt.await?;
+            let mut c = connector.connect("bus").await?;
+            let identity = conn::identify(&mut c, &marker, &markers).await?;
+            let Some(bus) = weak.upgrade() else {
+                return Ok(None);
+            };
             // Can we carry on from where we were?
-            let reason = match &pos {
-                None => None,
-                Some(p) if p.run_id != run_id => Some("restart"),
-                Some(p) if entry_exists(&mut c, &stream, &p.id).await? => None,
-                Some(_) => Some("gap"),
-            };
-            let marked = if pos.is_none() || reason.is_some() {
-                Some(mark(&mut c, &stream, &me).await?)
-            } else {
-                None
-            };
-            Ok::<_, redis::RedisError>((c, run_id, reason, marked))
-        })
-        .await;
-        let (mut c, run_id) = match ready {
-            Ok(Ok((c, run_id, reason, marked))) => {
-                if let Some(id) = marked {
-                    let had_none = pos.is_none();
-                    pos = Some(Position {
-                        id,
-                        run_id: run_id.clone(),
-                    });
-                    let Some(bus) = weak.upgrade() else { return };
-                    bus.positioned.store(true, Ordering::Release);
-                    // The position is taken first: every event after it will be read,
-                    // every one before it is covered by this drop.
-                    match reason {
-                        Some(r) => bus.resync(r),
-                        None if had_none && bus.cache.stats().pages > 0 => bus.resync("reconnect"),
-                        None => {}
+            let p = match pos.clone() {
+                None => {
+                    let had_pages = bus.cache.stats().pages > 0;
+                    reposition(
+                        &mut c,
+                        &bus,
+                        &identity,
+                        had_pages.then_some(Loss::Reconnect),
+                    )
+                    .await?
+                }
+                Some(p) if p.identity != identity => {
+                    reposition(&mut c, &bus, &identity, Some(Loss::Restart)).await?
+                }
+                Some(p) => {
+                    let (counter, last_n) = check(&mut c, &bus.keys).await?;
+                    let seen = bus.shared.seq_seen.load(Ordering::Acquire);
+                    match judge(&p, seen, counter, last_n) {
+                        Some(why) => reposition(&mut c, &bus, &identity, Some(why)).await?,
+                        None => p,
                     }
                 }
-                (c, run_id)
+            };
+            Ok::<_, redis::RedisError>(Some((c, p)))
+        })
+        .await;
+        let mut c = match ready {
+            Ok(Ok(Some((c, p)))) => {
+                pos = Some(p);
+                c
             }
+            Ok(Ok(None)) => return,
             _ => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(conn::MAX_BACKOFF);
@@ -566,42 +679,59 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
                 _ => break,
             };
             let entries = parse_xread(v);
+            let Some(bus) = weak.upgrade() else { return };
             if entries.is_empty() {
+                // A whole block without an entry: were entries lost meanwhile (the
+                // stream deleted)?
+                let Ok(Ok((counter, last_n))) =
+                    tokio::time::timeout(STEP, check(&mut c, &bus.keys)).await
+                else {
+                    break;
+                };
+                let seen = bus.shared.seq_seen.load(Ordering::Acquire);
+                if let Some(why) = judge(&p, seen, counter, last_n) {
+                    let again = reposition(&mut c, &bus, &p.identity, Some(why));
+                    match tokio::time::timeout(STEP, again).await {
+                        Ok(Ok(np)) => pos = Some(np),
+                        _ => break,
+                    }
+                }
                 continue;
             }
-            let Some(bus) = weak.upgrade() else { return };
-            if entries.len() >= READ_COUNT {
-                // Far behind: make sure trimming did not overtake us.
-                match entry_exists(&mut c, &stream, &p.id).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        if let Ok(id) = mark(&mut c, &stream, &me).await {
-                            pos = Some(Position {
-                                id,
-                                run_id: run_id.clone(),
-                            });
-                            bus.resync("gap");
-                            continue;
-                        }
+            let started = Instant::now();
+            let mut cur = p;
+            let mut broken = None;
+            for (id, fields) in &entries {
+                match fields.get("n").and_then(|n| n.parse::<u64>().ok()) {
+                    Some(n) if n <= cur.n => {
+                        broken = Some(Loss::Lost);
                         break;
                     }
-                    Err(_) => break,
+                    Some(n) if n > cur.n + 1 => {
+                        broken = Some(Loss::Gap);
+                        break;
+                    }
+                    Some(n) => cur.n = n,
+                    // An entry without a number (an older gateway's): nothing to check.
+                    None => {}
                 }
-            }
-            let started = Instant::now();
-            for (id, fields) in &entries {
+                bus.shared.seq_seen.fetch_max(cur.n, Ordering::AcqRel);
                 bus.apply(id, fields);
+                cur.id = id.clone();
             }
             tracing::trace!(
                 events = entries.len(),
                 took_us = started.elapsed().as_micros() as u64,
                 "applied fleet events"
             );
-            if let Some((last, _)) = entries.last() {
-                pos = Some(Position {
-                    id: last.clone(),
-                    run_id: run_id.clone(),
-                });
+            if let Some(why) = broken {
+                let again = reposition(&mut c, &bus, &cur.identity, Some(why));
+                match tokio::time::timeout(STEP, again).await {
+                    Ok(Ok(np)) => pos = Some(np),
+                    _ => break,
+                }
+            } else {
+                pos = Some(cur);
             }
         }
     }

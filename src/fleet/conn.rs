@@ -1,23 +1,41 @@
 //! The one place every Redis operation goes through: the connection (TCP or rustls
-//! TLS), `redis.timeout_ms` on every operation, the health state, and the reconnect
-//! loop.
+//! TLS), the deadlines, the health state, the reconnect loop, and what each new
+//! session finds out about the server.
 //!
-//! - Every operation runs under `redis.timeout_ms` and is recorded in
+//! - **Deadlines.** An operation on behalf of a request runs under that request's
+//!   Redis budget ([`with_budget`]): `redis.timeout_ms` for all of the request's Redis
+//!   work together, not per operation. Other operations get `redis.timeout_ms` each
+//!   ([`Redis::run`]); the invalidation bus's bulk work gets [`BACKGROUND_TIMEOUT`]
+//!   ([`Redis::run_long`]). Every operation is recorded in
 //!   `chat_gateway_redis_latency_seconds{op}` or `chat_gateway_redis_errors_total{op,kind}`.
-//! - While Redis is down, operations fail at once with [`FleetError::Down`]: nothing
-//!   waits on a Redis that is known to be gone.
-//! - A connection error marks Redis down at once; timeouts and server errors do after
-//!   [`STRIKES`] in a row (a slow or full Redis is as unusable as a dead one).
-//! - A background task reconnects with exponential backoff and jitter (50 ms up to
-//!   [`MAX_BACKOFF`]). The loss and the recovery are logged once each and shown in
-//!   `chat_gateway_redis_up`.
-//! - Each (re)connection is a [`Session`] with Redis's `run_id`, so the invalidation bus
-//!   and the rate limiter can tell a reconnection to the same server from a restarted
-//!   (possibly empty) one.
+//! - **Health.** While Redis is down, operations fail at once with [`FleetError::Down`]:
+//!   nothing waits on a Redis that is known to be gone. A connection error marks Redis
+//!   down at once; timeouts and server errors do after [`STRIKES`] in a row.
+//! - **Slow or paused.** An operation that runs out of time is [`FleetError::Timeout`]
+//!   (Redis is slow, maybe for this gateway only) unless, on a side connection, Redis
+//!   meanwhile answered a `PING` but not a no-op script: then it is
+//!   [`FleetError::Blocked`] (Redis is alive but runs no script or write now:
+//!   `CLIENT PAUSE WRITE`, as during a failover, holds every client's alike).
+//! - **Reconnection** with exponential backoff and jitter (50 ms up to
+//!   [`MAX_BACKOFF`]). A new session is only declared once Redis has run a write (the
+//!   fleet's session script), so a Redis that accepts connections but not writes
+//!   (paused, full) stays down instead of flapping. The loss and the recovery are
+//!   logged once each and shown in `chat_gateway_redis_up`.
+//! - **Sessions.** Each (re)connection is a [`Session`]. Its `identity` tells a
+//!   reconnection to the same server from a restarted or failed-over one: the server's
+//!   `run_id` from `INFO`, or, for a Redis user that may not run `INFO` (no
+//!   `@dangerous`), a marker script this gateway loaded (`SCRIPT LOAD` is neither
+//!   replicated nor persisted, so a restarted server or a promoted replica does not
+//!   have it). `restarted` is also set when the fleet's state in Redis went back
+//!   (see [`super::heartbeat`]): whatever the server held may be gone.
+//! - **Checks.** Each session reads `maxmemory-policy` with `CONFIG GET` where the
+//!   user may, and reports a policy the fleet does not support (log and
+//!   `chat_gateway_redis_maxmemory_policy_unsupported`). A command Redis denies to the
+//!   user (`NOPERM`) is logged once, by name.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -27,17 +45,35 @@ use redis::{AsyncConnectionConfig, RedisConnectionInfo, RedisResult};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
+use super::keys::Keys;
+use super::Shared;
 use crate::config::RedisUrl;
 use crate::metrics::names;
 
-/// Timeouts or server errors in a row that mark Redis down.
+/// Timeouts or errors in a row that mark Redis down.
 pub const STRIKES: u32 = 3;
 /// Longest pause between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_millis(1000);
 /// First pause between reconnection attempts.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
-/// How long establishing a connection may take (off the request path).
+/// How long establishing a session may take (off the request path).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the probe's no-op script may stay pending (Redis holding scripts).
+const PROBE_SCRIPT_WAIT: Duration = Duration::from_secs(30);
+/// The deadline of one step of the bus's bulk work (a chunk of a group's accounts),
+/// off the request path; never less than `redis.timeout_ms`.
+pub const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `maxmemory-policy` values the fleet supports: Redis never evicts, or evicts only
+/// keys with an expiry (pages, locks, group indexes: their loss costs a Chat call or
+/// is detected; the fleet-wide keys have no expiry).
+pub const SUPPORTED_POLICIES: [&str; 5] = [
+    "noeviction",
+    "volatile-lru",
+    "volatile-lfu",
+    "volatile-random",
+    "volatile-ttl",
+];
 
 /// What an operation is, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,9 +88,9 @@ pub enum Op {
     Lock,
     /// Publishing invalidation events.
     Publish,
-    /// Bumping generations (per account, or the fleet-wide one).
+    /// Bumping generations (per account, for a group, or the fleet-wide one).
     Generation,
-    /// The heartbeat (live gateways, the fleet-wide generation).
+    /// The heartbeat and the fleet-wide state (live gateways, generation, checks).
     Heartbeat,
 }
 
@@ -90,9 +126,17 @@ pub enum FleetError {
     /// Redis is known to be unusable; nothing was sent.
     #[error("Redis is unusable")]
     Down,
-    /// No answer within `redis.timeout_ms`.
+    /// No answer within the operation's deadline: Redis is slow (maybe for this
+    /// gateway only).
     #[error("Redis did not answer within redis.timeout_ms")]
     Timeout,
+    /// No answer within the deadline, while Redis answered other commands: it holds
+    /// this operation (writes paused, as during a failover), for every client alike.
+    #[error("Redis holds this operation (writes paused)")]
+    Blocked,
+    /// The request's Redis budget (`redis.timeout_ms` in all) is spent.
+    #[error("this request spent its redis.timeout_ms")]
+    Budget,
     /// Redis answered with an error, or the connection failed.
     #[error("Redis: {0}")]
     Redis(String),
@@ -103,12 +147,72 @@ pub enum FleetError {
 pub struct Session {
     /// Increases with every successful (re)connection; 0 before the first.
     pub seq: u64,
-    /// The server's `run_id` (changes when Redis restarts).
-    pub run_id: String,
-    /// Whether the server is not the one of the previous session (restarted, or
-    /// failed over): whatever it held may be gone.
+    /// Which server process answered: `run_id:<id>` from `INFO`, or `marker:<n>` when
+    /// the user may not run `INFO` (`n` changes whenever this gateway's marker script
+    /// was missing, i.e. on another server process).
+    pub identity: String,
+    /// Whether whatever the server held may be gone: it is not the server of the
+    /// previous session (restarted, failed over), or the fleet's state in it went
+    /// back (a lagging replica, an older snapshot, eviction).
     pub restarted: bool,
 }
+
+// ---------------------------------------------------------------------------------
+// The request's Redis budget.
+
+tokio::task_local! {
+    static BUDGET: Budget;
+}
+
+/// What is left of one request's Redis time.
+#[derive(Debug)]
+struct Budget {
+    /// Microseconds left.
+    left_us: AtomicU64,
+}
+
+/// Runs `f` (a request's work) with a Redis budget of `limit`: every operation it runs
+/// through [`Redis::run`] waits at most what is left, and is charged what it took.
+pub async fn with_budget<F: Future>(limit: Duration, f: F) -> F::Output {
+    let b = Budget {
+        left_us: AtomicU64::new(limit.as_micros() as u64),
+    };
+    BUDGET.scope(b, f).await
+}
+
+/// What is left of the current request's Redis budget (`None` outside a request).
+pub fn budget_left() -> Option<Duration> {
+    BUDGET
+        .try_with(|b| Duration::from_micros(b.left_us.load(Ordering::Acquire)))
+        .ok()
+}
+
+/// Waits for `f` (Redis work running elsewhere, e.g. a store in its own task) at most
+/// what is left of the current request's budget, and charges the wait. `None` if it
+/// did not finish in time (it goes on without us).
+pub async fn within_budget<F: Future>(f: F) -> Option<F::Output> {
+    let Some(left) = budget_left() else {
+        return Some(f.await);
+    };
+    let started = Instant::now();
+    let r = tokio::time::timeout(left, f).await.ok();
+    charge(started.elapsed());
+    r
+}
+
+fn charge(spent: Duration) {
+    let us = spent.as_micros() as u64;
+    let _ = BUDGET.try_with(|b| {
+        let _ = b
+            .left_us
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                Some(l.saturating_sub(us))
+            });
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// Connecting.
 
 /// How to reach Redis.
 #[derive(Clone)]
@@ -150,6 +254,12 @@ impl Connector {
     /// The URL, for logs (password redacted).
     pub fn url(&self) -> &RedisUrl {
         &self.url
+    }
+
+    /// The marker script of this gateway's `role` connection: loaded on a server, it
+    /// tells that server process from any other (see [`identify`]).
+    pub fn marker(&self, role: &str) -> redis::Script {
+        redis::Script::new(&format!("return '{}:{role}'", self.name))
     }
 
     /// Opens a new multiplexed connection (authenticated, database selected, named
@@ -198,23 +308,145 @@ impl Connector {
     }
 }
 
-/// Reads `run_id` from `INFO server`.
-pub async fn run_id(conn: &mut MultiplexedConnection) -> RedisResult<String> {
-    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("run_id:"))
-        .unwrap_or("")
-        .trim()
-        .to_string())
+/// Whether Redis refused a command to this user (ACL), or does not know it (managed
+/// services rename or remove some).
+pub fn denied(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM")
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+        || e.to_string().contains("unknown command")
+}
+
+/// Logs, once per process and command, that Redis denies `command` to this user.
+pub fn log_denied(command: &str, consequence: &str) {
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.iter().any(|c| c == command) || seen.len() >= 64 {
+        return;
+    }
+    seen.push(command.to_string());
+    tracing::warn!(
+        command,
+        "Redis denies {command} to this user (ACL); {consequence}"
+    );
+}
+
+/// Which server process `c` talks to: `run_id:<id>` from `INFO server`, or, when the
+/// user may not run `INFO`, `marker:<n>` where `n` is `markers` plus one if `marker`
+/// had to be loaded (it was not on this server process).
+pub async fn identify(
+    c: &mut MultiplexedConnection,
+    marker: &redis::Script,
+    markers: &AtomicU64,
+) -> RedisResult<String> {
+    match redis::cmd("INFO")
+        .arg("server")
+        .query_async::<String>(c)
+        .await
+    {
+        Ok(info) => {
+            let id = info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .unwrap_or("")
+                .trim();
+            return Ok(format!("run_id:{id}"));
+        }
+        Err(e) if denied(&e) => log_denied(
+            "INFO",
+            "restarts and failovers are detected with a marker script instead (SCRIPT LOAD is neither replicated nor persisted)",
+        ),
+        Err(e) => return Err(e),
+    }
+    let present: Vec<bool> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(marker.get_hash())
+        .query_async(c)
+        .await?;
+    if !present.first().copied().unwrap_or(false) {
+        marker.load_async(c).await?;
+        markers.fetch_add(1, Ordering::AcqRel);
+    }
+    Ok(format!("marker:{}", markers.load(Ordering::Acquire)))
+}
+
+/// Reads `maxmemory-policy` (when the user may) and reports one the fleet does not
+/// support. Returns the policy, if read.
+async fn check_policy(c: &mut MultiplexedConnection, last: &Mutex<Option<String>>) {
+    let policy = match redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async::<Vec<String>>(c)
+        .await
+    {
+        Ok(v) => v.get(1).cloned(),
+        Err(e) => {
+            if denied(&e) {
+                log_denied(
+                    "CONFIG GET",
+                    "maxmemory-policy cannot be checked: make sure it is noeviction or volatile-* (see the README)",
+                );
+            } else {
+                tracing::debug!(error = %e, "CONFIG GET maxmemory-policy failed");
+            }
+            None
+        }
+    };
+    let Some(policy) = policy else { return };
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    if last.as_deref() == Some(policy.as_str()) {
+        return;
+    }
+    let supported = SUPPORTED_POLICIES.contains(&policy.as_str());
+    gauge!(names::REDIS_POLICY_UNSUPPORTED).set(if supported { 0.0 } else { 1.0 });
+    if supported {
+        tracing::info!(policy = %policy, "Redis maxmemory-policy is supported by the fleet");
+    } else {
+        tracing::error!(
+            policy = %policy,
+            "Redis maxmemory-policy may evict the fleet's keys that have no expiry; set it to noeviction or a volatile-* policy (see the README)"
+        );
+    }
+    *last = Some(policy);
+}
+
+// ---------------------------------------------------------------------------------
+// The connection and its health.
+
+/// A script that does nothing: the probe's stand-in for our held operations.
+pub(crate) static NOOP_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new("return 1"));
+
+/// What the fleet checks on every new session (see [`super::heartbeat::session`]).
+#[derive(Debug, Clone)]
+pub struct FleetHook {
+    /// The fleet's keys.
+    pub keys: Keys,
+    /// What this gateway has seen of the fleet's state.
+    pub shared: Arc<Shared>,
+}
+
+/// Why Redis was marked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strike {
+    /// Timeouts: slow, maybe for this gateway only.
+    Slow,
+    /// Answers that are errors, or operations held while Redis answers others.
+    Refusing,
 }
 
 /// The shared connection and its health.
 pub struct Redis {
     connector: Connector,
     timeout: Duration,
+    fleet: Option<FleetHook>,
     /// The connection in use; `None` while Redis is down.
     conn: ArcSwapOption<MultiplexedConnection>,
+    /// Side connections (`PING`, a no-op script): tell a slow Redis from one that
+    /// holds our operations while it answers others.
+    probe: ArcSwapOption<Probes>,
+    /// What the probes found.
+    probe_state: Arc<ProbeState>,
+    born: Instant,
     /// Timeouts or errors in a row.
     strikes: AtomicU32,
     /// Wakes the reconnect loop.
@@ -225,9 +457,14 @@ pub struct Redis {
     lost_logged: AtomicBool,
     /// Losses so far (each loss gets its number).
     losses: AtomicU64,
-    /// Whether the last loss was Redis being slow (timeouts, errors) rather than
-    /// gone (a connection error): a slow Redis may be slow for this gateway only.
+    /// Whether the last loss was Redis being slow (timeouts) rather than gone or
+    /// refusing (a connection error, error answers, paused writes): a slow Redis may
+    /// be slow for this gateway only.
     lost_slow: AtomicBool,
+    /// Marker scripts found missing so far (see [`identify`]).
+    markers: AtomicU64,
+    /// The last `maxmemory-policy` read.
+    policy: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -242,18 +479,33 @@ impl std::fmt::Debug for Redis {
 impl Redis {
     /// Starts the reconnect loop; Redis is down until the first connection succeeds.
     pub fn start(connector: Connector, timeout: Duration) -> Arc<Redis> {
+        Self::start_with(connector, timeout, None)
+    }
+
+    /// Like [`Redis::start`], checking the fleet's state on every new session.
+    pub fn start_with(
+        connector: Connector,
+        timeout: Duration,
+        fleet: Option<FleetHook>,
+    ) -> Arc<Redis> {
         gauge!(names::REDIS_ENABLED).set(1.0);
         gauge!(names::REDIS_UP).set(0.0);
         let r = Arc::new(Redis {
             connector,
             timeout,
+            fleet,
             conn: ArcSwapOption::empty(),
+            probe: ArcSwapOption::empty(),
+            probe_state: Arc::default(),
+            born: Instant::now(),
             strikes: AtomicU32::new(0),
             wake: Arc::new(Notify::new()),
             session: watch::channel(Session::default()).0,
             lost_logged: AtomicBool::new(false),
             losses: AtomicU64::new(0),
             lost_slow: AtomicBool::new(false),
+            markers: AtomicU64::new(0),
+            policy: Mutex::new(None),
         });
         let weak = Arc::downgrade(&r);
         tokio::spawn(async move { reconnect_loop(weak).await });
@@ -265,8 +517,8 @@ impl Redis {
         self.conn.load().is_some()
     }
 
-    /// The number of the last loss, and whether Redis was slow then (timeouts or
-    /// errors in a row) rather than gone (a connection error).
+    /// The number of the last loss, and whether Redis was slow then (timeouts) rather
+    /// than gone or refusing (a connection error, error answers, paused writes).
     pub fn last_loss(&self) -> (u64, bool) {
         (
             self.losses.load(Ordering::Acquire),
@@ -294,6 +546,11 @@ impl Redis {
         self.session.borrow().seq
     }
 
+    /// Marker scripts found missing so far (for [`identify`] on other connections).
+    pub fn markers(&self) -> &AtomicU64 {
+        &self.markers
+    }
+
     /// Waits until Redis is up, at most `timeout`; returns whether it is.
     pub async fn wait_up(&self, timeout: Duration) -> bool {
         let mut rx = self.sessions();
@@ -302,9 +559,39 @@ impl Redis {
         self.is_up()
     }
 
-    /// Runs one operation on the shared connection within `redis.timeout_ms`, and
-    /// records it. Fails at once while Redis is down.
+    /// Runs one operation on the shared connection and records it. Within a request
+    /// ([`with_budget`]) it waits at most what is left of the request's budget, else
+    /// `redis.timeout_ms`. Fails at once while Redis is down.
     pub async fn run<T, F, Fut>(&self, op: Op, f: F) -> Result<T, FleetError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let budget = budget_left();
+        let limit = budget.map_or(self.timeout, |b| b.min(self.timeout));
+        if limit.is_zero() {
+            return Err(FleetError::Budget);
+        }
+        let started = Instant::now();
+        let r = self.run_within(op, limit, f).await;
+        if budget.is_some() {
+            charge(started.elapsed());
+        }
+        r
+    }
+
+    /// Like [`Redis::run`] for the bus's bulk work, off any request: waits up to
+    /// [`BACKGROUND_TIMEOUT`] (or `redis.timeout_ms` if longer).
+    pub async fn run_long<T, F, Fut>(&self, op: Op, f: F) -> Result<T, FleetError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.run_within(op, self.timeout.max(BACKGROUND_TIMEOUT), f)
+            .await
+    }
+
+    async fn run_within<T, F, Fut>(&self, op: Op, limit: Duration, f: F) -> Result<T, FleetError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -315,9 +602,23 @@ impl Redis {
         let started = Instant::now();
         // With tracing on, a round trip made for a recorded request is its child.
         let span = crate::trace::redis(op.as_str());
-        let result = tokio::time::timeout(self.timeout, f((*conn).clone())).await;
+        let cut_short = limit < self.timeout;
+        let fut = f((*conn).clone());
+        tokio::pin!(fut);
+        // Half way without an answer: ask the probe connection whether Redis answers
+        // at all, so a timeout can tell "slow" from "holding our operation".
+        let half = limit / 2;
+        let res = match tokio::time::timeout(half, &mut fut).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                if !cut_short {
+                    self.start_probe();
+                }
+                tokio::time::timeout(limit - half, &mut fut).await
+            }
+        };
         if let Some(span) = span {
-            let error = match &result {
+            let error = match &res {
                 Ok(Ok(_)) => None,
                 Ok(Err(_)) => Some("error"),
                 Err(_) => Some("timeout"),
@@ -329,7 +630,7 @@ impl Redis {
                 error.is_some(),
             );
         }
-        match result {
+        match res {
             Ok(Ok(v)) => {
                 histogram!(names::REDIS_LATENCY, "op" => op.as_str())
                     .record(started.elapsed().as_secs_f64());
@@ -341,25 +642,86 @@ impl Redis {
                 let broken =
                     e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error();
                 tracing::debug!(op = op.as_str(), error = %e, "Redis operation failed");
+                if denied(&e) {
+                    log_denied(
+                        &denied_command(&e),
+                        "the fleet cannot work without it (see the README for the commands it needs)",
+                    );
+                }
                 if broken {
                     self.lost(&conn, &format!("{e}"), false);
                 } else {
-                    self.strike(&conn, "errors");
+                    self.strike(&conn, Strike::Refusing, "errors");
                 }
                 Err(FleetError::Redis(e.to_string()))
             }
             Err(_) => {
                 counter!(names::REDIS_ERRORS, "op" => op.as_str(), "kind" => "timeout")
                     .increment(1);
-                self.strike(&conn, "timeouts");
-                Err(FleetError::Timeout)
+                if cut_short {
+                    // The request's budget, not Redis, ran out: no strike.
+                    return Err(FleetError::Budget);
+                }
+                let since = started.duration_since(self.born).as_micros() as u64;
+                let st = &self.probe_state;
+                if st.ok_us.load(Ordering::Acquire) > since
+                    && st.script_ok_us.load(Ordering::Acquire) <= since
+                    && st.script_pending.load(Ordering::Acquire)
+                {
+                    self.strike(&conn, Strike::Refusing, "held operations (writes paused)");
+                    Err(FleetError::Blocked)
+                } else {
+                    self.strike(&conn, Strike::Slow, "timeouts");
+                    Err(FleetError::Timeout)
+                }
             }
         }
     }
 
-    fn strike(&self, conn: &Arc<MultiplexedConnection>, what: &str) {
+    /// Sends a `PING` (unless one is in flight) and a no-op script (unless one is
+    /// pending) on the probe connection, and records when each answered. Redis
+    /// answering the `PING` while the script stays pending holds scripts and writes
+    /// (`CLIENT PAUSE WRITE`); answering both, it is not Redis that holds our
+    /// operation (our own connection is congested).
+    fn start_probe(&self) {
+        let Some(probes) = self.probe.load_full() else {
+            return;
+        };
+        let st = &self.probe_state;
+        let born = self.born;
+        if !st.ping_inflight.swap(true, Ordering::AcqRel) {
+            let (st, timeout, mut c) = (st.clone(), self.timeout, probes.ping.clone());
+            tokio::spawn(async move {
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<String>(&mut c);
+                if matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(ref s)) if s == "PONG")
+                {
+                    st.ok_us
+                        .fetch_max(born.elapsed().as_micros() as u64, Ordering::AcqRel);
+                }
+                st.ping_inflight.store(false, Ordering::Release);
+            });
+        }
+        if !st.script_pending.swap(true, Ordering::AcqRel) {
+            let (st, mut c) = (st.clone(), probes.script.clone());
+            tokio::spawn(async move {
+                let run = NOOP_SCRIPT.invoke_async::<_, i64>(&mut c);
+                if let Ok(Ok(_)) = tokio::time::timeout(PROBE_SCRIPT_WAIT, run).await {
+                    st.script_ok_us
+                        .fetch_max(born.elapsed().as_micros() as u64, Ordering::AcqRel);
+                }
+                st.script_pending.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    fn strike(&self, conn: &Arc<MultiplexedConnection>, kind: Strike, what: &str) {
         if self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES {
-            self.lost(conn, &format!("{STRIKES} {what} in a row"), true);
+            self.lost(
+                conn,
+                &format!("{STRIKES} {what} in a row"),
+                kind == Strike::Slow,
+            );
         }
     }
 
@@ -374,6 +736,7 @@ impl Redis {
         if prev.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
             self.lost_slow.store(slow, Ordering::Release);
             self.losses.fetch_add(1, Ordering::AcqRel);
+            self.probe.store(None);
             gauge!(names::REDIS_UP).set(0.0);
             if !self.lost_logged.swap(true, Ordering::Relaxed) {
                 tracing::error!(
@@ -387,9 +750,77 @@ impl Redis {
     }
 }
 
+/// The side connections that tell a slow Redis from one that holds scripts.
+struct Probes {
+    /// For `PING`.
+    ping: MultiplexedConnection,
+    /// For the no-op script.
+    script: MultiplexedConnection,
+}
+
+/// What the probe connections found.
+#[derive(Debug, Default)]
+struct ProbeState {
+    /// When it last answered `PONG` (µs since [`Redis::born`]).
+    ok_us: AtomicU64,
+    /// When it last ran the no-op script.
+    script_ok_us: AtomicU64,
+    /// Whether a `PING` is in flight.
+    ping_inflight: AtomicBool,
+    /// Whether the no-op script is pending.
+    script_pending: AtomicBool,
+}
+
+/// The command a `NOPERM` error names, for the log.
+fn denied_command(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    text.split('\'')
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or_else(|| "a command".to_string())
+}
+
+/// What one successful attempt established.
+struct Established {
+    conn: MultiplexedConnection,
+    probes: Probes,
+    identity: String,
+    /// The fleet's state in Redis went back (see [`super::heartbeat::session`]).
+    lost: bool,
+}
+
+/// One attempt at a new session: connect, identify the server, load the scripts,
+/// check the policy, run the fleet's session script (a write: a Redis that does not
+/// take writes now does not count as back), open the probe connection.
+async fn establish(r: &Redis, last_identity: Option<&str>) -> RedisResult<Established> {
+    let marker = r.connector.marker("main");
+    let mut c = r.connector.connect("main").await?;
+    let identity = identify(&mut c, &marker, &r.markers).await?;
+    for script in super::all_scripts() {
+        script.load_async(&mut c).await?;
+    }
+    check_policy(&mut c, &r.policy).await;
+    let changed = last_identity.is_some_and(|prev| prev != identity);
+    let lost = match &r.fleet {
+        Some(h) => super::heartbeat::session(&mut c, &h.keys, &h.shared, changed).await?,
+        None => false,
+    };
+    // Two: a client whose script is held holds its later commands too.
+    let probes = Probes {
+        ping: r.connector.connect("probe").await?,
+        script: r.connector.connect("probe-script").await?,
+    };
+    Ok(Established {
+        conn: c,
+        probes,
+        identity,
+        lost,
+    })
+}
+
 async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
     let mut backoff = MIN_BACKOFF;
-    let mut last_run_id: Option<String> = None;
+    let mut last_identity: Option<String> = None;
     let mut seq = 0u64;
     loop {
         let Some(r) = weak.upgrade() else { return };
@@ -400,30 +831,27 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
             notified.await;
             continue;
         }
-        let attempt = async {
-            let mut c = r.connector.connect("main").await?;
-            let id = run_id(&mut c).await?;
-            for script in super::all_scripts() {
-                script.load_async(&mut c).await?;
-            }
-            Ok::<_, redis::RedisError>((c, id))
-        };
+        let attempt = establish(&r, last_identity.as_deref());
         match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok((c, id))) => {
+            Ok(Ok(e)) => {
                 seq += 1;
-                let restarted = last_run_id.as_ref().is_some_and(|prev| *prev != id);
-                last_run_id = Some(id.clone());
+                let changed = last_identity.as_ref().is_some_and(|p| *p != e.identity);
+                let restarted = changed || e.lost;
+                last_identity = Some(e.identity.clone());
                 r.strikes.store(0, Ordering::Relaxed);
-                r.conn.store(Some(Arc::new(c)));
+                r.probe.store(Some(Arc::new(e.probes)));
+                r.conn.store(Some(Arc::new(e.conn)));
                 gauge!(names::REDIS_UP).set(1.0);
                 if r.lost_logged.swap(false, Ordering::Relaxed) {
                     tracing::warn!(redis = %r.connector.url(), restarted, "Redis is back; the fleet is whole again");
-                } else {
+                } else if seq == 1 {
                     tracing::info!(redis = %r.connector.url(), "connected to Redis; part of the fleet");
+                } else {
+                    tracing::info!(redis = %r.connector.url(), restarted, "reconnected to Redis");
                 }
                 r.session.send_replace(Session {
                     seq,
-                    run_id: id,
+                    identity: e.identity,
                     restarted,
                 });
                 backoff = MIN_BACKOFF;
@@ -431,7 +859,7 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
             failed => {
                 let why = match failed {
                     Ok(Err(e)) => describe(&e),
-                    _ => "connecting timed out".to_string(),
+                    _ => "connecting timed out (or Redis does not take writes now)".to_string(),
                 };
                 if !r.lost_logged.swap(true, Ordering::Relaxed) {
                     tracing::error!(
@@ -440,7 +868,7 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
                         "cannot reach Redis; serving without it (single-gateway mode) until it answers"
                     );
                 } else {
-                    tracing::debug!(error = %why, "Redis still unreachable");
+                    tracing::debug!(error = %why, "Redis still unusable");
                 }
                 drop(r);
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
@@ -460,6 +888,10 @@ pub fn describe(e: &redis::RedisError) -> String {
         || text.contains("invalid password")
     {
         format!("Redis refused the credentials in redis.url ({text})")
+    } else if denied(e) {
+        format!(
+            "Redis denies a command the fleet needs to this user ({text}); see the README for the commands it needs"
+        )
     } else {
         text
     }
@@ -479,5 +911,18 @@ mod tests {
             );
         }
         assert_eq!(crate::metrics::values::REDIS_OPS.len(), Op::ALL.len());
+    }
+
+    #[tokio::test]
+    async fn a_budget_is_shared_by_the_operations_of_a_request() {
+        assert_eq!(budget_left(), None);
+        with_budget(Duration::from_millis(50), async {
+            assert_eq!(budget_left(), Some(Duration::from_millis(50)));
+            charge(Duration::from_millis(30));
+            assert_eq!(budget_left(), Some(Duration::from_millis(20)));
+            charge(Duration::from_millis(30));
+            assert_eq!(budget_left(), Some(Duration::ZERO));
+        })
+        .await;
     }
 }

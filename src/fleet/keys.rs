@@ -10,12 +10,21 @@
 //! | key | type | holds | bounded by |
 //! | --- | --- | --- | --- |
 //! | `P:{rl:<command>}` | ZSET | the command's sliding-window log: one member per lease (`<count>\|<nonce>`, scored by the lease's slot in Redis microseconds) and `pause` (scored by the end of a pause) | entries older than the window are removed on every lease; the key expires one window after its newest slot |
-//! | `P:{a:<account>}` | HASH | `gen` (the account's generation) and its pages, `p:<fleet gen>:<gen>:<page>` → page | pages of other generations are pruned on store; the key expires with its last page (TTL + stale window) |
+//! | `P:{a:<account>}:gen` | STRING | the account's generation (Redis ms of its last invalidation, or of its first lookup) | expires with the account's last page (`PX`, never extended by an invalidation) |
+//! | `P:{a:<account>}:p:<fleet gen>:<gen>:<page>` | STRING | one page: `<fresh until> <stale until> <stored>` (Redis ms), a newline, Chat's bytes | `PX` = TTL + stale window, set by Redis when stored |
+//! | `P:{a:<account>}:ix` | ZSET | the account's page keys, scored by expiry | at most `cache.max_pages_per_account` (the oldest page goes); expires with the newest page |
 //! | `P:{a:<account>}:lk:<page>` | STRING | the token of the gateway fetching that page | `PX` = `chat.request_timeout_ms` + 1 s |
-//! | `P:{g:<GroupId>}` | SET | accounts whose L2 pages list the group | expires with the pages that put them there |
-//! | `P:{fleet}:bus` | STREAM | invalidation events | `MAXLEN ~` [`super::bus::MAXLEN`] |
+//! | `P:{g:<GroupId>}:ix` | ZSET | accounts whose L2 pages list the group, scored by when they were indexed (Redis ms), and the member `~` (scored +inf) that marks the set as alive | members leave when a group event has bumped them; the key expires with the last page that put an account in it |
+//! | `P:{fleet}:bus` | STREAM | invalidation events, each with its number `n` | `MAXLEN ~` [`super::bus::MAXLEN`] |
+//! | `P:{fleet}:seq` | STRING | the number of the last event | one integer |
 //! | `P:{fleet}:hb` | ZSET | gateway id → its last heartbeat (Redis ms) | members older than [`super::heartbeat::LIVE`] removed each beat; expires when no gateway beats |
-//! | `P:{fleet}:gen` | STRING | the fleet-wide generation (bumped by "invalidate everything") | one integer; never decreases, even across a Redis restart |
+//! | `P:{fleet}:gen` | STRING | the fleet-wide generation (part of every page's name) | one integer; only ever raised, past every value a gateway has seen |
+//! | `P:{fleet}:groups` | ZSET | GroupId → when its index set expires (Redis ms): a set missing before then was evicted | entries past their time removed (a few per store) |
+//! | `P:{fleet}:gev` | ZSET | GroupId → its last group event (Redis ms): a page fetched before it is not stored | entries older than [`super::l2::EVENT_MEMORY`] removed (a few per event) |
+//!
+//! The `{fleet}` keys have no expiry: a `volatile-*` `maxmemory-policy` never evicts
+//! them, and their loss under any other is detected (see [`super::heartbeat`] and
+//! [`super::bus`]).
 
 use crate::cache::key::PageKey;
 use sha2::{Digest, Sha256};
@@ -40,9 +49,19 @@ impl Keys {
         format!("{}:{{rl:{command}}}", self.base)
     }
 
-    /// An account's generation and pages.
-    pub fn account(&self, account: &str) -> String {
-        format!("{}:{{a:{account}}}", self.base)
+    /// An account's generation.
+    pub fn account_gen(&self, account: &str) -> String {
+        format!("{}:{{a:{account}}}:gen", self.base)
+    }
+
+    /// The prefix of an account's page keys (`<prefix><fleet gen>:<gen>:<page>`).
+    pub fn page_prefix(&self, account: &str) -> String {
+        format!("{}:{{a:{account}}}:p:", self.base)
+    }
+
+    /// An account's index of its page keys.
+    pub fn page_index(&self, account: &str) -> String {
+        format!("{}:{{a:{account}}}:ix", self.base)
     }
 
     /// The fetch lock of one page of an account.
@@ -52,7 +71,22 @@ impl Keys {
 
     /// The accounts whose L2 pages list `group`.
     pub fn group(&self, group: &str) -> String {
-        format!("{}:{{g:{group}}}", self.base)
+        format!("{}:{{g:{group}}}:ix", self.base)
+    }
+
+    /// Group index sets and when they expire.
+    pub fn group_registry(&self) -> String {
+        format!("{}:{{fleet}}:groups", self.base)
+    }
+
+    /// Groups and their last event.
+    pub fn group_events(&self) -> String {
+        format!("{}:{{fleet}}:gev", self.base)
+    }
+
+    /// The number of the last event.
+    pub fn bus_seq(&self) -> String {
+        format!("{}:{{fleet}}:seq", self.base)
     }
 
     /// The invalidation stream.
@@ -100,11 +134,21 @@ mod tests {
     #[test]
     fn every_key_of_an_account_shares_a_slot() {
         let k = Keys::new("chat-gateway", 1400000000);
-        let a = k.account("alice");
-        assert_eq!(a, "chat-gateway:1400000000:{a:alice}");
+        let a = k.account_gen("alice");
+        assert_eq!(a, "chat-gateway:1400000000:{a:alice}:gen");
         assert_eq!(tag(&a), tag(&k.lock("alice", "0.0.0.0.63")));
-        assert_eq!(tag(&k.bus()), tag(&k.heartbeat()));
-        assert_eq!(tag(&k.bus()), tag(&k.fleet_gen()));
+        assert_eq!(tag(&a), tag(&k.page_index("alice")));
+        assert_eq!(tag(&a), tag(&format!("{}x", k.page_prefix("alice"))));
+        for fleet in [
+            k.heartbeat(),
+            k.fleet_gen(),
+            k.bus_seq(),
+            k.group_registry(),
+            k.group_events(),
+        ] {
+            assert_eq!(tag(&k.bus()), tag(&fleet));
+        }
+        assert_eq!(tag(&k.group("@TGS#1")), "g:@TGS#1");
         assert_eq!(tag(&k.limiter("openim/sendmsg")), "rl:openim/sendmsg");
         assert_eq!(page_name(&PageKey::default()), "0.0.0.0.63");
         let extra = PageKey {

@@ -1,17 +1,23 @@
 //! The fleet: many gateways acting as one through Redis (`[redis]`).
 //!
-//! - [`conn`]: the connection (TCP or rustls TLS), `redis.timeout_ms` on every
-//!   operation, health, metrics, and reconnection with backoff.
+//! - [`conn`]: the connection (TCP or rustls TLS), the request's Redis budget
+//!   (`redis.timeout_ms` for all of a request's Redis work), health (slow, paused,
+//!   gone), metrics, reconnection with backoff, and what each session finds out
+//!   (which server, the eviction policy).
 //! - [`keys`]: every key, hash-tagged for Redis Cluster (the table is there).
 //! - [`limiter`]: the fleet-wide rate limit (leases over a sliding-window log; the
 //!   window proof; the local share when Redis is away).
 //! - [`bus`]: invalidation events to and from every gateway, and loss detection.
-//! - [`l2`]: pages in Redis, per-account generations, and the fleet fetch lock.
-//! - [`heartbeat`]: live gateways and the fleet-wide generation.
+//! - [`l2`]: pages in Redis (on Redis's clock, capped per account), per-account
+//!   generations, the group index, and the fleet fetch lock.
+//! - [`heartbeat`]: live gateways, the fleet-wide generation, and the loss checks of
+//!   every session.
 //!
 //! Redis trouble is never an outage: no request waits more than `redis.timeout_ms` on
-//! it, and while it is down the gateway serves from memory, then Chat, with the rate
-//! limit at its share.
+//! it in all, and while it is down the gateway serves from memory, then Chat, with the
+//! rate limit at its share. No Redis incident (restart, failover, eviction, a full or
+//! paused Redis) loses an invalidation silently: each is either survived or detected,
+//! and what cannot be proven fresh is dropped.
 
 pub mod bus;
 pub mod conn;
@@ -37,8 +43,9 @@ use limiter::FleetLimiter;
 
 /// Every Lua script the fleet runs: loaded on each new connection, so requests never
 /// pay a `NOSCRIPT` round trip (nor a herd of them after a Redis restart).
-pub fn all_scripts() -> [&'static redis::Script; 12] {
+pub fn all_scripts() -> [&'static redis::Script; 17] {
     [
+        &conn::NOOP_SCRIPT,
         &limiter::LEASE_SCRIPT,
         &limiter::PAUSE_SCRIPT,
         &limiter::REPLAY_SCRIPT,
@@ -47,11 +54,36 @@ pub fn all_scripts() -> [&'static redis::Script; 12] {
         &l2::UNLOCK_SCRIPT,
         &l2::BUMP_SCRIPT,
         &l2::INDEX_SCRIPT,
-        &l2::TAKE_SCRIPT,
-        &l2::BUMP_ALL_SCRIPT,
+        &l2::GROUP_CHECK_SCRIPT,
+        &l2::GROUP_EVENT_SCRIPT,
+        &l2::GROUP_NEXT_SCRIPT,
+        &l2::RAISE_SCRIPT,
+        &bus::PUBLISH_SCRIPT,
+        &heartbeat::SESSION_SCRIPT,
         &heartbeat::BEAT_SCRIPT,
         &heartbeat::LEAVE_SCRIPT,
     ]
+}
+
+/// Wall-clock Unix milliseconds, as the fleet reads them (only for the invalidation
+/// lag metric: L2 freshness is on Redis's clock).
+///
+/// Test only: `CHAT_GATEWAY_TEST_CLOCK_OFFSET_MS` (signed) shifts this clock, standing
+/// in for a host whose clock is wrong, so the integration tests can show that nothing
+/// in the fleet depends on it. It is read once and is not a documented setting.
+pub fn wall_ms() -> u64 {
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let offset = *OFFSET.get_or_init(|| {
+        std::env::var("CHAT_GATEWAY_TEST_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    now.saturating_add(offset).max(0) as u64
 }
 
 /// State the bus, L2 and heartbeat share.
@@ -59,8 +91,11 @@ pub fn all_scripts() -> [&'static redis::Script; 12] {
 pub struct Shared {
     /// Invalidations of this gateway not yet confirmed in Redis.
     pub pending: Pending,
-    /// The fleet-wide generation (part of every L2 page's name).
+    /// The highest fleet-wide generation seen (part of every L2 page's name).
     pub fleet_gen: AtomicU64,
+    /// The highest event number this gateway read or published: a counter below it
+    /// means Redis lost writes.
+    pub seq_seen: AtomicU64,
 }
 
 /// One gateway's membership of the fleet.
@@ -93,29 +128,31 @@ impl Fleet {
     /// Joins the fleet `[redis]` describes, if any: starts connecting (in the
     /// background: a Redis that is down delays nothing), the heartbeat, the bus
     /// (applying other gateways' invalidations to `cache`) and the limiter. Must run
-    /// inside a tokio runtime. Fails only on a bad `redis.ca_file`.
+    /// inside a tokio runtime. Fails only on a bad `redis.ca_file`. (`_live` is kept
+    /// for callers: each L2 store carries the TTL it was fetched with.)
     pub fn start(
         settings: &Settings,
         cache: Arc<dyn PageCache>,
-        live: Arc<ArcSwap<LiveSettings>>,
+        _live: Arc<ArcSwap<LiveSettings>>,
     ) -> Result<Option<Arc<Fleet>>, String> {
         let Some(r) = &settings.redis else {
             return Ok(None);
         };
         let id = new_id();
         let connector = Connector::new(r.url.clone(), r.ca_file.as_deref(), &id)?;
-        let redis = Redis::start(connector, r.timeout);
         let keys = Keys::new(&r.key_prefix, settings.chat.sdkappid);
         let shared = Arc::new(Shared::default());
-        let rl = &settings.ratelimit;
+        let hook = conn::FleetHook {
+            keys: keys.clone(),
+            shared: shared.clone(),
+        };
+        let redis = Redis::start_with(connector, r.timeout, Some(hook));
         let limiter = FleetLimiter::start(
             redis.clone(),
             keys.clone(),
             id.clone(),
-            rl.per_command_per_sec,
-            rl.commands.clone(),
-            r.lease,
-            r.latency_allowance,
+            &settings.ratelimit,
+            r,
         );
         let bus = Bus::start(
             redis.clone(),
@@ -124,7 +161,6 @@ impl Fleet {
             cache,
             shared.clone(),
             r.l2_cache,
-            live,
         );
         let l2 = r.l2_cache.then(|| {
             Arc::new(L2::new(
@@ -133,6 +169,7 @@ impl Fleet {
                 shared.clone(),
                 id.clone(),
                 settings.chat.request_timeout,
+                settings.cache.max_pages_per_account,
             ))
         });
         let fleet = Arc::new(Fleet {

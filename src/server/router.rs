@@ -27,7 +27,7 @@ use super::handlers;
 use super::response::{self, Body, X_REQUEST_ID};
 use super::rules;
 use super::AppState;
-use crate::chat::commands;
+use crate::chat::{commands, reads};
 use crate::error::GatewayError;
 
 /// The cached route's path.
@@ -45,6 +45,7 @@ fn route_label(path: &str) -> Option<&'static str> {
         "/quitquitquit" => "quit",
         "/callback" => "callback",
         p if p.starts_with("/admin/") => "admin",
+        p if commands::command_of_path(p).is_some_and(|c| reads::item_row(c).is_some()) => "items",
         p if p.starts_with("/v4/") => "passthrough",
         _ => "other",
     })
@@ -337,7 +338,10 @@ async fn dispatch(
         _ => match commands::command_of_path(path) {
             Some(command) if method == Method::POST => {
                 let command = command.to_string();
-                handlers::passthrough::handle(state, req, &command).await
+                match reads::item_row(&command) {
+                    Some((row, _)) => handlers::items::handle(state, req, &command, row, rid).await,
+                    None => handlers::passthrough::handle(state, req, &command).await,
+                }
             }
             Some(_) => GatewayError::MethodNotAllowed("POST").respond(),
             None => GatewayError::NotFound(path.to_string()).respond(),

@@ -6,8 +6,9 @@ use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Notify;
 
-use crate::cache::coalesce::Inflight;
-use crate::cache::invalidate::Invalidator;
+use crate::cache::assemble::Templates;
+use crate::cache::coalesce::{Flights, Inflight};
+use crate::cache::items::{ItemKey, ItemStore};
 use crate::cache::key::PageKey;
 use crate::cache::store::PageStore;
 use crate::cache::PageCache;
@@ -15,9 +16,11 @@ use crate::chat::commands::{self, CommandClass};
 use crate::config::secrets::LiveSecrets;
 use crate::config::{LiveSettings, Settings};
 use crate::fleet::Fleet;
-use crate::metrics::GetListCounters;
+use crate::invalidate::{Invalidator, Memory};
+use crate::metrics::{GetListCounters, ReadCounters};
 use crate::server::body::BodyLimits;
 use crate::server::handlers::get_list::FetchResult;
+use crate::server::handlers::items::Flight;
 use crate::upstream::Upstream;
 
 /// The gateway's shared state, one per server.
@@ -36,6 +39,14 @@ pub struct AppState {
     pub inflight: Inflight<(Arc<str>, PageKey), FetchResult>,
     /// Hot-path counters, resolved once.
     pub counters: GetListCounters,
+    /// The per-item entries of the other cached reads.
+    pub items: Arc<ItemStore>,
+    /// Their all-success answer templates.
+    pub templates: Templates,
+    /// Their fetches in flight, per item, for coalescing.
+    pub flights: Flights<ItemKey, Flight>,
+    /// Their counters, by row of the reads table.
+    pub read_counters: Vec<ReadCounters>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
     /// Notified by `POST /quitquitquit` to start the graceful shutdown.
@@ -99,12 +110,17 @@ impl AppState {
         crate::metrics::set_static(settings.cache.max_bytes, settings.redis.is_some());
         let live = Arc::new(ArcSwap::from_pointee(settings.live.clone()));
         let store: Arc<dyn PageCache> = Arc::new(PageStore::new(
-            settings.cache.max_bytes,
+            settings.cache.pages_bytes(),
             settings.cache.max_pages_per_account,
         ));
+        let items = Arc::new(ItemStore::new(settings.cache.items_bytes()));
+        let memory = Arc::new(Memory {
+            pages: store.clone(),
+            items: items.clone(),
+        });
         // Joining the fleet starts connecting in the background: a Redis that is down
-        // delays nothing.
-        let fleet = Fleet::start(&settings, store.clone(), live.clone())?;
+        // delays nothing. Its events reach both stores through `memory`.
+        let fleet = Fleet::start(&settings, memory.clone(), live.clone())?;
         let limiter = fleet
             .as_ref()
             .map(|f| f.limiter() as Arc<dyn crate::upstream::ratelimit::RateLimiter>);
@@ -118,10 +134,14 @@ impl AppState {
             settings: Arc::new(settings),
             live,
             upstream,
-            invalidator: Invalidator::new(store.clone()).with_fleet(fleet.clone()),
+            invalidator: Invalidator::new(memory).with_fleet(fleet.clone()),
             store,
             inflight: Inflight::default(),
             counters: GetListCounters::new(),
+            items,
+            templates: Templates::default(),
+            flights: Flights::default(),
+            read_counters: ReadCounters::per_row(),
             metrics,
             quit: Arc::new(Notify::new()),
             secrets,

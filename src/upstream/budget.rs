@@ -1,38 +1,42 @@
-//! The retry budget: retries across all commands stay within `retry.budget_percent` of
-//! the requests of the last ten seconds, plus `retry.budget_min_per_sec` per second,
-//! plus the retries of the last ten seconds that succeeded.
+//! Retry throttling: a token bucket that lets retries through while Chat mostly works
+//! and shuts them off when it mostly fails (in the manner of gRPC's retry throttling
+//! and the AWS SDKs' adaptive retry mode).
 //!
-//! A retry that succeeds earns its place back, so retries keep flowing while they
-//! work (Chat failing now and then: 30% transient faults with four attempts still
-//! serve over 98.5% of requests); when retries are futile (Chat failing completely)
-//! nothing is earned and the load on Chat stays within 1 + `budget_percent`/100 of
-//! the requests plus the small per-second reserve.
+//! - A retry takes one token; with less than one token left it is not made (the
+//!   caller gets the error at hand, counted in `chat_gateway_retry_budget_exhausted_total`).
+//! - Every caller request adds `retry.budget_percent` / 100 of a token.
+//! - Every call Chat answers (an envelope that is neither a transient failure nor
+//!   throttling) adds [`ANSWER_CREDIT`] of a token.
+//! - `retry.budget_min_per_sec` tokens are added per second (0 by default).
+//! - The bucket holds at most [`CAPACITY`] tokens and starts full.
+//!
+//! So retries can never exceed half the calls Chat answered, plus `budget_percent` %
+//! of the requests, plus `budget_min_per_sec` per second, plus the bucket. When Chat
+//! fails every call nothing is answered: the calls per request converge to
+//! 1 + `budget_percent`/100 (1.05 with the defaults). When faults are sporadic (30% of
+//! calls failing at random), each request adds about half a token for the answer it
+//! gets and needs about 0.4 of one for its retries, so the bucket stays full and every
+//! retry is made. In between, retries are throttled smoothly: at most
+//! 1.5 + `budget_percent`/100 calls per request however badly Chat fails (a request
+//! gets at most one answer).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Seconds of history the budget looks at.
-pub const WINDOW_SECS: u64 = 10;
+/// Tokens the bucket holds at most (and starts with).
+pub const CAPACITY: u64 = 20;
+/// Thousandths of a token, the bucket's unit.
+const MILLI: u64 = 1000;
+/// What an answered call adds, in thousandths of a token (one half).
+pub const ANSWER_CREDIT: u64 = MILLI / 2;
 
-/// Requests and retries in one second.
-#[derive(Debug, Default)]
-struct Slot {
-    /// Which second (since the budget's start) the counts are for.
-    second: AtomicU64,
-    /// Caller requests counted in that second.
-    requests: AtomicU64,
-    /// Retries taken from the budget in that second.
-    retries: AtomicU64,
-    /// Retries in that second that got a real answer.
-    successes: AtomicU64,
-}
-
-/// A sliding ten-second window of requests and retries, lock-free.
+/// The retry bucket, lock-free.
 #[derive(Debug)]
 pub struct RetryBudget {
-    /// One slot per second of the window, reused round-robin.
-    slots: [Slot; WINDOW_SECS as usize],
-    /// The budget's time origin.
+    /// Thousandths of a token.
+    tokens: AtomicU64,
+    /// Milliseconds since `start` up to which the per-second refill was added.
+    refilled_ms: AtomicU64,
     start: Instant,
 }
 
@@ -43,62 +47,54 @@ impl Default for RetryBudget {
 }
 
 impl RetryBudget {
-    /// An empty budget.
+    /// A full bucket.
     pub fn new() -> Self {
         RetryBudget {
-            slots: Default::default(),
+            tokens: AtomicU64::new(CAPACITY * MILLI),
+            refilled_ms: AtomicU64::new(0),
             start: Instant::now(),
         }
     }
 
-    fn slot(&self) -> (&Slot, u64) {
-        // +1 so that second 0 differs from a never-used slot's 0.
-        let sec = self.start.elapsed().as_secs() + 1;
-        let slot = &self.slots[(sec % WINDOW_SECS) as usize];
-        let seen = slot.second.load(Ordering::Acquire);
-        if seen != sec
-            && slot
-                .second
-                .compare_exchange(seen, sec, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            slot.requests.store(0, Ordering::Release);
-            slot.retries.store(0, Ordering::Release);
-            slot.successes.store(0, Ordering::Release);
+    fn add(&self, milli: u64) {
+        if milli == 0 {
+            return;
         }
-        (slot, sec)
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                Some((t + milli).min(CAPACITY * MILLI))
+            });
     }
 
-    /// Counts one caller request.
-    pub fn record_request(&self) {
-        self.slot().0.requests.fetch_add(1, Ordering::AcqRel);
+    /// Counts one caller request: `percent` / 100 of a token.
+    pub fn record_request(&self, percent: u32) {
+        self.add(u64::from(percent) * MILLI / 100);
     }
 
-    /// Counts a retry that got a real answer: it earns its place back.
-    pub fn retry_succeeded(&self) {
-        self.slot().0.successes.fetch_add(1, Ordering::AcqRel);
+    /// Counts a call Chat answered.
+    pub fn answered(&self) {
+        self.add(ANSWER_CREDIT);
     }
 
-    /// Takes one retry from the budget if there is room; returns whether it may retry.
-    pub fn try_retry(&self, percent: u32, min_per_sec: u32) -> bool {
-        let (slot, now) = self.slot();
-        let (mut requests, mut retries, mut successes) = (0u64, 0u64, 0u64);
-        for s in &self.slots {
-            let sec = s.second.load(Ordering::Acquire);
-            if sec + WINDOW_SECS > now {
-                requests += s.requests.load(Ordering::Acquire);
-                retries += s.retries.load(Ordering::Acquire);
-                successes += s.successes.load(Ordering::Acquire);
-            }
+    /// Tokens left (for tests and metrics).
+    pub fn tokens(&self) -> f64 {
+        self.tokens.load(Ordering::Acquire) as f64 / MILLI as f64
+    }
+
+    /// Takes one token for a retry if there is one, after adding `min_per_sec` tokens
+    /// per second since the last refill; returns whether the retry may be made.
+    pub fn try_retry(&self, min_per_sec: u32) -> bool {
+        if min_per_sec > 0 {
+            let now = self.start.elapsed().as_millis() as u64;
+            let last = self.refilled_ms.swap(now, Ordering::AcqRel);
+            self.add(now.saturating_sub(last) * u64::from(min_per_sec));
         }
-        let allowed =
-            requests * u64::from(percent) / 100 + u64::from(min_per_sec) * WINDOW_SECS + successes;
-        if retries < allowed {
-            slot.retries.fetch_add(1, Ordering::AcqRel);
-            true
-        } else {
-            false
-        }
+        self.tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                t.checked_sub(MILLI)
+            })
+            .is_ok()
     }
 }
 
@@ -107,31 +103,99 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retries_are_bounded_by_percent_plus_reserve() {
+    fn total_failure_converges_to_the_percentage() {
         let b = RetryBudget::new();
-        for _ in 0..1000 {
-            b.record_request();
+        let mut calls = 0u64;
+        for _ in 0..10_000 {
+            b.record_request(5);
+            calls += 1;
+            // Every call fails; up to two retries.
+            for _ in 0..2 {
+                if b.try_retry(0) {
+                    calls += 1;
+                } else {
+                    break;
+                }
+            }
         }
-        let granted = (0..10_000).filter(|_| b.try_retry(20, 1)).count();
-        assert_eq!(granted, 200 + 10);
-        let b = RetryBudget::new();
-        assert_eq!((0..100).filter(|_| b.try_retry(20, 0)).count(), 0);
+        let per_request = calls as f64 / 10_000.0;
+        assert!(
+            (1.049..=1.053).contains(&per_request),
+            "{per_request} calls per request"
+        );
     }
 
     #[test]
-    fn successful_retries_earn_their_place_back() {
+    fn sporadic_faults_are_always_retried() {
         let b = RetryBudget::new();
-        for _ in 0..100 {
-            b.record_request();
-        }
-        // 20 retries from the percentage; each success allows one more.
-        let mut granted = 0;
-        while b.try_retry(20, 0) {
-            granted += 1;
-            if granted <= 30 {
-                b.retry_succeeded();
+        let mut x = 0x9E3779B97F4A7C15u64;
+        let mut fail = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % 10 < 3
+        };
+        let (mut ok, mut denied) = (0, 0);
+        for _ in 0..100_000 {
+            b.record_request(5);
+            for attempt in 1..=4 {
+                if !fail() {
+                    b.answered();
+                    ok += 1;
+                    break;
+                }
+                if attempt == 4 {
+                    break;
+                }
+                if !b.try_retry(0) {
+                    denied += 1;
+                    break;
+                }
             }
         }
-        assert_eq!(granted, 20 + 30);
+        assert_eq!(denied, 0, "{ok} ok");
+        assert!(ok > 99_000, "{ok}");
+    }
+
+    #[test]
+    fn heavy_failure_is_throttled_to_half_the_answers() {
+        let b = RetryBudget::new();
+        let (mut calls, mut answers) = (0u64, 0u64);
+        for i in 0..10_000u64 {
+            b.record_request(0);
+            // 70% of calls fail.
+            for attempt in 0..3u64 {
+                calls += 1;
+                if (i * 3 + attempt) % 10 < 3 {
+                    b.answered();
+                    answers += 1;
+                    break;
+                }
+                if attempt == 2 || !b.try_retry(0) {
+                    break;
+                }
+            }
+        }
+        let retries = calls - 10_000;
+        assert!(
+            retries <= answers / 2 + CAPACITY,
+            "{retries} retries, {answers} answers"
+        );
+    }
+
+    #[test]
+    fn a_reserve_per_second_refills() {
+        let Some(start) = Instant::now().checked_sub(std::time::Duration::from_secs(1)) else {
+            return;
+        };
+        let b = RetryBudget {
+            tokens: AtomicU64::new(0),
+            refilled_ms: AtomicU64::new(0),
+            start,
+        };
+        assert!(!b.try_retry(0));
+        // A second has passed since the last refill: ten tokens at 10 per second.
+        assert!(b.try_retry(10));
+        assert!(b.tokens() >= 8.9, "{}", b.tokens());
     }
 }

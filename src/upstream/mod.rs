@@ -75,7 +75,7 @@ pub struct Upstream {
     limiter: Arc<dyn RateLimiter>,
     /// How long a call may wait for its rate-limit slot.
     max_wait: Duration,
-    /// Retries across all commands, bounded.
+    /// Retry throttling across all commands.
     budget: RetryBudget,
     /// Deadline of one caller request, retries included.
     request_timeout: Duration,
@@ -129,6 +129,7 @@ impl Upstream {
                 Arc::new(LocalRateLimiter::new(
                     rl.per_command_per_sec,
                     rl.commands.clone(),
+                    rl.burst_percent,
                 ))
             }),
             max_wait: rl.max_wait,
@@ -159,7 +160,7 @@ impl Upstream {
         let deadline = Instant::now() + self.request_timeout;
         let live = self.live.load_full();
         let retry = &live.retry;
-        self.budget.record_request();
+        self.budget.record_request(retry.budget_percent);
         let mut attempts = 0u32;
         let mut renewed = false;
         loop {
@@ -184,13 +185,14 @@ impl Upstream {
                 .client
                 .send(base, command, body.clone(), deadline)
                 .await;
+            self.limiter.returned(command);
             record_call(command, endpoint, &result, started);
             if let Some(span) = span {
                 end_attempt_span(span, &result);
             }
             stats.record(started.elapsed());
-            if attempts > 1 && answered(&result) {
-                self.budget.retry_succeeded();
+            if answered(&result) {
+                self.budget.answered();
             }
             if matches!(&result, Err(e) if e.reach == Reach::NotSent) {
                 self.failover.connection_failed(endpoint);
@@ -237,9 +239,7 @@ impl Upstream {
                     if class == CommandClass::Read
                         && attempts < retry.max_attempts
                         && Instant::now() + pause < deadline
-                        && self
-                            .budget
-                            .try_retry(retry.budget_percent, retry.budget_min_per_sec)
+                        && self.budget.try_retry(retry.budget_min_per_sec)
                     {
                         counter!(names::RETRIES, "command" => command_label(command)).increment(1);
                         continue;
@@ -251,10 +251,7 @@ impl Upstream {
             if retry::decide(class, &result) == Decision::Retry {
                 let wait = retry::backoff(retry, attempts);
                 if retry::may_attempt_again(retry, attempts, wait, deadline) {
-                    if self
-                        .budget
-                        .try_retry(retry.budget_percent, retry.budget_min_per_sec)
-                    {
+                    if self.budget.try_retry(retry.budget_min_per_sec) {
                         counter!(names::RETRIES, "command" => command_label(command)).increment(1);
                         tracing::debug!(
                             command,
@@ -301,7 +298,7 @@ impl Upstream {
 }
 
 /// Whether an attempt got a real answer from a working Chat: an envelope that is
-/// neither a transient failure nor throttling (a retry that gets one earns budget).
+/// neither a transient failure nor throttling (each one earns retry budget).
 fn answered(result: &Result<UpstreamResponse, TransportError>) -> bool {
     matches!(result, Ok(r) if !r.status.is_server_error()
         && r.chat.is_some_and(|s| !matches!(CodeClass::of(s.code), CodeClass::Transient | CodeClass::Throttled)))

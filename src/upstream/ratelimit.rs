@@ -1,17 +1,47 @@
 //! The per-command rate limit towards Chat: at most N calls of a command in **any**
-//! one-second window (Chat allows 200 per second per command), bursts of up to N at
-//! once allowed.
+//! one-second window (Chat allows 200 per second per command), with callers served in
+//! order on a smooth schedule instead of being refused while a window drains.
 //!
-//! [`LocalRateLimiter`] keeps, per command, the admission instants of its calls of the
-//! last second (a sliding-window log, oldest first). A call is admitted at once while
-//! fewer than N calls were admitted in the last second; otherwise its slot is one
-//! second after the oldest of the last N, and it waits for that slot if it may wait
-//! that long. A slot is reserved when it is granted, so waiters never overtake each
-//! other's slots. The log holds at most N instants per command and only those of the
-//! last second, so its memory follows the calls actually made.
+//! ## The schedule
 //!
-//! [`RateLimiter`] is the small interface the upstream uses: a fleet of gateways
-//! shares one limit through Redis behind the same interface.
+//! Each command has a log of the slots it granted (admission instants, earliest first;
+//! slots in the future are reserved for callers waiting for them). A new call gets
+//! the earliest slot that satisfies, in this order:
+//!
+//! 1. **Burst after idle.** When the limiter is idle (nothing reserved ahead, and the
+//!    last slot is at least one pace `T = span / N` old) a *burst* opens: calls that
+//!    arrive while it is open go **at once**, as long as the span holds fewer than
+//!    `B = ratelimit.burst_percent` % of N. The burst closes when the first call
+//!    admitted since it opened comes back from Chat ([`RateLimiter::returned`]): what
+//!    arrives within one round trip of idle is concurrent demand; callers that come
+//!    back for more are paced. (Without that rule a few callers in a closed loop would
+//!    use the whole burst within milliseconds, and pay for it with a long pause.)
+//! 2. **Pace, spread over the window.** Otherwise a slot is at least `T` after the
+//!    last one, and further apart when the window is partly used: when the span ending
+//!    at the last slot holds M calls, the R = N − M that are left are spread evenly
+//!    until the oldest of them leaves the span. So after a burst of B the remaining
+//!    N − B go one every `span / (N − B + 1)`, and the schedule never stalls waiting
+//!    for a window to roll over; with no burst in the window the pace is `T`.
+//! 3. **Exactness.** Whatever the above say, a slot is never earlier than one span
+//!    after the N-th newest slot (a sliding-window log), nor before a pause Chat asked
+//!    for. So any span holds at most N slots.
+//!
+//! A caller whose slot is further than its wait allows (`ratelimit.max_wait_ms`, or its
+//! deadline) is refused at once and reserves nothing; a caller that gives up while
+//! waiting gives its slot back. Waiters are served in the order they asked.
+//!
+//! The span is the window plus [`ARRIVAL_MARGIN`]: calls admitted a little apart can
+//! reach Chat closer together (a new connection's set-up delays one, scheduling
+//! another), so what *arrives* at Chat still holds N in any second. A caller woken
+//! more than [`MAX_LATE`] after its slot asks again instead of going. The cost: at
+//! saturation N calls go per 1.06 s (188/s for N = 200), and after a burst of B the
+//! rest of that window is paced at (N − B) per span.
+//!
+//! The fleet's limiter ([`crate::fleet::limiter`]) runs the same schedule in a Redis
+//! script, on Redis's clock, over the fleet's window.
+//!
+//! [`RateLimiter`] is the small interface the upstream uses; the local limiter and the
+//! fleet's implement it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,10 +55,16 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 /// Calls admitted a little apart can reach Chat closer together (a new connection's
 /// set-up delays one, scheduling another), so admissions are spaced over the window
 /// plus this margin: what *arrives* at Chat still holds N in any one second, at the
-/// cost of 2.5% of the rate.
-pub const ARRIVAL_MARGIN: Duration = Duration::from_millis(25);
+/// cost of 6% of the rate. It covers waking up to [`MAX_LATE`] late and 40 ms on the
+/// way to Chat (the fleet budgets the same: `redis.lease_ms` and
+/// `redis.latency_allowance_ms`).
+pub const ARRIVAL_MARGIN: Duration = Duration::from_millis(60);
 /// The span admissions are counted over.
-const SPAN: Duration = WINDOW.saturating_add(ARRIVAL_MARGIN);
+pub const SPAN: Duration = WINDOW.saturating_add(ARRIVAL_MARGIN);
+/// A caller woken later than this after its slot does not go: it asks again. So a
+/// call leaves within this of its slot, and the rest of the margin covers the way to
+/// Chat.
+pub const MAX_LATE: Duration = Duration::from_millis(20);
 /// Commands with a log of their own at most; past it, unknown commands share one.
 const MAX_BUCKETS: usize = 4096;
 /// The shared log's name.
@@ -43,8 +79,9 @@ pub struct Throttled {
 
 /// What the upstream needs from a rate limiter.
 pub trait RateLimiter: Send + Sync + 'static {
-    /// Waits until one call of `command` may go, for at most `max_wait`; refuses at
-    /// once (without waiting) when the command's next free slot is further away.
+    /// Waits for one call of `command`'s slot, for at most `max_wait`; refuses at once
+    /// (without waiting) when the slot would be further away. Dropping the future
+    /// before it finishes gives the slot back.
     fn acquire<'a>(
         &'a self,
         command: &'a str,
@@ -52,94 +89,124 @@ pub trait RateLimiter: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), Throttled>>;
     /// Chat throttled `command`: no call before `pause` from now.
     fn pause(&self, command: &str, pause: Duration);
+    /// A call of `command` came back from Chat (whatever the outcome): the burst that
+    /// opened when the limiter was idle is over (see the module doc).
+    fn returned(&self, command: &str);
 }
 
-/// One command's sliding-window log.
+/// The pace at limit `n`: `span / n`.
+pub fn pace(span: Duration, n: usize) -> Duration {
+    span / (n.clamp(1, u32::MAX as usize) as u32)
+}
+
+/// The burst size at limit `n`: `percent` % of it, at least 1.
+pub fn burst_of(n: usize, percent: u32) -> usize {
+    (n * percent as usize / 100).clamp(1, n.max(1))
+}
+
+/// One command's log and schedule.
 #[derive(Debug)]
 struct Log {
-    /// Calls allowed in any window.
+    /// Calls allowed in any span, N.
     limit: usize,
-    /// Admission instants of the calls of the last window, oldest first; never more
-    /// than `limit`. Non-decreasing: a new slot is never before the newest.
+    /// Calls a burst may admit at once, B.
+    burst: usize,
+    /// Slots granted and still within the span, earliest first (future ones are
+    /// reserved for waiting callers). Non-decreasing: a new slot is never before the
+    /// newest.
     admitted: VecDeque<Instant>,
     /// No call before this (Chat asked us to pause).
     paused_until: Option<Instant>,
+    /// Count the span up to this instant as full (the fleet's calls it cannot see).
+    full_until: Option<Instant>,
+    /// A burst is open: the limiter was idle when it began and no call admitted since
+    /// has come back.
+    burst_open: bool,
 }
 
 impl Log {
-    fn new(limit: u32) -> Self {
+    fn new(limit: usize, burst: usize) -> Self {
         Log {
-            limit: limit.max(1) as usize,
+            limit: limit.max(1),
+            burst: burst.clamp(1, limit.max(1)),
             admitted: VecDeque::new(),
             paused_until: None,
+            full_until: None,
+            burst_open: false,
         }
     }
 
-    /// Grants the earliest slot at or after `now`, if it is within `max_wait`.
-    fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Duration, Throttled> {
+    /// Reserves the earliest slot the schedule allows at `now`, if it is within
+    /// `max_wait`.
+    fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Instant, Throttled> {
         while self.admitted.front().is_some_and(|t| *t + SPAN <= now) {
             self.admitted.pop_front();
         }
-        let mut slot = now;
+        let pace = pace(SPAN, self.limit);
+        let last = self.admitted.back().copied();
+        let full = self.full_until.map(|f| f + SPAN).filter(|f| *f > now);
+        if full.is_none() && last.is_none_or(|l| l + pace <= now) {
+            self.burst_open = true;
+        }
+        let mut slot = match last {
+            _ if self.burst_open
+                && full.is_none()
+                && last.is_none_or(|l| l <= now)
+                && self.admitted.len() < self.burst =>
+            {
+                now
+            }
+            None => now,
+            Some(last) => {
+                // The span ending at the last slot: M calls, the oldest at e0.
+                let first = self.admitted.partition_point(|t| *t + SPAN <= last);
+                let room = self.limit.saturating_sub(self.admitted.len() - first);
+                let mut gap = pace;
+                if room >= 1 {
+                    let e0 = self.admitted[first];
+                    let spread = (e0 + SPAN).saturating_duration_since(last) / (room as u32 + 1);
+                    gap = gap.max(spread);
+                }
+                now.max(last + gap)
+            }
+        };
         if let Some(p) = self.paused_until {
             slot = slot.max(p);
         }
-        if self.admitted.len() >= self.limit {
-            // The oldest of the last `limit` leaves the span (a second and the margin)
-            // after it.
-            if let Some(oldest) = self.admitted.get(self.admitted.len() - self.limit) {
-                slot = slot.max(*oldest + SPAN);
-            }
+        if let Some(f) = full {
+            slot = slot.max(f);
+        }
+        let n = self.admitted.len();
+        if n >= self.limit {
+            // The N-th newest must be a span old.
+            slot = slot.max(self.admitted[n - self.limit] + SPAN);
         }
         let wait = slot - now;
         if wait > max_wait {
             return Err(Throttled { retry_after: wait });
         }
-        if self.admitted.len() >= self.limit {
-            self.admitted.pop_front();
-        }
-        // In order: a seeded log ([`Log::seed`]) may hold instants past `slot`.
-        let pos = self.admitted.partition_point(|t| *t <= slot);
-        self.admitted.insert(pos, slot);
-        Ok(wait)
+        self.admitted.push_back(slot);
+        Ok(slot)
     }
 
-    /// Replaces the log with `calls` (sorted instants): what this process must count
-    /// as its share of calls made elsewhere. Keeps the newest `limit`.
-    fn seed(&mut self, calls: impl Iterator<Item = Instant>) {
-        self.admitted.clear();
-        self.admitted.extend(calls);
-        while self.admitted.len() > self.limit {
-            self.admitted.pop_front();
-        }
-    }
-
-    /// Makes the log full until a second after `until`: as if `limit` calls went
-    /// then (keeping any later ones).
-    fn fill(&mut self, until: Instant) {
-        self.admitted.extend(std::iter::repeat_n(until, self.limit));
-        self.admitted.make_contiguous().sort();
-        while self.admitted.len() > self.limit {
-            self.admitted.pop_front();
-        }
-    }
-
-    /// Changes the limit; the log keeps the newest `limit` instants.
-    fn set_limit(&mut self, limit: u32) {
-        self.limit = limit.max(1) as usize;
-        while self.admitted.len() > self.limit {
-            self.admitted.pop_front();
+    /// Gives back a reserved slot that was not used.
+    fn release(&mut self, slot: Instant) {
+        let i = self.admitted.partition_point(|t| *t < slot);
+        if self.admitted.get(i) == Some(&slot) {
+            self.admitted.remove(i);
         }
     }
 }
 
-/// Sliding-window logs in this process.
+/// Per-command logs in this process.
 #[derive(Debug)]
 pub struct LocalRateLimiter {
     /// Calls per second for commands without an override.
     default_rate: u32,
     /// Per-command rates.
     overrides: BTreeMap<String, u32>,
+    /// The burst after idle, in percent of a command's rate.
+    burst_percent: u32,
     /// command → log, created on first use.
     logs: RwLock<HashMap<String, Arc<Mutex<Log>>>>,
     /// Every rate is divided by this (1 alone; a fleet's share when Redis is away).
@@ -147,11 +214,13 @@ pub struct LocalRateLimiter {
 }
 
 impl LocalRateLimiter {
-    /// A limiter with `default_rate` calls per second per command and overrides.
-    pub fn new(default_rate: u32, overrides: BTreeMap<String, u32>) -> Self {
+    /// A limiter with `default_rate` calls per second per command, overrides, and
+    /// bursts after idle of `burst_percent` % of a command's rate.
+    pub fn new(default_rate: u32, overrides: BTreeMap<String, u32>, burst_percent: u32) -> Self {
         LocalRateLimiter {
             default_rate: default_rate.max(1),
             overrides,
+            burst_percent: burst_percent.clamp(1, 100),
             logs: RwLock::new(HashMap::new()),
             share: AtomicU32::new(1),
         }
@@ -168,6 +237,11 @@ impl LocalRateLimiter {
         (rate / self.share.load(Ordering::Relaxed).max(1)).max(1)
     }
 
+    /// The share every rate is divided by.
+    pub fn share(&self) -> u32 {
+        self.share.load(Ordering::Relaxed).max(1)
+    }
+
     /// Divides every rate by `share` from now on (a fleet's gateways when Redis is
     /// away: each keeps to N / share).
     pub fn set_share(&self, share: u32) {
@@ -177,37 +251,19 @@ impl LocalRateLimiter {
         }
         let logs = self.logs.read().unwrap_or_else(|p| p.into_inner());
         for (name, log) in logs.iter() {
-            let rate = self.rate_of(name);
-            log.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_limit(rate);
+            let rate = self.rate_of(name) as usize;
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            log.limit = rate;
+            log.burst = burst_of(rate, self.burst_percent);
         }
     }
 
-    /// Counts `command` as used up to its limit at `until`: nothing goes until a
-    /// second after it (the fleet may have used everything, and nobody can say).
+    /// Counts `command`'s span up to `until` as full: nothing goes until a span after
+    /// it (calls made elsewhere that this limiter cannot see).
     pub fn fill(&self, command: &str, until: Instant) {
         let log = self.log(command);
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-        log.fill(until);
-    }
-
-    /// The fleet's recent calls of `command` (instants with counts, in any order): this
-    /// limiter, should it take over, counts its share of them. Of the calls sorted by
-    /// time it keeps every `share`-th from the newest, so any window reaching to the
-    /// present holds `1/share` of the fleet's calls in it, rounded up. Replaces what
-    /// the log held (an earlier view of the same window).
-    pub fn seed(&self, command: &str, fleet_calls: &[(Instant, u32)]) {
-        let share = self.share.load(Ordering::Relaxed).max(1) as usize;
-        let mut all: Vec<Instant> = fleet_calls
-            .iter()
-            .flat_map(|(t, n)| std::iter::repeat_n(*t, *n as usize))
-            .collect();
-        all.sort();
-        let mine: Vec<Instant> = all.iter().rev().step_by(share).rev().copied().collect();
-        let log = self.log(command);
-        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-        log.seed(mine.into_iter());
+        log.full_until = Some(log.full_until.map_or(until, |f| f.max(until)));
     }
 
     fn log(&self, command: &str) -> Arc<Mutex<Log>> {
@@ -225,18 +281,43 @@ impl LocalRateLimiter {
         } else {
             command
         };
-        let rate = self.rate_of(name);
+        let rate = self.rate_of(name) as usize;
+        let burst = burst_of(rate, self.burst_percent);
         map.entry(name.to_string())
-            .or_insert_with(|| Arc::new(Mutex::new(Log::new(rate))))
+            .or_insert_with(|| Arc::new(Mutex::new(Log::new(rate, burst))))
             .clone()
     }
 
-    /// Reserves the earliest slot for one call of `command`: how long to wait for it,
-    /// or a refusal when that is longer than `max_wait`.
-    pub fn reserve(&self, command: &str, max_wait: Duration) -> Result<Duration, Throttled> {
+    /// Reserves the earliest slot for one call of `command`: the instant it may go,
+    /// or a refusal when that is further than `max_wait`. A slot that is not used
+    /// must be given back ([`LocalRateLimiter::release`]).
+    pub fn reserve(&self, command: &str, max_wait: Duration) -> Result<Instant, Throttled> {
         let log = self.log(command);
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         log.reserve(Instant::now(), max_wait)
+    }
+
+    /// Gives back a slot [`LocalRateLimiter::reserve`] granted and nobody used.
+    pub fn release(&self, command: &str, slot: Instant) {
+        let log = self.log(command);
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        log.release(slot);
+    }
+}
+
+/// A reserved slot that goes back to its log unless it was used.
+struct Reserved<'a> {
+    limiter: &'a LocalRateLimiter,
+    command: &'a str,
+    slot: Instant,
+    used: bool,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if !self.used && self.slot > Instant::now() {
+            self.limiter.release(self.command, self.slot);
+        }
     }
 }
 
@@ -246,13 +327,30 @@ impl RateLimiter for LocalRateLimiter {
         command: &'a str,
         max_wait: Duration,
     ) -> BoxFuture<'a, Result<(), Throttled>> {
+        let deadline = Instant::now() + max_wait;
         let reserved = self.reserve(command, max_wait);
         Box::pin(async move {
-            let wait = reserved?;
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+            let mut slot = reserved?;
+            loop {
+                let mut r = Reserved {
+                    limiter: self,
+                    command,
+                    slot,
+                    used: false,
+                };
+                if slot > Instant::now() {
+                    tokio::time::sleep_until(slot.into()).await;
+                }
+                r.used = true;
+                let now = Instant::now();
+                if now <= slot + MAX_LATE {
+                    return Ok(());
+                }
+                // Woken too late: the slot is spent, and going now could bring this
+                // call within a second of one a span later. Ask again.
+                let left = deadline.saturating_duration_since(now);
+                slot = self.reserve(command, left)?;
             }
-            Ok(())
         })
     }
 
@@ -262,120 +360,195 @@ impl RateLimiter for LocalRateLimiter {
         let until = Instant::now() + pause;
         log.paused_until = Some(log.paused_until.map_or(until, |p| p.max(until)));
     }
+
+    fn returned(&self, command: &str) {
+        let log = self.log(command);
+        log.lock().unwrap_or_else(|p| p.into_inner()).burst_open = false;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// At most `limit` slots in any window of one second and the margin.
+    /// At most `limit` slots in any span.
     fn assert_window(slots: &[Instant], limit: usize) {
         for (i, a) in slots.iter().enumerate() {
             let within = slots[i..].iter().take_while(|b| **b < *a + SPAN).count();
             assert!(
                 within <= limit,
-                "{within} slots in one second (limit {limit})"
+                "{within} slots in one span (limit {limit})"
             );
         }
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     #[test]
-    fn bursts_up_to_the_limit_then_one_second_after_the_oldest() {
+    fn a_burst_after_idle_goes_at_once_and_the_rest_is_spread_over_the_window() {
         let t0 = Instant::now();
-        let mut log = Log::new(5);
-        // A burst of five goes at once.
-        for _ in 0..5 {
-            assert_eq!(log.reserve(t0, Duration::ZERO), Ok(Duration::ZERO));
+        let mut log = Log::new(200, 150);
+        // 150 concurrent calls: all at once.
+        for _ in 0..150 {
+            assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
         }
-        // The sixth must wait a full second (and the margin) after the first.
-        let later = t0 + Duration::from_millis(300);
-        assert_eq!(
-            log.reserve(later, Duration::from_millis(100)),
-            Err(Throttled {
-                retry_after: Duration::from_millis(725)
-            })
-        );
-        assert_eq!(
-            log.reserve(later, Duration::from_secs(1)),
-            Ok(Duration::from_millis(725))
-        );
-        // A refused call reserved nothing; past a second the window is free again.
-        let much_later = t0 + Duration::from_secs(3);
-        for _ in 0..5 {
-            assert_eq!(log.reserve(much_later, Duration::ZERO), Ok(Duration::ZERO));
+        // The 151st is paced: the 50 left are spread until the burst leaves the span.
+        let s = log.reserve(t0, Duration::from_secs(2)).unwrap();
+        let gap = s - t0;
+        assert!(gap >= SPAN / 52 && gap <= SPAN / 50, "{gap:?}");
+        // Calls arriving now are queued behind, each one gap further; none waits for
+        // a new window.
+        let mut slots = vec![t0; 150];
+        slots.push(s);
+        for _ in 0..49 {
+            slots.push(log.reserve(t0, Duration::from_secs(2)).unwrap());
         }
         assert!(
-            log.admitted.len() <= 5,
-            "the log never holds more than the limit"
+            *slots.last().unwrap() < t0 + SPAN,
+            "200 within the first span"
         );
+        // The 201st waits for the burst to leave the span: not a second more.
+        let next = log.reserve(t0, Duration::from_secs(2)).unwrap();
+        assert!(
+            next >= t0 + SPAN && next < t0 + SPAN + ms(30),
+            "{:?}",
+            next - t0
+        );
+        slots.push(next);
+        assert_window(&slots, 200);
     }
 
     #[test]
-    fn a_call_just_past_one_second_still_keeps_the_margin() {
+    fn callers_that_come_back_are_paced_not_given_the_burst() {
         let t0 = Instant::now();
-        let mut log = Log::new(1);
-        assert_eq!(log.reserve(t0, Duration::ZERO), Ok(Duration::ZERO));
-        // 1.010 s later the first call is still within the span: wait 15 ms.
-        assert_eq!(
-            log.reserve(t0 + Duration::from_millis(1010), Duration::from_secs(1)),
-            Ok(Duration::from_millis(15))
-        );
+        let mut log = Log::new(200, 150);
+        for _ in 0..20 {
+            assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
+        }
+        // The first call returns: the burst is over.
+        log.burst_open = false;
+        let s = log.reserve(t0 + ms(1), Duration::from_secs(1)).unwrap();
+        let gap = s - t0;
+        // 180 left over the span: one every ~5.6 ms.
+        assert!(gap >= ms(5) && gap <= ms(6), "{gap:?}");
     }
 
     #[test]
-    fn any_one_second_window_holds_at_most_the_limit() {
+    fn twenty_closed_loop_callers_never_wait_long_and_hold_the_limit() {
+        // Twenty callers, each asking again 1 ms after its slot, for 4 s of
+        // simulated time.
         let t0 = Instant::now();
-        let mut log = Log::new(20);
+        let mut log = Log::new(200, 150);
+        let mut next_ask: Vec<Instant> = vec![t0; 20];
         let mut slots = Vec::new();
-        // Calls arriving every 7 ms for 3 s, each willing to wait up to 2 s.
-        for i in 0..430u64 {
-            let now = t0 + Duration::from_millis(7 * i);
-            if let Ok(w) = log.reserve(now, Duration::from_secs(2)) {
-                slots.push(now + w);
+        let mut worst = Duration::ZERO;
+        let mut returned_once = false;
+        while slots.len() < 1000 {
+            // The caller that asks first.
+            let (i, asked) = next_ask
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, t)| **t)
+                .map(|(i, t)| (i, *t))
+                .unwrap();
+            if !returned_once && asked > t0 {
+                log.burst_open = false;
+                returned_once = true;
+            }
+            let s = log.reserve(asked, ms(500)).expect("never refused");
+            worst = worst.max(s - asked);
+            slots.push(s);
+            next_ask[i] = s + ms(1);
+        }
+        slots.sort();
+        assert_window(&slots, 200);
+        assert!(worst < ms(200), "a caller waited {worst:?}");
+        let span = *slots.last().unwrap() - slots[0];
+        let rate = slots.len() as f64 / span.as_secs_f64();
+        assert!(rate > 185.0, "{rate:.1}/s");
+    }
+
+    #[test]
+    fn any_span_holds_at_most_the_limit_under_random_demand() {
+        let t0 = Instant::now();
+        let mut log = Log::new(20, 15);
+        let mut slots = Vec::new();
+        let mut x = 0x2545F4914F6CDD1Du64;
+        let mut now = t0;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            now += Duration::from_micros(x % 20_000);
+            if x.is_multiple_of(7) {
+                log.burst_open = false;
+            }
+            if let Ok(s) = log.reserve(now, ms(x % 1500)) {
+                slots.push(s);
             }
         }
         slots.sort();
         assert_window(&slots, 20);
-        // ... and the limit is used: 20 per 1.025 s over the 3 s plus the waiting tail.
-        assert!(slots.len() >= 58, "{} slots", slots.len());
+        assert!(slots.len() > 400, "{}", slots.len());
     }
 
     #[test]
-    fn a_share_divides_the_rate_and_seeded_calls_count() {
-        let l = LocalRateLimiter::new(50, BTreeMap::new());
+    fn refusals_reserve_nothing_and_released_slots_are_reused() {
+        let t0 = Instant::now();
+        let mut log = Log::new(5, 5);
+        for _ in 0..5 {
+            assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
+        }
+        log.burst_open = false;
+        let t = log.reserve(t0 + ms(300), ms(100)).unwrap_err();
+        assert_eq!(t.retry_after, SPAN - ms(300));
+        let s = log.reserve(t0 + ms(300), Duration::from_secs(1)).unwrap();
+        assert_eq!(s, t0 + SPAN);
+        log.release(s);
+        assert_eq!(log.admitted.len(), 5);
+        assert_eq!(log.reserve(t0 + ms(300), Duration::from_secs(1)), Ok(s));
+    }
+
+    #[test]
+    fn a_share_divides_the_rate_and_a_fill_holds_a_span() {
+        let l = LocalRateLimiter::new(50, BTreeMap::new(), 100);
         l.set_share(3);
         assert_eq!(l.rate_of("a/b"), 16);
-        // The fleet counted 30 calls: this gateway's share of them is 10.
-        let until = Instant::now() + Duration::from_millis(100);
-        l.seed(
-            "a/b",
-            &[(until, 20), (until - Duration::from_millis(50), 10)],
-        );
-        for _ in 0..6 {
-            assert_eq!(l.reserve("a/b", Duration::ZERO), Ok(Duration::ZERO));
-        }
+        l.fill("a/b", Instant::now() + ms(100));
         let t = l.reserve("a/b", Duration::ZERO).unwrap_err();
-        assert!(
-            t.retry_after > Duration::from_millis(900),
-            "10 seeded + 6 = 16: the next slot is a second after the oldest"
-        );
+        assert!(t.retry_after > ms(1100), "{t:?}");
         l.set_share(100);
         assert_eq!(l.rate_of("a/b"), 1, "never below one");
     }
 
     #[test]
     fn pause_defers_every_slot_and_overrides_apply() {
-        let l = LocalRateLimiter::new(10, BTreeMap::from([("a/fast".to_string(), 1000)]));
+        let l = LocalRateLimiter::new(10, BTreeMap::from([("a/fast".to_string(), 1000)]), 100);
         assert_eq!(l.rate_of("a/fast"), 1000);
         assert_eq!(l.rate_of("a/b"), 10);
         for _ in 0..10 {
-            assert_eq!(l.reserve("a/b", Duration::ZERO), Ok(Duration::ZERO));
+            assert!(l.reserve("a/b", Duration::ZERO).is_ok());
         }
         assert!(l.reserve("a/b", Duration::ZERO).is_err());
         // Another command has its own log.
-        assert_eq!(l.reserve("c/d", Duration::ZERO), Ok(Duration::ZERO));
+        assert!(l.reserve("c/d", Duration::ZERO).is_ok());
         l.pause("c/d", Duration::from_secs(60));
         let t = l.reserve("c/d", Duration::from_secs(1)).unwrap_err();
         assert!(t.retry_after > Duration::from_secs(59));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_gives_its_slot_back() {
+        let l = LocalRateLimiter::new(2, BTreeMap::new(), 100);
+        l.acquire("a/b", Duration::ZERO).await.unwrap();
+        l.acquire("a/b", Duration::ZERO).await.unwrap();
+        l.returned("a/b");
+        // The third waits a span; it is dropped before its slot.
+        let waiting = l.acquire("a/b", Duration::from_secs(2));
+        let _ = tokio::time::timeout(ms(10), waiting).await;
+        let log = l.log("a/b");
+        assert_eq!(log.lock().unwrap().admitted.len(), 2);
     }
 }

@@ -20,6 +20,8 @@ pub struct RedisOpts {
     pub tls: bool,
     /// Extra `--name value` arguments.
     pub extra: Vec<(String, String)>,
+    /// Listen on this port (e.g. one gateways were told about before it ran).
+    pub port: Option<u16>,
 }
 
 /// A test CA and a server certificate for 127.0.0.1 / localhost, as files.
@@ -68,7 +70,7 @@ impl RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = opts.tls.then(|| make_pki(dir.path()));
         let mut s = RedisServer {
-            port: free_port(),
+            port: opts.port.unwrap_or_else(free_port),
             tls_port: opts.tls.then(free_port),
             pki,
             opts,
@@ -170,25 +172,7 @@ impl RedisServer {
     /// status or bulk string as is, an integer as digits, an error as `ERR...`, an
     /// array as its elements one per line.
     pub fn command(&self, args: &[&str]) -> Result<String, String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let mut req = Vec::new();
-        let mut push = |parts: &[&str]| {
-            req.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
-            for p in parts {
-                req.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
-            }
-        };
-        if let Some(pw) = &self.opts.password {
-            push(&["AUTH", pw]);
-        }
-        push(args);
-        s.write_all(&req).map_err(|e| e.to_string())?;
-        let mut r = BufReader::new(s);
-        if self.opts.password.is_some() {
-            read_reply(&mut r)?;
-        }
-        read_reply(&mut r)
+        command_at(self.port, self.opts.password.as_deref(), args)
     }
 
     /// Sends several commands in one `MULTI`/`EXEC` (atomic).
@@ -248,6 +232,29 @@ impl RedisServer {
     }
 }
 
+/// Sends one command to the server on `port` (see [`RedisServer::command`]).
+pub fn command_at(port: u16, password: Option<&str>, args: &[&str]) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut req = Vec::new();
+    let mut push = |parts: &[&str]| {
+        req.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+        for p in parts {
+            req.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
+        }
+    };
+    if let Some(pw) = password {
+        push(&["AUTH", pw]);
+    }
+    push(args);
+    s.write_all(&req).map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    if password.is_some() {
+        read_reply(&mut r)?;
+    }
+    read_reply(&mut r)
+}
+
 fn read_reply(r: &mut impl BufRead) -> Result<String, String> {
     let mut line = String::new();
     r.read_line(&mut line).map_err(|e| e.to_string())?;
@@ -282,4 +289,279 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+impl RedisServer {
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Makes this server a replica of `addr` (`REPLICAOF`) and waits until it has
+    /// synchronised.
+    pub fn replicate(&self, addr: std::net::SocketAddr) {
+        let r = self.command(&["REPLICAOF", "127.0.0.1", &addr.port().to_string()]);
+        assert_eq!(r.as_deref(), Ok("OK"), "{r:?}");
+        self.wait_synced();
+    }
+
+    /// Waits until this replica's link to its primary is up and it has loaded the
+    /// primary's data.
+    pub fn wait_synced(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info = self.command(&["INFO", "replication"]).unwrap_or_default();
+            if info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replica never synced:\n{info}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Promotes a replica (`REPLICAOF NO ONE`).
+    pub fn promote(&self) {
+        let r = self.command(&["REPLICAOF", "NO", "ONE"]);
+        assert_eq!(r.as_deref(), Ok("OK"), "{r:?}");
+    }
+
+    /// Creates an ACL user with `rules` (key patterns and commands, e.g. `~*`,
+    /// `+@all`, `-@dangerous`); returns its `redis://user:password@...` URL.
+    pub fn acl_user(&self, user: &str, password: &str, rules: &[&str]) -> String {
+        let pw = format!(">{password}");
+        let mut args = vec!["ACL", "SETUSER", user, "reset", "on", pw.as_str()];
+        args.extend_from_slice(rules);
+        let r = self.command(&args);
+        assert_eq!(r.as_deref(), Ok("OK"), "{r:?}");
+        format!("redis://{user}:{password}@127.0.0.1:{}/0", self.port)
+    }
+
+    /// Keys matching `pattern` (`SCAN`, which skips expired keys).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut cursor = "0".to_string();
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .command(&["SCAN", &cursor, "MATCH", pattern, "COUNT", "1000"])
+                .unwrap_or_default();
+            let mut lines = r.lines();
+            cursor = lines.next().unwrap_or("0").to_string();
+            out.extend(lines.map(str::to_string));
+            if cursor == "0" {
+                return out;
+            }
+        }
+    }
+
+    /// Sends many commands on one connection (pipelined), returning the last reply.
+    pub fn pipeline(&self, cmds: &[Vec<String>]) -> Result<String, String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let mut req = Vec::new();
+        let mut n = cmds.len();
+        let mut push = |parts: &[&str]| {
+            req.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+            for p in parts {
+                req.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
+            }
+        };
+        if let Some(pw) = &self.opts.password {
+            push(&["AUTH", pw]);
+            n += 1;
+        }
+        for c in cmds {
+            let parts: Vec<&str> = c.iter().map(String::as_str).collect();
+            push(&parts);
+        }
+        s.write_all(&req).map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(s);
+        let mut last = String::new();
+        for _ in 0..n {
+            last = read_reply(&mut r)?;
+        }
+        Ok(last)
+    }
+}
+
+/// A TCP proxy on a free loopback port, in threads of its own, standing between
+/// clients and a server (gateways and Redis, or a replica and its primary). It can
+/// hold traffic (nothing is forwarded, so a replica lags), delay what the server
+/// sends (a Redis that answers late), cut every connection, and point new ones
+/// elsewhere (a failover behind a fixed address).
+pub struct TcpProxy {
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+struct ProxyState {
+    target: std::sync::Mutex<std::net::SocketAddr>,
+    held: std::sync::atomic::AtomicBool,
+    delay_us: std::sync::atomic::AtomicU64,
+    /// Bumped by `cut`: connections of an older epoch close.
+    epoch: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl TcpProxy {
+    /// A proxy to `target`.
+    pub fn start(target: std::net::SocketAddr) -> TcpProxy {
+        use std::sync::atomic::*;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let state = std::sync::Arc::new(ProxyState {
+            target: std::sync::Mutex::new(target),
+            held: AtomicBool::new(false),
+            delay_us: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let st = state.clone();
+        std::thread::spawn(move || loop {
+            if st.stop.load(Ordering::Acquire) {
+                return;
+            }
+            match listener.accept() {
+                Ok((client, _)) => {
+                    let target = *st.target.lock().unwrap();
+                    let Ok(server) = TcpStream::connect(target) else {
+                        continue;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let epoch = st.epoch.load(Ordering::Acquire);
+                    pump(
+                        &st,
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        epoch,
+                        false,
+                    );
+                    pump(&st, server, client, epoch, true);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        });
+        TcpProxy { port, state }
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `redis://127.0.0.1:<port>/0` (with `user:password@` from `auth`, if given).
+    pub fn redis_url(&self, auth: Option<&str>) -> String {
+        match auth {
+            Some(a) => format!("redis://{a}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// Stops (or resumes) forwarding in both directions; held bytes stay in the
+    /// sockets' buffers.
+    pub fn hold(&self, held: bool) {
+        self.state
+            .held
+            .store(held, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Delays everything the server sends by `d`.
+    pub fn delay_replies(&self, d: Duration) {
+        self.state
+            .delay_us
+            .store(d.as_micros() as u64, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Closes every connection made so far (held bytes are lost).
+    pub fn cut(&self) {
+        self.state
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// New connections go to `target`.
+    pub fn retarget(&self, target: std::net::SocketAddr) {
+        *self.state.target.lock().unwrap() = target;
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.cut();
+    }
+}
+
+/// Copies `from` to `to` until either closes or the proxy cuts it; `replies` marks
+/// the server-to-client direction (the one delays apply to).
+fn pump(
+    st: &std::sync::Arc<ProxyState>,
+    mut from: TcpStream,
+    to: TcpStream,
+    epoch: u64,
+    replies: bool,
+) {
+    use std::io::Read;
+    use std::sync::atomic::Ordering;
+    let st = st.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let st2 = st.clone();
+    let mut out = to;
+    // The writer: sends each chunk when it is due.
+    std::thread::spawn(move || {
+        while let Ok((due, buf)) = rx.recv() {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if st2.epoch.load(Ordering::Acquire) != epoch || out.write_all(&buf).is_err() {
+                let _ = out.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+        let _ = out.shutdown(std::net::Shutdown::Write);
+    });
+    std::thread::spawn(move || {
+        let _ = from.set_read_timeout(Some(Duration::from_millis(5)));
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if st.epoch.load(Ordering::Acquire) != epoch || st.stop.load(Ordering::Acquire) {
+                let _ = from.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            if st.held.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let delay = if replies {
+                        Duration::from_micros(st.delay_us.load(Ordering::Acquire))
+                    } else {
+                        Duration::ZERO
+                    };
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => {
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    });
 }

@@ -1,5 +1,7 @@
-//! `POST /callback`: Chat's third-party callbacks (webhooks), which tell us whose
-//! conversation lists changed (`shared/chat-api/callbacks.md`).
+//! `POST /callback`: Chat's third-party callbacks (webhooks), which tell us what
+//! changed (`shared/chat-api/callbacks.md`, `callbacks-more.md`); the table of
+//! invalidations ([`crate::chat::effects::WEBHOOKS`]) says which entities each
+//! command announces.
 //!
 //! Checked first: `SdkAppid` must be ours and, with `callback.token` set, `Sign` must
 //! be hex sha256(token + RequestTime) (compared in constant time) with `RequestTime`
@@ -18,8 +20,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::cache::invalidate::Source;
+use crate::chat::effects;
 use crate::error::GatewayError;
+use crate::invalidate::Source;
 use crate::metrics::names;
 use crate::server::response::{self, Body};
 use crate::server::AppState;
@@ -73,28 +76,11 @@ impl LogLimit {
 /// Chat's acknowledgement.
 const ACK: &[u8] = br#"{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}"#;
 
+/// The command, when the query does not name it.
 #[derive(Deserialize, Default)]
-struct Event<'a> {
+struct Command<'a> {
     #[serde(rename = "CallbackCommand", borrow, default)]
     command: Option<Cow<'a, str>>,
-    #[serde(rename = "From_Account", borrow, default)]
-    from: Option<Cow<'a, str>>,
-    #[serde(rename = "To_Account", borrow, default)]
-    to: Option<Cow<'a, str>>,
-    #[serde(rename = "GroupId", borrow, default)]
-    group: Option<Cow<'a, str>>,
-    #[serde(rename = "NewMemberList", borrow, default)]
-    new_members: Vec<Member<'a>>,
-    #[serde(rename = "ExitMemberList", borrow, default)]
-    exit_members: Vec<Member<'a>>,
-    #[serde(rename = "MemberList", borrow, default)]
-    members: Vec<Member<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Member<'a> {
-    #[serde(rename = "Member_Account", borrow)]
-    account: Cow<'a, str>,
 }
 
 /// The query parameters Chat puts on a callback.
@@ -166,48 +152,17 @@ pub async fn handle(state: Arc<AppState>, req: Request<Bytes>) -> Response<Body>
         counter!(names::CALLBACKS, "outcome" => "rejected").increment(1);
         return GatewayError::CallbackRejected(why).respond();
     }
-    let event: Event<'_> = serde_json::from_slice(&body).unwrap_or_default();
-    let command = q.command.map(Cow::Borrowed).or(event.command.clone());
+    let named: Command<'_> = serde_json::from_slice(&body).unwrap_or_default();
+    let command = q.command.map(Cow::Borrowed).or(named.command);
     let command = command.as_deref().unwrap_or("");
-    let handled = apply(&state, command, &event);
+    let handled = match effects::of_webhook(command, &body) {
+        Some(changed) => {
+            state.invalidator.apply(Source::Webhook, &changed);
+            true
+        }
+        None => false,
+    };
     counter!(names::CALLBACKS, "outcome" => if handled { "applied" } else { "ignored" })
         .increment(1);
     response::json(StatusCode::OK, Bytes::from_static(ACK))
-}
-
-/// Invalidates what `command` changed. Returns whether the command is one we use.
-fn apply(state: &AppState, command: &str, e: &Event<'_>) -> bool {
-    let inv = &state.invalidator;
-    let accounts = |list: &[Option<&Cow<'_, str>>]| -> Vec<String> {
-        list.iter().flatten().map(|a| a.to_string()).collect()
-    };
-    match command {
-        "C2C.CallbackAfterSendMsg" | "C2C.CallbackAfterMsgWithDraw" => {
-            let a = accounts(&[e.from.as_ref(), e.to.as_ref()]);
-            inv.accounts(Source::Webhook, a.iter().map(String::as_str));
-            true
-        }
-        "Group.CallbackAfterSendMsg" | "Group.CallbackAfterRecallMsg" => {
-            if let Some(g) = &e.group {
-                inv.group(Source::Webhook, g);
-            }
-            true
-        }
-        "Group.CallbackAfterNewMemberJoin"
-        | "Group.CallbackAfterMemberExit"
-        | "Group.CallbackAfterGroupDestroyed" => {
-            if let Some(g) = &e.group {
-                inv.group(Source::Webhook, g);
-            }
-            let members = e
-                .new_members
-                .iter()
-                .chain(&e.exit_members)
-                .chain(&e.members)
-                .map(|m| m.account.as_ref());
-            inv.accounts(Source::Webhook, members);
-            true
-        }
-        _ => false,
-    }
 }

@@ -2,7 +2,9 @@
 //!
 //! hit:  parse (borrowing) → key → store lookup → shared `Bytes`, `x-cache: HIT`
 //! miss: coalesced fetch task → (fleet: L2 page, or wait for the gateway that holds
-//!       the fetch lock) → upstream (signer, retries) → store insert (+ L2) → `MISS`
+//!       the fetch lock; one Redis round trip when nobody does) → upstream (signer,
+//!       retries) → store insert (+ L2, by a task of its own) → `MISS`
+//! fleet: all of a request's Redis work shares one budget of `redis.timeout_ms`
 //! Chat failing: a page past its TTL but within `cache.stale_if_error_secs` (from
 //! memory, or from L2) → `STALE`
 
@@ -20,7 +22,8 @@ use crate::cache::store::{Lookup, Page};
 use crate::chat::commands::{CommandClass, GET_LIST};
 use crate::chat::envelope::CodeClass;
 use crate::error::GatewayError;
-use crate::fleet::l2::{L2Page, MissPlan, L2};
+use crate::fleet::conn;
+use crate::fleet::l2::{FetchPlan, MissPlan, L2};
 use crate::server::access::AccessInfo;
 use crate::server::response::{self, age_value, Body, X_CACHE};
 use crate::server::AppState;
@@ -217,8 +220,29 @@ async fn miss(
 }
 
 /// Runs in its own task: asks the fleet's L2 (when there is one), else calls Chat
-/// and stores a success (in memory, and in L2).
+/// and stores a success (in memory, and in L2). All of its Redis work shares one
+/// budget of `redis.timeout_ms`.
 async fn fetch(
+    state: Arc<AppState>,
+    account: Arc<str>,
+    page_key: PageKey,
+    body: Bytes,
+    stats: Arc<CallStats>,
+    no_cache: bool,
+) -> FetchResult {
+    match state.fleet.as_ref().map(|f| f.redis().timeout()) {
+        Some(budget) => {
+            conn::with_budget(
+                budget,
+                fetch_within_budget(state, account, page_key, body, stats, no_cache),
+            )
+            .await
+        }
+        None => fetch_within_budget(state, account, page_key, body, stats, no_cache).await,
+    }
+}
+
+async fn fetch_within_budget(
     state: Arc<AppState>,
     account: Arc<str>,
     page_key: PageKey,
@@ -228,19 +252,24 @@ async fn fetch(
 ) -> FetchResult {
     let epoch = state.store.begin_fetch();
     let l2 = state.fleet.as_ref().and_then(|f| f.l2().cloned());
-    // The generation to store in L2 with, and our fetch lock's token.
-    let mut l2_plan: Option<(u64, Option<String>)> = None;
+    // How to store in L2 what Chat answers (generation, our fetch lock's token).
+    let mut l2_plan: Option<FetchPlan> = None;
     let mut l2_stale = None;
     if let Some(l2) = &l2 {
         if no_cache {
             // A refresh: no L2 answer, but the page it fetches goes to L2 too.
             if let Ok(found) = l2.lookup(&account, &page_key, false).await {
-                l2_plan = Some((found.gen, None));
+                l2_plan = Some(FetchPlan {
+                    gen: found.gen,
+                    token: None,
+                    stale: None,
+                    since_ms: found.now_ms,
+                });
             }
         } else {
             match l2.plan_miss(&account, &page_key).await {
-                MissPlan::Serve(p) => {
-                    let page = p.to_page(page_key);
+                MissPlan::Serve(p, now_ms) => {
+                    let page = p.to_page(page_key, now_ms);
                     let (stored_at, body) = (page.stored_at, page.body.clone());
                     let cached = state.store.insert(&account, page, epoch);
                     return Ok(Arc::new(Fetched {
@@ -253,9 +282,12 @@ async fn fetch(
                         l2_stale: None,
                     }));
                 }
-                MissPlan::Fetch { gen, token, stale } => {
-                    l2_plan = Some((gen, token));
-                    l2_stale = stale.map(|p| Arc::new(p.to_page(page_key.clone())));
+                MissPlan::Fetch(mut plan) => {
+                    l2_stale = plan
+                        .stale
+                        .take()
+                        .map(|(p, now_ms)| Arc::new(p.to_page(page_key.clone(), now_ms)));
+                    l2_plan = Some(plan);
                 }
                 MissPlan::Bypass => {}
             }
@@ -268,7 +300,7 @@ async fn fetch(
     {
         Ok(r) => r,
         Err(e) => {
-            release(&l2, &l2_plan, &account, &page_key).await;
+            release(&l2, &l2_plan, &account, &page_key);
             if l2_stale.is_some() {
                 tracing::debug!(error = %e, "Chat failed; an L2 page may be served stale");
                 return Ok(Arc::new(Fetched {
@@ -302,25 +334,31 @@ async fn fetch(
             fresh_until + live.stale_if_error,
             crate::cache::groups::group_keys(&body),
         );
-        let shared = l2_plan.as_ref().map(|_| L2Page::from_page(&page));
         // Answer with the stored copy: the buffer Chat's answer was read into is
         // freed as soon as this request is done.
         body = page.body.clone();
         cached = state.store.insert(&account, page, epoch);
-        match (&l2, l2_plan.take(), shared) {
-            (Some(l2), Some((gen, token)), Some(p)) if cached => {
-                let ttl = live.cache_ttl + live.stale_if_error;
-                if let Err(e) = l2
-                    .store(&account, &p, &page_key, gen, token.as_deref(), ttl)
-                    .await
-                {
-                    tracing::debug!(error = %e, "page not stored in L2");
-                }
+        match (&l2, l2_plan.take()) {
+            (Some(l2), Some(plan)) if cached => {
+                // Stored in L2 by a task of its own, so that a slow Redis delays this
+                // answer by no more than what is left of the request's budget.
+                let (l2, account, key, page_body) =
+                    (l2.clone(), account.clone(), page_key.clone(), body.clone());
+                let (ttl, stale) = (live.cache_ttl, live.stale_if_error);
+                let store = tokio::spawn(async move {
+                    if let Err(e) = l2
+                        .store(&account, &page_body, &key, &plan, ttl, stale)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "page not stored in L2");
+                    }
+                });
+                let _ = conn::within_budget(store).await;
             }
-            (_, plan, _) => release(&l2, &plan, &account, &page_key).await,
+            (_, plan) => release(&l2, &plan, &account, &page_key),
         }
     } else {
-        release(&l2, &l2_plan, &account, &page_key).await;
+        release(&l2, &l2_plan, &account, &page_key);
     }
     Ok(Arc::new(Fetched {
         status: resp.status,
@@ -333,19 +371,25 @@ async fn fetch(
     }))
 }
 
-/// Releases our L2 fetch lock, if we hold one.
-async fn release(
-    l2: &Option<Arc<L2>>,
-    plan: &Option<(u64, Option<String>)>,
-    account: &str,
-    key: &PageKey,
-) {
-    if let (Some(l2), Some((_, Some(token)))) = (l2, plan) {
-        l2.unlock(account, key, token).await;
+/// Releases our L2 fetch lock, if we hold one (in the background: the answer does not
+/// wait for it).
+fn release(l2: &Option<Arc<L2>>, plan: &Option<FetchPlan>, account: &str, key: &PageKey) {
+    if let (
+        Some(l2),
+        Some(FetchPlan {
+            token: Some(token), ..
+        }),
+    ) = (l2, plan)
+    {
+        let (l2, account, key, token) =
+            (l2.clone(), account.to_string(), key.clone(), token.clone());
+        tokio::spawn(async move { l2.unlock(&account, &key, &token).await });
     }
 }
 
-fn wants_no_cache(headers: &http::HeaderMap) -> bool {
+/// Whether the request asks to skip the cache (`Cache-Control: no-cache` or
+/// `no-store`): the lookup is skipped, the answer fetched and stored.
+pub fn wants_no_cache(headers: &http::HeaderMap) -> bool {
     headers
         .get_all(http::header::CACHE_CONTROL)
         .iter()

@@ -1,0 +1,602 @@
+//! `POST /v4/<service>/<command>` for the cached reads other than get_list
+//! ([`crate::chat::reads`]): per-item caching with partial hits.
+//!
+//! all items fresh: lookups (no allocation per item) → assembled from the template,
+//!       no call to Chat → `HIT`
+//! some missing: ONE call naming only the missing items (coalesced per item: an item
+//!       another request is fetching is awaited, not fetched again) → split back →
+//!       successes stored, per-item failures passed through (never stored) →
+//!       assembled in request order → `PARTIAL` (some from memory) or `MISS`
+//! Chat failing: every missing item with an entry past its TTL but within its stale
+//!       window → `STALE`; otherwise Chat's answer (or the gateway's error) as is
+//! not splittable (request or answer): forwarded unchanged → `BYPASS`
+//! `[cache.commands."…"] enabled = false`: forwarded like any other command.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use tracing::Instrument;
+
+use crate::cache::assemble::{self, Template};
+use crate::cache::coalesce::Role;
+use crate::cache::item_key::{self, ItemRequest, Parsed};
+use crate::cache::items::{Deps, FetchEpoch, ItemEntry, ItemKey, ItemLookup, KeyBuf};
+use crate::chat::effects::EntityKind;
+use crate::chat::envelope::CodeClass;
+use crate::chat::reads::{AnswerShape, ReadRow, MAX_LISTED_DEPS, READS};
+use crate::error::GatewayError;
+use crate::server::access::AccessInfo;
+use crate::server::handlers::{get_list, passthrough};
+use crate::server::response::{self, age_value, Body, X_CACHE};
+use crate::server::AppState;
+use crate::upstream::CallStats;
+
+const HIT: HeaderValue = HeaderValue::from_static("HIT");
+const PARTIAL: HeaderValue = HeaderValue::from_static("PARTIAL");
+const MISS: HeaderValue = HeaderValue::from_static("MISS");
+const STALE: HeaderValue = HeaderValue::from_static("STALE");
+const BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
+
+/// One item of a flight's answer.
+#[derive(Debug, Clone)]
+pub struct FetchedItem {
+    /// Its JSON as Chat returned it (the whole answer, for a single read).
+    pub body: Bytes,
+    /// Chat listed it as failed.
+    pub failed: bool,
+    /// The entities it depends on: a request that joined the flight serves it only
+    /// if none changed since the flight began.
+    pub deps: Deps,
+}
+
+/// What one flight (one call to Chat for some items) produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A success, split: the items in the flight's order, and the members around
+    /// them (for batched reads).
+    Items {
+        /// When the flight began.
+        epoch: FetchEpoch,
+        /// The answer's top-level members.
+        template: Option<Template>,
+        /// One per item the flight fetched.
+        items: Vec<FetchedItem>,
+    },
+    /// Chat's answer was not a success: given to the caller as is.
+    Answer {
+        /// Chat's HTTP status.
+        status: StatusCode,
+        /// Chat's answer.
+        body: Bytes,
+        /// Its `ErrorCode`.
+        code: Option<i64>,
+        /// Chat failed in a way that makes stale entries preferable.
+        upstream_failed: bool,
+    },
+    /// The call failed.
+    Error(GatewayError),
+    /// A success the table cannot split: Chat's answer, given as is to a caller
+    /// whose whole request this call was; every other caller forwards its own.
+    Unsplittable(Bytes),
+}
+
+/// A flight's shared result.
+pub type Flight = Arc<Outcome>;
+
+/// Handles one request of the cached read `command` (row `row`).
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Bytes>,
+    command: &str,
+    row: usize,
+    request_id: &HeaderValue,
+) -> Response<Body> {
+    let cfg = state.live.load().commands[row];
+    if !cfg.enabled {
+        return passthrough::handle(state, req, command).await;
+    }
+    let (parts, body) = req.into_parts();
+    let c = &state.read_counters[row];
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        // Sent as `{}`, like any command: Chat's to answer.
+        return forward(&state, command, body.clone()).await;
+    }
+    let parsed = match item_key::parse(row, &body) {
+        Ok(Parsed::Split(p)) => p,
+        Ok(Parsed::Bypass(why)) => {
+            tracing::debug!(command, reason = why, "forwarded uncached");
+            return forward(&state, command, body.clone()).await;
+        }
+        Err(e) => {
+            tracing::debug!(command, error = %e, "request refused");
+            c.bypass.increment(1);
+            let mut resp = e.respond();
+            resp.headers_mut().insert(X_CACHE, BYPASS);
+            return resp;
+        }
+    };
+    let no_cache = get_list::wants_no_cache(&parts.headers);
+    let now = Instant::now();
+    let n = parsed.items.len();
+    let vid = state.items.variant_id(row, &parsed.variant);
+    let mut keys = Vec::with_capacity(n);
+    for item in &parsed.items {
+        match KeyBuf::new(row, vid, item) {
+            Some(k) => keys.push(k),
+            None => return forward(&state, command, body.clone()).await,
+        }
+    }
+    let mut hits: Vec<Option<Arc<ItemEntry>>> = Vec::with_capacity(n);
+    let mut stale: Vec<Option<Arc<ItemEntry>>> = Vec::with_capacity(n);
+    let mut missing: Vec<usize> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let found = if no_cache {
+            ItemLookup::Miss
+        } else {
+            state.items.lookup(key, now)
+        };
+        match found {
+            ItemLookup::Fresh(e) => {
+                hits.push(Some(e));
+                stale.push(None);
+            }
+            ItemLookup::Stale(e) => {
+                hits.push(None);
+                stale.push(Some(e));
+                missing.push(i);
+            }
+            ItemLookup::Miss => {
+                hits.push(None);
+                stale.push(None);
+                missing.push(i);
+            }
+        }
+    }
+    if missing.is_empty() {
+        c.hit.increment(1);
+        c.from_memory.increment(n as u64);
+        c.saved.increment(1);
+        let r = parsed.row();
+        let answer = match r.answer {
+            AnswerShape::Whole => hits[0].as_ref().map(|e| e.body.clone()).unwrap_or_default(),
+            AnswerShape::Items { .. } => state
+                .templates
+                .get(row)
+                .write(r, hits.iter().flatten().map(|e| (&e.body[..], None))),
+        };
+        return answer_with(answer, HIT, oldest(hits.iter().flatten(), now));
+    }
+    let span = tracing::info_span!(
+        "item_miss",
+        request_id = request_id.to_str().unwrap_or(""),
+        command,
+        items = n,
+        missing = missing.len(),
+    );
+    miss(
+        state,
+        &parsed,
+        keys,
+        hits,
+        stale,
+        missing,
+        no_cache,
+        body.clone(),
+    )
+    .instrument(span)
+    .await
+}
+
+/// The miss path: flights for the missing items, then PARTIAL, MISS, STALE or the
+/// failure.
+#[allow(clippy::too_many_arguments)]
+async fn miss(
+    state: Arc<AppState>,
+    parsed: &ItemRequest<'_>,
+    keys: Vec<KeyBuf>,
+    hits: Vec<Option<Arc<ItemEntry>>>,
+    stale: Vec<Option<Arc<ItemEntry>>>,
+    missing: Vec<usize>,
+    no_cache: bool,
+    original: Bytes,
+) -> Response<Body> {
+    let row = parsed.row;
+    let r = parsed.row();
+    let c = &state.read_counters[row];
+    let flight_keys: Vec<ItemKey> = missing.iter().map(|i| keys[*i].to_key()).collect();
+    let names: Vec<Arc<str>> = missing
+        .iter()
+        .map(|i| Arc::from(parsed.items[*i].as_ref()))
+        .collect();
+    let variant: Arc<str> = Arc::from(parsed.variant.as_str());
+    let scope: Option<Arc<str>> = parsed.scope.as_deref().map(Arc::from);
+    // What our own flight spends on Chat; stays empty if every item was in flight.
+    let stats = Arc::new(CallStats::default());
+    let seats = state.flights.board(
+        &flight_keys,
+        |positions| {
+            let items: Vec<Arc<str>> = positions.iter().map(|p| names[*p].clone()).collect();
+            let keys: Vec<ItemKey> = positions.iter().map(|p| flight_keys[*p].clone()).collect();
+            // Taken before the flight is visible to others: what it answers is checked
+            // against invalidations since then.
+            let epoch = state.items.begin_fetch();
+            // Its own task, carrying this request's span (and id).
+            fetch(
+                state.clone(),
+                row,
+                variant.clone(),
+                scope.clone(),
+                items,
+                keys,
+                stats.clone(),
+                epoch,
+            )
+            .instrument(tracing::Span::current())
+        },
+        || {
+            Arc::new(Outcome::Error(GatewayError::Internal(
+                "item fetch task panicked".into(),
+            )))
+        },
+    );
+    let mut outcomes: Vec<(Flight, usize)> = Vec::with_capacity(seats.len());
+    let (mut led, mut joined) = (false, false);
+    for seat in seats {
+        led |= seat.role == Role::Leader;
+        joined |= seat.role == Role::Follower;
+        outcomes.push((seat.flight.await, seat.index));
+    }
+    if joined {
+        // Some (or all) items came from another request's flight.
+        c.coalesced.increment(1);
+        // A flight that began before an invalidation this request may have followed
+        // (a write acknowledged before it arrived) must not answer for it: those
+        // items are fetched again, by a call of our own.
+        let redo: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, (o, i))| match &**o {
+                Outcome::Items { epoch, items, .. } => items
+                    .get(*i)
+                    .is_some_and(|f| !state.items.unchanged_since(&f.deps, *epoch)),
+                _ => false,
+            })
+            .map(|(pos, _)| pos)
+            .collect();
+        if !redo.is_empty() {
+            let items: Vec<Arc<str>> = redo.iter().map(|p| names[*p].clone()).collect();
+            let keys: Vec<ItemKey> = redo.iter().map(|p| flight_keys[*p].clone()).collect();
+            let epoch = state.items.begin_fetch();
+            let again = fetch(
+                state.clone(),
+                row,
+                variant.clone(),
+                scope.clone(),
+                items,
+                keys,
+                stats.clone(),
+                epoch,
+            )
+            .await;
+            for (j, pos) in redo.into_iter().enumerate() {
+                outcomes[pos] = (again.clone(), j);
+            }
+            led = true;
+        }
+    }
+    let mut info = AccessInfo {
+        code: Some(0),
+        attempts: stats.attempts(),
+        upstream: stats.upstream_time(),
+    };
+    let command = r.command;
+    if let Some(answer) = outcomes.iter().find_map(|(o, _)| match &**o {
+        Outcome::Unsplittable(answer) => Some(answer.clone()),
+        _ => None,
+    }) {
+        // Our own call named every item of the request with its other fields: its
+        // answer is Chat's answer to the request.
+        if led && !joined && hits.iter().all(Option::is_none) {
+            tracing::debug!(command, "Chat's answer could not be split; given as is");
+            c.bypass.increment(1);
+            let mut resp = response::json(StatusCode::OK, answer);
+            resp.headers_mut().insert(X_CACHE, BYPASS);
+            info.attach(&mut resp);
+            return resp;
+        }
+        tracing::warn!(
+            command,
+            "Chat's answer could not be split; forwarding the whole request"
+        );
+        let mut resp = forward(&state, command, original).await;
+        if let Some(a) = resp.extensions().get::<AccessInfo>() {
+            info.attempts += a.attempts;
+            info.upstream += a.upstream;
+            info.code = a.code;
+        }
+        info.attach(&mut resp);
+        return resp;
+    }
+    let now = Instant::now();
+    let failure = outcomes
+        .iter()
+        .map(|(o, _)| o)
+        .find(|o| matches!(***o, Outcome::Answer { .. } | Outcome::Error(_)))
+        .cloned();
+    let mut use_stale = false;
+    if let Some(f) = &failure {
+        let may_serve_stale = outcomes.iter().zip(&missing).all(|((o, _), i)| match &**o {
+            Outcome::Items { .. } => true,
+            Outcome::Answer {
+                upstream_failed, ..
+            } => *upstream_failed && stale[*i].is_some(),
+            Outcome::Error(_) => stale[*i].is_some(),
+            Outcome::Unsplittable(_) => false,
+        });
+        if !may_serve_stale {
+            c.bypass.increment(1);
+            let mut resp = match &**f {
+                Outcome::Answer {
+                    status, body, code, ..
+                } => {
+                    info.code = *code;
+                    response::json(*status, body.clone())
+                }
+                Outcome::Error(e) => {
+                    info.code = Some(e.code());
+                    e.respond()
+                }
+                _ => GatewayError::Internal("no failure".into()).respond(),
+            };
+            resp.headers_mut().insert(X_CACHE, BYPASS);
+            info.attach(&mut resp);
+            return resp;
+        }
+        tracing::warn!(command, "Chat failing; serving stale items");
+        use_stale = true;
+    }
+    // Assemble, in request order.
+    let mut parts: Vec<(Bytes, Option<&str>)> = Vec::with_capacity(parsed.items.len());
+    let mut template: Option<&Template> = None;
+    let (mut from_memory, mut from_chat) = (0u64, 0u64);
+    let mut next_missing = missing.iter().zip(&outcomes).peekable();
+    for (i, item) in parsed.items.iter().enumerate() {
+        if let Some(e) = &hits[i] {
+            parts.push((e.body.clone(), None));
+            from_memory += 1;
+            continue;
+        }
+        let Some((_, (o, index))) = next_missing.next() else {
+            break;
+        };
+        match &**o {
+            Outcome::Items {
+                template: t, items, ..
+            } => {
+                let Some(f) = items.get(*index) else {
+                    return forward(&state, command, original).await;
+                };
+                if template.is_none() {
+                    template = t.as_ref();
+                }
+                parts.push((f.body.clone(), f.failed.then_some(item.as_ref())));
+                from_chat += 1;
+            }
+            _ => match &stale[i] {
+                Some(e) => {
+                    parts.push((e.body.clone(), None));
+                    from_memory += 1;
+                }
+                None => return forward(&state, command, original).await,
+            },
+        }
+    }
+    let age = oldest(
+        hits.iter().flatten().chain(if use_stale {
+            stale.iter().flatten().collect::<Vec<_>>()
+        } else {
+            Vec::new()
+        }),
+        now,
+    );
+    let answer = match r.answer {
+        AnswerShape::Whole => parts.first().map(|(b, _)| b.clone()).unwrap_or_default(),
+        AnswerShape::Items { .. } => {
+            let learned;
+            let t = match template {
+                Some(t) => t,
+                None => {
+                    learned = state.templates.get(row);
+                    &learned
+                }
+            };
+            t.write(r, parts.iter().map(|(b, f)| (&b[..], *f)))
+        }
+    };
+    c.from_memory.increment(from_memory);
+    c.from_chat.increment(from_chat);
+    if !led {
+        c.saved.increment(1);
+    }
+    let x = if use_stale {
+        c.stale.increment(1);
+        STALE
+    } else if no_cache {
+        c.bypass.increment(1);
+        BYPASS
+    } else if from_memory > 0 {
+        c.partial.increment(1);
+        PARTIAL
+    } else {
+        c.miss.increment(1);
+        MISS
+    };
+    let age = if from_memory > 0 { age } else { None };
+    let mut resp = answer_with(answer, x, age);
+    info.attach(&mut resp);
+    resp
+}
+
+/// Runs in its own task: one call to Chat for `items`, the answer split, the
+/// successes stored (unless an invalidation since `epoch` overtook them).
+#[allow(clippy::too_many_arguments)]
+async fn fetch(
+    state: Arc<AppState>,
+    row: usize,
+    variant: Arc<str>,
+    scope: Option<Arc<str>>,
+    items: Vec<Arc<str>>,
+    keys: Vec<ItemKey>,
+    stats: Arc<CallStats>,
+    epoch: FetchEpoch,
+) -> Flight {
+    let r = &READS[row];
+    let body = item_key::upstream_body(r, items.iter().map(|s| &**s), &variant);
+    let class = state.command_class(r.command);
+    let resp = match state.upstream.call(r.command, class, body, &stats).await {
+        Ok(resp) => resp,
+        Err(e) => return Arc::new(Outcome::Error(e)),
+    };
+    let success = resp.status == StatusCode::OK && resp.chat.is_some_and(|s| s.is_success());
+    if !success {
+        let class = resp.chat.map(|s| CodeClass::of(s.code));
+        return Arc::new(Outcome::Answer {
+            status: resp.status,
+            code: resp.chat.map(|s| s.code),
+            upstream_failed: resp.status.is_server_error()
+                || matches!(class, Some(CodeClass::Transient | CodeClass::Throttled)),
+            body: resp.body,
+        });
+    }
+    // The settings in force when the answer is stored (a reload may have come).
+    let cfg = state.live.load().commands[row];
+    let store = |body: &[u8], key: &ItemKey, deps: &Deps| -> Bytes {
+        let entry = state
+            .items
+            .entry(body, epoch, deps.clone(), cfg.ttl, cfg.stale_if_error);
+        let copy = entry.body.clone();
+        state.items.insert(key.clone(), Arc::new(entry));
+        copy
+    };
+    let outcome = match r.answer {
+        AnswerShape::Whole => {
+            let item = &*items[0];
+            let mut named: Vec<(EntityKind, &str)> =
+                r.item_deps.iter().map(|k| (*k, item)).collect();
+            let listed = r
+                .listed_deps
+                .map(|l| assemble::listed(&resp.body, l.array, l.id));
+            if let (Some(Some(ids)), Some(l)) = (&listed, r.listed_deps) {
+                for id in ids {
+                    for k in l.kinds {
+                        named.push((*k, id));
+                    }
+                }
+            }
+            let deps = state.items.deps(named);
+            let cacheable = match &listed {
+                None => true,
+                Some(Some(ids)) => ids.len() <= MAX_LISTED_DEPS,
+                Some(None) => false,
+            };
+            let body = if cacheable {
+                store(&resp.body, &keys[0], &deps)
+            } else {
+                Bytes::copy_from_slice(&resp.body)
+            };
+            Outcome::Items {
+                epoch,
+                template: None,
+                items: vec![FetchedItem {
+                    body,
+                    failed: false,
+                    deps,
+                }],
+            }
+        }
+        AnswerShape::Items { .. } => match split_for(r, &resp.body, &items) {
+            None => Outcome::Unsplittable(resp.body.clone()),
+            Some((split, order)) => {
+                let mut fetched = Vec::with_capacity(items.len());
+                for (name, (key, at)) in items.iter().zip(keys.iter().zip(order)) {
+                    let a = &split.items[at];
+                    let deps = state.items.deps(
+                        r.item_deps.iter().map(|k| (*k, &**name)).chain(
+                            r.scope
+                                .iter()
+                                .filter_map(|(_, k)| scope.as_deref().map(|s| (*k, s))),
+                        ),
+                    );
+                    let body = if a.cacheable {
+                        store(a.raw.as_bytes(), key, &deps)
+                    } else {
+                        Bytes::copy_from_slice(a.raw.as_bytes())
+                    };
+                    fetched.push(FetchedItem {
+                        body,
+                        failed: a.failed,
+                        deps,
+                    });
+                }
+                if split.items.iter().all(|i| !i.failed) {
+                    state.templates.learn(row, &split.template);
+                }
+                Outcome::Items {
+                    epoch,
+                    template: Some(split.template),
+                    items: fetched,
+                }
+            }
+        },
+    };
+    Arc::new(outcome)
+}
+
+/// Splits an answer and finds each of `items` in it: the split and, per item, the
+/// index of its answer item. `None` unless the answer has exactly one item per
+/// requested item.
+fn split_for<'a>(
+    r: &ReadRow,
+    body: &'a [u8],
+    items: &[Arc<str>],
+) -> Option<(assemble::Split<'a>, Vec<usize>)> {
+    let split = assemble::split(r, body)?;
+    if split.items.len() != items.len() {
+        return None;
+    }
+    let mut order = Vec::with_capacity(items.len());
+    for name in items {
+        order.push(split.items.iter().position(|a| a.id == **name)?);
+    }
+    Some((split, order))
+}
+
+/// Forwards the caller's request unchanged (`x-cache: BYPASS`).
+async fn forward(state: &Arc<AppState>, command: &str, body: Bytes) -> Response<Body> {
+    if let Some((row, _)) = crate::chat::reads::item_row(command) {
+        state.read_counters[row].bypass.increment(1);
+    }
+    let mut resp = passthrough::forward(state, command, body).await;
+    resp.headers_mut().insert(X_CACHE, BYPASS);
+    resp
+}
+
+/// Seconds since the oldest of `entries` was stored.
+fn oldest<'a>(entries: impl IntoIterator<Item = &'a Arc<ItemEntry>>, now: Instant) -> Option<u64> {
+    entries
+        .into_iter()
+        .map(|e| now.saturating_duration_since(e.stored_at).as_secs())
+        .max()
+}
+
+fn answer_with(body: Bytes, x_cache: HeaderValue, age: Option<u64>) -> Response<Body> {
+    let mut resp = response::json(StatusCode::OK, body);
+    let h = resp.headers_mut();
+    h.insert(X_CACHE, x_cache);
+    if let Some(age) = age {
+        h.insert(http::header::AGE, age_value(age));
+    }
+    resp
+}

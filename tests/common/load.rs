@@ -1,0 +1,191 @@
+//! Load for rate-limit and retry tests: closed-loop callers sending distinct get_list
+//! misses, and the busiest window of arrivals at the fake Chat.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+/// The get_list path.
+pub const GET_LIST: &str = "/v4/recentcontact/get_list";
+
+/// The most instants in any half-open window of `w`.
+pub fn max_in_window(times: &[Instant], w: Duration) -> usize {
+    let mut times = times.to_vec();
+    times.sort();
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..times.len() {
+        while times[i] >= times[j] + w {
+            j += 1;
+        }
+        best = best.max(i - j + 1);
+    }
+    best
+}
+
+/// The most instants in any one-second window.
+pub fn max_per_second(times: &[Instant]) -> usize {
+    max_in_window(times, Duration::from_secs(1))
+}
+
+/// When the fake Chat received each get_list call.
+pub fn arrivals(fake: &super::FakeChat) -> Vec<Instant> {
+    fake.calls()
+        .iter()
+        .filter(|c| c.path == GET_LIST)
+        .map(|c| c.at)
+        .collect()
+}
+
+/// One caller request and what it got.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The account asked for (distinct per request).
+    pub account: String,
+    /// When it was sent and answered.
+    pub sent: Instant,
+    pub done: Instant,
+    /// HTTP status (0: no answer).
+    pub status: u16,
+    /// Chat's or the gateway's `ErrorCode` (-1: none).
+    pub code: i64,
+}
+
+impl Outcome {
+    pub fn ok(&self) -> bool {
+        self.status == 200 && self.code == 0
+    }
+}
+
+/// A keep-alive HTTP client (one per caller: its connection is reused).
+pub type Http = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// A keep-alive client.
+pub fn http() -> Http {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// Sends one get_list for `account` to `base` (a gateway's address), on a new
+/// connection.
+pub async fn get_list(base: &str, account: &str) -> Outcome {
+    get_list_on(&http(), base, account).await
+}
+
+/// Sends one get_list for `account` to `base` with `client`.
+pub async fn get_list_on(client: &Http, base: &str, account: &str) -> Outcome {
+    use http_body_util::BodyExt;
+    let sent = Instant::now();
+    let req = http::Request::post(format!("{base}{GET_LIST}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+            r#"{{"From_Account":"{account}"}}"#
+        ))))
+        .unwrap();
+    let r: Result<(http::StatusCode, bytes::Bytes), String> = async {
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    }
+    .await;
+    let (status, code) = match &r {
+        Ok((s, body)) => (
+            s.as_u16(),
+            serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["ErrorCode"].as_i64())
+                .unwrap_or(-1),
+        ),
+        Err(_) => (0, -1),
+    };
+    Outcome {
+        account: account.to_string(),
+        sent,
+        done: Instant::now(),
+        status,
+        code,
+    }
+}
+
+/// `callers` closed-loop callers (caller i on `bases[i % len]`), each sending distinct
+/// get_list misses one after another on a keep-alive connection until `run` has
+/// passed. A caller refused with 429 waits 100 ms before its next request (as a
+/// client honouring `retry-after` would, only sooner: demand stays over the limit
+/// without a storm of refusals).
+pub async fn closed_loop(
+    bases: &[String],
+    callers: usize,
+    run: Duration,
+    tag: &str,
+) -> Vec<Outcome> {
+    let until = Instant::now() + run;
+    let mut tasks = Vec::new();
+    for i in 0..callers {
+        let base = bases[i % bases.len()].clone();
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let client = http();
+            let mut out = Vec::new();
+            let mut j = 0;
+            while Instant::now() < until {
+                let o = get_list_on(&client, &base, &format!("{tag}_{i}_{j}")).await;
+                let refused = o.status == 429;
+                out.push(o);
+                j += 1;
+                if refused {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// A summary of outcomes for assertion messages.
+pub fn tally(out: &[Outcome]) -> String {
+    let mut by: std::collections::BTreeMap<(u16, i64), usize> = Default::default();
+    for o in out {
+        *by.entry((o.status, o.code)).or_default() += 1;
+    }
+    by.iter()
+        .map(|((s, c), n)| format!("{n}× HTTP {s} ErrorCode {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A fake Chat on a thread and runtime of its own, so that when it records a call's
+/// arrival does not depend on how busy the test's callers keep the test's runtime
+/// (Chat is another machine).
+pub fn fake_chat_apart(responder: super::Responder) -> super::FakeChat {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Chat's clock should not stall with this machine's load: ask for a higher
+        // priority for this thread (ignored where not permitted).
+        // SAFETY: plain syscalls on the calling thread.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, -10);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the fake Chat");
+        rt.block_on(async move {
+            let _ = tx.send(super::FakeChat::start(responder).await);
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().expect("the fake Chat started")
+}
