@@ -601,3 +601,76 @@ async fn redis_round_trips_are_children_of_the_request() {
         "no account (nor a key holding one) is exported"
     );
 }
+
+/// An item read (here portrait_get, half of it cached) is traced like get_list: its
+/// cache lookup (partial) and its one call to Chat, for the missing item, are
+/// children of the request's span; no account is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_reads_lookup_and_call_to_chat_are_children_of_the_request() {
+    let receiver = Receiver::start().await;
+    let (fake, _world) = world::start().await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[(
+            "tracing",
+            &format!(
+                "endpoint = \"{}\"\nsample_ratio = 0.0\nexport_interval_ms = 50",
+                receiver.url()
+            ),
+        )],
+    ))
+    .await;
+    const PORTRAIT: &str = "/v4/profile/portrait_get";
+    let body = |accounts: &[&str]| {
+        serde_json::json!({"To_Account": accounts, "TagList": ["Tag_Profile_IM_Nick"]})
+            .to_string()
+    };
+    // Not sampled: fills the cache with one of the two.
+    let warm = call(gw.url(PORTRAIT), &body(&["user_0001"]), &[]).await;
+    assert_eq!(header(&warm, "x-cache"), "MISS");
+    fake.reset();
+    let t = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let p = "20f067aa0ba902b9";
+    let a = call(
+        gw.url(PORTRAIT),
+        &body(&["user_0001", "user_0002"]),
+        &[("traceparent", &format!("00-{t}-{p}-01"))],
+    )
+    .await;
+    assert_eq!(a.0, 200);
+    assert_eq!(header(&a, "x-cache"), "PARTIAL");
+    assert_eq!(fake.count(), 1, "one call, for the missing item");
+
+    let spans = receiver.wait_for(t, 3).await;
+    let server = one(&spans, "server span", |s| s.kind == SpanKind::Server as i32);
+    assert_eq!(hex::encode(&server.parent_span_id), p);
+    assert_eq!(server.name, format!("POST {PORTRAIT}"));
+    assert_eq!(attr(server, "chat_gateway.cache").as_deref(), Some("PARTIAL"));
+    let lookup = one(&spans, "cache lookup", |s| s.name == "cache lookup");
+    assert_eq!(lookup.parent_span_id, server.span_id);
+    assert_eq!(
+        attr(lookup, "chat_gateway.cache.result").as_deref(),
+        Some("partial")
+    );
+    let attempt = one(&spans, "call to Chat", |s| s.name.starts_with("Chat "));
+    assert_eq!(
+        attempt.parent_span_id, server.span_id,
+        "the fetch task carries the request's trace"
+    );
+    assert_eq!(attempt.name, "Chat profile/portrait_get");
+    assert_eq!(attr(attempt, "chat.attempt").as_deref(), Some("1"));
+    assert_eq!(attr(attempt, "chat.error_code").as_deref(), Some("0"));
+    let exported: Vec<u8> = receiver
+        .bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.to_vec())
+        .collect();
+    for secret in ["user_0001", "user_0002", "To_Account", SECRET] {
+        assert!(
+            !exported.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret:?} was exported"
+        );
+    }
+}
