@@ -622,8 +622,7 @@ async fn an_item_reads_lookup_and_call_to_chat_are_children_of_the_request() {
     .await;
     const PORTRAIT: &str = "/v4/profile/portrait_get";
     let body = |accounts: &[&str]| {
-        serde_json::json!({"To_Account": accounts, "TagList": ["Tag_Profile_IM_Nick"]})
-            .to_string()
+        serde_json::json!({"To_Account": accounts, "TagList": ["Tag_Profile_IM_Nick"]}).to_string()
     };
     // Not sampled: fills the cache with one of the two.
     let warm = call(gw.url(PORTRAIT), &body(&["user_0001"]), &[]).await;
@@ -645,7 +644,10 @@ async fn an_item_reads_lookup_and_call_to_chat_are_children_of_the_request() {
     let server = one(&spans, "server span", |s| s.kind == SpanKind::Server as i32);
     assert_eq!(hex::encode(&server.parent_span_id), p);
     assert_eq!(server.name, format!("POST {PORTRAIT}"));
-    assert_eq!(attr(server, "chat_gateway.cache").as_deref(), Some("PARTIAL"));
+    assert_eq!(
+        attr(server, "chat_gateway.cache").as_deref(),
+        Some("PARTIAL")
+    );
     let lookup = one(&spans, "cache lookup", |s| s.name == "cache lookup");
     assert_eq!(lookup.parent_span_id, server.span_id);
     assert_eq!(
@@ -669,7 +671,9 @@ async fn an_item_reads_lookup_and_call_to_chat_are_children_of_the_request() {
         .collect();
     for secret in ["user_0001", "user_0002", "To_Account", SECRET] {
         assert!(
-            !exported.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            !exported
+                .windows(secret.len())
+                .any(|w| w == secret.as_bytes()),
             "{secret:?} was exported"
         );
     }
