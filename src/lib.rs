@@ -31,10 +31,12 @@
 //!   own HTTP/1.1 front end with the cache-hit path ([`server::http1`]); what a valid
 //!   request head is and what becomes of its connection ([`server::rules`]); routing
 //!   per listener and request ids ([`server::router`]); bounded and chunked bodies
-//!   ([`server::body`]); caller tokens ([`server::auth`]); the access log
-//!   ([`server::access`]); response building ([`server::response`]); and one handler
-//!   per route ([`server::handlers`]: get_list, the per-item cached reads, passthrough,
-//!   callbacks, admin, probes, metrics).
+//!   ([`server::body`]); caller tokens, checked in constant time on the hit path
+//!   and by the router alike ([`server::auth`]); the access log, with its own
+//!   formatter and writer thread ([`server::access`]); response building
+//!   ([`server::response`]); and one handler per route ([`server::handlers`]:
+//!   get_list, the per-item cached reads, passthrough, callbacks, admin, probes,
+//!   metrics).
 //! - [`cache`]: what a page key is and what is forwarded ([`cache::key`]: the get_list
 //!   parsers, fast and general, and the canonical form), the per-account page store
 //!   with O(1) invalidation and weighed memory ([`cache::store`]), the GroupId index
@@ -60,7 +62,12 @@
 //!   caller is told (its response is built in [`server::response`]).
 //! - [`metrics`]: every metric family (registered from the first scrape) and
 //!   pre-resolved hot-path counters.
-//! - [`telemetry`]: tracing set-up (text or JSON).
+//! - [`telemetry`]: what operators see, set up in one place: log lines (text or
+//!   JSON), the access log ([`server::access`]) and traces.
+//! - [`trace`]: OpenTelemetry traces (`[tracing]`): W3C trace context continued,
+//!   parent-based ratio sampling decided before any span exists, spans for the
+//!   request, the cache lookup, each call to Chat and each Redis round trip, and
+//!   their bounded, counted OTLP/HTTP export.
 //! - [`emulator`]: a local Chat (auth, a synthetic world, paging, writes, faults,
 //!   webhooks) for tests, benchmarks and the `demo` command.
 
@@ -76,4 +83,5 @@ pub mod invalidate;
 pub mod metrics;
 pub mod server;
 pub mod telemetry;
+pub mod trace;
 pub mod upstream;

@@ -122,6 +122,12 @@ pub mod names {
     pub const REDIS_POLICY_UNSUPPORTED: &str = "chat_gateway_redis_maxmemory_policy_unsupported";
     /// Resident memory of the process, bytes (read at scrape time).
     pub const RESIDENT_MEMORY: &str = "chat_gateway_resident_memory_bytes";
+    /// Access-log lines dropped because the log's buffer was full.
+    pub const ACCESS_LOG_DROPPED: &str = "chat_gateway_access_log_dropped_total";
+    /// Spans sent to the OTLP collector.
+    pub const SPANS_EXPORTED: &str = "chat_gateway_tracing_spans_exported_total";
+    /// Spans lost, by `reason` (queue_full, export_failed).
+    pub const SPANS_DROPPED: &str = "chat_gateway_tracing_spans_dropped_total";
     /// Answers of the cached reads other than get_list, by `command` and `result`
     /// (hit, partial, miss, stale, bypass).
     pub const ITEM_REQUESTS: &str = "chat_gateway_item_cache_requests_total";
@@ -195,6 +201,8 @@ pub mod values {
     pub const FLEET_APPLY_OUTCOMES: &[&str] = &["applied", "timeout", "unavailable"];
     /// `fleet_resyncs_total{reason}`.
     pub const RESYNC_REASONS: &[&str] = &["reconnect", "gap", "restart", "lost"];
+    /// `tracing_spans_dropped_total{reason}`.
+    pub const SPAN_DROP_REASONS: &[&str] = &["queue_full", "export_failed"];
     /// `l2_flushes_total{reason}`.
     pub const L2_FLUSH_REASONS: &[&str] = &["restart", "lost", "evicted"];
     /// `item_cache_requests_total{result}`.
@@ -501,6 +509,24 @@ pub const ALL: &[Family] = &[
         "Resident memory of the process, in bytes",
     ),
     family(
+        n::ACCESS_LOG_DROPPED,
+        C,
+        &[],
+        "Access-log lines dropped because the log's buffer was full (its output stalled or too slow)",
+    ),
+    family(
+        n::SPANS_EXPORTED,
+        C,
+        &[],
+        "Spans sent to the OTLP collector",
+    ),
+    family(
+        n::SPANS_DROPPED,
+        C,
+        &["reason"],
+        "Spans lost, by reason (queue_full: the export queue was full; export_failed: the collector did not take them)",
+    ),
+    family(
         n::ITEM_REQUESTS,
         C,
         &["command", "result"],
@@ -586,6 +612,7 @@ pub fn known_series(family: &str) -> Vec<Vec<(&'static str, &'static str)>> {
         n::FLEET_COALESCED => one("outcome", v::FLEET_WAIT_OUTCOMES),
         n::FLEET_WAITS => one("outcome", v::FLEET_APPLY_OUTCOMES),
         n::FLEET_RESYNCS => one("reason", v::RESYNC_REASONS),
+        n::SPANS_DROPPED => one("reason", v::SPAN_DROP_REASONS),
         n::ITEM_REQUESTS => v::item_commands()
             .flat_map(|c| {
                 v::ITEM_RESULTS

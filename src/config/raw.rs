@@ -19,6 +19,36 @@ pub struct RawConfig {
     pub routes: RawRoutes,
     pub ratelimit: RawRateLimit,
     pub redis: RawRedis,
+    pub tracing: RawTracing,
+}
+
+/// `[tracing]`: OpenTelemetry traces, exported over OTLP/HTTP. Off without
+/// `endpoint`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTracing {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub sample_ratio: f64,
+    pub service_name: String,
+    pub max_queue_spans: u64,
+    pub max_batch_spans: u64,
+    pub export_interval_ms: u64,
+    pub export_timeout_ms: u64,
+}
+
+impl Default for RawTracing {
+    fn default() -> Self {
+        RawTracing {
+            endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "chat-gateway".into(),
+            max_queue_spans: 2048,
+            max_batch_spans: 512,
+            export_interval_ms: 5000,
+            export_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// `[redis]`: the fleet. Without `url`, the gateway runs alone.
@@ -284,6 +314,11 @@ pub struct RawLog {
     pub format: String,
     pub level: String,
     pub access: bool,
+    pub access_sample: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_format: Option<String>,
+    pub access_output: String,
+    pub access_buffer_bytes: u64,
 }
 
 impl Default for RawLog {
@@ -292,6 +327,10 @@ impl Default for RawLog {
             format: "text".into(),
             level: "info".into(),
             access: false,
+            access_sample: 1.0,
+            access_format: None,
+            access_output: "stderr".into(),
+            access_buffer_bytes: 1024 * 1024,
         }
     }
 }

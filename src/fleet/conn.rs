@@ -600,6 +600,8 @@ impl Redis {
             return Err(FleetError::Down);
         };
         let started = Instant::now();
+        // With tracing on, a round trip made for a recorded request is its child.
+        let span = crate::trace::redis(op.as_str());
         let cut_short = limit < self.timeout;
         let fut = f((*conn).clone());
         tokio::pin!(fut);
@@ -615,6 +617,19 @@ impl Redis {
                 tokio::time::timeout(limit - half, &mut fut).await
             }
         };
+        if let Some(span) = span {
+            let error = match &res {
+                Ok(Ok(_)) => None,
+                Ok(Err(_)) => Some("error"),
+                Err(_) => Some("timeout"),
+            };
+            span.end(
+                error.map_or_else(Vec::new, |e| {
+                    vec![opentelemetry::KeyValue::new("error.type", e)]
+                }),
+                error.is_some(),
+            );
+        }
         match res {
             Ok(Ok(v)) => {
                 histogram!(names::REDIS_LATENCY, "op" => op.as_str())

@@ -43,7 +43,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use opentelemetry::KeyValue;
+
 use super::access;
+use super::auth;
 use super::body::{BodyLimits, ChunkError, Chunked};
 use super::handlers;
 use super::listener::{drive_hyper, Conn};
@@ -82,20 +85,23 @@ pub struct Front {
     pub header_read_timeout: Duration,
     /// Body limits of this listener.
     pub limits: BodyLimits,
-    /// Whether get_list hits take the shortest path: on the main listener, when no
-    /// caller token or route rule needs the whole request.
+    /// Whether get_list hits take the shortest path: on the main listener, when the
+    /// route rules let get_list through (they are fixed at start-up; caller tokens
+    /// are checked on the path itself).
     pub fast_hits: bool,
-    /// The same for the other cached reads: a bit per row of the reads table.
+    /// The same for the other cached reads: a bit per row of the reads table (off
+    /// with tracing on: their spans are made on the general path).
     pub fast_items: u64,
+    /// The access log, when `log.access` is on.
+    pub access: Option<&'static access::AccessLog>,
 }
 
 impl Front {
     /// The front end of `listener`.
     pub fn new(state: Arc<AppState>, listener: Listener, header_read_timeout: Duration) -> Front {
         let limits = listener.body_limits(&state);
-        let fast_hits = listener == Listener::Main
-            && !state.auth_required
-            && state.route_allowed(crate::chat::commands::GET_LIST);
+        let fast_hits =
+            listener == Listener::Main && state.route_allowed(crate::chat::commands::GET_LIST);
         let fast_items = crate::chat::reads::READS
             .iter()
             .enumerate()
@@ -103,10 +109,11 @@ impl Front {
                 *i < 64
                     && r.store == crate::chat::reads::Store::Items
                     && listener == Listener::Main
-                    && !state.auth_required
+                    && state.settings.tracing.is_none()
                     && state.route_allowed(r.command)
             })
             .fold(0u64, |bits, (i, _)| bits | 1 << i);
+        let access = access::get().filter(|_| state.settings.log.access);
         Front {
             state,
             listener,
@@ -114,6 +121,7 @@ impl Front {
             limits,
             fast_hits,
             fast_items,
+            access,
         }
     }
 }
@@ -143,6 +151,11 @@ struct Head {
     request_id: Option<Range<usize>>,
     /// The caller's `user-agent` (for the access log).
     user_agent: Option<Range<usize>>,
+    /// `Authorization` (for a caller token).
+    authorization: Option<Range<usize>>,
+    /// W3C `traceparent` and `tracestate` (for tracing).
+    traceparent: Option<Range<usize>>,
+    tracestate: Option<Range<usize>>,
 }
 
 /// The last `Host` value a connection sent that was valid: a keep-alive caller sends
@@ -212,6 +225,9 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
     let mut no_cache = false;
     let mut request_id = None;
     let mut user_agent = None;
+    let mut authorization = None;
+    let mut traceparent = None;
+    let mut tracestate = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
@@ -230,6 +246,9 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
             6 if is("expect") => check.expect(value),
             13 if is("cache-control") => no_cache |= rules::cache_control_no_cache(value),
             10 if is("user-agent") => user_agent = Some(offset(value)),
+            13 if is("authorization") => authorization = Some(offset(value)),
+            11 if is("traceparent") => traceparent = Some(offset(value)),
+            10 if is("tracestate") => tracestate = Some(offset(value)),
             12 if is("x-request-id")
                 && router::caller_request_id(value)
                 && request_id.is_none() =>
@@ -252,6 +271,9 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
         no_cache,
         request_id,
         user_agent,
+        authorization,
+        traceparent,
+        tracestate,
     }))
 }
 
@@ -366,6 +388,8 @@ struct Connection<'a> {
     /// The entries of a full hit of a cached read being written (kept, empty, from
     /// one request to the next: no allocation per hit).
     hits: Vec<Arc<crate::cache::items::ItemEntry>>,
+    /// The caller tokens as this connection sees them (made at its first hit).
+    tokens: Option<auth::TokenView<'a>>,
 }
 
 /// Serves one connection of `front`'s listener until it closes.
@@ -381,6 +405,7 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         stopping: false,
         host: HostMemo::default(),
         hits: Vec::new(),
+        tokens: None,
     };
     // One timer for the connection's life, re-armed lazily: it fires at most once per
     // header read timeout, not once per request.
@@ -466,7 +491,7 @@ impl Connection<'_> {
             };
             first = false;
             // Only the access log reads when a request started.
-            let started = self.front.state.settings.log.access.then(Instant::now);
+            let started = self.front.access.map(|_| Instant::now());
             self.conn.admit(&self.buf[head.path.clone()]).await;
             // The body: once read, it is at buf[head.len..body_end].
             let body = self.read_body(&head).await;
@@ -716,7 +741,19 @@ impl Connection<'_> {
         keep_alive: bool,
         started: Option<Instant>,
     ) -> Option<Option<Instant>> {
-        let state = &self.front.state;
+        let front = self.front;
+        let state = &front.state;
+        // Caller tokens, checked here in constant time (see `auth`): a caller
+        // without a valid one goes to the router, which answers 401.
+        if state.auth_required {
+            let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
+            let view = self
+                .tokens
+                .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens));
+            if !view.check_header(value) {
+                return Some(None);
+            }
+        }
         let Some(req) = key::fast(&self.buf[head.len..body_end]) else {
             return Some(None);
         };
@@ -727,6 +764,13 @@ impl Connection<'_> {
         };
         state.counters.req_hit.increment(1);
         state.counters.hit.increment(1);
+        // With tracing on, the hit's place in a trace: its trace id for the log, and
+        // spans only when it is recorded.
+        let trace = if crate::trace::enabled() {
+            crate::trace::begin(head.traceparent.as_ref().map(|r| &self.buf[r.clone()]))
+        } else {
+            None
+        };
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(
@@ -747,13 +791,8 @@ impl Connection<'_> {
         let body: &[u8] = if head.head_method { b"" } else { &page.body };
         push_u64(out, page.body.len() as u64);
         finish_head(out, head, keep_alive, now);
-        if let Some(started) = started {
-            let text = |r: &Option<Range<usize>>| {
-                r.as_ref()
-                    .and_then(|r| std::str::from_utf8(&self.buf[r.clone()]).ok())
-                    .unwrap_or("")
-            };
-            access::line(&access::Line {
+        if let (Some(log), Some(started)) = (self.front.access, started) {
+            log.log(&access::Line {
                 method: "POST",
                 path: GET_LIST_PATH,
                 status: 200,
@@ -763,13 +802,33 @@ impl Connection<'_> {
                 upstream: Duration::ZERO,
                 bytes: body.len() as u64,
                 duration: now.saturating_duration_since(started),
-                request_id: std::str::from_utf8(request_id).unwrap_or(""),
+                now,
+                request_id,
+                trace_id: trace.map(|t| t.trace_id),
                 peer: self.conn.peer,
-                user_agent: access::truncate_user_agent(text(&head.user_agent)),
+                user_agent: head.user_agent.as_ref().map_or(&b""[..], |r| {
+                    access::truncate_user_agent_bytes(&self.buf[r.clone()])
+                }),
                 listener: self.front.listener.as_str(),
             });
         }
+        let recorded = match &trace {
+            Some(t) if t.sampled => {
+                Some(self.hit_spans(t, head, request_id, started.unwrap_or(now)))
+            }
+            _ => None,
+        };
         write_all(&mut self.stream, &self.out, body).await.ok()?;
+        if let Some(Some(active)) = recorded {
+            active.end(
+                vec![
+                    KeyValue::new("http.response.status_code", 200),
+                    KeyValue::new("chat_gateway.cache", "HIT"),
+                    KeyValue::new("chat.error_code", 0),
+                ],
+                false,
+            );
+        }
         Some(Some(now))
     }
 
@@ -785,6 +844,17 @@ impl Connection<'_> {
         keep_alive: bool,
         started: Option<Instant>,
     ) -> Option<Option<Instant>> {
+        let state = &self.front.state;
+        // Caller tokens, as for a get_list hit: without a valid one, the router.
+        if state.auth_required {
+            let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
+            let view = self
+                .tokens
+                .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens));
+            if !view.check_header(value) {
+                return Some(None);
+            }
+        }
         let now = Instant::now();
         let Some(hit) = handlers::items::fast_hit(
             &self.front.state,
@@ -815,13 +885,8 @@ impl Connection<'_> {
         out.extend_from_slice(b"\r\ncontent-length: ");
         push_u64(out, hit.len as u64);
         finish_head(out, head, keep_alive, now);
-        if let Some(started) = started {
-            let text = |r: &Option<Range<usize>>| {
-                r.as_ref()
-                    .and_then(|r| std::str::from_utf8(&self.buf[r.clone()]).ok())
-                    .unwrap_or("")
-            };
-            access::line(&access::Line {
+        if let (Some(log), Some(started)) = (self.front.access, started) {
+            log.log(&access::Line {
                 method: "POST",
                 path: std::str::from_utf8(&self.buf[head.path.clone()]).unwrap_or(""),
                 status: 200,
@@ -831,9 +896,13 @@ impl Connection<'_> {
                 upstream: Duration::ZERO,
                 bytes: hit.len as u64,
                 duration: now.saturating_duration_since(started),
-                request_id: std::str::from_utf8(request_id).unwrap_or(""),
+                now,
+                request_id,
+                trace_id: None,
                 peer: self.conn.peer,
-                user_agent: access::truncate_user_agent(text(&head.user_agent)),
+                user_agent: head.user_agent.as_ref().map_or(&b""[..], |r| {
+                    access::truncate_user_agent_bytes(&self.buf[r.clone()])
+                }),
                 listener: self.front.listener.as_str(),
             });
         }
@@ -845,6 +914,40 @@ impl Connection<'_> {
         self.hits.clear();
         written.ok()?;
         Some(Some(now))
+    }
+
+    /// The spans of a recorded hit: the request's (returned, ended once the answer
+    /// is written) and its cache lookup's.
+    #[cold]
+    fn hit_spans(
+        &self,
+        trace: &crate::trace::RequestTrace,
+        head: &Head,
+        request_id: &[u8],
+        started: Instant,
+    ) -> Option<crate::trace::Active> {
+        let start = crate::trace::wall_clock_at(started);
+        let active = trace.start(
+            concat!("POST ", "/v4/recentcontact/get_list"),
+            start,
+            head.tracestate.as_ref().map(|r| &self.buf[r.clone()]),
+            vec![
+                KeyValue::new("http.request.method", "POST"),
+                KeyValue::new("url.path", GET_LIST_PATH),
+                KeyValue::new(
+                    "chat_gateway.request_id",
+                    String::from_utf8_lossy(request_id).into_owned(),
+                ),
+                KeyValue::new("chat_gateway.listener", self.front.listener.as_str()),
+            ],
+        )?;
+        active.child(
+            "cache lookup",
+            start,
+            std::time::SystemTime::now(),
+            vec![KeyValue::new("chat_gateway.cache.result", "hit")],
+        );
+        Some(active)
     }
 
     /// Writes a response the router made.

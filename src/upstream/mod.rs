@@ -182,6 +182,7 @@ impl Upstream {
             }
             attempts += 1;
             let (endpoint, base) = self.failover.current();
+            let span = crate::trace::attempt(command, attempts, endpoint.as_str());
             let started = Instant::now();
             let result = self
                 .client
@@ -194,6 +195,9 @@ impl Upstream {
                 .await;
             self.limiter.returned(command);
             record_call(command, endpoint, &result, started);
+            if let Some(span) = span {
+                end_attempt_span(span, &result);
+            }
             stats.record(started.elapsed());
             if answered(&result) {
                 self.budget.answered();
@@ -316,6 +320,19 @@ impl Upstream {
 fn answered(result: &Result<UpstreamResponse, TransportError>) -> bool {
     matches!(result, Ok(r) if !r.status.is_server_error()
         && r.chat.is_some_and(|s| !matches!(CodeClass::of(s.code), CodeClass::Transient | CodeClass::Throttled)))
+}
+
+/// Ends an attempt's span with what came back: HTTP status and Chat's `ErrorCode`,
+/// or the kind of failure.
+fn end_attempt_span(span: crate::trace::Child, result: &Result<UpstreamResponse, TransportError>) {
+    match result {
+        Ok(r) => span.end_attempt(Some(r.status.as_u16()), r.chat.map(|s| s.code), None),
+        Err(e) => span.end_attempt(
+            None,
+            None,
+            Some(if e.timeout { "timeout" } else { "transport" }),
+        ),
+    }
 }
 
 /// Turns the last attempt's result into what the caller gets.

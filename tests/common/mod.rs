@@ -430,7 +430,9 @@ impl Gateway {
         Self::start_file_with(dir, path, &[], prepare).await
     }
 
-    async fn start_file_with(
+    /// Like [`Gateway::start_file`], after `prepare` has had its say on the command
+    /// (e.g. `stdout(Stdio::piped())`, the pipe then in `child.stdout`).
+    pub async fn start_file_with(
         dir: tempfile::TempDir,
         path: std::path::PathBuf,
         env: &[(&str, &str)],

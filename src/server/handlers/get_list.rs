@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
+use opentelemetry::KeyValue;
 use tracing::Instrument;
 
 use crate::cache::coalesce::Role;
@@ -72,24 +73,47 @@ pub async fn handle(
     let no_cache = wants_no_cache(&parts.headers);
     let now = Instant::now();
     let mut stale = None;
-    if !no_cache {
+    let lookup_span = crate::trace::cache_lookup();
+    let result = if no_cache {
+        "skip"
+    } else {
         match state.store.lookup(&parsed.account, &parsed.page, now) {
             Lookup::Fresh(page) => {
                 c.req_hit.increment(1);
                 c.hit.increment(1);
+                if let Some(s) = lookup_span {
+                    s.end(
+                        vec![KeyValue::new("chat_gateway.cache.result", "hit")],
+                        false,
+                    );
+                }
                 return cached(&page, HIT, now);
             }
-            Lookup::Stale(page) => stale = Some(page),
-            Lookup::Miss => {}
+            Lookup::Stale(page) => {
+                stale = Some(page);
+                "stale"
+            }
+            Lookup::Miss => "miss",
         }
+    };
+    if let Some(s) = lookup_span {
+        s.end(
+            vec![KeyValue::new("chat_gateway.cache.result", result)],
+            false,
+        );
     }
 
-    // Past the cache: an info-level span, so what the miss path logs carries the id.
+    // Past the cache: an info-level span, so what the miss path logs carries the id
+    // (and the trace id, with tracing on).
     let span = tracing::info_span!(
         "get_list_miss",
         request_id = request_id.to_str().unwrap_or(""),
         account = &*parsed.account,
+        trace_id = tracing::field::Empty,
     );
+    if let Some(t) = parts.extensions.get::<crate::trace::LogTraceId>() {
+        span.record("trace_id", tracing::field::display(t));
+    }
     miss(state, parsed, no_cache, stale).instrument(span).await
 }
 
@@ -113,17 +137,20 @@ async fn miss(
         .run(
             (account.clone(), page_key.clone()),
             // The fetch runs as its own task: it carries this request's span, so what
-            // it logs has the request id.
+            // it logs has the request id, and its trace (its calls to Chat and Redis
+            // are the request's children).
             move || {
-                fetch(
-                    fetch_state,
-                    account,
-                    page_key,
-                    upstream_body,
-                    fetch_stats,
-                    no_cache,
+                crate::trace::carry(
+                    fetch(
+                        fetch_state,
+                        account,
+                        page_key,
+                        upstream_body,
+                        fetch_stats,
+                        no_cache,
+                    )
+                    .instrument(tracing::Span::current()),
                 )
-                .instrument(tracing::Span::current())
             },
             || {
                 Err(GatewayError::Internal(

@@ -260,6 +260,7 @@ pub async fn handle(
     let mut hits: Vec<Option<Arc<ItemEntry>>> = Vec::with_capacity(n);
     let mut stale: Vec<Option<Arc<ItemEntry>>> = Vec::with_capacity(n);
     let mut missing: Vec<usize> = Vec::new();
+    let lookup_span = crate::trace::cache_lookup();
     for (i, key) in keys.iter().enumerate() {
         let found = if no_cache {
             ItemLookup::Miss
@@ -283,6 +284,15 @@ pub async fn handle(
             }
         }
     }
+    if let Some(s) = lookup_span {
+        let result = match missing.len() {
+            0 => "hit",
+            m if m < n => "partial",
+            _ => "miss",
+        };
+        let result = opentelemetry::KeyValue::new("chat_gateway.cache.result", result);
+        s.end(vec![result], false);
+    }
     if missing.is_empty() {
         c.hit.increment(1);
         c.from_memory.increment(n as u64);
@@ -303,7 +313,11 @@ pub async fn handle(
         command,
         items = n,
         missing = missing.len(),
+        trace_id = tracing::field::Empty,
     );
+    if let Some(t) = parts.extensions.get::<crate::trace::LogTraceId>() {
+        span.record("trace_id", tracing::field::display(t));
+    }
     miss(
         state,
         &parsed,
@@ -351,19 +365,22 @@ async fn miss(
             // Taken before the flight is visible to others: what it answers is checked
             // against invalidations since then.
             let epoch = state.items.begin_fetch();
-            // Its own task, carrying this request's span (and id).
-            fetch(
-                state.clone(),
-                row,
-                variant.clone(),
-                scope.clone(),
-                items,
-                keys,
-                stats.clone(),
-                epoch,
-                no_cache,
+            // Its own task, carrying this request's span (and id) and its trace (its
+            // calls to Chat and Redis are the request's children).
+            crate::trace::carry(
+                fetch(
+                    state.clone(),
+                    row,
+                    variant.clone(),
+                    scope.clone(),
+                    items,
+                    keys,
+                    stats.clone(),
+                    epoch,
+                    no_cache,
+                )
+                .instrument(tracing::Span::current()),
             )
-            .instrument(tracing::Span::current())
         },
         || {
             Arc::new(Outcome::Error(GatewayError::Internal(
