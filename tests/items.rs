@@ -1011,3 +1011,40 @@ async fn full_hits_take_the_front_ends_hit_path_and_answer_as_the_router_does() 
         "BYPASS"
     );
 }
+
+/// With caller tokens, a fully cached read is still answered by the front end's fast
+/// path only for a valid token: without one, or with a wrong one, 401 (the cached
+/// items are never shown), on the same keep-alive connection.
+#[tokio::test]
+async fn caller_tokens_guard_item_hits() {
+    use common::raw::RawConn;
+    let (fake, _world, gw) =
+        setup(&[("server", "auth_tokens = [\"item-caller-token-0000\"]")]).await;
+    let body = portrait(&names("tok", 20));
+    let request = |auth: Option<&str>| {
+        let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        format!(
+            "POST {PORTRAIT} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut conn = RawConn::connect(gw.addr).await;
+    let mut ask = async |auth: Option<&str>| {
+        conn.send(request(auth).as_bytes()).await.unwrap();
+        let r = conn.response(Duration::from_secs(5)).await.unwrap();
+        (r.status, r.header("x-cache").to_string())
+    };
+    let good = Some("Bearer item-caller-token-0000");
+    assert_eq!(ask(good).await, (200, "MISS".into()));
+    assert_eq!(ask(good).await, (200, "HIT".into()));
+    for auth in [
+        None,
+        Some("Bearer item-caller-token-000"),
+        Some("Bearer item-caller-token-00000"),
+        Some("Basic item-caller-token-0000"),
+    ] {
+        assert_eq!(ask(auth).await.0, 401, "{auth:?} on cached items");
+    }
+    assert_eq!(ask(good).await, (200, "HIT".into()));
+    assert_eq!(calls_to(&fake, PORTRAIT).len(), 1);
+}
