@@ -46,6 +46,7 @@ fn versioned() -> Responder {
 fn redis_section(url: &str) -> String {
     format!("url = \"{url}\"\ntimeout_ms = 50\n")
 }
+const DEBUG_LOG: (&str, &str) = ("log", "level = \"info,chat_gateway::fleet::limiter=debug\"");
 
 /// `n` gateways on `url`, each with `env`, started together; waits until each sees
 /// the others.
@@ -643,24 +644,29 @@ async fn skewed_clocks_change_neither_freshness_nor_age() {
 }
 
 /// 6. Redis answers 45 ms late (a proxy delays its replies; `timeout_ms` 50): a memory
-/// miss answered from L2 makes one round trip, and a miss fetched from Chat waits on
-/// Redis before Chat for its lookup and the rate limit's lease only (the L2 store
-/// runs after the answer).
+/// miss answered from L2 makes one round trip, and so does a miss fetched from Chat
+/// (its L2 lookup and its rate-limit lease go together; the L2 store runs after the
+/// answer): misses p99 within `timeout_ms` + 20 ms either way. (The first lease after
+/// Redis slowed down finds its slot past on arrival and asks again: one outlier in a
+/// hundred.)
 #[tokio::test]
 async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     let _alone = MACHINE.write().await;
     let redis = RedisServer::start();
     let proxy = TcpProxy::start(redis.addr());
     let fake = FakeChat::start(versioned()).await;
-    let gws = fleet_of(2, &fake, &proxy.redis_url(None), &[]).await;
+    let gws = fleet_of(2, &fake, &proxy.redis_url(None), &[DEBUG_LOG]).await;
     proxy.delay_replies(Duration::from_millis(45));
     let (mut from_l2, mut from_chat) = (Vec::new(), Vec::new());
-    let list = accounts("slow", 30);
+    let list = accounts("slow", 100);
     for acc in &list {
         let t = Instant::now();
         let a = get_list(&gws[0], acc).await;
         from_chat.push(t.elapsed());
-        assert_eq!(header(&a, "x-cache"), "MISS");
+        if t.elapsed() > Duration::from_millis(70) {
+            eprintln!("slow: gateway 1 {acc} {:?} {:?}", t.elapsed(), header(&a, "x-request-id"));
+        }
+        assert_eq!(header(&a, "x-cache"), "MISS", "{a:?}\n{}", gws[0].log_text());
     }
     // The stores run after the answers (two round trips for a page listing a group).
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -669,7 +675,10 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
         let t = Instant::now();
         let b = get_list(&gws[1], acc).await;
         let took = t.elapsed();
-        assert_eq!(json(&b)["ErrorCode"], 0);
+        if took > Duration::from_millis(70) {
+            eprintln!("slow: gateway 2 {acc} {took:?} {:?} l2 {}", header(&b, "x-request-id"), header(&b, "x-cache-l2"));
+        }
+        assert_eq!(json(&b)["ErrorCode"], 0, "{b:?}");
         if header(&b, "x-cache-l2") == "HIT" {
             l2_hits += 1;
             from_l2.push(took);
@@ -677,21 +686,25 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
             from_chat.push(took);
         }
     }
-    assert!(l2_hits >= 20, "only {l2_hits} of 30 answered from L2");
+    assert!(l2_hits >= 70, "only {l2_hits} of 100 answered from L2");
     let (l2_p99, chat_p99) = (pct(&mut from_l2, 0.99), pct(&mut from_chat, 0.99));
-    eprintln!(
-        "Redis 45 ms late: misses from L2 p50 {:?} p99 {l2_p99:?}; from Chat p50 {:?} p99 {chat_p99:?}",
+    let report = format!(
+        "Redis 45 ms late: misses from L2 p50 {:?} p99 {l2_p99:?} max {:?}; from Chat p50 {:?} p99 {chat_p99:?} max {:?}",
         pct(&mut from_l2, 0.5),
-        pct(&mut from_chat, 0.5)
+        pct(&mut from_l2, 1.0),
+        pct(&mut from_chat, 0.5),
+        pct(&mut from_chat, 1.0),
     );
-    let timeout = Duration::from_millis(50);
-    assert!(l2_p99 <= timeout + Duration::from_millis(20), "{l2_p99:?}");
-    // The lookup, then the rate limit's own lease: each at most timeout_ms, plus
-    // slack for a busy machine.
-    assert!(
-        chat_p99 <= 2 * timeout + Duration::from_millis(50),
-        "{chat_p99:?}"
-    );
+    eprintln!("{report}");
+    let bound = Duration::from_millis(50 + 20);
+    for (what, p99) in [("from L2", l2_p99), ("from Chat", chat_p99)] {
+        assert!(
+            p99 <= bound,
+            "misses {what}: p99 {p99:?}\n{report}\n{}\n---\n{}",
+            gws[0].log_text(),
+            gws[1].log_text()
+        );
+    }
 }
 
 /// 7. `CLIENT PAUSE 3000 WRITE` under 45 misses a second (N = 200): no caller gets a
