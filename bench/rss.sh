@@ -10,6 +10,7 @@
 # starts a fresh gateway; RSS is read from /proc/<pid>/status (VmRSS) after the fill,
 # with the cache figures from /metrics. The goal checked per phase:
 #   RSS <= 1.25 x cache.max_bytes + 40 MiB
+# and the script exits 1 (after all phases) if a phase is OVER it.
 #
 #   bench/rss.sh                      # all phases, max_bytes = 64 MiB
 #   MAX_BYTES=$((32<<20)) PHASES=many bench/rss.sh
@@ -120,7 +121,7 @@ EOF
   pages=$(metric chat_gateway_cache_pages)
   local body_len
   body_len=$(curl -s -X POST "http://127.0.0.1:$GW_PORT/v4/recentcontact/get_list" -d '{"From_Account":"probe"}' | wc -c)
-  python3 - "$phase" "$misses" "$body_len" "$base_kib" "$rss_kib_after" "$weighted" "$entries" "$pages" "$MAX_BYTES" <<'EOF' | tee -a "$OUT"
+  if ! python3 - "$phase" "$misses" "$body_len" "$base_kib" "$rss_kib_after" "$weighted" "$entries" "$pages" "$MAX_BYTES" <<'EOF' | tee -a "$OUT"; then
 import sys
 phase, filled, body, base, rss, weighted, entries, pages, maxb = sys.argv[1:]
 base, rss, maxb = int(base) * 1024, int(rss) * 1024, int(maxb)
@@ -130,12 +131,16 @@ mib = lambda b: b / 2**20
 print(f"| {phase} | {filled:,} | {int(body):,} B | {mib(weighted):.1f} MiB | {int(entries):,} | {int(pages):,} | "
       f"{mib(rss):.1f} MiB | {(rss - base) / max(pages, 1):,.0f} B | {weighted / max(pages, 1):,.0f} B | "
       f"{mib(limit):.1f} MiB | {'ok' if rss <= limit else 'OVER'} |")
+sys.exit(0 if rss <= limit else 3)
 EOF
+    OVER+=("$phase")
+  fi
   kill "$gw_pid" "$page_pid" 2>/dev/null || true
   wait "$gw_pid" "$page_pid" 2>/dev/null || true
 }
 
 mkdir -p bench/out
+OVER=()
 OUT="bench/out/rss-$(date +%Y%m%d-%H%M%S).txt"
 {
   echo "cache.max_bytes = $MAX_BYTES ($(( MAX_BYTES >> 20 )) MiB), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -152,3 +157,7 @@ for phase in $PHASES; do
   esac
 done
 log "written to $OUT"
+if (( ${#OVER[@]} )); then
+  log "OVER the memory goal (RSS <= 1.25 x max_bytes + 40 MiB) in: ${OVER[*]}"
+  exit 1
+fi

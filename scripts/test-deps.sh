@@ -2,7 +2,11 @@
 # Installs the programs the test suite starts or calls, when they are missing:
 #   redis-server  (the fleet tests start real Redis servers on free loopback ports)
 #   promtool      (Debian's `prometheus` package: metrics format and alert-rule tests)
-#   python3       (tests/http1.rs uploads through Python's http.client, as `requests` does)
+#   python3       (tests/http1.rs uploads through Python's http.client, as `requests` does;
+#                  tests/examples.rs runs examples/clients/list_conversations.py)
+#   node          (tests/examples.rs runs examples/clients/list_conversations.mjs; 18+)
+#   javac         (a JDK, not a JRE: tests/examples.rs runs ListConversations.java as a
+#                  single source file, which needs the compiler; 17+)
 # Debian/Ubuntu only (apt-get); run as root or with sudo. Safe to run again: it does
 # nothing when everything is there.
 set -euo pipefail
@@ -13,6 +17,8 @@ declare -A NEED=(
   [redis-cli]=redis-tools
   [promtool]=prometheus
   [python3]=python3
+  [node]=nodejs
+  [javac]=default-jdk-headless
 )
 
 missing=()

@@ -282,3 +282,119 @@ async fn non_loopback_listen_starts_when_allowed_or_with_tokens() {
     let a = call("POST", &url, Some(&format!("Bearer {TOKEN_A}")), body).await;
     assert_eq!(a.0, 200);
 }
+
+/// Runs `chat-gateway check-config` with `toml` and `env`; returns (exit code,
+/// stdout, stderr).
+fn check_config(toml: &str, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A caller token must be at least 16 characters, in the file or in the
+/// environment; the refusal names the key, never the token.
+#[test]
+fn tokens_shorter_than_16_characters_are_refused() {
+    let fifteen = "short-token-015";
+    let sixteen = "token-of-16-char";
+    assert_eq!((fifteen.len(), sixteen.len()), (15, 16));
+    let with = |tokens: &str| config_toml("http://127.0.0.1:9", &[("server", tokens)]);
+
+    for (toml, env) in [
+        (
+            with(&format!("auth_tokens = [\"{sixteen}\", \"{fifteen}\"]")),
+            None,
+        ),
+        (
+            config_toml("http://127.0.0.1:9", &[]),
+            Some(format!("{sixteen},{fifteen}")),
+        ),
+    ] {
+        let env: Vec<(&str, &str)> = env
+            .as_deref()
+            .map(|v| vec![("CHAT_GATEWAY__SERVER__AUTH_TOKENS", v)])
+            .unwrap_or_default();
+        let (code, out, err) = check_config(&toml, &env);
+        assert_eq!(code, Some(1), "{env:?}: {out}{err}");
+        assert!(err.contains("server.auth_tokens"), "{err}");
+        assert!(err.contains("16"), "the rule is stated: {err}");
+        assert!(
+            !err.contains(fifteen) && !err.contains(sixteen) && !out.contains(fifteen),
+            "a token was echoed: {err}"
+        );
+        if env.is_empty() {
+            // The binary refuses to serve with it too (the same loading as above).
+            let (code, err) = run_to_exit(&toml, &[]);
+            assert_eq!(code, Some(1), "{err}");
+            assert!(!err.contains(fifteen), "{err}");
+        }
+    }
+    let (code, out, err) = check_config(&with(&format!("auth_tokens = [\"{sixteen}\"]")), &[]);
+    assert_eq!(code, Some(0), "16 characters are enough: {err}");
+    assert!(
+        !out.contains(sixteen),
+        "check-config never prints a token: {out}"
+    );
+    assert!(out.contains("auth_tokens"), "{out}");
+}
+
+/// `CHAT_GATEWAY__SERVER__AUTH_TOKENS` is a comma-separated list: each token works
+/// on its own, the whole string is no token. No token appears in `/metrics`, in the
+/// log, or in `check-config`'s output.
+#[tokio::test]
+async fn tokens_from_the_environment_are_a_comma_separated_list_never_shown() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let toml = config_toml(&fake.url(), &[("log", "level = \"debug\"\naccess = true")]);
+    let env = [(
+        "CHAT_GATEWAY__SERVER__AUTH_TOKENS",
+        "token-aaaaaaaaaaaaaaaa,token-bbbbbbbbbbbbbbbb",
+    )];
+    let gw = Gateway::start_with_env(&toml, &env).await;
+    let url = gw.url(GET_LIST);
+    let body = r#"{"From_Account":"user_0001"}"#;
+    for token in [TOKEN_A, TOKEN_B] {
+        let a = call("POST", &url, Some(&format!("Bearer {token}")), body).await;
+        assert_eq!(a.0, 200, "{token}");
+        assert_eq!(json(&a)["ErrorCode"], 0);
+    }
+    for (what, auth) in [
+        ("none", None),
+        (
+            "the whole list",
+            Some(format!("Bearer {TOKEN_A},{TOKEN_B}")),
+        ),
+        ("another", Some(format!("Bearer {WRONG}"))),
+    ] {
+        let a = call("POST", &url, auth.as_deref(), body).await;
+        assert_unauthorized(&a, what);
+    }
+    let metrics = get(&gw.url("/metrics")).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.2);
+    let (code, out, err) = check_config(&toml, &env);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("auth_tokens"), "{out}");
+    for token in [TOKEN_A, TOKEN_B, WRONG] {
+        // Any 8 characters of a token are too many.
+        let tail = &token[token.len() - 8..];
+        assert!(!metrics.contains(tail), "{token} in /metrics");
+        assert!(
+            !out.contains(tail) && !err.contains(tail),
+            "{token} in check-config"
+        );
+        assert!(!gw.log_text().contains(tail), "{token} in the log");
+    }
+}

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use common::*;
 use proptest::prelude::*;
+use proptest::test_runner::{TestError, TestRunner};
 
 struct Env {
     rt: tokio::runtime::Runtime,
@@ -91,33 +92,54 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn arbitrary_bytes_get_an_envelope(body in prop::collection::vec(any::<u8>(), 0..6000)) {
-        check(body)?;
-    }
-
-    #[test]
-    fn arbitrary_json_gets_an_envelope(v in json_value()) {
-        check(serde_json::to_vec(&v).unwrap())?;
-    }
-
-    #[test]
-    fn near_valid_requests_get_an_envelope(
-        account in prop_oneof![".{0,40}", "user_[0-9]{4}"],
-        ts in any::<i64>(),
-        extra in json_value(),
-    ) {
-        let body = serde_json::json!({"From_Account": account, "TimeStamp": ts, "X": extra});
-        check(serde_json::to_vec(&body).unwrap())?;
-    }
-}
-
+/// The three properties, in turn, then the check that the process lived through
+/// them: one test, so that the check cannot run before (or beside) them.
 #[test]
-fn the_process_is_still_alive_after_the_properties() {
+fn arbitrary_input_gets_an_envelope_and_the_process_lives_on() {
+    let config = ProptestConfig {
+        cases: 300,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    fn run<T: std::fmt::Debug>(what: &str, result: Result<(), TestError<T>>) {
+        if let Err(e) = result {
+            panic!("{what}: {e}");
+        }
+    }
+    run(
+        "arbitrary bytes get an envelope",
+        TestRunner::new(config.clone()).run(&prop::collection::vec(any::<u8>(), 0..6000), check),
+    );
+    run(
+        "arbitrary JSON gets an envelope",
+        TestRunner::new(config.clone())
+            .run(&json_value(), |v| check(serde_json::to_vec(&v).unwrap())),
+    );
+    run(
+        "near-valid requests get an envelope",
+        TestRunner::new(config).run(
+            &(
+                prop_oneof![".{0,40}", "user_[0-9]{4}"],
+                any::<i64>(),
+                json_value(),
+            ),
+            |(account, ts, extra)| {
+                let body =
+                    serde_json::json!({"From_Account": account, "TimeStamp": ts, "X": extra});
+                check(serde_json::to_vec(&body).unwrap())
+            },
+        ),
+    );
+
+    // Still alive: the same process answers, and nothing panicked in it.
     let e = env();
     let a = e.rt.block_on(get(&e.gw.url("/healthz"))).unwrap();
     assert_eq!(a.0, 200);
+    // SAFETY: signal 0 only checks that the process exists.
+    assert_eq!(
+        unsafe { libc::kill(e.gw.child.id() as i32, 0) },
+        0,
+        "the gateway process is gone"
+    );
+    assert!(!e.gw.log_text().contains("panicked"), "{}", e.gw.log_text());
 }

@@ -580,12 +580,14 @@ async fn hook_new_member_join() {
 async fn hook_member_exit() {
     fresh_after(
         nothing,
-        vec![members("@he"), joined("he_m1")],
+        vec![members("@he"), joined("he_m1"), get_list("he_m1")],
         Act::Hook(
             |w| {
                 if let Some(m) = w.members("@he") {
                     m.retain(|x| x != "he_m1");
                 }
+                // The group's conversation leaves the member's list.
+                w.bump("conv:he_m1");
             },
             "Group.CallbackAfterMemberExit",
             json!({"GroupId": "@he", "Type": "Public", "ExitType": "Quit", "Operator_Account": "he_m1",
@@ -599,10 +601,11 @@ async fn hook_member_exit() {
 async fn hook_group_destroyed() {
     fresh_after(
         nothing,
-        vec![group_info(&["@hx"]), joined("hx_m2")],
+        vec![group_info(&["@hx"]), joined("hx_m2"), get_list("hx_m2")],
         Act::Hook(
             |w| {
                 w.groups.insert("@hx".into(), None);
+                w.bump("conv:hx_m2");
             },
             "Group.CallbackAfterGroupDestroyed",
             json!({"GroupId": "@hx", "Type": "Public", "Owner_Account": "hx_owner",
@@ -642,6 +645,44 @@ async fn hook_c2c_send_msg() {
             },
             "C2C.CallbackAfterSendMsg",
             json!({"From_Account": "c1", "To_Account": "c2", "MsgTime": 1, "SendMsgResult": 0}),
+        ),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn hook_c2c_msg_withdraw() {
+    fresh_after(
+        nothing,
+        vec![get_list("wd1"), get_list("wd2")],
+        Act::Hook(
+            |w| {
+                w.bump("conv:wd1");
+                w.bump("conv:wd2");
+            },
+            "C2C.CallbackAfterMsgWithDraw",
+            json!({"From_Account": "wd1", "To_Account": "wd2", "MsgKey": "k", "UnreadMsgNum": 0}),
+        ),
+    )
+    .await;
+}
+
+/// A recall is a group event: the group's entries, and the conversation lists that
+/// list the group (every page of the fake world lists this group).
+#[tokio::test]
+async fn hook_group_recall_msg() {
+    const LISTED: &str = "@TGS#1B2AUI7RZ";
+    fresh_after(
+        nothing,
+        vec![group_info(&[LISTED]), get_list("rc_reader")],
+        Act::Hook(
+            |w| {
+                w.bump("ginfo:@TGS#1B2AUI7RZ");
+                w.bump("conv:rc_reader");
+            },
+            "Group.CallbackAfterRecallMsg",
+            json!({"GroupId": LISTED, "Type": "Public", "Operator_Account": "rc_admin",
+                   "MsgSeqList": [{"MsgSeq": 1}]}),
         ),
     )
     .await;

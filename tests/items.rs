@@ -14,6 +14,9 @@ use common::world::{self, World};
 use common::*;
 use serde_json::{json, Value};
 
+/// A way for Chat to fail, and the fake's responder that makes it.
+type Failure = (&'static str, fn() -> Responder);
+
 const PORTRAIT: &str = "/v4/profile/portrait_get";
 const GROUP_INFO: &str = "/v4/group_open_http_svc/get_group_info";
 const CHECK: &str = "/v4/im_open_login_svc/account_check";
@@ -423,6 +426,113 @@ async fn chat_failing_serves_stale_items_or_its_error() {
         Some(json!({"ActionStatus":"FAIL","ErrorCode":40001,"ErrorInfo":"bad"}));
     let d = post(&gw.url(PORTRAIT), portrait(&list)).await;
     assert_eq!(json(&d)["ErrorCode"], 40001);
+}
+
+/// Every way Chat can fail (an envelope with 50005, HTTP 5xx, no answer at all,
+/// throttling) serves the stale items, with `age`.
+#[tokio::test]
+async fn stale_items_stand_in_for_any_failure_with_their_age() {
+    let (fake, world, gw) = setup(&[
+        (
+            "cache.commands.\"profile/portrait_get\"",
+            "ttl_secs = 1\nstale_if_error_secs = 60",
+        ),
+        // Shorter than a throttling pause: a throttled read is answered at once.
+        ("chat", "request_timeout_ms = 800"),
+    ])
+    .await;
+    let list = vec!["sue".to_string(), "tim".to_string()];
+    let a = post(&gw.url(PORTRAIT), portrait(&list)).await;
+    assert_eq!(header(&a, "x-cache"), "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let failures: [Failure; 4] = [
+        ("50005", || {
+            Box::new(|_, _| Reply::Json(chat_error(50005), Duration::ZERO))
+        }),
+        ("HTTP 502", || {
+            Box::new(|_, _| Reply::Status(502, "down".into()))
+        }),
+        ("a transport error", || Box::new(|_, _| Reply::Close)),
+        ("throttling", || {
+            Box::new(|_, _| Reply::Json(chat_error(60019), Duration::ZERO))
+        }),
+    ];
+    for (what, responder) in failures {
+        fake.set_responder(responder());
+        let calls = fake.count();
+        let b = post(&gw.url(PORTRAIT), portrait(&list)).await;
+        assert_eq!(header(&b, "x-cache"), "STALE", "{what}: {:?}", json(&b));
+        assert_eq!(json(&b), json(&a), "{what}");
+        let age: u64 = header(&b, "age").parse().expect("age on STALE");
+        assert!((1..=5).contains(&age), "{what}: age {age}");
+        assert!(fake.count() > calls, "{what}: Chat was asked first");
+    }
+    fake.set_responder(world::responder(world));
+}
+
+/// A batched read's fetch runs as its own task: a caller that goes away while the
+/// fetch is at Chat (an HTTP/2 caller whose connection closes, which drops its
+/// request's handler) cancels nothing, and the items are stored with nobody asking
+/// again.
+#[tokio::test]
+async fn a_caller_that_disconnects_cancels_no_item_fetch() {
+    let (fake, world, gw) = setup(&[("chat", "request_timeout_ms = 60000")]).await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    fake.set_responder({
+        let (world, gate) = (world.clone(), gate.clone());
+        Box::new(move |r: &Recorded, _| {
+            let v = world.lock().unwrap().answer(&r.path, &r.json());
+            Reply::Gated(v, gate.clone())
+        })
+    });
+    let list = vec!["gone1".to_string(), "gone2".to_string()];
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::post(gw.url(PORTRAIT))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(portrait(
+            &list,
+        ))))
+        .unwrap();
+    let request = tokio::spawn(async move { sender.send_request(req).await.map(|_| ()) });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fake.count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fetch never reached Chat"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The caller goes away; the gateway sees its connection close (the scrape's own
+    // is the one left).
+    request.abort();
+    conn.abort();
+    let open = "chat_gateway_open_connections{listener=\"main\"}";
+    while metric(&scrape(&gw).await, open) > 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gate.add_permits(1);
+    while metric(&scrape(&gw).await, "chat_gateway_cache_items") < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the items were never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let a = post(&gw.url(PORTRAIT), portrait(&list)).await;
+    assert_eq!(header(&a, "x-cache"), "HIT");
+    assert_eq!(json(&a), world::direct(&world, PORTRAIT, &portrait(&list)));
+    assert_eq!(fake.count(), 1, "one call to Chat");
 }
 
 #[tokio::test]

@@ -40,6 +40,37 @@ fn raise_nofile() -> libc::rlim_t {
     lim.rlim_cur
 }
 
+/// This process's hard open-files limit.
+fn hard_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim.rlim_max
+}
+
+/// Makes `cmd` start with a soft open-files limit of `soft` (the hard one kept).
+fn lower_nofile(cmd: &mut std::process::Command, soft: libc::rlim_t) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getrlimit/setrlimit are async-signal-safe and touch only the struct.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = soft.min(lim.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The soft open-files limit of process `pid`, from `/proc/<pid>/limits`.
 fn nofile_of(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
@@ -77,14 +108,20 @@ fn assert_hit(r: &RawResponse) {
 }
 
 /// Slow-loris: connections that never finish their request head are closed at the
-/// header read timeout, and real requests are served quickly all the while.
+/// header read timeout (not before), and real requests are served all the while.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_loris_connections_are_closed_and_others_are_served() {
     let _guard = HEAVY.read().await;
     const LORIS: usize = 300;
+    // Long enough that the lorises are all connected well before the first is closed.
+    const TIMEOUT: Duration = Duration::from_secs(3);
     raise_nofile();
     let fake = FakeChat::start(echo_pages()).await;
-    let gw = Gateway::start(&limits_config(&fake.url(), "")).await;
+    let gw = Gateway::start(&limits_config(
+        &fake.url(),
+        &format!("header_read_timeout_ms = {}", TIMEOUT.as_millis()),
+    ))
+    .await;
     let url = gw.url(GET_LIST);
     assert_eq!(header(&post(&url, BODY).await, "x-cache"), "MISS");
 
@@ -105,18 +142,18 @@ async fn slow_loris_connections_are_closed_and_others_are_served() {
                 .send(format!("POST {GET_LIST} HTTP/1.1\r\nHost: x\r\nX-Slow: ").as_bytes())
                 .await;
             let _ = ready_tx.send(());
-            let deadline = start + Duration::from_secs(10);
+            let deadline = start + TIMEOUT + Duration::from_secs(10);
             loop {
                 // One more header byte every 200 ms, never the end of the head.
                 let tick = (Instant::now() + Duration::from_millis(200)).min(deadline);
                 if let Some(at) = c.closed_by(tick).await {
-                    return Some(at - start);
+                    return Some((start, at));
                 }
                 if Instant::now() >= deadline {
                     return None;
                 }
                 if c.send(b"a").await.is_err() {
-                    return Some(start.elapsed());
+                    return Some((start, Instant::now()));
                 }
             }
         }));
@@ -136,16 +173,15 @@ async fn slow_loris_connections_are_closed_and_others_are_served() {
     let prober = {
         let (url, done) = (url.clone(), done.clone());
         tokio::spawn(async move {
-            let mut times = Vec::new();
+            let mut answered = Vec::new();
             while !done.load(Ordering::Relaxed) {
-                let t = Instant::now();
                 let a = post(&url, BODY).await;
-                times.push(t.elapsed());
                 assert_eq!(a.0, 200);
                 assert_eq!(header(&a, "x-cache"), "HIT");
+                answered.push(Instant::now());
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            times
+            answered
         })
     };
 
@@ -154,35 +190,32 @@ async fn slow_loris_connections_are_closed_and_others_are_served() {
         closed.push(l.await.unwrap());
     }
     done.store(true, Ordering::Relaxed);
-    let times = prober.await.unwrap();
+    let answered = prober.await.unwrap();
 
     let open = closed.iter().filter(|c| c.is_none()).count();
-    assert_eq!(
-        open, 0,
-        "{open} slow-loris connections still open after 10 s"
-    );
-    let closed: Vec<Duration> = closed.into_iter().flatten().collect();
-    let (min, max) = (closed.iter().min().unwrap(), closed.iter().max().unwrap());
+    assert_eq!(open, 0, "{open} slow-loris connections never closed");
+    let closed: Vec<(Instant, Instant)> = closed.into_iter().flatten().collect();
+    let after: Vec<Duration> = closed.iter().map(|(s, c)| *c - *s).collect();
+    let (min, max) = (after.iter().min().unwrap(), after.iter().max().unwrap());
+    let first_close = closed.iter().map(|(_, c)| *c).min().unwrap();
+    let during = answered.iter().filter(|a| **a < first_close).count();
     eprintln!(
-        "slow-loris: {LORIS} closed after {min:?}..{max:?}; {} requests meanwhile, slowest {:?}",
-        times.len(),
-        times.iter().max().unwrap()
+        "slow-loris: {LORIS} closed after {min:?}..{max:?}; {} requests answered, {during} of them while every loris was open",
+        answered.len()
     );
     assert!(
-        *min >= Duration::from_millis(800),
-        "closed before the 1 s header timeout: {min:?}"
+        *min >= TIMEOUT.mul_f64(0.8),
+        "closed before the {TIMEOUT:?} header timeout: {min:?}"
     );
-    assert!(*max <= Duration::from_secs(3), "closed too late: {max:?}");
     assert!(
-        times.len() >= 5,
-        "only {} requests during the attack",
-        times.len()
+        *max <= TIMEOUT + Duration::from_secs(5),
+        "closed long after the header timeout: {max:?}"
     );
-    let slow: Vec<_> = times
-        .iter()
-        .filter(|t| **t > Duration::from_millis(200))
-        .collect();
-    assert!(slow.is_empty(), "requests over 200 ms: {slow:?}");
+    // Served during the attack, not only after it.
+    assert!(
+        during >= 3,
+        "only {during} requests answered while the lorises held their connections"
+    );
     assert_eq!(fake.count(), 1);
 }
 
@@ -199,12 +232,19 @@ async fn a_thousand_keep_alive_clients_see_no_errors() {
     );
     let fake = FakeChat::start(echo_pages()).await;
     // The default 5 s header timeout: a client delayed by the scheduler between its
-    // requests must not count as idle.
-    let gw = Gateway::start(&config_toml(&fake.url(), &[("cache", "ttl_secs = 600")])).await;
-    let gw_nofile = nofile_of(gw.child.id());
-    assert!(
-        gw_nofile.is_none_or(|n| n >= CLIENTS as u64 + 100),
-        "the gateway's open-files limit {gw_nofile:?} is too low"
+    // requests must not count as idle. The gateway starts with a soft open-files
+    // limit far below what a thousand clients need (this process's is raised, and
+    // would be inherited): it raises its own to the hard limit.
+    let gw = Gateway::start_prepared(
+        &config_toml(&fake.url(), &[("cache", "ttl_secs = 600")]),
+        |cmd| lower_nofile(cmd, 256),
+    )
+    .await;
+    let gw_nofile = nofile_of(gw.child.id()).expect("/proc/<pid>/limits");
+    assert_eq!(
+        gw_nofile,
+        hard_nofile(),
+        "the gateway raised its soft open-files limit to the hard limit"
     );
     assert_eq!(
         header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"),
@@ -485,41 +525,76 @@ async fn silent_connections_are_closed_after_the_header_timeout() {
     silent.push((h2ish, Instant::now()));
     for (i, (c, start)) in silent.iter_mut().enumerate() {
         let closed = c
-            .closed_by(*start + Duration::from_secs(5))
+            .closed_by(*start + Duration::from_secs(6))
             .await
-            .unwrap_or_else(|| panic!("silent connection {i} still open after 5 s"));
+            .unwrap_or_else(|| panic!("silent connection {i} still open after 6 s"));
         let after = closed - *start;
+        // Not on accept, nor before the 1 s timeout; at it, give or take a busy box.
         assert!(
-            after <= Duration::from_secs(3),
+            after >= Duration::from_millis(800),
+            "silent connection {i} closed after {after:?}, before the header timeout"
+        );
+        assert!(
+            after <= Duration::from_secs(4),
             "silent connection {i} closed after {after:?}"
         );
     }
 }
 
 /// Silent connections cannot hold every slot of `server.max_connections` for long:
-/// each is closed at the header timeout, and a real caller gets in.
+/// each is closed at the header timeout, and a real caller gets in then (not
+/// before: the slots were held).
 #[tokio::test]
 async fn silent_connections_do_not_starve_the_connection_limit() {
     let _guard = HEAVY.read().await;
     let fake = FakeChat::start(echo_pages()).await;
-    let gw = Gateway::start(&limits_config(&fake.url(), "max_connections = 5")).await;
+    // The main listener's connections are watched from the admin listener, whose
+    // own connections take none of the main listener's slots.
+    let gw = Gateway::start(&limits_config(
+        &fake.url(),
+        "max_connections = 5\nadmin_listen = \"127.0.0.1:0\"",
+    ))
+    .await;
+    let admin = gw.logged_addr("admin");
+    let main_connections = || async move {
+        let m = get(&format!("http://{admin}/metrics")).await.unwrap();
+        metric(
+            &String::from_utf8_lossy(&m.2),
+            "chat_gateway_open_connections{listener=\"main\"}",
+        )
+    };
+    let wait_connections = |n: f64| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while main_connections().await != n {
+            assert!(Instant::now() < deadline, "never {n} open connections");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
     assert_eq!(
         header(&post(&gw.url(GET_LIST), BODY).await, "x-cache"),
         "MISS"
     );
+    // That caller's connection is gone, so the silent ones take every regular slot
+    // (and five of the reserve kept for the probes).
+    wait_connections(0.0).await;
+    let start = Instant::now();
     let mut silent = Vec::new();
     for _ in 0..10 {
         silent.push(RawConn::connect(gw.addr).await);
     }
-    let start = Instant::now();
+    wait_connections(10.0).await;
     let mut c = RawConn::connect(gw.addr).await;
     c.send(&get_list_request("user_0001")).await.unwrap();
     let r = c
-        .response(Duration::from_secs(6))
+        .response(Duration::from_secs(10))
         .await
         .expect("served once the silent connections time out");
     assert_hit(&r);
     let waited = start.elapsed();
-    eprintln!("a caller behind 10 silent connections was served after {waited:?}");
-    assert!(waited <= Duration::from_secs(3), "waited {waited:?}");
+    eprintln!("a caller behind 10 silent connections was served {waited:?} after they connected");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "served after {waited:?}: before the 1 s header timeout freed a slot"
+    );
+    assert!(waited <= Duration::from_secs(6), "waited {waited:?}");
 }

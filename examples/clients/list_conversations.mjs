@@ -17,7 +17,7 @@
 //                   (needed when the gateway has server.auth_tokens).
 //
 // Exit status: 0 listed; 1 Chat or the gateway answered an error, or the gateway could
-// not be reached; 2 usage. Node.js 20+, no dependencies (the built-in fetch).
+// not be reached; 2 usage. Node.js 18+, no dependencies (the built-in fetch).
 
 const REQUEST_TIMEOUT_MS = 10_000;
 // HTTP 429 (the gateway's rate limit): how many times to retry a page, and the wait

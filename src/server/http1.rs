@@ -832,12 +832,13 @@ fn http_date(now: Instant) -> [u8; 29] {
     })
 }
 
-/// `wall` as an HTTP date.
+/// `wall` as an HTTP date, formatted in place (no allocation: it runs on the hit
+/// path once a second).
 fn http_date_at(wall: SystemTime) -> [u8; 29] {
+    use std::io::Write as _;
     let mut text = [b' '; 29];
-    let s = httpdate::fmt_http_date(wall);
-    let n = s.len().min(29);
-    text[..n].copy_from_slice(&s.as_bytes()[..n]);
+    // Always 29 bytes ("Sun, 06 Nov 1994 08:49:37 GMT"); a longer one is cut.
+    let _ = write!(&mut text[..], "{}", httpdate::HttpDate::from(wall));
     text
 }
 

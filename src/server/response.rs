@@ -100,6 +100,10 @@ impl GatewayError {
             let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        // RFC 9110 §15.5.6: a 405 names the methods the resource allows.
+        if let GatewayError::MethodNotAllowed(allowed) = self {
+            h.insert(http::header::ALLOW, HeaderValue::from_static(allowed));
+        }
         if let GatewayError::Unauthorized = self {
             h.insert(
                 http::header::WWW_AUTHENTICATE,

@@ -113,6 +113,12 @@ pub enum Reply {
     Json(serde_json::Value, Duration),
     /// An HTTP status with a body.
     Status(u16, String),
+    /// HTTP 200 with this JSON once the test adds a permit to the semaphore (each
+    /// answer takes one): holds a call at Chat until the test lets it go.
+    Gated(serde_json::Value, Arc<tokio::sync::Semaphore>),
+    /// No answer: the connection is closed once the request has been read (a reset
+    /// mid-request, as the caller sees it).
+    Close,
 }
 
 pub type Responder = Box<dyn FnMut(&Recorded, usize) -> Reply + Send>;
@@ -195,22 +201,34 @@ impl FakeChat {
                                 drop(calls);
                                 (r.lock().unwrap())(&rec, n)
                             };
+                            let json = |v: serde_json::Value| {
+                                Response::builder()
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(v.to_string())))
+                                    .unwrap()
+                            };
                             let resp = match reply {
                                 Reply::Json(v, delay) => {
                                     if !delay.is_zero() {
                                         tokio::time::sleep(delay).await;
                                     }
-                                    Response::builder()
-                                        .header("content-type", "application/json")
-                                        .body(Full::new(Bytes::from(v.to_string())))
-                                        .unwrap()
+                                    json(v)
                                 }
                                 Reply::Status(s, b) => Response::builder()
                                     .status(s)
                                     .body(Full::new(Bytes::from(b)))
                                     .unwrap(),
+                                Reply::Gated(v, gate) => {
+                                    gate.acquire().await.expect("gate open").forget();
+                                    json(v)
+                                }
+                                // An error from the service: hyper closes the
+                                // connection without an answer.
+                                Reply::Close => {
+                                    return Err(std::io::Error::other("closed without an answer"))
+                                }
                             };
-                            Ok::<_, std::convert::Infallible>(resp)
+                            Ok::<_, std::io::Error>(resp)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -400,6 +418,24 @@ impl Gateway {
         path: std::path::PathBuf,
         env: &[(&str, &str)],
     ) -> Gateway {
+        Self::start_file_with(dir, path, env, |_| {}).await
+    }
+
+    /// Starts the binary with `toml`, after `prepare` has had its say on the command
+    /// (e.g. a `pre_exec` that lowers a resource limit).
+    pub async fn start_prepared(toml: &str, prepare: impl FnOnce(&mut Command)) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        Self::start_file_with(dir, path, &[], prepare).await
+    }
+
+    async fn start_file_with(
+        dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Gateway {
         let mut cmd = Command::new(bin());
         cmd.arg("--config")
             .arg(&path)
@@ -409,6 +445,7 @@ impl Gateway {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        prepare(&mut cmd);
         let (child, log, rx) = spawn_logged(cmd, |line| {
             let i = line.find("listen=")?;
             let addr: String = line[i + 7..]

@@ -25,9 +25,10 @@ pub fn readyz(state: &AppState) -> Response<Body> {
 }
 
 /// Starts the graceful shutdown, for Jobs whose main container has finished. Only
-/// loopback callers may ask.
+/// loopback callers may ask (an IPv4 caller reaching a dual-stack `[::]` listener
+/// arrives as `::ffff:127.0.0.1`: loopback too).
 pub fn quit(state: &AppState, peer: SocketAddr) -> Response<Body> {
-    if !peer.ip().is_loopback() {
+    if !peer.ip().to_canonical().is_loopback() {
         return GatewayError::LoopbackOnly.respond();
     }
     state.quit.notify_one();
