@@ -611,8 +611,7 @@ async fn without_redis_a_gateway_keeps_to_its_share_and_reports_it_on_return() {
     let b = limiter(&url, "s2", 30).await;
     let mut times = local.clone();
     for _ in 0..30 {
-        if b
-            .acquire(CMD, Duration::from_millis(300))
+        if b.acquire(CMD, Duration::from_millis(300))
             .await
             .is_ok_and(|p| p.go())
         {

@@ -760,13 +760,8 @@ impl Redis {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        self.run_within(
-            op,
-            self.timeout.max(BACKGROUND_TIMEOUT),
-            Duration::ZERO,
-            f,
-        )
-        .await
+        self.run_within(op, self.timeout.max(BACKGROUND_TIMEOUT), Duration::ZERO, f)
+            .await
     }
 
     async fn run_within<T, F, Fut>(

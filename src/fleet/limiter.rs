@@ -66,17 +66,22 @@ const REPLAY_CHUNK: usize = 64;
 ///   back from an incident that began at `ref` in a fleet of G; gateways not checked
 ///   in since (since `now − wait` when `wait` > 0) may be on their local shares, each
 ///   counted as its share, or as a full window before `full until` (their calls before
-///   a restart are lost).
+///   a restart are lost). A gateway with a marker of its own from a loss at most 2 s
+///   before `ref` (the same incident, seen a little earlier) that checked in since
+///   its own loss is back too: its write-back came after it.
 const LUA_LOG: &str = r#"
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function fmt(n) return string.format('%.0f', n) end
+-- How far apart two gateways may see one incident begin (µs): a heartbeat and a
+-- reconnection.
+local SPREAD = 2000000
 local function scan(key, now, id, drop_mark, life)
   local items = redis.call('ZRANGEBYSCORE', key, '(0', '+inf', 'WITHSCORES')
   local scores, counts, n, filled, umax = {}, {}, 0, false, 0
-  local seen, marks, lph = {}, {}, 0
+  local seen, marks, lph, own = {}, {}, 0, {}
   if id ~= '' then seen[id] = now end
   for k = 1, #items, 2 do
     local m = items[k]
@@ -107,21 +112,26 @@ local function scan(key, now, id, drop_mark, life)
           local ref, g, w, fu = string.match(rest, '^|(%d+)|(%d+)|(%d+)|(%d+)$')
           if ref then
             marks[#marks + 1] = {tonumber(ref), tonumber(g), tonumber(w), tonumber(fu)}
+            if not own[who] or tonumber(ref) > own[who] then own[who] = tonumber(ref) end
           end
         end
       end
     end
   end
-  return scores, counts, n, filled, umax, seen, marks, lph
+  return scores, counts, n, filled, umax, seen, marks, lph, own
 end
-local function phantom(now, limit, seen, marks, lph)
+local function phantom(now, limit, seen, marks, lph, own)
   local ph = 0
   for _, mk in ipairs(marks) do
     local thr = mk[1]
     if mk[3] > 0 and now - mk[3] < thr then thr = now - mk[3] end
     local present = 0
-    for _, t in pairs(seen) do
-      if t >= thr then present = present + 1 end
+    for who, t in pairs(seen) do
+      -- Checked in since the incident began here; or back from the same incident as
+      -- it saw it (its own marker, from a loss at most SPREAD before this one) and
+      -- checked in since: its calls are written back either way.
+      local o = own[who]
+      if t >= thr or (o and o >= thr - SPREAD and t >= o) then present = present + 1 end
     end
     local absent = mk[2] - present
     if absent > 0 then
@@ -182,10 +192,10 @@ if birth == 0 then
   redis.call('ZADD', key, 0, 'b|' .. fmt(birth))
 end
 local mark = new_mark(now, ARGV, 13)
-local scores, counts, n, filled, umax, seen, marks, lph = scan(key, now, id, mark ~= nil, life)
+local scores, counts, n, filled, umax, seen, marks, lph, own = scan(key, now, id, mark ~= nil, life)
 if mark then marks[#marks + 1] = mark end
 check_in(key, now, id, life, mark)
-local ph = phantom(now, limit, seen, marks, lph)
+local ph = phantom(now, limit, seen, marks, lph, own)
 local eff = limit - ph
 local u = tonumber(ARGV[10])
 if u > umax then umax = u end
@@ -355,8 +365,8 @@ for k = 1, #near, 2 do
 end
 if not found or now < fs then return {0, now, 0} end
 if tonumber(redis.call('ZSCORE', key, 'pause') or '0') > now then return {0, now, 0} end
-local scores, counts, n, filled, umax, seen, marks, lph = scan(key, now, '', false, tonumber(ARGV[7]))
-local ph = phantom(now, limit, seen, marks, lph)
+local scores, counts, n, filled, umax, seen, marks, lph, own = scan(key, now, '', false, tonumber(ARGV[7]))
+local ph = phantom(now, limit, seen, marks, lph, own)
 local after = 0
 for k = 1, n do
   if scores[k] > fs then after = after + counts[k] end
@@ -1469,7 +1479,8 @@ impl FleetLimiter {
                 MarkerState::Done => return false,
                 MarkerState::Pending => {
                     let now = Instant::now();
-                    let ready_at = (sent + self.redis.timeout()).max(now + Duration::from_millis(2));
+                    let ready_at =
+                        (sent + self.redis.timeout()).max(now + Duration::from_millis(2));
                     if ready_at > deadline {
                         return false;
                     }
@@ -1493,10 +1504,7 @@ impl FleetLimiter {
             return;
         };
         let key = self.keys.limiter(&name);
-        let (id, share) = (
-            self.id.clone(),
-            u64::from(self.fallback.rate_of(&name)),
-        );
+        let (id, share) = (self.id.clone(), u64::from(self.fallback.rate_of(&name)));
         let life = MARKER_LIFE.as_micros() as u64;
         tokio::spawn(async move {
             let r = me
@@ -1584,9 +1592,7 @@ impl FleetLimiter {
             let Ok(count) = c.parse::<usize>() else {
                 continue;
             };
-            let u = parts
-                .next()
-                .map_or(0, |_| rest.parse::<i64>().unwrap_or(0));
+            let u = parts.next().map_or(0, |_| rest.parse::<i64>().unwrap_or(0));
             // It leaves within [s, s + v + u] on Redis's clock: in ours, within
             // [s − hi, s + v + u − lo].
             let a = self.clock.at(score - hi);
@@ -1599,7 +1605,10 @@ impl FleetLimiter {
             let p = Duration::from_micros((pause - now) as u64);
             self.fallback.pause(name, p);
         }
-        tracing::debug!(calls = calls.len(), "local share seeded with the frozen log");
+        tracing::debug!(
+            calls = calls.len(),
+            "local share seeded with the frozen log"
+        );
         self.fallback.seed(
             name,
             Seed {
@@ -1700,8 +1709,7 @@ impl FleetLimiter {
             let res = self
                 .redis
                 .run_long(Op::Ratelimit, |mut c| async move {
-                    let r: redis::RedisResult<Vec<String>> = match pipe.query_async(&mut c).await
-                    {
+                    let r: redis::RedisResult<Vec<String>> = match pipe.query_async(&mut c).await {
                         Err(e)
                             if e.kind()
                                 == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
@@ -1867,8 +1875,9 @@ impl RateLimiter for FleetLimiter {
                                 return Ok(self.fleet_permit(command, lease));
                             }
                             tracing::debug!(
-                                late_us = Instant::now().saturating_duration_since(lease.from).as_micros()
-                                    as u64,
+                                late_us = Instant::now()
+                                    .saturating_duration_since(lease.from)
+                                    .as_micros() as u64,
                                 "permit void"
                             );
                             // Woken too late: move the permit to now if the log allows,

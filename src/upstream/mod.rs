@@ -205,8 +205,7 @@ impl Upstream {
             let permit = match permit {
                 Ok(p) => p,
                 Err(t) => {
-                    counter!(names::RATE_LIMITED, "command" => command_label(command))
-                        .increment(1);
+                    counter!(names::RATE_LIMITED, "command" => command_label(command)).increment(1);
                     return Err(GatewayError::RateLimited(t.retry_after));
                 }
             };

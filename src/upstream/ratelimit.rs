@@ -429,7 +429,11 @@ impl LocalRateLimiter {
     /// Whether `command`'s log is seeded.
     pub fn is_seeded(&self, command: &str) -> bool {
         let log = self.log(command);
-        let seeded = log.lock().unwrap_or_else(|p| p.into_inner()).seeded.is_some();
+        let seeded = log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seeded
+            .is_some();
         seeded
     }
 
