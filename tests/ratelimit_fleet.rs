@@ -66,7 +66,7 @@ async fn three(fake: &FakeChat, url: &str, rate: u32, joined: bool) -> Vec<Gatew
     );
     let mut gws = Vec::new();
     for _ in 0..3 {
-        gws.push(Gateway::start(&toml).await);
+        gws.push(Gateway::start_prepared(&toml, favoured).await);
     }
     if joined {
         let ok = wait_metric(&gws, "chat_gateway_redis_up", 1.0, Duration::from_secs(10)).await
@@ -84,6 +84,15 @@ async fn three(fake: &FakeChat, url: &str, rate: u32, joined: bool) -> Vec<Gatew
         );
     }
     gws
+}
+
+/// A redis-server at a higher priority: these tests measure when calls reach Chat,
+/// and the gateways and Redis run favoured over whatever else the machine builds.
+fn favoured_redis() -> RedisServer {
+    RedisServer::start_with(RedisOpts {
+        favoured: true,
+        ..Default::default()
+    })
 }
 
 fn bases(gws: &[Gateway]) -> Vec<String> {
@@ -174,7 +183,7 @@ fn every(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_callers_on_three_gateways_wait_their_turn_instead_of_429() {
     let _alone = MACHINE.lock().await;
-    let redis = RedisServer::start();
+    let redis = favoured_redis();
     let fake = fake_chat_apart(pages());
     let gws = three(&fake, &redis.url(), 200, true).await;
     let run = Duration::from_secs(4);
@@ -222,7 +231,7 @@ async fn sixty_callers_on_three_gateways_wait_their_turn_instead_of_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_at_saturation_keeps_n() {
     let _alone = MACHINE.lock().await;
-    let mut redis = RedisServer::start();
+    let mut redis = favoured_redis();
     let fake = fake_chat_apart(pages());
     let gws = three(&fake, &redis.url(), 50, true).await;
     let started = Instant::now();
@@ -276,6 +285,7 @@ fn birth(port: u16) -> String {
 async fn volatile_ttl_eviction_cannot_take_the_limiter_log() {
     let _alone = MACHINE.lock().await;
     let redis = RedisServer::start_with(RedisOpts {
+        favoured: true,
         extra: vec![
             ("maxmemory".into(), "4mb".into()),
             ("maxmemory-policy".into(), "volatile-ttl".into()),
@@ -310,6 +320,7 @@ async fn volatile_ttl_eviction_cannot_take_the_limiter_log() {
 async fn allkeys_eviction_of_the_log_is_detected_and_keeps_n() {
     let _alone = MACHINE.lock().await;
     let redis = RedisServer::start_with(RedisOpts {
+        favoured: true,
         extra: vec![
             ("maxmemory".into(), "3mb".into()),
             ("maxmemory-policy".into(), "allkeys-random".into()),
@@ -348,7 +359,7 @@ async fn allkeys_eviction_of_the_log_is_detected_and_keeps_n() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_reset_every_300_ms_keep_n() {
     let _alone = MACHINE.lock().await;
-    let redis = RedisServer::start();
+    let redis = favoured_redis();
     let fake = fake_chat_apart(pages());
     let gws = three(&fake, &redis.url(), 50, true).await;
     let load = saturate(&gws, 30, Duration::from_secs(7), "resets").await;
@@ -389,7 +400,7 @@ fn restricted_url(redis: &RedisServer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_without_dangerous_commands_keeps_n() {
     let _alone = MACHINE.lock().await;
-    let redis = RedisServer::start();
+    let redis = favoured_redis();
     let url = restricted_url(&redis);
     let fake = fake_chat_apart(pages());
     let gws = three(&fake, &url, 50, false).await;
@@ -406,7 +417,7 @@ async fn a_user_without_dangerous_commands_keeps_n() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_without_dangerous_commands_joins_the_fleet() {
     let _alone = MACHINE.lock().await;
-    let redis = RedisServer::start();
+    let redis = favoured_redis();
     let url = restricted_url(&redis);
     let fake = fake_chat_apart(pages());
     let gws = three(&fake, &url, 50, true).await;
@@ -449,6 +460,7 @@ async fn redis_unreachable_while_the_gateways_start_keeps_n() {
     tokio::time::sleep_until((started + Duration::from_secs(3)).into()).await;
     let _redis = tokio::task::block_in_place(|| {
         RedisServer::start_with(RedisOpts {
+            favoured: true,
             port: Some(port),
             ..Default::default()
         })

@@ -994,8 +994,9 @@ impl FleetLimiter {
         (back + 500).clamp(0, cap) as u64
     }
 
-    /// A permit from the pool, or a place in the queue (given up at `max_wait`).
-    async fn take_or_wait(&self, command: &str, max_wait: Duration) -> Grant {
+    /// A permit from the pool, or a place in the queue (given up at `max_wait`): at its
+    /// head for a caller whose turn came and went (its permit void), which keeps it.
+    async fn take_or_wait(&self, command: &str, max_wait: Duration, head: bool) -> Grant {
         let deadline = Instant::now() + max_wait;
         let st = self.state(command);
         let rx = {
@@ -1012,7 +1013,12 @@ impl FleetLimiter {
                 s.burst_open = true;
             }
             let (tx, rx) = oneshot::channel();
-            s.waiters.push_back(Waiter { max_wait, tx });
+            let w = Waiter { max_wait, tx };
+            if head {
+                s.waiters.push_front(w);
+            } else {
+                s.waiters.push_back(w);
+            }
             if !s.leasing {
                 s.leasing = true;
                 if let Some(me) = self.this.upgrade() {
@@ -1318,7 +1324,8 @@ impl FleetLimiter {
     }
 
     /// Moves a permit its caller woke too late for to now, if the log allows: the
-    /// caller keeps its turn and the slot is not wasted. Returns the new permit.
+    /// caller keeps its turn and the slot is not wasted. Returns the new permit. Waits
+    /// `redis.timeout_ms` at most, whatever is left of the request's Redis budget.
     async fn retime(&self, command: &str, lease: &Lease) -> Option<Lease> {
         if !self.fleet_mode() {
             tracing::debug!("could not move a permit: Redis unusable");
@@ -1342,9 +1349,12 @@ impl FleetLimiter {
         let life = MARKER_LIFE.as_micros() as u64;
         let session = self.redis.session_seq();
         let t_sent = Instant::now();
+        // Part of the wait for a slot (bounded by the caller's wait), not of the
+        // request's Redis budget: without it the caller would ask for a new lease, a
+        // round trip all the same, and lose its turn.
         let res = self
             .redis
-            .run(Op::Ratelimit, |mut c| async move {
+            .run_patient(Op::Ratelimit, Duration::ZERO, |mut c| async move {
                 let r = RETIME_SCRIPT
                     .key(key)
                     .arg(limit)
@@ -1864,9 +1874,10 @@ impl RateLimiter for FleetLimiter {
             'call: loop {
                 // The local share is only for when Redis fails: a permit that is void
                 // (we woke past its end) is wasted capacity, never a reason to go local.
+                let mut head = false;
                 while self.fleet_mode() && self.current_hold().is_none() {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match self.take_or_wait(command, left).await {
+                    match self.take_or_wait(command, left, head).await {
                         Grant::Permit(lease) => {
                             if lease.from > Instant::now() {
                                 tokio::time::sleep_until(lease.from.into()).await;
@@ -1885,6 +1896,7 @@ impl RateLimiter for FleetLimiter {
                             if let Some(moved) = self.retime(command, &lease).await {
                                 return Ok(self.fleet_permit(command, moved));
                             }
+                            head = true;
                         }
                         Grant::Refused(retry_after) => return Err(Throttled { retry_after }),
                         Grant::Fallback => {
