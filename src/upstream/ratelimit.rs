@@ -33,7 +33,9 @@
 //! The span is the window plus [`ARRIVAL_MARGIN`]: calls admitted a little apart can
 //! reach Chat closer together (a new connection's set-up delays one, scheduling
 //! another), so what *arrives* at Chat still holds N in any second. A caller woken
-//! more than [`MAX_LATE`] after its slot asks again instead of going. The cost: at
+//! more than [`MAX_LATE`] after its slot has its slot moved to now when every span
+//! still holds at most N with it there (it keeps its turn), and asks again otherwise
+//! (a busy machine costs waits, never the limit). The cost: at
 //! saturation N calls go per 1.06 s (188/s for N = 200), and after a burst of B the
 //! rest of that window is paced at (N − B) per span.
 //!
@@ -305,6 +307,32 @@ impl Log {
             self.admitted.remove(i);
         }
     }
+
+    /// Moves `slot` (its caller woke too late for it) to `now`, if every span keeps at
+    /// most N: a span that holds `now` but not `slot` begins after `slot`, so it holds
+    /// only slots after it; with fewer than N of them there is room. Every other span
+    /// holds both or only the old one. Not while paused, counting a full window or
+    /// seeded (the seed's own rule decides there).
+    fn move_to(&mut self, slot: Instant, now: Instant) -> bool {
+        if self.seeded.is_some()
+            || self.paused_until.is_some_and(|p| p > now)
+            || self.full_until.is_some_and(|f| f + self.span > now)
+        {
+            return false;
+        }
+        let i = self.admitted.partition_point(|t| *t < slot);
+        if self.admitted.get(i) != Some(&slot) {
+            return false;
+        }
+        let after = self.admitted.iter().filter(|t| **t > slot).count();
+        if after + 1 > self.limit {
+            return false;
+        }
+        self.admitted.remove(i);
+        let j = self.admitted.partition_point(|t| *t <= now);
+        self.admitted.insert(j, now);
+        true
+    }
 }
 
 /// Per-command logs in this process.
@@ -510,8 +538,18 @@ impl RateLimiter for LocalRateLimiter {
                         true
                     }));
                 }
-                // Woken too late: the slot is spent, and going now could bring this
-                // call within a second of one a span later. Ask again.
+                // Woken too late: going now could bring this call within a second of
+                // one a span later, unless the slot moves to now (the caller keeps its
+                // turn). Otherwise ask again.
+                let moved = {
+                    let log = self.log(command);
+                    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                    log.move_to(slot, now)
+                };
+                if moved {
+                    slot = now;
+                    continue;
+                }
                 let left = deadline.saturating_duration_since(now);
                 slot = self.reserve(command, left)?;
             }
@@ -728,6 +766,33 @@ mod tests {
             weight: 2,
         });
         assert_eq!(log.reserve(t0, Duration::from_secs(1)), Ok(t0 + ms(300)));
+    }
+
+    #[test]
+    fn a_slot_woken_too_late_for_moves_to_now_only_if_every_span_keeps_n() {
+        let t0 = Instant::now();
+        let mut log = Log::new(3, 3, SPAN);
+        for _ in 0..3 {
+            assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
+        }
+        // The fourth's slot is a span later; woken 100 ms past it, it moves there.
+        let s = log.reserve(t0, Duration::from_secs(2)).unwrap();
+        assert_eq!(s, t0 + SPAN);
+        let late = s + ms(100);
+        assert!(log.move_to(s, late));
+        assert_eq!(log.admitted.back(), Some(&late));
+        // Three slots after the first one: moving it would put four in one span.
+        let mut log = Log::new(3, 3, SPAN);
+        let a = log.reserve(t0, Duration::ZERO).unwrap();
+        for k in 1..=3 {
+            log.admitted.push_back(t0 + ms(10 * k));
+        }
+        assert!(!log.move_to(a, t0 + ms(50)));
+        // Paused: no move.
+        let mut log = Log::new(3, 3, SPAN);
+        let a = log.reserve(t0, Duration::ZERO).unwrap();
+        log.paused_until = Some(t0 + ms(500));
+        assert!(!log.move_to(a, t0 + ms(100)));
     }
 
     #[tokio::test]
