@@ -424,9 +424,9 @@ async fn a_user_without_dangerous_commands_keeps_n() {
     check("a Redis user without @dangerous", &fake, &out, 50);
 }
 
-/// Needs a connection that detects restarts without `INFO` (the fleet's connection
-/// module): until then a user without `@dangerous` never joins the fleet, and each
-/// gateway keeps to N / `redis.expected_gateways` (the test above).
+/// A Redis user without `@dangerous` (so no `INFO`, no `CONFIG`): the gateways tell
+/// a restart by their marker scripts instead, join the fleet, and keep N together
+/// through the fleet's log (its permits are used, and nothing is denied).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_without_dangerous_commands_joins_the_fleet() {
     let _alone = MACHINE.lock().await;
