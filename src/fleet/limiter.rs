@@ -3,7 +3,101 @@
 //! schedule of [`crate::upstream::ratelimit`] — and what the limiter does through each
 //! Redis incident.
 //!
-//! (PROOFS: see the sections below.)
+//! ## How
+//!
+//! Each command has one log in Redis (a ZSET, [`super::keys`]): the slots granted to
+//! the fleet, scored by Redis time. A gateway does not ask Redis per call: its callers
+//! queue per command, and one lease request at a time asks an atomic Lua script
+//! ([`LEASE`]) for a slot for each caller waiting (at most N). The script reads Redis's
+//! own clock (`TIME`, so the gateways' clocks do not matter) and runs the schedule of
+//! the local limiter over the fleet's window `W` = 1 s + v + J: a burst after idle goes
+//! at once, other slots are paced and spread over the window, and no window of length
+//! `W + u` ever holds more than N slots (u below). It grants the slots within the
+//! callers' longest wait (at most [`MAX_HORIZON`]) and says how far the next one is;
+//! the gateway hands them out in order, and refuses a caller (429) whose slot is
+//! further than its wait. A fleet miss asks for its slot together with its L2 lookup
+//! (one round trip), and time spent waiting on both counts once against the request's
+//! Redis budget.
+//!
+//! ## Why N holds at arrival (the window proof)
+//!
+//! Let the script run at Redis time R and grant a slot s ≥ R. Every round trip that
+//! reads Redis's clock brackets R in the gateway's own time: sent at `t_sent`,
+//! answered at `t_recv`, so the offset θ (Redis time = local time + θ) lies within
+//! `[R − t_recv, R − t_sent]`. The gateway intersects the brackets of its recent round
+//! trips ([`ClockSync`], each widened by 0.1% of its age, the most clocks drift), so θ
+//! is known within `[lo, hi]`, as tightly as its fastest recent round trip. The lease
+//! carries u ≥ hi − lo (its clock uncertainty, capped at `redis.timeout_ms`), and the
+//! log counts the lease's calls as leaving anywhere in `[s, s + v + u]`, v being
+//! `redis.lease_ms`; the gateway lets a call leave only within `[s − lo, s − hi + v +
+//! u]` in local time, which is inside it. A call that reaches Chat at `a = d + L`, L
+//! in `[L0, L0 + J]` (J = `redis.latency_allowance_ms`), has `s + L0 ≤ a ≤ s + v + u +
+//! L0 + J`; so the calls arriving in any one-second window have slots within one
+//! window of length `W + u`, which the script never lets hold more than N. The price is
+//! throughput: N per W at saturation (0.94·N per second with the defaults). The lease
+//! asks for its slots to begin when its answer is back (the lead: the slowest recent
+//! answer), so slots are not past on arrival.
+//!
+//! A caller that wakes too late for its permit does not go: its permit is moved to
+//! the present if the log allows ([`RETIME`]: a window that holds the new slot but not
+//! the old one holds only slots after the old one), and it keeps its turn; otherwise it
+//! asks again at the head of the queue.
+//!
+//! ## Through Redis incidents
+//!
+//! Without Redis, calls go through a [`LocalRateLimiter`] limited to N / G, G being
+//! the larger of `redis.expected_gateways` and the live gateways last seen by the
+//! heartbeat: never unlimited. Before Redis is first reached there is nothing to count
+//! but the share. Otherwise what a gateway cannot see it counts as used:
+//!
+//! **1. Redis lost** (refused, reset, closed, timing out, refusing writes). The fleet
+//! granted slots at most `H` = [`FleetLimiter::hold`] ahead, so fleet calls arrive by
+//! `t_loss + H + v + u + L0 + J` (u at most `redis.timeout_ms`). The local share counts
+//! its span as full until then: its first call leaves a span later
+//! ([`FleetLimiter::local_fill`], 1.67 s with the defaults), so no one-second window
+//! holds both, and the shares add up to at most N.
+//!
+//! **2. Writes held** (`CLIENT PAUSE WRITE`, as during a failover). Told from a slow
+//! Redis by two side connections: a `PING` answered while a no-op script sent before it
+//! is not. Nobody can add to the log then, and reads still run: the gateway reads the
+//! frozen log and seeds its share with it ([`Seed`]: in any span the fleet's calls once
+//! plus this gateway's G times stay within N, so G gateways doing the same stay within
+//! N together). Before its first local call it sends a marker ([`MARK`]) on the held
+//! connection: it runs when the pause ends, before any lease sent after it, and tells
+//! the others to count this gateway's share until it is back. No full window, no 429
+//! storm: a paused Redis costs only the wait for the marker (`redis.timeout_ms`).
+//!
+//! **3. Coming back.** On every new session a gateway writes the calls it sent in the
+//! last window (+ 1 s) into the logs ([`REPLAY`]) before it leases again: after a
+//! restart or failover (the connection's [`super::conn::Session::restarted`]) all of
+//! them, since the new log may lack any; its permits from before are void. After an
+//! incident it also writes a return marker: until the other gateways have checked in
+//! since their own loss (or since this one's), they are counted as a full window while
+//! their calls from before a restart may still be in a window (`H + W + 1 s` after it),
+//! and as their shares after that, for at most [`MARKER_LIFE`]. Every gateway
+//! reconnects within [`super::conn::MAX_BACKOFF`] (+25%) and writes back at once, so
+//! the count lasts one reconnection, not a window.
+//!
+//! **4. Eviction.** The logs never expire, so `volatile-*` policies cannot take them;
+//! under `allkeys-*` a log born after the one the gateway knew (its birth member) has
+//! lost calls, and the script counts a full window at `now + H`.
+//!
+//! **5. Partitions** are where it stops: a gateway cut off from a Redis the others
+//! still reach adds up to its N / G for as long as it lasts; making even that exact
+//! would mean sending nothing without Redis.
+//!
+//! ## Pauses
+//!
+//! Chat's throttling answers pause the command for the whole fleet: a `pause` member
+//! in the same key (one key per script, so this works on Redis Cluster), which every
+//! lease's slots respect. Locally, the command's unused permits are dropped.
+//!
+//! ## What the Redis user needs
+//!
+//! `EVALSHA` and `SCRIPT LOAD`; `TIME` and `ZRANGEBYSCORE` (the frozen log, read while
+//! writes are held); inside the scripts `TIME`, `ZADD`, `ZREM`, `ZSCORE`,
+//! `ZRANGEBYSCORE` and `ZREMRANGEBYSCORE`. None is in `@dangerous`. A denied one is
+//! logged once, and the gateway keeps to its local share.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -817,9 +911,15 @@ impl FleetLimiter {
     }
 
     /// How long after losing Redis a gateway's local share sends its first call (it
-    /// cannot see the fleet's last slots): H + v + J + W.
+    /// cannot see the fleet's last slots): H + v + u + J + W, u at its largest.
     pub fn local_fill(&self) -> Duration {
-        self.horizon + self.lease + self.allowance + self.window()
+        self.fleet_reach() + self.window()
+    }
+
+    /// How long after a loss the fleet's calls may still arrive at Chat, less the
+    /// latency they share: H + v + u + J, u at its largest (see [`Self::uncertainty`]).
+    fn fleet_reach(&self) -> Duration {
+        self.horizon + self.lease + self.redis.timeout().min(MAX_UNCERTAINTY) + self.allowance
     }
 
     /// Sets the live gateways the heartbeat saw: the local share is N / G, G being
@@ -1636,8 +1736,8 @@ impl FleetLimiter {
     // Redis lost.
 
     /// Before a call goes on the local share after Redis was lost (not to held
-    /// writes): the share counts the fleet's window as full until `H + v + J` after
-    /// the loss (then a window more), once per loss. Never reached Redis: nothing to
+    /// writes): the share counts the fleet's window as full until `H + v + u + J`
+    /// after the loss (then a window more), once per loss. Never reached Redis: nothing to
     /// count.
     fn before_local(&self, command: &str) {
         let seq = self.redis.session_seq();
@@ -1665,10 +1765,8 @@ impl FleetLimiter {
         } else {
             Instant::now()
         };
-        self.fallback.fill(
-            &name,
-            from.min(Instant::now()) + self.horizon + self.lease + self.allowance,
-        );
+        self.fallback
+            .fill(&name, from.min(Instant::now()) + self.fleet_reach());
     }
 
     // -----------------------------------------------------------------------------
