@@ -484,6 +484,10 @@ pub(crate) static REPLAY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| log_
 pub(crate) static MARK_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| log_script(MARK));
 pub(crate) static RETIME_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| log_script(RETIME));
 
+/// A log read while writes are held: Redis's `TIME` (seconds, microseconds) and its
+/// members with their scores.
+type FrozenLog = ((String, String), Vec<(String, f64)>);
+
 /// The lease script's answer.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct LeaseReply {
@@ -1671,8 +1675,7 @@ impl FleetLimiter {
                     .arg("(0")
                     .arg("+inf")
                     .arg("WITHSCORES");
-                let r: redis::RedisResult<((String, String), Vec<(String, f64)>)> =
-                    p.query_async(&mut c).await;
+                let r: redis::RedisResult<FrozenLog> = p.query_async(&mut c).await;
                 r
             })
             .await;
