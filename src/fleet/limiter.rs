@@ -1101,7 +1101,10 @@ impl FleetLimiter {
     /// A permit from the pool, or a place in the queue (given up at `max_wait`): at its
     /// head for a caller whose turn came and went (its permit void), which keeps it.
     async fn take_or_wait(&self, command: &str, max_wait: Duration, head: bool) -> Grant {
-        let deadline = Instant::now() + max_wait;
+        // `max_wait` bounds how far the slot may be; asking for it (a lease in flight,
+        // then ours: each at most `redis.timeout_ms` and its patience) comes on top.
+        let asking = 3 * self.redis.timeout() + self.lease;
+        let deadline = Instant::now() + max_wait + asking;
         let st = self.state(command);
         let rx = {
             let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
