@@ -62,7 +62,11 @@ async fn a_burst_of_150_concurrent_misses_after_idle_goes_at_once() {
     // Chat takes a second, as a far region under load might: the 150 are in flight
     // together however slowly this machine delivers them.
     let fake = fake_chat_apart(pages_after(Duration::from_secs(1)));
-    let gw = Gateway::start(&config_toml(&fake.url(), &[("log", "access = true")])).await;
+    let gw = Gateway::start_prepared(
+        &config_toml(&fake.url(), &[("log", "access = true")]),
+        favoured,
+    )
+    .await;
     let base = gw.url("");
     let mut tasks = Vec::new();
     for i in 0..150 {

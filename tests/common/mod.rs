@@ -417,13 +417,22 @@ impl Gateway {
     }
 
     pub async fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::start_with_env_prepared(toml, env, |_| {}).await
+    }
+
+    /// Like [`Gateway::start_with_env`], after `prepare` has had its say on the command.
+    pub async fn start_with_env_prepared(
+        toml: &str,
+        env: &[(&str, &str)],
+        prepare: fn(&mut Command),
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::File::create(&path)
             .unwrap()
             .write_all(toml.as_bytes())
             .unwrap();
-        Self::start_file(dir, path, env).await
+        Self::start_file_with(dir, path, env, prepare).await
     }
 
     /// Starts the binary with the config at `path` (kept alive with `dir`).
