@@ -59,7 +59,8 @@ async fn fleet_of(
     let toml = config_toml(&fake.url(), &sections);
     let mut gws = Vec::new();
     for _ in 0..n {
-        gws.push(Gateway::start(&toml).await);
+        // At a higher priority: these tests count when calls reach the upstream.
+        gws.push(Gateway::start_prepared(&toml, favoured).await);
     }
     for gw in &gws {
         wait_metric(gw, "chat_gateway_redis_up", 1.0).await;
@@ -139,7 +140,9 @@ fn redis_ops(r: &RedisServer) -> u64 {
 async fn three_gateways_keep_one_rate_limit_under_a_burst_of_misses() {
     let _alone = MACHINE.write().await;
     let redis = RedisServer::start();
-    let fake = FakeChat::start(versioned()).await;
+    // Chat on a thread of its own: on this test's runtime, busy with 300 callers, it
+    // would note arrivals late and in clumps.
+    let fake = common::load::fake_chat_apart(versioned());
     let gws = fleet_of(
         3,
         &fake,
@@ -147,6 +150,10 @@ async fn three_gateways_keep_one_rate_limit_under_a_burst_of_misses() {
         &[
             ("ratelimit", "per_command_per_sec = 50\nmax_wait_ms = 20000"),
             ("chat", "request_timeout_ms = 30000"),
+            // The latency spread on the way to Chat that the window budgets for: a
+            // busy machine stalls a call between its permit and Chat for 100 ms and
+            // more, past the default 40 ms (the limit is N at Chat given this spread).
+            ("redis", "latency_allowance_ms = 150"),
         ],
     )
     .await;

@@ -80,7 +80,8 @@ return {fmt(out), lost, raise}
 /// positions applied. ARGV: gateway id, LIVE (ms), the generation this gateway knows.
 /// A generation below it (the key was evicted or deleted) is raised past it. The
 /// positions of at most 16 gateways no longer beating (the lowest: they stopped) are
-/// removed. Returns {live gateways, generation, raised}.
+/// removed. Returns {live gateways, generation, raised, Redis's clock in µs (which the
+/// rate limiter learns its clock from)}.
 const BEAT: &str = r#"
 local now = now_ms()
 local live = tonumber(ARGV[2])
@@ -98,7 +99,8 @@ if g < known then
   redis.call('SET', KEYS[2], fmt(g))
   raise = 1
 end
-return {redis.call('ZCARD', KEYS[1]), fmt(g), raise}
+local t = redis.call('TIME')
+return {redis.call('ZCARD', KEYS[1]), fmt(g), raise, t[1] .. string.format('%06d', tonumber(t[2]))}
 "#;
 
 /// Leaves the fleet. `KEYS[1]`: the heartbeats, `KEYS[2]`: the positions applied.
@@ -195,7 +197,8 @@ pub async fn beat(
     let acks = keys.acks();
     let known = shared.fleet_gen.load(Ordering::Acquire);
     let id = id.to_string();
-    let (live, gen, raised): (u32, String, i64) = redis
+    let sent = std::time::Instant::now();
+    let (live, gen, raised, now_us): (u32, String, i64, String) = redis
         .run(Op::Heartbeat, |mut c| async move {
             let r = BEAT_SCRIPT
                 .key(hb)
@@ -210,6 +213,7 @@ pub async fn beat(
         })
         .await
         .ok()?;
+    limiter.clock_sample(sent, std::time::Instant::now(), now_us.parse().unwrap_or(0));
     let gen: u64 = gen.parse().unwrap_or(0);
     shared.fleet_gen.fetch_max(gen, Ordering::AcqRel);
     if raised == 1 {

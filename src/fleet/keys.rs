@@ -9,7 +9,7 @@
 //!
 //! | key | type | holds | bounded by |
 //! | --- | --- | --- | --- |
-//! | `P:{rl:<command>}` | ZSET | the command's sliding-window log: one member per lease (`<count>\|<nonce>`, scored by the lease's slot in Redis microseconds) and `pause` (scored by the end of a pause) | entries older than the window are removed on every lease; the key expires one window after its newest slot |
+//! | `P:{rl:<command>}` | ZSET | the command's sliding-window log: one member per lease (`<count>\|<u>\|<nonce>`, scored by the lease's slot in Redis microseconds), `b\|<birth>` (score 0), `pause` (scored by the end of a pause), and per gateway its check-in (`r\|<id>`), its return from an incident (`m\|<id>\|…`) and its local share while Redis held writes (`l\|<id>\|<share>`), each scored by when it stops counting | members past the window (+ 1 s) removed on every lease; no expiry (so no `volatile-*` policy can evict it; under `allkeys-*` its loss is detected by the birth member) |
 //! | `P:{a:<account>}:gen` | STRING | the generation of the account's conversation list (Redis ms of its last invalidation, or of its first lookup) | expires with the account's last page (`PX`, never extended by an invalidation) |
 //! | `P:{a:<account>}:g:<Kind>`, `P:{g:<GroupId>}:g:<Kind>` | STRING | the generation of another entity (`Profile`, `Exists`, `Friends`, `JoinedGroups`; `GroupInfo`, `GroupMembers`), as above | expires with the last item entry that depends on it |
 //! | `P:{a:<account>}:i:<fleet gen>:<gens>:<row>.<variant>` (or `{g:<GroupId>}`) | STRING | one item entry of a cached read: `<fresh until> <stale until> <stored>` (Redis ms) and the generations it carries from other slots, a newline, the item's bytes | `PX` = TTL + stale window, set by Redis when stored |

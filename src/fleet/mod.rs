@@ -46,12 +46,14 @@ use limiter::FleetLimiter;
 
 /// Every Lua script the fleet runs: loaded on each new connection, so requests never
 /// pay a `NOSCRIPT` round trip (nor a herd of them after a Redis restart).
-pub fn all_scripts() -> [&'static redis::Script; 22] {
+pub fn all_scripts() -> [&'static redis::Script; 24] {
     [
         &conn::NOOP_SCRIPT,
         &limiter::LEASE_SCRIPT,
         &limiter::PAUSE_SCRIPT,
         &limiter::REPLAY_SCRIPT,
+        &limiter::MARK_SCRIPT,
+        &limiter::RETIME_SCRIPT,
         &l2::LOOKUP_SCRIPT,
         &l2::STORE_SCRIPT,
         &l2::UNLOCK_SCRIPT,

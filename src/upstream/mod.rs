@@ -26,7 +26,7 @@ use crate::metrics::names;
 use budget::RetryBudget;
 use client::{ChatClient, Reach, TransportError, UpstreamResponse};
 use failover::{Endpoint, Failover};
-use ratelimit::{LocalRateLimiter, RateLimiter};
+use ratelimit::{LocalRateLimiter, Permit, RateLimiter, Throttled};
 use retry::Decision;
 use signer::Signer;
 
@@ -160,25 +160,61 @@ impl Upstream {
         body: Bytes,
         stats: &CallStats,
     ) -> Result<UpstreamResponse, GatewayError> {
+        self.call_admitted(command, class, body, stats, None).await
+    }
+
+    /// Asks for the first attempt's rate-limit slot of a call of `command` (waiting
+    /// up to `ratelimit.max_wait_ms`), so that the wait can overlap other work (a
+    /// fleet miss asks Redis for its L2 page and its slot together). Hand the result
+    /// to [`Upstream::call_admitted`]; a permit dropped unused goes back.
+    pub async fn admit(&self, command: &str) -> Result<Permit, Throttled> {
+        let max_wait = self.max_wait.min(self.request_timeout);
+        self.limiter.acquire(command, max_wait).await
+    }
+
+    /// Like [`Upstream::call`], with the first attempt's slot already asked for
+    /// ([`Upstream::admit`]). A permit that expired meanwhile is asked for again.
+    pub async fn call_admitted(
+        &self,
+        command: &str,
+        class: CommandClass,
+        body: Bytes,
+        stats: &CallStats,
+        admitted: Option<Result<Permit, Throttled>>,
+    ) -> Result<UpstreamResponse, GatewayError> {
         let deadline = Instant::now() + self.request_timeout;
         let live = self.live.load_full();
         let retry = &live.retry;
         self.budget.record_request(retry.budget_percent);
         let mut attempts = 0u32;
         let mut renewed = false;
+        let mut admitted = admitted;
         loop {
             // A first attempt waits for its rate-limit slot up to ratelimit.max_wait_ms;
             // a retry (or the attempt after a renewal) was already admitted once, so it
             // waits for its slot up to the request's deadline.
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let max_wait = if attempts == 0 {
-                self.max_wait.min(remaining)
-            } else {
-                remaining
+            let permit = match admitted.take() {
+                Some(r) => r,
+                None => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let max_wait = if attempts == 0 {
+                        self.max_wait.min(remaining)
+                    } else {
+                        remaining
+                    };
+                    self.limiter.acquire(command, max_wait).await
+                }
             };
-            if let Err(t) = self.limiter.acquire(command, max_wait).await {
-                counter!(names::RATE_LIMITED, "command" => command_label(command)).increment(1);
-                return Err(GatewayError::RateLimited(t.retry_after));
+            let permit = match permit {
+                Ok(p) => p,
+                Err(t) => {
+                    counter!(names::RATE_LIMITED, "command" => command_label(command)).increment(1);
+                    return Err(GatewayError::RateLimited(t.retry_after));
+                }
+            };
+            if !permit.go() {
+                // It expired before the call could leave: ask again.
+                continue;
             }
             attempts += 1;
             let (endpoint, base) = self.failover.current();

@@ -22,6 +22,8 @@ pub struct RedisOpts {
     pub extra: Vec<(String, String)>,
     /// Listen on this port (e.g. one gateways were told about before it ran).
     pub port: Option<u16>,
+    /// At a higher scheduling priority (see [`super::favoured`]).
+    pub favoured: bool,
 }
 
 /// A test CA and a server certificate for 127.0.0.1 / localhost, as files.
@@ -117,6 +119,9 @@ impl RedisServer {
         }
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         die_with_parent(&mut cmd);
+        if self.opts.favoured {
+            super::favoured(&mut cmd);
+        }
         self.child = Some(
             cmd.spawn()
                 .expect("redis-server is installed (scripts/test-deps.sh)"),

@@ -4,7 +4,8 @@
 //! miss: coalesced fetch task → (fleet: L2 page, or wait for the gateway that holds
 //!       the fetch lock; one Redis round trip when nobody does) → upstream (signer,
 //!       retries) → store insert (+ L2, by a task of its own) → `MISS`
-//! fleet: all of a request's Redis work shares one budget of `redis.timeout_ms`
+//! fleet: all of a request's Redis work shares one budget of `redis.timeout_ms`; the
+//!       L2 lookup and the rate limit's lease are sent together (one round trip)
 //! Chat failing: a page past its TTL but within `cache.stale_if_error_secs` (from
 //! memory, or from L2) → `STALE`
 
@@ -27,6 +28,7 @@ use crate::fleet::l2::{FetchPlan, MissPlan, L2};
 use crate::server::access::AccessInfo;
 use crate::server::response::{self, age_value, Body, X_CACHE};
 use crate::server::AppState;
+use crate::upstream::ratelimit::{Permit, Throttled};
 use crate::upstream::CallStats;
 
 const HIT: HeaderValue = HeaderValue::from_static("HIT");
@@ -255,10 +257,26 @@ async fn fetch_within_budget(
     // How to store in L2 what Chat answers (generation, our fetch lock's token).
     let mut l2_plan: Option<FetchPlan> = None;
     let mut l2_stale = None;
+    // The first attempt's rate-limit slot, asked for together with the L2 lookup: a
+    // miss that goes to Chat costs one Redis round trip, not two. Unused (L2 answered),
+    // the permit goes to the next caller.
+    let mut admitted: Option<Result<Permit, Throttled>> = None;
     if let Some(l2) = &l2 {
+        let admit = state.upstream.admit(GET_LIST);
+        tokio::pin!(admit);
         if no_cache {
             // A refresh: no L2 answer, but the page it fetches goes to L2 too.
-            if let Ok(found) = l2.lookup(&account, &page_key, false).await {
+            let found = {
+                let lookup = l2.lookup(&account, &page_key, false);
+                tokio::pin!(lookup);
+                loop {
+                    tokio::select! {
+                        f = &mut lookup => break f,
+                        r = &mut admit, if admitted.is_none() => admitted = Some(r),
+                    }
+                }
+            };
+            if let Ok(found) = found {
                 l2_plan = Some(FetchPlan {
                     gen: found.gen,
                     token: None,
@@ -267,7 +285,17 @@ async fn fetch_within_budget(
                 });
             }
         } else {
-            match l2.plan_miss(&account, &page_key).await {
+            let plan = {
+                let plan = l2.plan_miss(&account, &page_key);
+                tokio::pin!(plan);
+                loop {
+                    tokio::select! {
+                        p = &mut plan => break p,
+                        r = &mut admit, if admitted.is_none() => admitted = Some(r),
+                    }
+                }
+            };
+            match plan {
                 MissPlan::Serve(p, now_ms) => {
                     let page = p.to_page(page_key, now_ms);
                     let (stored_at, body) = (page.stored_at, page.body.clone());
@@ -292,10 +320,13 @@ async fn fetch_within_budget(
                 MissPlan::Bypass => {}
             }
         }
+        if admitted.is_none() {
+            admitted = Some(admit.await);
+        }
     }
     let resp = match state
         .upstream
-        .call(GET_LIST, CommandClass::Read, body, &stats)
+        .call_admitted(GET_LIST, CommandClass::Read, body, &stats, admitted)
         .await
     {
         Ok(r) => r,
