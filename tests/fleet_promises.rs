@@ -311,6 +311,17 @@ async fn chat_throttling_pauses_the_command_for_the_whole_fleet() {
         assert!(Instant::now() < deadline, "a's call never reached Chat");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    // ...once the pause has landed in the fleet's log (a's answer is handled after
+    // Chat recorded the call).
+    let log = chat_gateway::fleet::keys::Keys::new("chat-gateway", SDKAPPID)
+        .limiter("recentcontact/get_contact_group");
+    while redis
+        .command(&["ZSCORE", &log, "pause"])
+        .map_or(true, |v| v.is_empty() || v == "(nil)")
+    {
+        assert!(Instant::now() < deadline, "the pause never reached Redis");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let from_b = post(&b.url(cmd), r#"{"From_Account":"z"}"#).await;
     let code = json(&from_b)["ErrorCode"].as_i64();
     assert!(

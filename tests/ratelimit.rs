@@ -93,6 +93,16 @@ async fn a_burst_of_150_concurrent_misses_after_idle_goes_at_once() {
             .parse()
             .unwrap()
     };
+    // The access log is written by its own thread: wait for the 150 lines.
+    let lines = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("access") && l.contains("get_list"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lines(&gw.log_text()) < 150 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let log = gw.log_text();
     let waits: Vec<u64> = log
         .lines()
