@@ -15,7 +15,7 @@ pub mod settings;
 
 use std::path::Path;
 
-pub use redis::{RedisSettings, RedisUrl};
+pub use redis::{RedisMode, RedisSettings, RedisUrl};
 pub use secret::Secret;
 pub use settings::{
     CacheSettings, ChatSettings, CommandCache, LiveSettings, LogFormat, LogSettings, RetrySettings,

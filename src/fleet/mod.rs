@@ -25,6 +25,7 @@ pub mod heartbeat;
 pub mod keys;
 pub mod l2;
 pub mod limiter;
+pub mod topology;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -139,7 +140,8 @@ impl Fleet {
             return Ok(None);
         };
         let id = new_id();
-        let connector = Connector::new(r.url.clone(), r.ca_file.as_deref(), &id)?;
+        let connector = Connector::new(r.url.clone(), r.ca_file.as_deref(), &id)?
+            .with_topology(topology::Topology::new(r)?);
         let keys = Keys::new(&r.key_prefix, settings.chat.sdkappid);
         let shared = Arc::new(Shared::default());
         let hook = conn::FleetHook {
@@ -147,6 +149,7 @@ impl Fleet {
             shared: shared.clone(),
         };
         let redis = Redis::start_with(connector, r.timeout, Some(hook));
+        topology::watch(&redis, r.mode);
         let limiter = FleetLimiter::start(
             redis.clone(),
             keys.clone(),
