@@ -349,7 +349,11 @@ pub async fn cluster_identity(c: &mut Conn) -> RedisResult<Option<String>> {
     let mut owners: BTreeMap<String, String> = BTreeMap::new();
     for line in nodes.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        if f.len() < 9 || !f[2].split(',').any(|x| x == "master") || f[2].contains("fail") {
+        let flags: Vec<&str> = f.get(2).map_or(Vec::new(), |x| x.split(',').collect());
+        let down = flags
+            .iter()
+            .any(|x| matches!(*x, "fail" | "fail?" | "handshake" | "noaddr"));
+        if f.len() < 9 || !flags.contains(&"master") || down {
             continue;
         }
         let addr = f[1].split('@').next().unwrap_or("").to_string();
@@ -455,7 +459,11 @@ pub fn watch(redis: &Arc<Redis>, mode: RedisMode) {
                         Ok(Some(id)) if server_changed(&current, &id) => {
                             Some("the cluster's slot owners changed (failover or restart)")
                         }
-                        _ => None,
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "the cluster's topology check failed");
+                            None
+                        }
                     }
                 }
                 RedisMode::Sentinel => {
