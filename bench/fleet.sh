@@ -2,6 +2,8 @@
 # Fleet benchmarks: three gateway processes (release build) sharing one local
 # redis-server in front of a fake Chat, as in tests/fleet.rs. Prints, and writes to
 # bench/out/fleet-<date>.txt:
+#   - the same two figures with the gateways on a Redis Cluster (3 masters, lines
+#     `BENCH cluster: ...`), beside standalone;
 #   - Redis operations per admitted upstream call at saturation (rate limit, and
 #     every operation by kind), 1500 distinct misses over 3 gateways at N = 200/s,
 #     and the Redis round trips of a memory miss before Chat and after the answer;

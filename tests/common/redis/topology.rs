@@ -370,10 +370,18 @@ impl RedisCluster {
 
     /// Redis commands run so far, over every node.
     pub fn command_calls(&self) -> u64 {
-        self.nodes
-            .iter()
-            .map(|n| n.command_calls().values().sum::<u64>())
-            .sum()
+        self.command_calls_by_name().values().sum()
+    }
+
+    /// `calls` of every command over every node (`INFO commandstats`), by name.
+    pub fn command_calls_by_name(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for n in &self.nodes {
+            for (k, v) in n.command_calls() {
+                *out.entry(k).or_insert(0) += v;
+            }
+        }
+        out
     }
 }
 
