@@ -386,4 +386,56 @@ mod tests {
             .to_string();
         assert!(e.contains("redis.url") && !e.contains("pw"), "{e}");
     }
+
+    fn raw(mode: &str, url: &str) -> RawRedis {
+        RawRedis {
+            url: Some(Secret::new(url)),
+            mode: mode.into(),
+            ..RawRedis::default()
+        }
+    }
+
+    fn refused(r: RawRedis, key: &str) {
+        let e = from_raw(r).unwrap_err().to_string();
+        assert!(e.contains(key), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn each_mode_takes_its_own_keys() {
+        let s = from_raw(raw("", "redis://h/1")).unwrap().unwrap();
+        assert_eq!(s.mode, RedisMode::Standalone);
+        refused(raw("replicated", "redis://h"), "redis.mode");
+
+        let mut c = raw("cluster", "rediss://:s3cret@n1:7000");
+        c.urls = vec![Secret::new("rediss://:s3cret@n2:7000"), Secret::new("")];
+        let s = from_raw(c).unwrap().unwrap();
+        assert_eq!((s.mode, s.urls.len()), (RedisMode::Cluster, 1));
+        let shown = serde_json::to_string(&s).unwrap();
+        assert!(shown.contains("\"mode\":\"cluster\"") && !shown.contains("s3cret"));
+        refused(raw("cluster", "redis://n1:7000/2"), "redis.url");
+        let mut c = raw("cluster", "rediss://:s3cret@n1:7000");
+        c.urls = vec![Secret::new("redis://:s3cret@n2:7000")];
+        refused(c, "redis.urls");
+        let mut c = raw("standalone", "redis://n1");
+        c.urls = vec![Secret::new("redis://n2")];
+        refused(c, "redis.urls");
+
+        let mut t = raw("sentinel", "rediss://:s3cret@mymaster/3");
+        t.sentinels = vec![
+            Secret::new("redis://:s3cret@s1:26379"),
+            Secret::new("redis://:s3cret@s2:26379"),
+        ];
+        t.master_name = Some(" mymaster ".into());
+        let s = from_raw(t).unwrap().unwrap();
+        assert_eq!(s.master_name.as_deref(), Some("mymaster"));
+        assert_eq!(s.sentinels.len(), 2);
+        refused(raw("sentinel", "redis://x"), "redis.sentinels");
+        let mut t = raw("sentinel", "redis://x");
+        t.sentinels = vec![Secret::new("redis://s1:26379")];
+        refused(t, "redis.master_name");
+        let mut t = raw("cluster", "redis://x");
+        t.master_name = Some("m".into());
+        refused(t, "redis.master_name");
+    }
 }

@@ -12,6 +12,9 @@
 //!   generations, the group index, and the fleet fetch lock.
 //! - [`heartbeat`]: live gateways, the fleet-wide generation, and the loss checks of
 //!   every session.
+//! - [`topology`]: `redis.mode`: a Redis Cluster (discovered from seeds, redirections
+//!   followed, pipelines split by hash tag) or a Sentinel-managed primary, behind one
+//!   connection type; failovers of either treated as restarts.
 //!
 //! Redis trouble is never an outage: no request waits more than `redis.timeout_ms` on
 //! it in all, and while it is down the gateway serves from memory, then Chat, with the

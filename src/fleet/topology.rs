@@ -344,7 +344,17 @@ pub async fn cluster_identity(c: &mut Conn) -> RedisResult<Option<String>> {
     let Conn::Cluster(cc) = c else {
         return Ok(None);
     };
-    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(cc).await?;
+    let nodes: String = match redis::cmd("CLUSTER").arg("NODES").query_async(cc).await {
+        Ok(n) => n,
+        Err(e) if super::conn::denied(&e) => {
+            super::conn::log_denied(
+                "CLUSTER NODES",
+                "a cluster failover is then told only by the primaries' run_id (INFO)",
+            );
+            String::new()
+        }
+        Err(e) => return Err(e),
+    };
     // node id -> "host:port" of every primary that owns slots.
     let mut owners: BTreeMap<String, String> = BTreeMap::new();
     for line in nodes.lines() {
@@ -378,13 +388,18 @@ pub async fn cluster_identity(c: &mut Conn) -> RedisResult<Option<String>> {
         ),
         Err(e) => return Err(e),
     }
-    let parts: Vec<String> = owners
-        .iter()
-        .map(|(id, addr)| {
-            let run = run_ids.get(addr).map_or("-", String::as_str);
-            format!("{id}={run}")
-        })
-        .collect();
+    let parts: Vec<String> = if owners.is_empty() {
+        // No CLUSTER NODES: the primaries the client routes to, by address.
+        run_ids.iter().map(|(a, r)| format!("{a}={r}")).collect()
+    } else {
+        owners
+            .iter()
+            .map(|(id, addr)| {
+                let run = run_ids.get(addr).map_or("-", String::as_str);
+                format!("{id}={run}")
+            })
+            .collect()
+    };
     Ok(Some(format!("cluster:{}", parts.join(","))))
 }
 
@@ -441,6 +456,8 @@ pub fn watch(redis: &Arc<Redis>, mode: RedisMode) {
     }
     let weak = Arc::downgrade(redis);
     tokio::spawn(async move {
+        // Whether the user may run ROLE (Sentinel): asked no more once denied.
+        let mut role_allowed = true;
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
             let Some(r) = weak.upgrade() else { return };
@@ -466,7 +483,7 @@ pub fn watch(redis: &Arc<Redis>, mode: RedisMode) {
                         }
                     }
                 }
-                RedisMode::Sentinel => {
+                RedisMode::Sentinel if role_allowed => {
                     let role = r
                         .run_long(Op::Heartbeat, |mut c| async move {
                             redis::cmd("ROLE").query_async::<Value>(&mut c).await
@@ -476,10 +493,14 @@ pub fn watch(redis: &Arc<Redis>, mode: RedisMode) {
                         Ok(Value::Array(items)) if matches!(items.first(), Some(Value::BulkString(b)) if b != b"master") => {
                             Some("the server is no longer the primary (Sentinel failover)")
                         }
+                        Err(super::conn::FleetError::Redis(e)) if e.contains("NOPERM") => {
+                            role_allowed = false;
+                            None
+                        }
                         _ => None,
                     }
                 }
-                RedisMode::Standalone => None,
+                RedisMode::Sentinel | RedisMode::Standalone => None,
             };
             if let Some(why) = why {
                 r.renew(why);
