@@ -1,6 +1,7 @@
 //! The one place every Redis operation goes through: the connection (TCP or rustls
-//! TLS), the deadlines, the health state, the reconnect loop, and what each new
-//! session finds out about the server.
+//! TLS; or, with `redis.mode`, a cluster or a Sentinel-named primary, see
+//! [`super::topology`]), the deadlines, the health state, the reconnect loop, and
+//! what each new session finds out about the server.
 //!
 //! - **Deadlines.** An operation on behalf of a request runs under that request's
 //!   Redis budget ([`with_budget`]): `redis.timeout_ms` for all of the request's Redis
