@@ -2,12 +2,22 @@
 # Instructions per cache hit, counted by valgrind's callgrind: chat-gateway, nginx
 # proxy_cache, nginx answering the same page with `return 200 '...'` (no cache),
 # and a bare hyper 1.x server (examples/bare_hyper.rs: the same bytes and headers,
-# no logic), the floor for anything built on hyper.
+# no logic), the floor for anything built on hyper. The gateway is also measured
+# on a fully cached profile/portrait_get of 20 accounts (20 item entries looked
+# up and assembled), beside its get_list hit.
 #
 #   bench/instructions.sh
 #   MODE=instructions bench/hit.sh          # the same
 #   N1=500 N2=1500 bench/instructions.sh    # shorter
 #   GATEWAY_ONLY=1 bench/instructions.sh    # the gateway alone (to compare two builds)
+#   VARIANTS=plain bench/instructions.sh    # only the plain gateway
+#
+# The gateway is measured in VARIANTS (default: all four), each a fresh process:
+#   plain    no access log, no caller tokens, no tracing
+#   access   log.access = true (lines to stderr, a file here)
+#   token    server.auth_tokens set; every request sends `Authorization: Bearer ...`
+#   trace    [tracing] on (tracing.endpoint a port nobody listens on,
+#            sample_ratio 0), requests without a traceparent: the hit is not sampled
 #
 # Instruction counts are user-space instructions executed by the server process
 # (all its threads; the kernel's share, syscalls and TCP, is not counted), so they
@@ -36,10 +46,15 @@
 #   WARMUP_REQS (300)     hits before the measured batches
 #   ACCOUNT (743)         account number of the page (user_0743 of the default
 #                         1000-account emulator world: a 1,273-byte answer)
+#   PORTRAIT_ITEMS (20)   accounts named by the portrait_get request (every 37th
+#                         account from ACCOUNT on, TagList Nick + Image + Gender)
 #   SERVER_CPU (0)        CPU the servers (under valgrind) are pinned to
 #   CLIENT_CPU (1)        CPU the emulator is pinned to
 #   NO_BUILD (unset)      set to 1 to skip `cargo build --release`
 #   GATEWAY_ONLY (unset)  set to 1 to measure the gateway alone (no nginx, no bare hyper)
+#   VARIANTS (plain access token trace)  the gateway configurations measured
+#   GATEWAY_BIN (unset)   measure this chat-gateway binary instead of the build (e.g. a
+#                         copy of another commit's, to compare in alternating runs)
 #   KEEP_TMP (unset)      set to 1 to keep the temp dir (configs, logs, callgrind files)
 #
 # Output: a table on stdout, also written to bench/out/instructions-<date>.txt,
@@ -67,13 +82,38 @@ START_TIMEOUT=300 # valgrind starts slowly
 ensure_tools valgrind:valgrind callgrind_control:valgrind callgrind_annotate:valgrind python3:python3
 build bare_hyper
 BARE="$ROOT/target/release/examples/bare_hyper"
+if [[ -n "${GATEWAY_BIN:-}" ]]; then
+    [[ -x "$GATEWAY_BIN" ]] || die "GATEWAY_BIN $GATEWAY_BIN is not an executable"
+    BIN=$GATEWAY_BIN
+fi
+VARIANTS=${VARIANTS:-plain access token trace}
+for v in $VARIANTS; do
+    [[ " plain access token trace " == *" $v "* ]] || die "unknown variant $v (plain, access, token, trace)"
+done
+[[ " $VARIANTS " == *" plain "* ]] || die "VARIANTS must include plain (the others are compared to it)"
+# plain first: the others are compared to it, and nginx and bare hyper answer its page.
+ordered=plain
+for v in $VARIANTS; do [[ $v == plain ]] || ordered+=" $v"; done
+VARIANTS=$ordered
 make_tmp instructions
 mkdir -p "$TMP/cg"
 
+PORTRAIT_ITEMS=${PORTRAIT_ITEMS:-20}
+PATH_PORTRAIT=/v4/profile/portrait_get
 start_emulator 1000 "$CLIENT_CPU"
 ACCOUNT_WIDTH=4
-write_gateway_config $'[cache]\nttl_secs = 3600\n\n[log]\nformat = "text"\nlevel = "warn"'
+write_gateway_config $'[cache]\nttl_secs = 3600\n\n[cache.commands."profile/portrait_get"]\nttl_secs = 3600\n\n[log]\nformat = "text"\nlevel = "warn"'
 body_of "$ACCOUNT" >"$TMP/request.json"
+# The portrait_get request: PORTRAIT_ITEMS accounts of the world.
+python3 - "$ACCOUNT" "$PORTRAIT_ITEMS" >"$TMP/portrait.json" <<'PY'
+import json, sys
+first, n = int(sys.argv[1]), int(sys.argv[2])
+accounts = ["user_%04d" % ((first + 37 * i - 1) % 1000 + 1) for i in range(n)]
+print(json.dumps({"To_Account": accounts,
+                  "TagList": ["Tag_Profile_IM_Nick", "Tag_Profile_IM_Image", "Tag_Profile_IM_Gender"]},
+                 separators=(",", ":")), end="")
+PY
+REQ="$TMP/request.json"
 
 # valgrind_for NAME: the command prefix running a server under callgrind.
 valgrind_for() {
@@ -88,10 +128,10 @@ valgrind_for() {
 prime() {
     local name=$1 url=$2 hdr=$3 fill=${4:-}
     if [[ -n "$fill" ]]; then
-        post "$url" "$(cat "$TMP/request.json")" /dev/null --max-time 60 >/dev/null \
+        post "$url" "$(cat "$REQ")" /dev/null --max-time 60 "${CURL_ARGS[@]}" >/dev/null \
             || die "$name: first request failed"
     fi
-    post "$url" "$(cat "$TMP/request.json")" "$TMP/headers" --max-time 60 >"$TMP/page-$name.json" \
+    post "$url" "$(cat "$REQ")" "$TMP/headers" --max-time 60 "${CURL_ARGS[@]}" >"$TMP/page-$name.json" \
         || die "$name: request failed"
     [[ "$(header "$TMP/headers" "$hdr")" == HIT ]] || die "$name: not a HIT: $(cat "$TMP/headers")"
     grep -q '"ErrorCode" *: *0[,}]' "$TMP/page-$name.json" || die "$name answered: $(cat "$TMP/page-$name.json")"
@@ -100,10 +140,13 @@ prime() {
 }
 
 client() { # NAME URL HEADER N
-    python3 "$CLIENT" --url "$2" --body-file "$TMP/request.json" -n "$4" \
-        --expect "$3=HIT" --length "$PAGE_LEN" 2>"$TMP/client.err" \
+    python3 "$CLIENT" --url "$2" --body-file "$REQ" -n "$4" \
+        --expect "$3=HIT" --length "$PAGE_LEN" "${CLIENT_ARGS[@]}" 2>"$TMP/client.err" \
         || die "$1: $(cat "$TMP/client.err")"
 }
+# Extra request headers of the variant being measured (curl's and the client's).
+CURL_ARGS=()
+CLIENT_ARGS=()
 
 # batch NAME PID URL HEADER N: zero the counters, N requests, dump; prints
 # "thread instructions" lines, one per thread of that dump.
@@ -131,12 +174,31 @@ batch() {
 # measure NAME PID URL HEADER: the two batches; sets PER_REQ (instructions per
 # request), BATCH1/BATCH2 (whole-batch per-request figures) and THREADS (per
 # thread, per request: "n:instr ...").
-declare -A PER_REQ BATCH1 BATCH2 THREADS ANNOTATE PAGE_OF
+declare -A PER_REQ BATCH1 BATCH2 THREADS ANNOTATE PAGE_OF OWN
+# serve_in FILE: the instructions a callgrind dump counts in the gateway's connection
+# task (http1::drive and what it calls: socket reads and writes, parsing, the lookup,
+# the answer, the log line), inclusive. (drive, not the serve loop inside it: the
+# compiler may inline one into the other, never drive into the runtime.)
+serve_in() {
+    callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null \
+        | awk '/http1::drive::\{\{closure\}\}/ { gsub(",", "", $1); v = $1 + 0; if (v > m) m = v } END { printf "%d\n", m + 0 }'
+}
+# busiest_file BATCH_TXT FILES...: the dump file of the batch's busiest thread.
+busiest_file() {
+    local txt=$1 busiest f
+    shift
+    busiest=$(sort -k2 -n -r "$txt" | awk 'NR == 1 {print $1}')
+    for f in "$@"; do
+        if ((10#${f##*-} == busiest)); then echo "$f"; fi
+    done
+}
+
 measure() {
     local name=$1 pid=$2 url=$3 hdr=$4
     log "$name: $N1 then $N2 requests under callgrind"
     LAST_DUMP_FILES=()
     batch "$name" "$pid" "$url" "$hdr" "$N1" >"$TMP/cg/$name-b1.txt"
+    local first_files=("${LAST_DUMP_FILES[@]}")
     LAST_DUMP_FILES=()
     batch "$name" "$pid" "$url" "$hdr" "$N2" >"$TMP/cg/$name-b2.txt"
     local t1 t2
@@ -155,7 +217,21 @@ measure() {
         if ((10#$t == busiest)); then ANNOTATE[$name]=$f; fi
     done
     PAGE_OF[$name]=$PAGE_LEN
-    log "  $name: ${PER_REQ[$name]} instructions per request"
+    if [[ $name == gateway* ]]; then
+        # Own work: the connection task's instructions, plus the other threads' (the
+        # access log's writer, the span exporter), without the worker's scheduling
+        # and idle wake-ups (which grow with wall time, so with machine load).
+        local f1 f2 s1 s2 w1 w2
+        f1=$(busiest_file "$TMP/cg/$name-b1.txt" "${first_files[@]}")
+        f2=${ANNOTATE[$name]}
+        s1=$(serve_in "$f1")
+        s2=$(serve_in "$f2")
+        w1=$(sort -k2 -n -r "$TMP/cg/$name-b1.txt" | awk 'NR == 1 {print $2}')
+        w2=$(sort -k2 -n -r "$TMP/cg/$name-b2.txt" | awk 'NR == 1 {print $2}')
+        OWN[$name]=$(awk -v s1="$s1" -v s2="$s2" -v t1="$t1" -v t2="$t2" -v w1="$w1" -v w2="$w2" -v n1="$N1" -v n2="$N2" \
+            'BEGIN { printf "%.0f", ((s2 - s1) + ((t2 - w2) - (t1 - w1))) / (n2 - n1) }')
+    fi
+    log "  $name: ${PER_REQ[$name]} instructions per request${OWN[$name]:+ (own work ${OWN[$name]})}"
 }
 
 thread_names() { # PID -> "n:comm ..." in creation (TID) order, as valgrind numbers them
@@ -174,13 +250,59 @@ forget_pid() { # PID: stop it and drop it from PIDS
 }
 
 # ---------------------------------------------------------------- the gateway
-valgrind_for gateway
-start_gateway "$SERVER_CPU" "${VG[@]}"
-prime gateway "$GW$PATH_GET_LIST" x-cache fill
-cp "$TMP/page-gateway.json" "$TMP/page.json"
-GW_THREADS=$(thread_names "$GW_PID")
-measure gateway "$GW_PID" "$GW$PATH_GET_LIST" x-cache
-forget_pid "$GW_PID"
+# Each variant is set through the environment (CHAT_GATEWAY__*), over the same file.
+TOKEN=bench-caller-token-0123456789abcdef
+declare -A GW_LABEL=(
+    [gateway]="chat-gateway"
+    [gateway-access]="  log.access = true"
+    [gateway-token]="  caller token (Bearer)"
+    [gateway-trace]="  tracing on, hit not sampled"
+)
+declare -A GW_THREADS_OF
+for v in $VARIANTS; do
+    name=gateway
+    [[ $v == plain ]] || name=gateway-$v
+    env_vars=()
+    CURL_ARGS=()
+    CLIENT_ARGS=()
+    case $v in
+        access) env_vars=(CHAT_GATEWAY__LOG__ACCESS=true) ;;
+        token)
+            env_vars=(CHAT_GATEWAY__SERVER__AUTH_TOKENS=$TOKEN)
+            CURL_ARGS=(-H "Authorization: Bearer $TOKEN")
+            CLIENT_ARGS=(--header "Authorization=Bearer $TOKEN")
+            ;;
+        trace)
+            free_port OTLP_PORT
+            env_vars=(CHAT_GATEWAY__TRACING__ENDPOINT="http://127.0.0.1:$OTLP_PORT/v1/traces"
+                CHAT_GATEWAY__TRACING__SAMPLE_RATIO=0)
+            ;;
+    esac
+    valgrind_for "$name"
+    log "gateway variant $v${env_vars[*]:+: ${env_vars[*]}}"
+    ((${#env_vars[@]} == 0)) || export "${env_vars[@]}"
+    start_gateway "$SERVER_CPU" "${VG[@]}"
+    for e in "${env_vars[@]}"; do unset "${e%%=*}"; done
+    prime "$name" "$GW$PATH_GET_LIST" x-cache fill
+    [[ $v == plain ]] && cp "$TMP/page-$name.json" "$TMP/page.json"
+    GW_THREADS_OF[$name]=$(thread_names "$GW_PID")
+    measure "$name" "$GW_PID" "$GW$PATH_GET_LIST" x-cache
+    if [[ $v == plain ]]; then
+        # The same process: a fully cached portrait_get of PORTRAIT_ITEMS accounts.
+        REQ="$TMP/portrait.json"
+        prime gateway-portrait "$GW$PATH_PORTRAIT" x-cache fill
+        measure gateway-portrait "$GW_PID" "$GW$PATH_PORTRAIT" x-cache
+        REQ="$TMP/request.json"
+    fi
+    if [[ $v == access ]]; then
+        sleep 0.5 # the writer thread flushes every 50 ms
+        grep -q ' access method=POST' "$TMP/gateway.log" || die "the access variant wrote no access line"
+    fi
+    forget_pid "$GW_PID"
+done
+CURL_ARGS=()
+CLIENT_ARGS=()
+GW_THREADS=${GW_THREADS_OF[gateway]}
 
 if [[ -z "${GATEWAY_ONLY:-}" ]]; then
 # ---------------------------------------------------------------- nginx
@@ -246,7 +368,7 @@ for s in "${!PER_REQ[@]}"; do
     fi
 done
 row() { # NAME LABEL
-    printf '%-30s  %12s  %12s  %12s  %7s\n' "$2" "${PER_REQ[$1]}" "${BATCH1[$1]}" "${BATCH2[$1]}" "${PAGE_OF[$1]}"
+    printf '%-30s  %12s  %12s  %12s  %7s  %9s\n' "$2" "${PER_REQ[$1]}" "${BATCH1[$1]}" "${BATCH2[$1]}" "${PAGE_OF[$1]}" "${OWN[$1]:--}"
 }
 {
     report_head "bench/instructions.sh: user-space instructions per cache hit (callgrind)"
@@ -254,15 +376,31 @@ row() { # NAME LABEL
     echo "page: user_$(printf %04d "$ACCOUNT")'s first get_list page; batches of N1=$N1 and N2=$N2 keep-alive requests" \
         "on one connection after $WARMUP_REQS warm-up hits; every answer checked (200, HIT, length)"
     echo
-    printf '%-30s  %12s  %12s  %12s  %7s\n' server "instr/req" "batch N1/N1" "batch N2/N2" "bytes"
-    row gateway "chat-gateway"
+    printf '%-30s  %12s  %12s  %12s  %7s  %9s\n' server "instr/req" "batch N1/N1" "batch N2/N2" "bytes" "own work"
+    for v in $VARIANTS; do
+        name=gateway
+        [[ $v == plain ]] || name=gateway-$v
+        row "$name" "${GW_LABEL[$name]}"
+        [[ $v == plain ]] && row gateway-portrait "chat-gateway portrait_get x$PORTRAIT_ITEMS"
+    done
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         row nginx-proxy "nginx proxy_cache"
         row nginx-static "nginx return 200 (static)"
         row bare "bare hyper 1.x (floor)"
     fi
     echo "(instr/req = (I(N2) - I(N1)) / (N2 - N1): the difference of the two batches, which"
-    echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size)"
+    echo " cancels each batch's fixed cost; the batch columns are each batch's total / its size;"
+    echo " own work: the same difference for the gateway's connection task (http1::drive,"
+    echo " inclusive: reads, parsing, lookup, answer, writes) plus its threads other than the"
+    echo " worker (access-log writer, span exporter), i.e. without the runtime's scheduling and"
+    echo " idle wake-ups, which grow with wall time and so with the machine's load)"
+    echo
+    for v in $VARIANTS; do
+        [[ $v == plain ]] && continue
+        echo "gateway $v / plain: x$(ratio "${PER_REQ[gateway-$v]}" "${PER_REQ[gateway]}") ($(awk -v a="${PER_REQ[gateway-$v]}" -v b="${PER_REQ[gateway]}" 'BEGIN { printf "%+d", a - b }') per hit; own work $(awk -v a="${OWN[gateway-$v]}" -v b="${OWN[gateway]}" 'BEGIN { printf "%+d", a - b }'))"
+    done
+    echo
+    echo "portrait_get of $PORTRAIT_ITEMS (fully cached) / get_list hit: x$(ratio "${PER_REQ[gateway-portrait]}" "${PER_REQ[gateway]}")"
     echo
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         echo "gateway / nginx static:      x$(ratio "${PER_REQ[gateway]}" "${PER_REQ[nginx-static]}")"
@@ -273,6 +411,11 @@ row() { # NAME LABEL
     fi
     echo "per thread, instructions per request (valgrind thread number: count):"
     echo "  gateway:      ${THREADS[gateway]}   threads: $GW_THREADS"
+    echo "  portrait_get: ${THREADS[gateway-portrait]}"
+    for v in $VARIANTS; do
+        [[ $v == plain ]] && continue
+        echo "  gateway $v: ${THREADS[gateway-$v]}   threads: ${GW_THREADS_OF[gateway-$v]}"
+    done
     if [[ -z "${GATEWAY_ONLY:-}" ]]; then
         echo "  nginx:        proxy_cache ${THREADS[nginx-proxy]}, static ${THREADS[nginx-static]}"
         echo "  bare hyper:   ${THREADS[bare]}"

@@ -15,6 +15,8 @@ gateway config taken from the ConfigMap mounted at its --config path:
 - every `*_file` path in the config is a file the pod mounts: a directory mount
   (no subPath, which never sees Secret updates) of a Secret or ConfigMap that
   holds that key;
+- with a [redis] section: redis.expected_gateways equals the workload's replicas
+  (each gateway's share of the rate limit without Redis);
 - every PodMonitor selects at least one such pod and names a port it declares.
 
 Usage: python3 check_manifests.py DIR    (exit status 1 on any problem)
@@ -129,6 +131,15 @@ def main(directory):
             continue
         server = cfg.get("server", {})
         facts = [f"config from ConfigMap {cm_ref['name']} ({cm_file})"]
+
+        redis = cfg.get("redis")
+        replicas = d["spec"].get("replicas", 1) if d["kind"] in ("Deployment", "StatefulSet") else None
+        if redis is not None and replicas is not None:
+            expected = redis.get("expected_gateways", 1)
+            if expected != replicas:
+                problem(f"redis.expected_gateways is {expected}, the replicas {replicas}")
+            else:
+                facts.append(f"redis.expected_gateways = replicas = {replicas}")
 
         listen = server.get("listen", "127.0.0.1:8080")
         if not is_loopback(listen) and not server.get("auth_tokens") and not server.get("auth_tokens_file"):

@@ -52,11 +52,7 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    telemetry::init(
-        settings.log.format,
-        &settings.log.level,
-        settings.log.access,
-    );
+    telemetry::init_for(&settings);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,6 +71,11 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        if let Err(e) = telemetry::start_tracing(&settings) {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("chat-gateway: {e}");
+            return ExitCode::from(1);
+        }
         let secret_files = config::secrets::files(&settings);
         let state = match AppState::new(settings) {
             Ok(s) => s,
@@ -114,6 +115,7 @@ pub fn serve(config_path: Option<&Path>) -> ExitCode {
             f.leave(std::time::Duration::from_secs(1)).await;
         }
         tracing::info!(drained, "chat-gateway stopped");
+        telemetry::flush(std::time::Duration::from_secs(2)).await;
         ExitCode::SUCCESS
     })
 }
@@ -158,7 +160,7 @@ pub fn usersig(config_path: Option<&Path>, args: &UsersigArgs) -> ExitCode {
 
 /// Log set-up for the commands that run without a gateway config.
 pub fn init_default_logging() {
-    telemetry::init(LogFormat::Text, "info", false);
+    telemetry::init(LogFormat::Text, "info");
 }
 
 /// A multi-threaded runtime, or a message and exit code 1.
@@ -209,7 +211,7 @@ pub fn emulator(args: &crate::cli::EmulatorArgs) -> ExitCode {
 /// `chat-gateway demo`: the emulator and the gateway in one process on loopback, the
 /// gateway pointed at the emulator, and curl commands to paste. Ctrl-C stops both.
 pub fn demo(args: &crate::cli::DemoArgs) -> ExitCode {
-    telemetry::init(LogFormat::Text, "warn", false);
+    telemetry::init(LogFormat::Text, "warn");
     raise_fd_limit();
     let rt = match runtime() {
         Ok(rt) => rt,

@@ -8,27 +8,23 @@
 //!
 //! It sits above `cache` and `fleet`, which know nothing of each other.
 //!
-//! **The fleet today.** The bus carries three events: "these accounts", "this
-//! group", "everything". [`fleet_events`] maps typed effects onto them, invalidating
-//! more where an event is coarser than the effect: any entity of an account travels
-//! as that account (every gateway drops the account's pages and every item entity
-//! of the account), a group's info or members as the group event, "every entity of a
-//! kind" as "everything". When the bus carries typed entity events, that function is
-//! the one place to change; [`Memory`]'s [`PageCache`] methods are how received
-//! events reach the item store until then.
+//! **The fleet.** The bus carries the effects as they are ([`fleet_events`]: typed
+//! entities, group events, "every entity of a kind", "everything"), and every other
+//! gateway applies exactly them to its [`Memory`] (the [`Sink`] the bus is given), so
+//! the fleet invalidates what this gateway invalidated and nothing more. A write
+//! that passed through the gateway, and an admin invalidation, are answered once the
+//! fleet has applied them ([`Invalidator::apply_and_wait`]): read-your-writes through
+//! any gateway of the fleet.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use metrics::counter;
 use serde::Serialize;
 
 use crate::cache::items::ItemStore;
-use crate::cache::key::PageKey;
-use crate::cache::store::{Lookup, Page};
-use crate::cache::{CacheStats, PageCache};
-use crate::chat::effects::{Effect, EntityKind};
-use crate::fleet::{Event, Fleet};
+use crate::cache::PageCache;
+use crate::chat::effects::{Effect, Entity, EntityKind};
+use crate::fleet::{Event, Fleet, Sink};
 
 /// Where an invalidation came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,78 +136,56 @@ fn counted(effect: &Effect) {
     }
 }
 
-/// What the fleet's bus does to this gateway: its events, applied to both stores.
-impl PageCache for Memory {
-    fn lookup(&self, account: &str, key: &PageKey, now: Instant) -> Lookup {
-        self.pages.lookup(account, key, now)
-    }
-
-    fn begin_fetch(&self) -> u64 {
-        self.pages.begin_fetch()
-    }
-
-    fn insert(&self, account: &str, page: Page, fetch_epoch: u64) -> bool {
-        self.pages.insert(account, page, fetch_epoch)
-    }
-
-    /// An account event: its pages and every item entity of the account.
-    fn invalidate(&self, account: &str) -> usize {
-        for k in EntityKind::OF_ACCOUNT {
-            if k != EntityKind::Conversations {
-                self.items.invalidate(k, account);
+/// What the fleet's bus does to this gateway: other gateways' events, applied to
+/// both stores exactly as [`Memory::apply`] applies the effects they carry.
+impl Sink for Memory {
+    fn apply(&self, event: &Event) -> usize {
+        let mut d = Dropped::default();
+        match event {
+            Event::Entities(list) => {
+                for e in list {
+                    self.apply(&Effect::Entity(e.clone()), &mut d);
+                }
             }
+            Event::Group(g) => self.apply(&Effect::Group(g.clone()), &mut d),
+            Event::Every(k) => self.apply(&Effect::Every(*k), &mut d),
+            Event::All => self.apply(&Effect::All, &mut d),
         }
-        self.pages.invalidate(account)
+        d.pages
     }
 
-    /// A group event: the pages that list it, and the group's info and members.
-    fn invalidate_group(&self, group: &str) -> Vec<(Arc<str>, usize)> {
-        self.items.invalidate(EntityKind::GroupInfo, group);
-        self.items.invalidate(EntityKind::GroupMembers, group);
-        self.pages.invalidate_group(group)
-    }
-
-    fn invalidate_all(&self) -> usize {
+    fn drop_all(&self) -> usize {
         self.items.invalidate_all();
         self.pages.invalidate_all()
     }
 
-    /// The pages' sizes, with the item entries counted as pages: whoever asks
-    /// whether anything is cached (the bus, before it resynchronises) sees them.
-    fn stats(&self) -> CacheStats {
-        let mut s = self.pages.stats();
-        let items = self.items.stats();
-        s.pages += items.entries;
-        s.weighted_bytes += items.weighted_bytes;
-        s
+    fn holds_anything(&self) -> bool {
+        self.pages.stats().pages > 0 || self.items.stats().entries > 0
     }
 }
 
-/// The events that carry `effects` to the fleet today (see the module docs).
+/// The events that carry `effects` to the fleet: all of the named entities in one
+/// event, one per group event and per kind, or "everything" alone.
 pub fn fleet_events(effects: &[Effect]) -> Vec<Event> {
-    if effects
-        .iter()
-        .any(|e| matches!(e, Effect::All | Effect::Every(_)))
-    {
+    if effects.contains(&Effect::All) {
         return vec![Event::All];
     }
-    let mut accounts: Vec<String> = Vec::new();
-    let mut groups: Vec<String> = Vec::new();
+    let mut entities: Vec<Entity> = Vec::new();
+    let mut out: Vec<Event> = Vec::new();
     for e in effects {
         match e {
-            Effect::Entity(e) if e.kind.of_account() => accounts.push(e.id.clone()),
-            Effect::Entity(e) => groups.push(e.id.clone()),
-            Effect::Group(g) => groups.push(g.clone()),
-            Effect::Every(_) | Effect::All => {}
+            Effect::Entity(e) => entities.push(e.clone()),
+            Effect::Group(g) => out.push(Event::Group(g.clone())),
+            Effect::Every(k) => out.push(Event::Every(*k)),
+            Effect::All => {}
         }
     }
-    accounts.sort();
-    accounts.dedup();
-    groups.sort();
-    groups.dedup();
-    let mut out: Vec<Event> = groups.into_iter().map(Event::Group).collect();
-    if !accounts.is_empty() {
-        out.push(Event::Accounts(accounts));
+    out.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    out.dedup();
+    if !entities.is_empty() {
+        entities.sort();
+        entities.dedup();
+        out.push(Event::Entities(entities));
     }
     out
 }
@@ -248,19 +222,20 @@ impl Invalidator {
 
     /// Applies `effects` (nothing when empty).
     pub fn apply(&self, source: Source, effects: &[Effect]) -> Dropped {
+        self.apply_ticketed(source, effects).0
+    }
+
+    /// [`Invalidator::apply`], and the fleet's ticket of the last event sent.
+    fn apply_ticketed(&self, source: Source, effects: &[Effect]) -> (Dropped, u64) {
         let mut d = Dropped::default();
         if effects.is_empty() {
-            return d;
+            return (d, 0);
         }
         for e in effects {
             self.memory.apply(e, &mut d);
             tracing::debug!(source = source.as_str(), effect = ?e, "invalidated");
         }
-        if let Some(f) = &self.fleet {
-            for event in fleet_events(effects) {
-                f.publish(event);
-            }
-        }
+        let ticket = self.publish(effects);
         if effects.contains(&Effect::All) {
             tracing::info!(
                 source = source.as_str(),
@@ -271,42 +246,73 @@ impl Invalidator {
         counter!(crate::metrics::names::INVALIDATIONS, "source" => source.as_str()).increment(1);
         counter!(crate::metrics::names::INVALIDATED_PAGES, "source" => source.as_str())
             .increment(d.pages as u64);
-        d
+        (d, ticket)
     }
 
     /// Drops everything.
     pub fn all(&self, source: Source) -> Dropped {
         self.apply(source, &[Effect::All])
     }
+
+    /// Sends `effects` to the fleet; returns the last ticket (0 without a fleet).
+    fn publish(&self, effects: &[Effect]) -> u64 {
+        let Some(f) = &self.fleet else { return 0 };
+        fleet_events(effects)
+            .into_iter()
+            .map(|e| f.publish(e))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Applies `effects` like [`Invalidator::apply`], then, in a fleet, waits until
+    /// every live gateway has applied them too (at most `redis.timeout_ms`): what the
+    /// caller is answered next, through any gateway, is fresh.
+    pub async fn apply_and_wait(&self, source: Source, effects: &[Effect]) -> Dropped {
+        let (d, ticket) = self.apply_ticketed(source, effects);
+        if let (Some(f), true) = (&self.fleet, ticket > 0) {
+            let outcome = f.wait_applied(ticket).await;
+            tracing::debug!(
+                source = source.as_str(),
+                outcome = outcome.as_str(),
+                "waited for the fleet"
+            );
+        }
+        d
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::effects::Entity;
 
     #[test]
-    fn fleet_events_cover_every_effect() {
+    fn fleet_events_carry_every_effect_as_it_is() {
         let e = fleet_events(&[
             Effect::one(EntityKind::Profile, "a"),
             Effect::one(EntityKind::Conversations, "a"),
             Effect::one(EntityKind::Friends, "b"),
             Effect::one(EntityKind::GroupMembers, "@g"),
             Effect::Group("@h".into()),
+            Effect::Every(EntityKind::Friends),
+            Effect::one(EntityKind::Profile, "a"),
         ]);
         assert_eq!(
             e,
             vec![
-                Event::Group("@g".into()),
+                Event::Every(EntityKind::Friends),
                 Event::Group("@h".into()),
-                Event::Accounts(vec!["a".into(), "b".into()])
+                Event::Entities(vec![
+                    Entity::new(EntityKind::Conversations, "a"),
+                    Entity::new(EntityKind::Profile, "a"),
+                    Entity::new(EntityKind::Friends, "b"),
+                    Entity::new(EntityKind::GroupMembers, "@g"),
+                ]),
             ]
         );
         assert_eq!(
-            fleet_events(&[Effect::Every(EntityKind::Friends)]),
+            fleet_events(&[Effect::All, Effect::one(EntityKind::Profile, "a")]),
             vec![Event::All]
         );
         assert!(fleet_events(&[]).is_empty());
-        let _ = Entity::new(EntityKind::Exists, "x");
     }
 }

@@ -109,6 +109,9 @@ pub mod names {
     pub const FLEET_GATEWAYS: &str = "chat_gateway_fleet_gateways";
     /// Waits on another gateway's identical fetch, by `outcome` (served, timeout).
     pub const FLEET_COALESCED: &str = "chat_gateway_fleet_coalesced_waits_total";
+    /// Writes and admin invalidations that waited for every live gateway to apply
+    /// their invalidation, by `outcome` (applied, timeout, unavailable).
+    pub const FLEET_WAITS: &str = "chat_gateway_fleet_invalidation_waits_total";
     /// Full resynchronisations with the fleet, by `reason` (reconnect, gap, restart,
     /// lost).
     pub const FLEET_RESYNCS: &str = "chat_gateway_fleet_resyncs_total";
@@ -119,6 +122,12 @@ pub mod names {
     pub const REDIS_POLICY_UNSUPPORTED: &str = "chat_gateway_redis_maxmemory_policy_unsupported";
     /// Resident memory of the process, bytes (read at scrape time).
     pub const RESIDENT_MEMORY: &str = "chat_gateway_resident_memory_bytes";
+    /// Access-log lines dropped because the log's buffer was full.
+    pub const ACCESS_LOG_DROPPED: &str = "chat_gateway_access_log_dropped_total";
+    /// Spans sent to the OTLP collector.
+    pub const SPANS_EXPORTED: &str = "chat_gateway_tracing_spans_exported_total";
+    /// Spans lost, by `reason` (queue_full, export_failed).
+    pub const SPANS_DROPPED: &str = "chat_gateway_tracing_spans_dropped_total";
     /// Answers of the cached reads other than get_list, by `command` and `result`
     /// (hit, partial, miss, stale, bypass).
     pub const ITEM_REQUESTS: &str = "chat_gateway_item_cache_requests_total";
@@ -188,8 +197,12 @@ pub mod values {
     pub const L2_RESULTS: &[&str] = &["hit", "miss", "error"];
     /// `fleet_coalesced_waits_total{outcome}`.
     pub const FLEET_WAIT_OUTCOMES: &[&str] = &["served", "timeout"];
+    /// `fleet_invalidation_waits_total{outcome}`.
+    pub const FLEET_APPLY_OUTCOMES: &[&str] = &["applied", "timeout", "unavailable"];
     /// `fleet_resyncs_total{reason}`.
     pub const RESYNC_REASONS: &[&str] = &["reconnect", "gap", "restart", "lost"];
+    /// `tracing_spans_dropped_total{reason}`.
+    pub const SPAN_DROP_REASONS: &[&str] = &["queue_full", "export_failed"];
     /// `l2_flushes_total{reason}`.
     pub const L2_FLUSH_REASONS: &[&str] = &["restart", "lost", "evicted"];
     /// `item_cache_requests_total{result}`.
@@ -466,6 +479,12 @@ pub const ALL: &[Family] = &[
         "Waits on another gateway's identical fetch, by outcome (served, timeout)",
     ),
     family(
+        n::FLEET_WAITS,
+        C,
+        &["outcome"],
+        "Writes and admin invalidations that waited for every live gateway to apply their invalidation, by outcome (applied, timeout, unavailable)",
+    ),
+    family(
         n::FLEET_RESYNCS,
         C,
         &["reason"],
@@ -488,6 +507,24 @@ pub const ALL: &[Family] = &[
         G,
         &[],
         "Resident memory of the process, in bytes",
+    ),
+    family(
+        n::ACCESS_LOG_DROPPED,
+        C,
+        &[],
+        "Access-log lines dropped because the log's buffer was full (its output stalled or too slow)",
+    ),
+    family(
+        n::SPANS_EXPORTED,
+        C,
+        &[],
+        "Spans sent to the OTLP collector",
+    ),
+    family(
+        n::SPANS_DROPPED,
+        C,
+        &["reason"],
+        "Spans lost, by reason (queue_full: the export queue was full; export_failed: the collector did not take them)",
     ),
     family(
         n::ITEM_REQUESTS,
@@ -573,7 +610,9 @@ pub fn known_series(family: &str) -> Vec<Vec<(&'static str, &'static str)>> {
         n::REDIS_ERRORS => cross("op", v::REDIS_OPS, "kind", v::REDIS_ERROR_KINDS),
         n::L2_REQUESTS => one("result", v::L2_RESULTS),
         n::FLEET_COALESCED => one("outcome", v::FLEET_WAIT_OUTCOMES),
+        n::FLEET_WAITS => one("outcome", v::FLEET_APPLY_OUTCOMES),
         n::FLEET_RESYNCS => one("reason", v::RESYNC_REASONS),
+        n::SPANS_DROPPED => one("reason", v::SPAN_DROP_REASONS),
         n::ITEM_REQUESTS => v::item_commands()
             .flat_map(|c| {
                 v::ITEM_RESULTS
@@ -726,6 +765,9 @@ pub struct GetListCounters {
     pub bypass: Counter,
     /// `coalesced_waits_total`
     pub coalesced: Counter,
+    /// `requests_total{route="items",outcome="ok"}`, for the hits the HTTP/1.1 front
+    /// end answers itself (the router counts the others).
+    pub request_ok: Counter,
 }
 
 impl GetListCounters {
@@ -744,6 +786,7 @@ impl GetListCounters {
             stale: c("stale"),
             bypass: c("bypass"),
             coalesced: counter!(n::COALESCED),
+            request_ok: counter!(n::REQUESTS, "route" => "items", "outcome" => "ok"),
         }
     }
 }
@@ -771,10 +814,15 @@ pub struct ReadCounters {
     pub from_memory: Counter,
     /// `item_cache_items_total{source="chat"}`
     pub from_chat: Counter,
+    /// `item_cache_items_total{source="l2"}`
+    pub from_l2: Counter,
     /// `upstream_calls_saved_total`
     pub saved: Counter,
     /// `coalesced_waits_total`
     pub coalesced: Counter,
+    /// `requests_total{route="items",outcome="ok"}`, for the hits the HTTP/1.1 front
+    /// end answers itself (the router counts the others).
+    pub request_ok: Counter,
 }
 
 impl ReadCounters {
@@ -790,8 +838,10 @@ impl ReadCounters {
             bypass: r("bypass"),
             from_memory: i("memory"),
             from_chat: i("chat"),
+            from_l2: i("l2"),
             saved: counter!(n::CALLS_SAVED, "command" => command),
             coalesced: counter!(n::COALESCED),
+            request_ok: counter!(n::REQUESTS, "route" => "items", "outcome" => "ok"),
         }
     }
 
@@ -805,8 +855,10 @@ impl ReadCounters {
             bypass: Counter::noop(),
             from_memory: Counter::noop(),
             from_chat: Counter::noop(),
+            from_l2: Counter::noop(),
             saved: Counter::noop(),
             coalesced: Counter::noop(),
+            request_ok: Counter::noop(),
         }
     }
 

@@ -75,8 +75,26 @@ static ALLOC: Counting = Counting;
 /// The frame of moka's housekeeping (run inline by a read every 64 reads).
 const HOUSEKEEPING: &str = "run_pending_tasks";
 
+/// No allocation per hit, plain, with a caller token (checked on the hit path), and
+/// with tracing on and the hit not sampled. One test: the counter is shared.
 #[test]
 fn a_cache_hit_allocates_nothing_but_the_caches_amortized_housekeeping() {
+    hits_allocate_nothing("plain", &[], None);
+    hits_allocate_nothing(
+        "caller token",
+        &[("server", "auth_tokens = [\"alloc-test-token-0123456789\"]")],
+        Some("alloc-test-token-0123456789"),
+    );
+    // Last: tracing, once started, stays on in this process.
+    let receiver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!(
+        "endpoint = \"http://{}/v1/traces\"\nsample_ratio = 0.0",
+        receiver.local_addr().unwrap()
+    );
+    hits_allocate_nothing("tracing, not sampled", &[("tracing", &endpoint)], None);
+}
+
+fn hits_allocate_nothing(what: &str, extra: &[(&str, &str)], token: Option<&str>) {
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -84,14 +102,14 @@ fn a_cache_hit_allocates_nothing_but_the_caches_amortized_housekeeping() {
         .unwrap();
     let fake = client.block_on(FakeChat::start(echo_pages()));
     let listen = free_addr();
-    let toml = config_toml(
-        &fake.url(),
-        &[
-            ("server", &format!("listen = \"{listen}\"")),
-            ("cache", "ttl_secs = 600"),
-            ("log", "level = \"warn\""),
-        ],
-    );
+    let listen_line = format!("listen = \"{listen}\"");
+    let mut sections = vec![
+        ("server", listen_line.as_str()),
+        ("cache", "ttl_secs = 600"),
+        ("log", "level = \"warn\""),
+    ];
+    sections.extend_from_slice(extra);
+    let toml = config_toml(&fake.url(), &sections);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.toml");
     std::fs::write(&path, toml).unwrap();
@@ -106,6 +124,7 @@ fn a_cache_hit_allocates_nothing_but_the_caches_amortized_housekeeping() {
         .unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = gateway.spawn(async move {
+        chat_gateway::telemetry::start_tracing(&settings).unwrap();
         let listeners = chat_gateway::server::Listeners::bind(&settings.server).unwrap();
         let state = chat_gateway::server::AppState::new(settings).unwrap();
         chat_gateway::server::run(listeners, state, async {
@@ -115,8 +134,9 @@ fn a_cache_hit_allocates_nothing_but_the_caches_amortized_housekeeping() {
     });
 
     let body = r#"{"From_Account":"alloc","TimeStamp":0,"StartIndex":0,"TopTimeStamp":0,"TopStartIndex":0,"AssistFlags":63}"#;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
-        "POST /v4/recentcontact/get_list HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v4/recentcontact/get_list HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     async fn hits(conn: &mut RawConn, request: &str, n: usize) {
@@ -137,8 +157,17 @@ fn a_cache_hit_allocates_nothing_but_the_caches_amortized_housekeeping() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let a = post(&format!("http://{listen}/v4/recentcontact/get_list"), body).await;
-        assert_eq!(header(&a, "x-cache"), "MISS");
+        let mut req = http::Request::post(format!("http://{listen}/v4/recentcontact/get_list"));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let a = send(
+            req.body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(header(&a, "x-cache"), "MISS", "{what}");
         RawConn::connect(listen).await
     });
     // Warm up: buffers, the connection, the cache's bookkeeping.
@@ -171,14 +200,14 @@ fn a_cache_hit_allocates_nothing_but_the_caches_amortized_housekeeping() {
     let (housekeeping, own): (Vec<&String>, Vec<&String>) =
         stacks.iter().partition(|s| s.contains(HOUSEKEEPING));
     eprintln!(
-        "{allocations} allocations on the gateway's threads for {hits_made} hits: {} in the cache's housekeeping, {} elsewhere",
+        "{what}: {allocations} allocations on the gateway's threads for {hits_made} hits: {} in the cache's housekeeping, {} elsewhere",
         housekeeping.len(),
         own.len()
     );
     // The gateway's own code on the hit path allocates nothing.
     assert!(
         own.is_empty(),
-        "{} allocations outside the cache's housekeeping, e.g.:\n{}",
+        "{what}: {} allocations outside the cache's housekeeping, e.g.:\n{}",
         own.len(),
         own[0]
     );
@@ -186,7 +215,7 @@ fn a_cache_hit_allocates_nothing_but_the_caches_amortized_housekeeping() {
     // each time (a hit is one read).
     assert!(
         housekeeping.len() <= hits_made / 64 + 1,
-        "{} allocations in the cache's housekeeping for {hits_made} hits",
+        "{what}: {} allocations in the cache's housekeeping for {hits_made} hits",
         housekeeping.len()
     );
 

@@ -283,6 +283,76 @@ async fn non_loopback_listen_starts_when_allowed_or_with_tokens() {
     assert_eq!(a.0, 200);
 }
 
+/// On the cache-hit path too: a cached page is served only with a valid token, and a
+/// rotation of `server.auth_tokens_file` applies at once, on a connection kept open
+/// across it (the hit path keeps a per-connection view of the token list).
+#[tokio::test]
+async fn the_hit_path_checks_tokens_and_follows_a_rotation() {
+    use common::raw::RawConn;
+    let fake = FakeChat::start(echo_pages()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens_file = k8s_mount(dir.path(), "auth_tokens", "old-caller-token-000000\n");
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[
+            (
+                "server",
+                &format!("auth_tokens_file = \"{}\"", tokens_file.display()),
+            ),
+            ("cache", "ttl_secs = 600"),
+        ],
+    ))
+    .await;
+    let body = r#"{"From_Account":"user_0001"}"#;
+    let request = |auth: Option<&str>| {
+        let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        format!(
+            "POST {GET_LIST} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut conn = RawConn::connect(gw.addr).await;
+    let mut ask = async |auth: Option<&str>| {
+        conn.send(request(auth).as_bytes()).await.unwrap();
+        let r = conn.response(Duration::from_secs(5)).await.unwrap();
+        (r.status, r.header("x-cache").to_string())
+    };
+    assert_eq!(
+        ask(Some("Bearer old-caller-token-000000")).await,
+        (200, "MISS".into())
+    );
+    assert_eq!(
+        ask(Some("Bearer old-caller-token-000000")).await,
+        (200, "HIT".into())
+    );
+    assert_eq!(
+        ask(Some("bearer   old-caller-token-000000")).await,
+        (200, "HIT".into())
+    );
+    for auth in [
+        None,
+        Some("Bearer old-caller-token-00000"),
+        Some("Bearer old-caller-token-0000000"),
+        Some("Basic old-caller-token-000000"),
+        Some("Bearer "),
+    ] {
+        let (status, _) = ask(auth).await;
+        assert_eq!(status, 401, "{auth:?} on a cached page");
+    }
+    k8s_swap(dir.path(), "auth_tokens", "v2", "new-caller-token-111111\n");
+    assert!(
+        gw.wait_log("server.auth_tokens_file", Duration::from_secs(3))
+            .await
+    );
+    // The same connection sees the new list.
+    assert_eq!(ask(Some("Bearer old-caller-token-000000")).await.0, 401);
+    assert_eq!(
+        ask(Some("Bearer new-caller-token-111111")).await,
+        (200, "HIT".into())
+    );
+    assert_eq!(fake.count(), 1, "every other answer came from the cache");
+}
+
 /// Runs `chat-gateway check-config` with `toml` and `env`; returns (exit code,
 /// stdout, stderr).
 fn check_config(toml: &str, env: &[(&str, &str)]) -> (Option<i32>, String, String) {

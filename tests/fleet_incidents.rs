@@ -46,6 +46,10 @@ fn versioned() -> Responder {
 fn redis_section(url: &str) -> String {
     format!("url = \"{url}\"\ntimeout_ms = 50\n")
 }
+const DEBUG_LOG: (&str, &str) = (
+    "log",
+    "level = \"info,chat_gateway::fleet=debug,chat_gateway::server=debug\"",
+);
 
 /// `n` gateways on `url`, each with `env`, started together; waits until each sees
 /// the others.
@@ -55,6 +59,19 @@ async fn fleet_with_env(
     url: &str,
     extra: &[(&str, &str)],
     env: &[&[(&str, &str)]],
+) -> Vec<Gateway> {
+    fleet_prepared(n, fake, url, extra, env, |_| {}).await
+}
+
+/// Like [`fleet_with_env`], each gateway's command prepared by `prepare` (e.g.
+/// [`favoured`]).
+async fn fleet_prepared(
+    n: usize,
+    fake: &FakeChat,
+    url: &str,
+    extra: &[(&str, &str)],
+    env: &[&[(&str, &str)]],
+    prepare: fn(&mut std::process::Command),
 ) -> Vec<Gateway> {
     let redis = redis_section(url);
     let callback = format!("token = \"{TOKEN}\"");
@@ -80,7 +97,7 @@ async fn fleet_with_env(
         starts.push(tokio::spawn(async move {
             let env: Vec<(&str, &str)> =
                 env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            Gateway::start_with_env(&toml, &env).await
+            Gateway::start_with_env_prepared(&toml, &env, prepare).await
         }));
     }
     let mut gws = Vec::new();
@@ -175,6 +192,11 @@ async fn stale_reads(gws: &[Gateway], accounts: &[String], old: &[u64]) -> Vec<S
     for (i, gw) in gws.iter().enumerate() {
         for (a, v) in accounts.iter().zip(old) {
             let got = get_list(gw, a).await;
+            if json(&got)["ErrorCode"] != 0 {
+                for (i, g) in gws.iter().enumerate() {
+                    eprintln!("gateway {} log:\n{}", i + 1, g.log_text());
+                }
+            }
             assert_eq!(json(&got)["ErrorCode"], 0, "{got:?}");
             eprintln!(
                 "read: gateway {} {a}: version {} (cached {v}; x-cache {}, x-cache-l2 {})",
@@ -280,7 +302,7 @@ async fn failover_to_a_lagging_replica_serves_nothing_stale() {
     }
     let front = TcpProxy::start(primary.addr());
     let fake = FakeChat::start(versioned()).await;
-    let gws = fleet_of(3, &fake, &front.redis_url(Some("gw:gw-pw")), &[]).await;
+    let gws = fleet_of(3, &fake, &front.redis_url(Some("gw:gw-pw")), &[DEBUG_LOG]).await;
     for gw in &gws {
         assert!(
             gw.wait_log("Redis denies INFO", Duration::from_secs(1))
@@ -643,24 +665,44 @@ async fn skewed_clocks_change_neither_freshness_nor_age() {
 }
 
 /// 6. Redis answers 45 ms late (a proxy delays its replies; `timeout_ms` 50): a memory
-/// miss answered from L2 makes one round trip, and a miss fetched from Chat waits on
-/// Redis before Chat for its lookup and the rate limit's lease only (the L2 store
-/// runs after the answer).
+/// miss answered from L2 makes one round trip (p99 within `timeout_ms` + 20 ms), and
+/// so does a miss fetched from Chat in the common case (its L2 lookup and its
+/// rate-limit lease go together; the L2 store runs after the answer): median within
+/// `timeout_ms` + 20 ms, p99 within two round trips (a lease asked again). None is
+/// refused or bypasses L2 for want of Redis time.
 #[tokio::test]
 async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     let _alone = MACHINE.write().await;
-    let redis = RedisServer::start();
+    // Redis and the gateways at a higher priority: 45 ms of a 50 ms budget leaves
+    // little for a machine busy with other builds.
+    let redis = RedisServer::start_with(RedisOpts {
+        favoured: true,
+        ..Default::default()
+    });
     let proxy = TcpProxy::start(redis.addr());
     let fake = FakeChat::start(versioned()).await;
-    let gws = fleet_of(2, &fake, &proxy.redis_url(None), &[]).await;
+    let url = proxy.redis_url(None);
+    let gws = fleet_prepared(2, &fake, &url, &[DEBUG_LOG], &[], favoured).await;
     proxy.delay_replies(Duration::from_millis(45));
+    // The first lease after Redis slowed down finds its slot past on arrival (its lead
+    // was set by the fast round trips before) and asks again: once, not counted.
+    let first = get_list(&gws[0], "slow_first").await;
+    assert_eq!(header(&first, "x-cache"), "MISS", "{first:?}");
     let (mut from_l2, mut from_chat) = (Vec::new(), Vec::new());
-    let list = accounts("slow", 30);
+    let list = accounts("slow", 100);
     for acc in &list {
         let t = Instant::now();
         let a = get_list(&gws[0], acc).await;
         from_chat.push(t.elapsed());
-        assert_eq!(header(&a, "x-cache"), "MISS");
+        if t.elapsed() > Duration::from_millis(70) {
+            eprintln!("slow: gateway 1 {acc} {:?} {a:?}", t.elapsed());
+        }
+        assert_eq!(
+            header(&a, "x-cache"),
+            "MISS",
+            "{a:?}\n{}",
+            gws[0].log_text()
+        );
     }
     // The stores run after the answers (two round trips for a page listing a group).
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -669,7 +711,10 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
         let t = Instant::now();
         let b = get_list(&gws[1], acc).await;
         let took = t.elapsed();
-        assert_eq!(json(&b)["ErrorCode"], 0);
+        if took > Duration::from_millis(70) {
+            eprintln!("slow: gateway 2 {acc} {took:?} {b:?}");
+        }
+        assert_eq!(json(&b)["ErrorCode"], 0, "{b:?}");
         if header(&b, "x-cache-l2") == "HIT" {
             l2_hits += 1;
             from_l2.push(took);
@@ -677,21 +722,28 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
             from_chat.push(took);
         }
     }
-    assert!(l2_hits >= 20, "only {l2_hits} of 30 answered from L2");
+    assert!(l2_hits >= 70, "only {l2_hits} of 100 answered from L2");
     let (l2_p99, chat_p99) = (pct(&mut from_l2, 0.99), pct(&mut from_chat, 0.99));
-    eprintln!(
-        "Redis 45 ms late: misses from L2 p50 {:?} p99 {l2_p99:?}; from Chat p50 {:?} p99 {chat_p99:?}",
+    let report = format!(
+        "Redis 45 ms late: misses from L2 p50 {:?} p99 {l2_p99:?} max {:?}; from Chat p50 {:?} p99 {chat_p99:?} max {:?}",
         pct(&mut from_l2, 0.5),
-        pct(&mut from_chat, 0.5)
+        pct(&mut from_l2, 1.0),
+        pct(&mut from_chat, 0.5),
+        pct(&mut from_chat, 1.0),
     );
+    eprintln!("{report}");
+    let logs = || format!("{}\n---\n{}", gws[0].log_text(), gws[1].log_text());
     let timeout = Duration::from_millis(50);
-    assert!(l2_p99 <= timeout + Duration::from_millis(20), "{l2_p99:?}");
-    // The lookup, then the rate limit's own lease: each at most timeout_ms, plus
-    // slack for a busy machine.
-    assert!(
-        chat_p99 <= 2 * timeout + Duration::from_millis(50),
-        "{chat_p99:?}"
-    );
+    let slack = Duration::from_millis(20);
+    assert!(l2_p99 <= timeout + slack, "{report}\n{}", logs());
+    // One round trip (the lookup and the lease together) in the common case: two one
+    // after the other would take 90 ms or more.
+    let chat_p50 = pct(&mut from_chat, 0.5);
+    assert!(chat_p50 <= timeout + slack, "{report}\n{}", logs());
+    // At worst a lease asked again (a busy machine wakes a caller past its permit, or
+    // Redis answers later than its timeout), never more: two round trips, with slack
+    // for a busy machine.
+    assert!(chat_p99 <= 2 * timeout + 3 * slack, "{report}\n{}", logs());
 }
 
 /// 7. `CLIENT PAUSE 3000 WRITE` under 45 misses a second (N = 200): no caller gets a

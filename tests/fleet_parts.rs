@@ -107,9 +107,10 @@ async fn three_limiters_keep_n_in_any_second_and_lease_in_batches() {
     for i in 0..150 {
         let l = ls[i % 3].clone();
         tasks.push(tokio::spawn(async move {
-            l.acquire(CMD, Duration::from_secs(10))
-                .await
-                .map(|_| Instant::now())
+            l.acquire(CMD, Duration::from_secs(10)).await.map(|p| {
+                assert!(p.go());
+                Instant::now()
+            })
         }));
     }
     let mut times = Vec::new();
@@ -144,14 +145,15 @@ async fn a_pause_from_one_gateway_holds_the_others() {
     let redis = RedisServer::start();
     let a = limiter(&redis.url(), "a", 100).await;
     let b = limiter(&redis.url(), "b", 100).await;
-    assert!(b.acquire(CMD, Duration::ZERO).await.is_ok());
+    assert!(b.acquire(CMD, Duration::ZERO).await.is_ok_and(|p| p.go()));
     a.pause(CMD, Duration::from_secs(2));
     // The pause reaches Redis asynchronously; it is there within a moment.
     let deadline = Instant::now() + Duration::from_secs(2);
     let refused = loop {
         match b.acquire(CMD, Duration::from_millis(100)).await {
             Err(t) => break t,
-            Ok(()) => {
+            Ok(p) => {
+                assert!(p.go());
                 assert!(Instant::now() < deadline, "the pause never reached b");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -188,7 +190,10 @@ async fn losing_redis_counts_a_full_window_then_a_share_and_coming_back_replays(
             while next < started + Duration::from_secs(6) {
                 tokio::time::sleep_until(next.into()).await;
                 let asked = Instant::now();
-                let r = l.acquire(CMD, Duration::from_millis(500)).await;
+                let r = l
+                    .acquire(CMD, Duration::from_millis(500))
+                    .await
+                    .map(|p| assert!(p.go()));
                 out.push((asked, Instant::now(), r.is_ok()));
                 next += Duration::from_millis(125);
             }
@@ -314,7 +319,7 @@ async fn events_reach_the_other_gateways_memory() {
     b.cache("alice", &[]);
     b.cache("bob", &["@g1"]);
     b.cache("carol", &[]);
-    a.fleet.publish(Event::Accounts(vec!["alice".into()]));
+    a.fleet.publish(Event::accounts(&["alice"]));
     let lag = b.wait_gone("alice").await;
     assert!(b.has("bob") && b.has("carol"));
     a.fleet.publish(Event::Group("@g1".into()));
@@ -322,14 +327,21 @@ async fn events_reach_the_other_gateways_memory() {
     assert!(b.has("carol"));
     a.fleet.publish(Event::All);
     b.wait_gone("carol").await;
-    // A gateway does not apply its own events twice (it applied them when it took
-    // them): its other pages stay.
-    a.cache("dave", &[]);
-    a.fleet.publish(Event::Accounts(vec!["erin".into()]));
-    b.cache("frank", &[]);
-    a.fleet.publish(Event::Accounts(vec!["frank".into()]));
-    b.wait_gone("frank").await;
-    assert!(a.has("dave"));
+    // A gateway does not apply its own events twice: it applied erin's when it took
+    // it, then cached a page fetched after it; when its reader passes that event on
+    // the stream, the newer page stays.
+    b.cache("erin", &[]);
+    a.fleet.publish(Event::accounts(&["erin"]));
+    a.cache("erin", &[]);
+    b.wait_gone("erin").await;
+    // An event from b after erin's: once a has applied it, its reader has passed erin's.
+    a.cache("gina", &[]);
+    b.fleet.publish(Event::accounts(&["gina"]));
+    a.wait_gone("gina").await;
+    assert!(
+        a.has("erin"),
+        "a applied its own event again and dropped a newer page"
+    );
     eprintln!("first event applied after {lag:?}");
 }
 
@@ -395,7 +407,7 @@ async fn a_dropped_connection_loses_nothing_and_a_gap_or_restart_drops_memory() 
     bus_client_id(&redis, &b).await;
     assert!(a.fleet.wait_ready(Duration::from_secs(5)).await);
     b.cache("r", &[]);
-    a.fleet.publish(Event::Accounts(vec!["r".into()]));
+    a.fleet.publish(Event::accounts(&["r"]));
     b.wait_gone("r").await;
 }
 
@@ -577,9 +589,10 @@ async fn without_redis_a_gateway_keeps_to_its_share_and_reports_it_on_return() {
     for _ in 0..12 {
         let a = a.clone();
         tasks.push(tokio::spawn(async move {
-            a.acquire(CMD, Duration::from_secs(2))
-                .await
-                .map(|_| Instant::now())
+            a.acquire(CMD, Duration::from_secs(2)).await.map(|p| {
+                assert!(p.go());
+                Instant::now()
+            })
         }));
     }
     let mut local = Vec::new();
@@ -605,7 +618,10 @@ async fn without_redis_a_gateway_keeps_to_its_share_and_reports_it_on_return() {
     let b = limiter(&url, "s2", 30).await;
     let mut times = local.clone();
     for _ in 0..30 {
-        if b.acquire(CMD, Duration::from_millis(300)).await.is_ok() {
+        if b.acquire(CMD, Duration::from_millis(300))
+            .await
+            .is_ok_and(|p| p.go())
+        {
             times.push(Instant::now());
         }
     }

@@ -9,7 +9,11 @@
 //!   another order and with other whitespace give the same outcome (the same items
 //!   and variant, hence the same forwarded body; or the same error; or both
 //!   forwarded uncached).
+//! - the fast scanner the HTTP/1.1 hit path uses (`src/cache/item_fast.rs`) finds
+//!   what the general parser finds whenever it takes a body (the same items and the
+//!   same variant), on the same hostile bodies and on common ones it must take.
 
+use chat_gateway::cache::item_fast;
 use chat_gateway::cache::item_key::{self, Parsed};
 use chat_gateway::chat::reads::{self, Store, READS};
 use proptest::prelude::*;
@@ -181,8 +185,105 @@ fn case() -> impl Strategy<Value = Case> {
     })
 }
 
+/// What the fast scanner makes of `body`: `None` when it leaves it to the general
+/// parser; otherwise its items and variant, which must be the general parser's (or,
+/// for a repeated item, the general parser forwards it uncached).
+fn fast_agrees(row: usize, body: &[u8]) -> Result<Option<Vec<String>>, String> {
+    let mut f = item_fast::request();
+    if !item_fast::scan(&READS[row], body, &mut f) {
+        return Ok(None);
+    }
+    let items: Vec<String> = f
+        .items()
+        .iter()
+        .map(|s| String::from_utf8(s.to_vec()).unwrap())
+        .collect();
+    let mut sorted = items.clone();
+    sorted.sort();
+    sorted.dedup();
+    let general = outcome(row, body);
+    let text = String::from_utf8_lossy(body);
+    match general {
+        Outcome::Split(gi, gv, _) if sorted.len() == items.len() => {
+            if gi != items || gv.as_bytes() != f.variant() {
+                return Err(format!(
+                    "{text}: fast {items:?} {:?}, general {gi:?} {gv:?}",
+                    String::from_utf8_lossy(f.variant())
+                ));
+            }
+        }
+        Outcome::Bypass if sorted.len() < items.len() => {}
+        other => return Err(format!("{text}: fast took it, general {other:?}")),
+    }
+    Ok(Some(items))
+}
+
+/// A value the fast scanner must take: no escapes, objects' members in order.
+fn clean_value() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        Just("-0.5e10".to_string()),
+        "[a-zA-Z_ é]{0,8}".prop_map(|s| format!("\"{s}\"")),
+        Just("false".to_string()),
+        Just("null".to_string()),
+    ];
+    leaf.prop_recursive(3, 12, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(" , "))),
+            (inner.clone(), inner).prop_map(|(x, y)| format!("{{ \"a\" : {x}, \"b\":{y} }}")),
+        ]
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_fast_scanner_agrees_with_the_general_parser((row, m, order, spaces) in case()) {
+        let plain: Vec<usize> = (0..m.len()).collect();
+        for body in [render(&m, &plain, &[String::new()]), render(&m, &order, &spaces)] {
+            fast_agrees(row, body.as_bytes()).map_err(TestCaseError::fail)?;
+        }
+    }
+
+    #[test]
+    fn the_fast_scanner_takes_common_bodies(
+        row in prop::sample::select(item_rows()),
+        items in prop::collection::btree_set("[a-z_]{1,8}[0-9]{0,3}", 1..40),
+        others in prop::collection::btree_map("[A-Za-z]{1,10}", clean_value(), 0..4),
+        spaces in prop::collection::vec(ws(), 1..4),
+    ) {
+        let r = &READS[row];
+        let items: Vec<String> = items.into_iter().take(r.max_items).collect();
+        let rendered: Vec<String> = items.iter().map(|i| match r.items {
+            reads::ItemShape::ObjectList(_, k) => format!("{{\"{k}\":\"{i}\"}}"),
+            _ => format!("\"{i}\""),
+        }).collect();
+        let items_json = match r.items {
+            reads::ItemShape::Scalar(_) => rendered[0].clone(),
+            _ => format!("[{}]", rendered.join(",")),
+        };
+        let mut m: Vec<(String, String)> = vec![(r.items.field().to_string(), items_json)];
+        for req in r.required {
+            m.push((req.to_string(), "[\"Tag_Profile_IM_Nick\"]".into()));
+        }
+        if let Some((f, _)) = r.scope {
+            m.push((f.to_string(), "\"owner\"".into()));
+        }
+        for (k, v) in others {
+            if !m.iter().any(|(n, _)| *n == k) {
+                m.push((k, v));
+            }
+        }
+        let order: Vec<usize> = (0..m.len()).rev().collect();
+        let body = render(&m, &order, &spaces);
+        let got = fast_agrees(row, body.as_bytes()).map_err(TestCaseError::fail)?;
+        let want: Vec<String> = match r.items {
+            reads::ItemShape::Scalar(_) => vec![items[0].clone()],
+            _ => items,
+        };
+        prop_assert_eq!(got, Some(want), "{}", body);
+    }
 
     #[test]
     fn keys_are_faithful_and_independent_of_the_writing((row, m, order, spaces) in case()) {

@@ -10,6 +10,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw;
 use common::world::{self, World};
 use common::*;
 use serde_json::{json, Value};
@@ -876,4 +877,174 @@ async fn a_fetch_in_the_air_before_a_write_never_answers_a_request_after_it() {
     let again = post(&url, portrait(&list)).await;
     assert_eq!(header(&again, "x-cache"), "HIT");
     assert_eq!(json(&again), now);
+}
+
+/// A full hit is answered by the HTTP/1.1 front end's hit path (no router): the same
+/// bytes and headers as the router's answer for the same request (a gateway with
+/// caller tokens takes the router's path for everything), pipelined hits in order,
+/// counted alike; and what that path cannot answer (an item named twice, a body with
+/// escapes, one item not cached, `no-cache`) is still answered right by the router.
+#[tokio::test]
+async fn full_hits_take_the_front_ends_hit_path_and_answer_as_the_router_does() {
+    const TOKEN: &str = "token-item-hits-0001";
+    let (fake, world) = world::start().await;
+    let fast = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    let routed = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("server", &format!("auth_tokens = [\"{TOKEN}\"]"))],
+    ))
+    .await;
+    let cases: Vec<(&str, String)> = vec![
+        (PORTRAIT, portrait(&names("user_", 20))),
+        (
+            GROUP_INFO,
+            r#"{"GroupIdList":["@a","@b","@none_c"],"ResponseFilter":{"GroupBaseInfoFilter":["Name"]}}"#
+                .into(),
+        ),
+        (
+            CHECK,
+            r#"{"CheckItem":[{"UserID":"kim"},{"UserID":"lee"}]}"#.into(),
+        ),
+        (
+            FRIEND_LIST,
+            r#"{"From_Account":"kim","To_Account":["kim_f1","kim_f2"],"TagList":["Tag_SNS_IM_Remark"]}"#
+                .into(),
+        ),
+        (FRIEND_GET, r#"{"From_Account":"kim","StartIndex":0}"#.into()),
+        (JOINED, r#"{"Member_Account":"team_m1"}"#.into()),
+        (MEMBERS, r#"{"GroupId":"@team"}"#.into()),
+    ];
+    let raw_post = |path: &str, body: &str, extra: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+            body.len()
+        )
+    };
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let mut on_fast = raw::RawConn::connect(fast.addr).await;
+    let mut on_routed = raw::RawConn::connect(routed.addr).await;
+    let within = Duration::from_secs(10);
+    for (path, body) in &cases {
+        // Warm both (the group that does not exist fails and is asked again: only
+        // the other items can hit).
+        for (c, extra) in [(&mut on_fast, ""), (&mut on_routed, auth.as_str())] {
+            c.send(raw_post(path, body, extra).as_bytes())
+                .await
+                .unwrap();
+            let a = c.response(within).await.unwrap();
+            assert_eq!(a.json(), world::direct(&world, path, body), "{path}");
+        }
+    }
+    let scrape_hits = |m: &str, path: &str| {
+        metric(
+            m,
+            &format!(
+                "chat_gateway_item_cache_requests_total{{command=\"{}\",result=\"hit\"}}",
+                path.trim_start_matches("/v4/")
+            ),
+        )
+    };
+    let before = scrape(&fast).await;
+    fake.reset();
+    // Every cacheable case, pipelined on one connection: all hits, in order.
+    let hits: Vec<&(&str, String)> = cases.iter().filter(|(p, _)| *p != GROUP_INFO).collect();
+    let mut pipelined = String::new();
+    for (path, body) in &hits {
+        pipelined.push_str(&raw_post(path, body, ""));
+    }
+    on_fast.send(pipelined.as_bytes()).await.unwrap();
+    for (path, body) in &hits {
+        let a = on_fast.response(within).await.unwrap();
+        on_routed
+            .send(raw_post(path, body, &auth).as_bytes())
+            .await
+            .unwrap();
+        let b = on_routed.response(within).await.unwrap();
+        assert_eq!(a.header("x-cache"), "HIT", "{path}");
+        assert_eq!(b.header("x-cache"), "HIT", "{path}");
+        assert_eq!(a.body, b.body, "{path}: byte for byte");
+        let names = |r: &raw::RawResponse| {
+            let mut n: Vec<String> = r.headers.iter().map(|(k, _)| k.to_lowercase()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&a), names(&b), "{path}");
+        for h in ["content-type", "age", "content-length"] {
+            assert_eq!(a.header(h), b.header(h), "{path}: {h}");
+        }
+        assert_eq!(a.header("x-request-id").len(), 16);
+    }
+    assert_eq!(fake.count(), 0, "no call to Chat");
+    let after = scrape(&fast).await;
+    for (path, _) in &hits {
+        assert_eq!(
+            scrape_hits(&after, path) - scrape_hits(&before, path),
+            1.0,
+            "{path}"
+        );
+    }
+    // What the hit path leaves to the router.
+    let twice = portrait(&["user_000".into(), "user_001".into(), "user_000".into()]);
+    let escaped = r#"{"To_Account":["user_\u003001"],"TagList":["Tag_Profile_IM_Nick","Tag_Profile_IM_Image"]}"#;
+    let one_new = portrait(&["user_000".into(), "brand_new".into()]);
+    for (body, x, calls) in [
+        (twice.as_str(), "BYPASS", 1),
+        (escaped, "HIT", 0),
+        (one_new.as_str(), "PARTIAL", 1),
+    ] {
+        fake.reset();
+        on_fast
+            .send(raw_post(PORTRAIT, body, "").as_bytes())
+            .await
+            .unwrap();
+        let a = on_fast.response(within).await.unwrap();
+        assert_eq!(a.header("x-cache"), x, "{body}");
+        assert_eq!(a.json(), world::direct(&world, PORTRAIT, body), "{body}");
+        assert_eq!(fake.count(), calls, "{body}");
+    }
+    on_fast
+        .send(raw_post(PORTRAIT, &cases[0].1, "Cache-Control: no-cache\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        on_fast.response(within).await.unwrap().header("x-cache"),
+        "BYPASS"
+    );
+}
+
+/// With caller tokens, a fully cached read is still answered by the front end's fast
+/// path only for a valid token: without one, or with a wrong one, 401 (the cached
+/// items are never shown), on the same keep-alive connection.
+#[tokio::test]
+async fn caller_tokens_guard_item_hits() {
+    use common::raw::RawConn;
+    let (fake, _world, gw) =
+        setup(&[("server", "auth_tokens = [\"item-caller-token-0000\"]")]).await;
+    let body = portrait(&names("tok", 20));
+    let request = |auth: Option<&str>| {
+        let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        format!(
+            "POST {PORTRAIT} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut conn = RawConn::connect(gw.addr).await;
+    let mut ask = async |auth: Option<&str>| {
+        conn.send(request(auth).as_bytes()).await.unwrap();
+        let r = conn.response(Duration::from_secs(5)).await.unwrap();
+        (r.status, r.header("x-cache").to_string())
+    };
+    let good = Some("Bearer item-caller-token-0000");
+    assert_eq!(ask(good).await, (200, "MISS".into()));
+    assert_eq!(ask(good).await, (200, "HIT".into()));
+    for auth in [
+        None,
+        Some("Bearer item-caller-token-000"),
+        Some("Bearer item-caller-token-00000"),
+        Some("Basic item-caller-token-0000"),
+    ] {
+        assert_eq!(ask(auth).await.0, 401, "{auth:?} on cached items");
+    }
+    assert_eq!(ask(good).await, (200, "HIT".into()));
+    assert_eq!(calls_to(&fake, PORTRAIT).len(), 1);
 }

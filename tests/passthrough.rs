@@ -251,7 +251,6 @@ async fn one_command_is_held_under_its_rate_limit() {
     ))
     .await;
     let url = Arc::new(gw.url("/v4/openim/query_online_status"));
-    let started = Instant::now();
     let tasks: Vec<_> = (0..300)
         .map(|i| {
             let url = url.clone();
@@ -273,18 +272,26 @@ async fn one_command_is_held_under_its_rate_limit() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(served + limited, 300);
-    assert!(limited > 0, "the excess callers got 60007");
+    // What the schedule promises within max_wait_ms (500 ms) of a cold start: those
+    // that arrive before the first call comes back go at once (up to 75% of 200), the
+    // rest of the window is spread over the span (one every 1.06 s / 51 = 21 ms at
+    // the widest), so at least 500 / 21 = 23 go within the wait; never more than the
+    // window's 200. Everyone past that is refused.
+    assert!(
+        (24..=200).contains(&served),
+        "{served} served: what the burst and the pace allow within max_wait_ms"
+    );
+    assert!(limited >= 100, "the excess callers got 60007: {limited}");
     let times: Vec<Instant> = fake.calls().iter().map(|c| c.at).collect();
     assert_eq!(times.len(), served);
-    // In any one-second window Chat saw at most 200 calls (+1 at the window's edge).
+    // In any one-second window Chat saw at most 200 calls.
     for (i, t) in times.iter().enumerate() {
         let in_window = times[i..]
             .iter()
             .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
             .count();
-        assert!(in_window <= 201, "{in_window} calls within a second");
+        assert!(in_window <= 200, "{in_window} calls within a second");
     }
     // Another command has its own budget.
     assert_eq!(

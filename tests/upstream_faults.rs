@@ -263,3 +263,85 @@ async fn a_reset_mid_request_retries_a_read_never_a_write() {
         0.0
     );
 }
+
+/// `chat.attempt_timeout_ms`: a read whose attempt Chat does not answer in time is
+/// given up and retried within the request's deadline (answered by the retry); a
+/// write's attempt is never cut short (answered by the slow attempt, sent once); and
+/// without the setting a read's single attempt has the whole deadline (504, sent once).
+#[tokio::test]
+async fn a_read_attempt_that_times_out_is_retried_a_write_is_never_cut_short() {
+    // The first call hangs for 2 s; later ones are answered at once.
+    let fake = FakeChat::start(Box::new(|_, n| {
+        let delay = if n == 1 {
+            Duration::from_secs(2)
+        } else {
+            Duration::ZERO
+        };
+        Reply::Json(
+            serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","ContactItem":[],"n":n}),
+            delay,
+        )
+    }))
+    .await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[(
+            "chat",
+            "request_timeout_ms = 3000\nattempt_timeout_ms = 300",
+        )],
+    ))
+    .await;
+    let a = post(
+        &gw.url("/v4/recentcontact/get_contact_group"),
+        r#"{"From_Account":"a","StartIndex":0}"#,
+    )
+    .await;
+    assert_eq!(a.0, 200, "{:?}", a.2);
+    assert_eq!(json(&a)["ErrorCode"], 0);
+    assert_eq!(
+        json(&a)["n"],
+        2,
+        "the retry's answer, not the hung attempt's"
+    );
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 2, "one retry after the attempt timed out");
+    assert!(
+        calls[1].at.duration_since(calls[0].at) >= Duration::from_millis(300),
+        "the retry came after the attempt's timeout: {:?}",
+        calls[1].at.duration_since(calls[0].at)
+    );
+    assert_ne!(calls[0].query["random"], calls[1].query["random"]);
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(&m, "chat_gateway_upstream_calls_total{command=\"recentcontact/get_contact_group\",code=\"timeout\"}"),
+        1.0,
+        "{m}"
+    );
+
+    // A write whose answer takes longer than attempt_timeout_ms: waited for, sent once.
+    fake.reset();
+    fake.set_responder(Box::new(|_, _| {
+        Reply::Json(ok(), Duration::from_millis(900))
+    }));
+    let a = post(&gw.url(SENDMSG), SEND_BODY).await;
+    assert_eq!(a.0, 200, "{:?}", a.2);
+    assert_eq!(json(&a)["ErrorCode"], 0, "the slow write's own answer");
+    assert_eq!(fake.count(), 1, "a write is sent once");
+
+    // Without attempt_timeout_ms, one attempt has the whole deadline: no retry.
+    let plain = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("chat", "request_timeout_ms = 600")],
+    ))
+    .await;
+    fake.reset();
+    fake.set_responder(Box::new(|_, _| Reply::Json(ok(), Duration::from_secs(2))));
+    let a = post(
+        &plain.url("/v4/recentcontact/get_contact_group"),
+        r#"{"From_Account":"a","StartIndex":0}"#,
+    )
+    .await;
+    assert_eq!(a.0, 504, "{:?}", a.2);
+    assert_eq!(header(&a, "x-chat-gateway-error"), "upstream-timeout");
+    assert_eq!(fake.count(), 1, "the attempt spent the deadline");
+}

@@ -29,6 +29,9 @@ pub struct Template {
     pub tail: Box<str>,
     /// Whether the answer had a fail list (written even when empty, as Chat did).
     pub has_fail: bool,
+    /// What follows the items of an answer in which none failed: `]`, the empty fail
+    /// list if the answer had one, then `tail` (the hit path writes it as is).
+    pub closing: Box<str>,
 }
 
 impl Template {
@@ -45,17 +48,33 @@ impl Template {
                 prefix.push_str(before);
                 canonical::write_str(&mut prefix, array);
                 prefix.push_str(":[");
-                Template {
-                    prefix: prefix.into(),
-                    tail: format!("{after}}}").into(),
-                    has_fail: false,
-                }
+                Template::new(row, prefix, format!("{after}}}"), false)
             }
-            AnswerShape::Whole => Template {
-                prefix: "".into(),
-                tail: "".into(),
-                has_fail: false,
+            AnswerShape::Whole => Template::new(row, String::new(), String::new(), false),
+        }
+    }
+
+    /// A template of these members.
+    fn new(row: &ReadRow, prefix: String, tail: String, has_fail: bool) -> Template {
+        let mut closing = String::from("]");
+        if let (
+            AnswerShape::Items {
+                fail_list: Some(name),
+                ..
             },
+            true,
+        ) = (row.answer, has_fail)
+        {
+            closing.push(',');
+            canonical::write_str(&mut closing, name);
+            closing.push_str(":[]");
+        }
+        closing.push_str(&tail);
+        Template {
+            prefix: prefix.into(),
+            tail: tail.into(),
+            has_fail,
+            closing: closing.into(),
         }
     }
 
@@ -215,11 +234,7 @@ pub fn split<'a>(row: &ReadRow, body: &'a [u8]) -> Option<Split<'a>> {
     }
     Some(Split {
         items,
-        template: Template {
-            prefix: prefix.into(),
-            tail: tail.into(),
-            has_fail,
-        },
+        template: Template::new(row, prefix, tail, has_fail),
     })
 }
 
@@ -279,6 +294,13 @@ impl Templates {
     /// The current template of `row`.
     pub fn get(&self, row: usize) -> Arc<Template> {
         self.rows[row].load_full()
+    }
+
+    /// The current template of `row`, borrowed (no reference count touched: the
+    /// hit path's).
+    #[inline]
+    pub fn guard(&self, row: usize) -> arc_swap::Guard<Arc<Template>> {
+        self.rows[row].load()
     }
 
     /// Learns `template` from an answer in which no item failed.
@@ -351,6 +373,17 @@ mod tests {
             } else {
                 assert!(v.get("Fail_Account").is_none());
             }
+        }
+    }
+
+    #[test]
+    fn the_closing_piece_is_what_write_puts_after_successful_items() {
+        let body = br#"{"UserProfileItem":[{"To_Account":"a","ResultCode":0}],"Fail_Account":[],"ActionStatus":"OK","ErrorCode":0}"#;
+        let row = r("profile/portrait_get");
+        for t in [split(row, body).unwrap().template, Template::of_row(row)] {
+            let w = t.write(row, [(&b"{}"[..], None), (&b"{}"[..], None)].into_iter());
+            let pieces = format!("{}{{}},{{}}{}", t.prefix, t.closing);
+            assert_eq!(&w[..], pieces.as_bytes());
         }
     }
 

@@ -20,32 +20,44 @@
 //!   stores its answer after it;
 //! - two entities sharing a slot only cost a refetch, never a stale answer.
 //!
-//! An invalidated entry is dead weight until moka evicts it or its stale window
-//! ends; a newer fetch of the same key replaces it.
+//! An invalidated entry is dead weight until the eviction reaches it or its stale
+//! window ends; a newer fetch of the same key replaces it.
+//!
+//! **The table: sharded, read-mostly, no per-hit bookkeeping.** A fully cached
+//! batched read looks up every item (20 for a typical portrait_get), so a lookup must
+//! cost little: the key is hashed once with a fast keyed hash (foldhash, seeded per
+//! process), that hash picks one of up to [`MAX_SHARDS`] shards and the bucket in
+//! the shard's hash table; the shard's read lock is held only to clone the entry's
+//! `Arc`. A hit records nothing but a "visited" bit. Each shard evicts by CLOCK
+//! (second chance) over its insertion queue when its share of the budget is full;
+//! entries past their stale window and entries a generation invalidated go first,
+//! whenever an insert passes them.
 //!
 //! **Memory.** Entries are weighed at what they cost ([`weigh_item`]): the item's
 //! bytes (an exact-size copy of its slice of Chat's answer), the key, the
-//! dependency slots and a fixed overhead for moka's bookkeeping and the entry
-//! itself. The store's share of `cache.max_bytes` (`cache.items_percent`) pays for
-//! the generation table too (one 8-byte slot per 64 bytes of the share), so
-//! entries and table together stay within it.
+//! dependency slots and a fixed overhead for the table slot, the queue record, the
+//! entry itself and the allocator's rounding. The store's share of
+//! `cache.max_bytes` (`cache.items_percent`) pays for the generation table too (one
+//! 8-byte slot per 64 bytes of the share), so entries and table together stay
+//! within it: each shard holds at most its part of the rest.
 
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::Expiry;
+use hashbrown::HashTable;
 
 use crate::chat::effects::EntityKind;
 
-/// Bytes counted per entry on top of its item bytes, key and dependencies: moka's
-/// per-entry bookkeeping (hash-table slot, access and write order nodes, timer
-/// wheel node, entry info; about 300 bytes, see the page store's calibrated
-/// `ENTRY_OVERHEAD`), the `Arc<ItemEntry>` allocation, the key's and the body's
-/// allocations and the allocator's rounding.
-pub const ITEM_OVERHEAD: usize = 448;
+/// Bytes counted per entry on top of its item bytes, key and dependencies: its
+/// table slot (40 bytes, at most 8/7 of it with the table's load factor) and queue
+/// record (16, up to twice while replaced entries wait to be compacted), the
+/// `Arc<ItemEntry>` allocation (about 150 bytes), the key's and the body's
+/// allocations and the allocator's rounding of each (up to 64 bytes apiece).
+pub const ITEM_OVERHEAD: usize = 384;
 /// Bytes counted per dependency slot an entry records.
 pub const DEP_OVERHEAD: usize = 4;
 /// Bytes of the store's share that buy one generation slot (8 bytes).
@@ -56,6 +68,10 @@ pub const MIN_SLOTS: usize = 1 << 6;
 pub const MAX_SLOTS: usize = 1 << 22;
 /// Longest key: the row (1 byte), the variant id (16) and an item (at most 64).
 pub const MAX_KEY: usize = 1 + 16 + 64;
+/// Most shards of the table.
+pub const MAX_SHARDS: usize = 64;
+/// Least budget a shard gets (fewer shards for a small share).
+const MIN_SHARD_BYTES: u64 = 256 * 1024;
 
 /// What one entry weighs, in bytes.
 pub fn weigh_item(body_len: usize, key_len: usize, deps: usize) -> usize {
@@ -63,7 +79,7 @@ pub fn weigh_item(body_len: usize, key_len: usize, deps: usize) -> usize {
 }
 
 /// The id of a request's other fields (everything but the items), canonical.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct VariantId(pub u128);
 
 /// A key in a stack buffer.
@@ -75,19 +91,27 @@ pub struct KeyBuf {
 impl KeyBuf {
     /// The key of `item` of `row` in `variant`; `None` when the item is longer than
     /// any row allows (such requests are never split).
+    #[inline]
     pub fn new(row: usize, variant: VariantId, item: &str) -> Option<KeyBuf> {
-        let mut buf = [0u8; MAX_KEY];
+        Self::of_bytes(row, variant, item.as_bytes())
+    }
+
+    /// [`KeyBuf::new`] of an item's bytes (UTF-8).
+    #[inline]
+    pub fn of_bytes(row: usize, variant: VariantId, item: &[u8]) -> Option<KeyBuf> {
         let len = 17 + item.len();
         if len > MAX_KEY {
             return None;
         }
+        let mut buf = [0u8; MAX_KEY];
         buf[0] = row as u8;
         buf[1..17].copy_from_slice(&variant.0.to_le_bytes());
-        buf[17..len].copy_from_slice(item.as_bytes());
+        buf[17..len].copy_from_slice(item);
         Some(KeyBuf { buf, len })
     }
 
     /// The key's bytes.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
@@ -95,6 +119,16 @@ impl KeyBuf {
     /// An owned copy, for storing and for coalescing.
     pub fn to_key(&self) -> ItemKey {
         Arc::from(self.as_bytes())
+    }
+
+    /// The stack form of an owned key.
+    pub fn from_key(key: &[u8]) -> Option<KeyBuf> {
+        let mut buf = [0u8; MAX_KEY];
+        buf.get_mut(..key.len())?.copy_from_slice(key);
+        Some(KeyBuf {
+            buf,
+            len: key.len(),
+        })
     }
 }
 
@@ -138,6 +172,7 @@ impl Generations {
     }
 
     /// Whether no entity of `deps` was invalidated at or after `epoch`.
+    #[inline]
     fn unchanged(&self, deps: &Deps, epoch: u64) -> bool {
         if self.all_floor.load(Ordering::Acquire) >= epoch {
             return false;
@@ -155,6 +190,7 @@ impl Generations {
             .all(|s| self.slots[*s as usize].load(Ordering::Acquire) < epoch)
     }
 
+    #[inline]
     fn valid(&self, e: &ItemEntry) -> bool {
         self.unchanged(&e.deps, e.epoch)
     }
@@ -190,6 +226,9 @@ impl Deps {
 pub struct ItemEntry {
     /// The item's JSON exactly as Chat returned it (an exact-size copy).
     pub body: Bytes,
+    /// The same bytes after a comma (one allocation with `body`): how an item that is
+    /// not the first of an answer is written.
+    with_comma: Bytes,
     /// When it was stored, for `age`.
     pub stored_at: Instant,
     /// Served as fresh until then.
@@ -202,6 +241,16 @@ pub struct ItemEntry {
     deps: Deps,
     /// Weighed size (without the key).
     weight: u32,
+    /// Read since the eviction last passed it.
+    visited: AtomicBool,
+}
+
+impl ItemEntry {
+    /// `,` and the item's JSON: how it follows another item in an answer.
+    #[inline]
+    pub fn with_comma(&self) -> &[u8] {
+        &self.with_comma
+    }
 }
 
 /// What a lookup found.
@@ -226,45 +275,147 @@ pub struct ItemStats {
     pub table_bytes: u64,
 }
 
-struct ItemExpiry;
+/// One entry of a shard's table.
+struct Slot {
+    hash: u64,
+    /// Its insertion number in the shard (its queue record names it).
+    seq: u64,
+    key: ItemKey,
+    entry: Arc<ItemEntry>,
+}
 
-impl Expiry<ItemKey, Arc<ItemEntry>> for ItemExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &ItemKey,
-        value: &Arc<ItemEntry>,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.stale_until.saturating_duration_since(created_at))
+impl Slot {
+    fn weight(&self) -> u64 {
+        u64::from(self.entry.weight) + self.key.len() as u64
     }
+}
 
-    fn expire_after_update(
-        &self,
-        _key: &ItemKey,
-        value: &Arc<ItemEntry>,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.stale_until.saturating_duration_since(updated_at))
+/// A part of the table, under its own lock.
+#[derive(Default)]
+struct Shard {
+    table: HashTable<Slot>,
+    /// Insertion order: (hash, seq) of each entry; records of replaced or removed
+    /// entries are skipped (and compacted away).
+    queue: VecDeque<(u64, u64)>,
+    weight: u64,
+    next_seq: u64,
+}
+
+impl Shard {
+    /// Makes room (CLOCK over the insertion queue) until the shard is within
+    /// `budget`, dropping on the way every dead entry at the front (expired, or
+    /// invalidated per `gens`).
+    fn evict(&mut self, budget: u64, gens: &Generations, now: Instant) {
+        let Shard {
+            table,
+            queue,
+            weight,
+            ..
+        } = self;
+        // Each live record is passed at most twice (its visited bit cleared the
+        // first time), so this ends.
+        let mut passes = 2 * queue.len() + 1;
+        while let Some(&(h, seq)) = queue.front() {
+            if passes == 0 {
+                break;
+            }
+            passes -= 1;
+            let over = *weight > budget;
+            let Ok(slot) = table.find_entry(h, |s| s.seq == seq) else {
+                queue.pop_front();
+                continue;
+            };
+            let e = &slot.get().entry;
+            let dead = now >= e.stale_until || !gens.valid(e);
+            if dead || (over && !e.visited.load(Ordering::Relaxed)) {
+                *weight = weight.saturating_sub(slot.get().weight());
+                slot.remove();
+                queue.pop_front();
+            } else if over {
+                e.visited.store(false, Ordering::Relaxed);
+                queue.pop_front();
+                queue.push_back((h, seq));
+            } else {
+                break;
+            }
+        }
+        if queue.len() > 2 * table.len() + 64 {
+            queue.retain(|(h, seq)| table.find(*h, |s| s.seq == *seq).is_some());
+        }
     }
 }
 
 /// The item store.
 pub struct ItemStore {
-    cache: moka::sync::Cache<ItemKey, Arc<ItemEntry>>,
+    shards: Box<[RwLock<Shard>]>,
+    /// Bits of a key's hash that pick its shard start here (above the bits the
+    /// shard's table uses for the bucket, below those it keeps as tags).
+    shard_mask: u64,
+    shard_budget: u64,
+    /// Keyed per process.
+    hasher: foldhash::fast::RandomState,
     gens: Generations,
     /// Two keys for the 128-bit variant ids.
     variant_keys: [std::collections::hash_map::RandomState; 2],
+    /// This store among the process's (for the per-thread memo of variant ids).
+    id: u64,
 }
+
+/// One remembered variant id.
+#[derive(Default)]
+struct Memo {
+    store: u64,
+    row: usize,
+    text: Vec<u8>,
+    id: VariantId,
+}
+
+thread_local! {
+    /// The last variant ids this thread computed (any store's: each names its own).
+    static VARIANT_MEMO: std::cell::RefCell<[Memo; 4]> = std::cell::RefCell::default();
+}
+
+/// Ids of stores, from 1.
+static STORES: AtomicU64 = AtomicU64::new(1);
+
+/// Where the shard index sits in a key's hash.
+const SHARD_SHIFT: u32 = 40;
 
 impl std::fmt::Debug for ItemStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.stats();
         f.debug_struct("ItemStore")
-            .field("entries", &self.cache.entry_count())
-            .field("weighted_bytes", &self.cache.weighted_size())
+            .field("entries", &s.entries)
+            .field("weighted_bytes", &s.weighted_bytes)
             .field("slots", &self.gens.slots.len())
+            .field("shards", &self.shards.len())
             .finish()
     }
+}
+
+/// Whether two keys are equal: eight bytes at a time, inline (keys are short, and a
+/// call to `memcmp` costs more than comparing them).
+#[inline]
+fn key_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(0, u64::from_ne_bytes);
+    let (mut x, mut y) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (p, q) in (&mut x).zip(&mut y) {
+        if word(p) != word(q) {
+            return false;
+        }
+    }
+    x.remainder().iter().zip(y.remainder()).all(|(p, q)| p == q)
+}
+
+fn read(s: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
+    s.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(s: &RwLock<Shard>) -> std::sync::RwLockWriteGuard<'_, Shard> {
+    s.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl ItemStore {
@@ -276,24 +427,74 @@ impl ItemStore {
             .unwrap_or(MAX_SLOTS)
             .clamp(MIN_SLOTS, MAX_SLOTS);
         let table = (slots * 8) as u64;
-        let cache = moka::sync::Cache::builder()
-            .max_capacity(share.saturating_sub(table))
-            .weigher(|k: &ItemKey, v: &Arc<ItemEntry>| v.weight.saturating_add(k.len() as u32))
-            .expire_after(ItemExpiry)
-            .build();
+        let entries = share.saturating_sub(table);
+        let mut shards = 1usize;
+        while shards < MAX_SHARDS && entries / (2 * shards as u64) >= MIN_SHARD_BYTES {
+            shards *= 2;
+        }
         ItemStore {
-            cache,
+            shards: (0..shards).map(|_| RwLock::default()).collect(),
+            shard_mask: shards as u64 - 1,
+            shard_budget: entries / shards as u64,
+            hasher: foldhash::fast::RandomState::default(),
             gens: Generations::new(slots),
             variant_keys: Default::default(),
+            id: STORES.fetch_add(1, Ordering::Relaxed),
         }
     }
 
-    /// The id of `variant` (a row's canonical other fields) for `row`.
+    /// A key's hash: the item's bytes hashed (foldhash, keyed per process) and mixed
+    /// with the row and variant id (which are themselves keyed hashes).
+    #[inline]
+    fn hash(&self, key: &[u8]) -> u64 {
+        let (head, item) = key.split_at(key.len().min(17));
+        let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
+        let v = word(head.get(1..9).unwrap_or(&[]))
+            ^ word(head.get(9..17).unwrap_or(&[])).rotate_left(29);
+        let h = self.hasher.hash_one(item) ^ v ^ u64::from(head.first().copied().unwrap_or(0));
+        // One multiply-xorshift round so that the variant's bits reach every bit used.
+        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 29)
+    }
+
+    #[inline]
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
+        &self.shards[((hash >> SHARD_SHIFT) & self.shard_mask) as usize]
+    }
+
+    /// The id of `variant` (a row's canonical other fields) for `row`. The last few
+    /// variants each thread asked for are remembered (the same TagList comes again
+    /// and again), so a hit usually compares bytes instead of hashing them.
     pub fn variant_id(&self, row: usize, variant: &str) -> VariantId {
+        self.variant_id_of(row, variant.as_bytes())
+    }
+
+    /// [`ItemStore::variant_id`] of the variant's bytes (UTF-8).
+    pub fn variant_id_of(&self, row: usize, variant: &[u8]) -> VariantId {
+        VARIANT_MEMO.with(|m| {
+            let mut m = m.borrow_mut();
+            let found = m
+                .iter()
+                .find(|e| e.store == self.id && e.row == row && e.text.as_slice() == variant);
+            if let Some(e) = found {
+                return e.id;
+            }
+            let id = self.variant_id_uncached(row, variant);
+            m.rotate_right(1);
+            let e = &mut m[0];
+            (e.store, e.row, e.id) = (self.id, row, id);
+            e.text.clear();
+            e.text.extend_from_slice(variant);
+            id
+        })
+    }
+
+    fn variant_id_uncached(&self, row: usize, variant: &[u8]) -> VariantId {
         let h = |k: &std::collections::hash_map::RandomState| {
             let mut h = k.build_hasher();
-            row.hash(&mut h);
-            variant.hash(&mut h);
+            h.write_usize(row);
+            h.write(variant);
+            h.write_u8(0xff);
             h.finish()
         };
         VariantId(
@@ -301,11 +502,34 @@ impl ItemStore {
         )
     }
 
-    /// Finds an entry; allocates nothing.
+    /// Finds an entry; allocates nothing, and holds the shard's read lock only to
+    /// clone the entry's `Arc`.
+    #[inline]
     pub fn lookup(&self, key: &KeyBuf, now: Instant) -> ItemLookup {
-        let Some(e) = self.cache.get(key.as_bytes()) else {
-            return ItemLookup::Miss;
+        self.lookup_hashed(key, self.key_hash(key), now)
+    }
+
+    /// The hash of `key` (for [`ItemStore::lookup_hashed`]; the hit path also uses
+    /// it to tell items named twice).
+    #[inline]
+    pub fn key_hash(&self, key: &KeyBuf) -> u64 {
+        self.hash(key.as_bytes())
+    }
+
+    /// [`ItemStore::lookup`] of a key whose [`ItemStore::key_hash`] is `h`.
+    #[inline]
+    pub fn lookup_hashed(&self, key: &KeyBuf, h: u64, now: Instant) -> ItemLookup {
+        let k = key.as_bytes();
+        let e = {
+            let shard = read(self.shard(h));
+            match shard.table.find(h, |s| s.hash == h && key_eq(&s.key, k)) {
+                Some(s) => s.entry.clone(),
+                None => return ItemLookup::Miss,
+            }
         };
+        if !e.visited.load(Ordering::Relaxed) {
+            e.visited.store(true, Ordering::Relaxed);
+        }
         if !self.gens.valid(&e) {
             return ItemLookup::Miss;
         }
@@ -345,7 +569,8 @@ impl ItemStore {
         self.gens.unchanged(deps, epoch.0)
     }
 
-    /// Builds an entry of `body` fetched since `epoch`, depending on `deps`.
+    /// Builds an entry of `body` fetched since `epoch`, depending on `deps`, stored
+    /// now.
     pub fn entry(
         &self,
         body: &[u8],
@@ -356,25 +581,103 @@ impl ItemStore {
     ) -> ItemEntry {
         let now = Instant::now();
         let fresh_until = now + ttl;
-        ItemEntry {
-            body: Bytes::copy_from_slice(body),
-            stored_at: now,
+        self.entry_at(
+            body,
+            epoch,
+            deps,
+            now,
             fresh_until,
-            stale_until: fresh_until + stale_if_error,
+            fresh_until + stale_if_error,
+        )
+    }
+
+    /// Builds an entry with given times (an entry from the fleet's L2, stamped on
+    /// Redis's clock).
+    pub fn entry_at(
+        &self,
+        body: &[u8],
+        epoch: FetchEpoch,
+        deps: Deps,
+        stored_at: Instant,
+        fresh_until: Instant,
+        stale_until: Instant,
+    ) -> ItemEntry {
+        let mut v = Vec::with_capacity(body.len() + 1);
+        v.push(b',');
+        v.extend_from_slice(body);
+        let with_comma = Bytes::from(v);
+        ItemEntry {
+            body: with_comma.slice(1..),
+            with_comma,
+            stored_at,
+            fresh_until,
+            stale_until,
             epoch: epoch.0,
             weight: u32::try_from(weigh_item(body.len(), 0, deps.len())).unwrap_or(u32::MAX),
             deps,
+            visited: AtomicBool::new(false),
         }
     }
 
-    /// Stores `entry` under `key` unless it was invalidated since its fetch began;
-    /// returns whether it was stored.
+    /// Stores `entry` under `key` unless it was invalidated since its fetch began
+    /// (or weighs more than a shard holds); returns whether it was stored.
     pub fn insert(&self, key: ItemKey, entry: Arc<ItemEntry>) -> bool {
         if !self.gens.valid(&entry) {
             return false;
         }
-        self.cache.insert(key, entry);
+        let h = self.hash(&key);
+        let slot_weight = u64::from(entry.weight) + key.len() as u64;
+        if slot_weight > self.shard_budget {
+            return false;
+        }
+        let now = Instant::now();
+        let mut shard = write(self.shard(h));
+        let s = &mut *shard;
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        match s.table.find_entry(h, |x| x.hash == h && *x.key == *key) {
+            Ok(mut old) => {
+                let old = old.get_mut();
+                s.weight = s.weight.saturating_sub(old.weight());
+                old.seq = seq;
+                old.entry = entry;
+            }
+            Err(_) => {
+                s.table.insert_unique(
+                    h,
+                    Slot {
+                        hash: h,
+                        seq,
+                        key,
+                        entry,
+                    },
+                    |x| x.hash,
+                );
+            }
+        }
+        s.weight += slot_weight;
+        s.queue.push_back((h, seq));
+        s.evict(self.shard_budget, &self.gens, now);
         true
+    }
+
+    /// Stores without the validity check (a test of what lookups refuse).
+    #[cfg(test)]
+    fn force_insert(&self, key: ItemKey, entry: Arc<ItemEntry>) {
+        let h = self.hash(&key);
+        let mut s = write(self.shard(h));
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        s.table.insert_unique(
+            h,
+            Slot {
+                hash: h,
+                seq,
+                key,
+                entry,
+            },
+            |x| x.hash,
+        );
     }
 
     /// Invalidates one entity: O(1).
@@ -389,23 +692,33 @@ impl ItemStore {
         self.gens.kind_floors[kind.index()].fetch_max(e, Ordering::AcqRel);
     }
 
-    /// Invalidates everything (and frees the entries).
+    /// Invalidates everything (and frees the entries); returns how many there were.
     pub fn invalidate_all(&self) -> u64 {
         let e = self.gens.bump();
         self.gens.all_floor.fetch_max(e, Ordering::AcqRel);
-        let n = self.cache.entry_count();
-        self.cache.invalidate_all();
+        let mut n = 0;
+        for s in self.shards.iter() {
+            let mut s = write(s);
+            n += s.table.len() as u64;
+            s.table.clear();
+            s.queue.clear();
+            s.weight = 0;
+        }
         n
     }
 
     /// Current sizes.
     pub fn stats(&self) -> ItemStats {
-        self.cache.run_pending_tasks();
-        ItemStats {
-            entries: self.cache.entry_count(),
-            weighted_bytes: self.cache.weighted_size(),
+        let mut st = ItemStats {
             table_bytes: (self.gens.slots.len() * 8) as u64,
+            ..ItemStats::default()
+        };
+        for s in self.shards.iter() {
+            let s = read(s);
+            st.entries += s.table.len() as u64;
+            st.weighted_bytes += s.weight;
         }
+        st
     }
 }
 
@@ -470,8 +783,7 @@ mod tests {
         let v = s.variant_id(0, "");
         let entry = Arc::new(s.entry(b"a", e, s.deps([(K::Exists, "a")]), T, T));
         s.invalidate(K::Exists, "a");
-        s.cache
-            .insert(KeyBuf::new(0, v, "a").unwrap().to_key(), entry);
+        s.force_insert(KeyBuf::new(0, v, "a").unwrap().to_key(), entry);
         assert!(!fresh(&s, "a"));
     }
 
@@ -492,6 +804,25 @@ mod tests {
     #[test]
     fn variants_are_told_apart() {
         let s = store();
+        // The memo answers what the hash does, per store and per row.
+        let other = store();
+        for _ in 0..3 {
+            for (st, row, v) in [
+                (&s, 0, "a"),
+                (&s, 1, "a"),
+                (&other, 0, "a"),
+                (&s, 0, "b"),
+                (&s, 0, "c"),
+                (&s, 0, "d"),
+                (&s, 0, "e"),
+            ] {
+                assert_eq!(
+                    st.variant_id(row, v),
+                    st.variant_id_uncached(row, v.as_bytes())
+                );
+            }
+        }
+        assert_ne!(s.variant_id(0, "a"), other.variant_id(0, "a"));
         let a = s.variant_id(0, r#","TagList":["a"]"#);
         let b = s.variant_id(0, r#","TagList":["b"]"#);
         assert_ne!(a, b);
@@ -545,6 +876,74 @@ mod tests {
         assert!(st.entries > 100 && st.entries < 5000, "{st:?}");
         let per = st.weighted_bytes / st.entries;
         assert!(per as usize >= body.len() + ITEM_OVERHEAD, "{per}");
+    }
+
+    #[test]
+    fn eviction_gives_read_entries_a_second_chance_and_drops_dead_ones_first() {
+        // One shard (a small share), room for about 40 entries of 1 KB.
+        let s = ItemStore::new(64 * 1024);
+        assert_eq!(s.shards.len(), 1);
+        let v = s.variant_id(0, "");
+        let body = vec![b'x'; 1000];
+        let add = |item: &str| {
+            let e = s.entry(&body, s.begin_fetch(), s.deps([(K::Profile, item)]), T, T);
+            assert!(s.insert(KeyBuf::new(0, v, item).unwrap().to_key(), Arc::new(e)));
+        };
+        add("hot");
+        for i in 0..10 {
+            add(&format!("dead{i}"));
+            s.invalidate(K::Profile, &format!("dead{i}"));
+        }
+        for i in 0..200 {
+            // Read the hot entry between inserts: it is never the one evicted.
+            assert!(fresh(&s, "hot"), "evicted after {i} inserts");
+            add(&format!("cold{i}"));
+        }
+        let st = s.stats();
+        assert!(st.weighted_bytes + st.table_bytes <= 64 * 1024, "{st:?}");
+        // Invalidated entries were dropped before any live one.
+        let sh = read(&s.shards[0]);
+        assert!(sh
+            .table
+            .iter()
+            .all(|x| !x.key.ends_with(b"dead0") && !x.key.ends_with(b"dead9")));
+        // Replacing an entry again and again neither leaks weight nor grows the queue.
+        drop(sh);
+        let before = s.stats().weighted_bytes;
+        for _ in 0..1000 {
+            add("cold199");
+        }
+        assert_eq!(s.stats().weighted_bytes, before);
+        assert!(read(&s.shards[0]).queue.len() <= 2 * s.stats().entries as usize + 65);
+    }
+
+    #[test]
+    fn shards_split_the_budget() {
+        let share = 64 << 20;
+        let s = ItemStore::new(share);
+        assert_eq!(s.shards.len(), MAX_SHARDS);
+        let v = s.variant_id(0, "");
+        let body = vec![b'x'; 4000];
+        for i in 0..40_000 {
+            let item = format!("u{i}");
+            let e = s.entry(
+                &body,
+                s.begin_fetch(),
+                s.deps([(K::Profile, item.as_str())]),
+                T,
+                T,
+            );
+            s.insert(KeyBuf::new(0, v, &item).unwrap().to_key(), Arc::new(e));
+        }
+        let st = s.stats();
+        assert!(st.weighted_bytes + st.table_bytes <= share, "{st:?}");
+        // Every shard was used, and filled to most of its part.
+        assert!(
+            st.weighted_bytes > (share - st.table_bytes) * 9 / 10,
+            "{st:?}"
+        );
+        assert_eq!(s.invalidate_all(), st.entries);
+        assert_eq!(s.stats().entries, 0);
     }
 
     #[test]

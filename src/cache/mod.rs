@@ -16,6 +16,7 @@ pub mod assemble;
 pub mod coalesce;
 pub mod groups;
 pub mod invalidate;
+pub mod item_fast;
 pub mod item_key;
 pub mod items;
 pub mod key;

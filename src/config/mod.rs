@@ -6,6 +6,7 @@
 //! falling back to a default. They are converted once, in [`settings`], into the
 //! library's own types; nothing else reads raw config.
 
+pub mod otel;
 pub mod raw;
 pub mod redis;
 pub mod reload;
@@ -15,11 +16,12 @@ pub mod settings;
 
 use std::path::Path;
 
+pub use otel::TracingSettings;
 pub use redis::{RedisMode, RedisSettings, RedisUrl};
 pub use secret::Secret;
 pub use settings::{
-    CacheSettings, ChatSettings, CommandCache, LiveSettings, LogFormat, LogSettings, RetrySettings,
-    ServerSettings, Settings,
+    AccessOutput, CacheSettings, ChatSettings, CommandCache, LiveSettings, LogFormat, LogSettings,
+    RetrySettings, ServerSettings, Settings,
 };
 
 /// Prefix of environment overrides: `CHAT_GATEWAY__CACHE__TTL_SECS=5`.

@@ -19,6 +19,36 @@ pub struct RawConfig {
     pub routes: RawRoutes,
     pub ratelimit: RawRateLimit,
     pub redis: RawRedis,
+    pub tracing: RawTracing,
+}
+
+/// `[tracing]`: OpenTelemetry traces, exported over OTLP/HTTP. Off without
+/// `endpoint`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTracing {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub sample_ratio: f64,
+    pub service_name: String,
+    pub max_queue_spans: u64,
+    pub max_batch_spans: u64,
+    pub export_interval_ms: u64,
+    pub export_timeout_ms: u64,
+}
+
+impl Default for RawTracing {
+    fn default() -> Self {
+        RawTracing {
+            endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "chat-gateway".into(),
+            max_queue_spans: 2048,
+            max_batch_spans: 512,
+            export_interval_ms: 5000,
+            export_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// `[redis]`: the fleet. Without `url`, the gateway runs alone.
@@ -211,6 +241,8 @@ pub struct RawChat {
     pub usersig_ttl_secs: u64,
     pub request_timeout_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_base_url: Option<String>,
     pub failover_cooldown_secs: u64,
 }
@@ -227,6 +259,7 @@ impl Default for RawChat {
             ca_file: None,
             usersig_ttl_secs: 86400,
             request_timeout_ms: 3000,
+            attempt_timeout_ms: None,
             backup_base_url: None,
             failover_cooldown_secs: 60,
         }
@@ -308,6 +341,11 @@ pub struct RawLog {
     pub format: String,
     pub level: String,
     pub access: bool,
+    pub access_sample: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_format: Option<String>,
+    pub access_output: String,
+    pub access_buffer_bytes: u64,
 }
 
 impl Default for RawLog {
@@ -316,6 +354,10 @@ impl Default for RawLog {
             format: "text".into(),
             level: "info".into(),
             access: false,
+            access_sample: 1.0,
+            access_format: None,
+            access_output: "stderr".into(),
+            access_buffer_bytes: 1024 * 1024,
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct Settings {
     pub ratelimit: RateLimitSettings,
     /// The fleet (`[redis]`), when `redis.url` is set.
     pub redis: Option<super::redis::RedisSettings>,
+    /// OpenTelemetry traces (`[tracing]`), when `tracing.endpoint` is set.
+    pub tracing: Option<super::otel::TracingSettings>,
 }
 
 /// `[routes]`: command patterns (`service/command`, `service/*` or `*`).
@@ -152,6 +154,16 @@ pub struct ChatSettings {
     /// Deadline for one caller request's whole upstream exchange, retries included.
     #[serde(with = "millis", rename = "request_timeout_ms")]
     pub request_timeout: Duration,
+    /// How long one attempt of a read may wait for Chat's answer before it is given up
+    /// and retried (within `request_timeout`); `None`: the whole remaining deadline. A
+    /// write's attempt always has the whole remaining deadline: cutting it short would
+    /// only turn answers Chat was about to give into unknown outcomes.
+    #[serde(
+        with = "opt_millis",
+        rename = "attempt_timeout_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub attempt_timeout: Option<Duration>,
 }
 
 /// `[cache]` (fixed part)
@@ -244,6 +256,35 @@ pub struct LogSettings {
     pub level: String,
     /// One line per request on the `access` target, whatever `level` says.
     pub access: bool,
+    /// The share of successful answers that get an access-log line (errors, 429s,
+    /// stale and retried answers always do).
+    pub access_sample: f64,
+    /// The access log's format (`log.access_format`, else `log.format`).
+    pub access_format: LogFormat,
+    /// Where access-log lines go.
+    pub access_output: AccessOutput,
+    /// Bytes of access-log lines buffered at most before lines are dropped.
+    pub access_buffer_bytes: usize,
+}
+
+/// `log.access_output`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessOutput {
+    /// With the other log lines.
+    Stderr,
+    /// Standard output, apart from the other log lines.
+    Stdout,
+}
+
+impl AccessOutput {
+    /// The key's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessOutput::Stderr => "stderr",
+            AccessOutput::Stdout => "stdout",
+        }
+    }
 }
 
 /// `log.format`
@@ -275,6 +316,18 @@ pub(crate) mod millis {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+mod opt_millis {
+    pub fn serialize<S: serde::Serializer>(
+        d: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
     }
 }
 
@@ -450,6 +503,10 @@ impl Settings {
             ca_file: c.ca_file,
             usersig_ttl: Duration::from_secs(usersig_ttl),
             request_timeout: positive_ms("chat.request_timeout_ms", c.request_timeout_ms)?,
+            attempt_timeout: c
+                .attempt_timeout_ms
+                .map(|ms| positive_ms("chat.attempt_timeout_ms", ms))
+                .transpose()?,
         };
 
         let cache = CacheSettings {
@@ -543,13 +600,41 @@ impl Settings {
                     ConfigError::invalid("ratelimit.burst_percent", "must be 1 to 100")
                 })?,
         };
-        let format = match raw.log.format.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
+        let log_format = |key: &str, v: &str| match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(ConfigError::invalid(
+                key,
+                format!("{other:?} is not one of: text, json"),
+            )),
+        };
+        let format = log_format("log.format", &raw.log.format)?;
+        let access_format = match &raw.log.access_format {
+            Some(f) => log_format("log.access_format", f)?,
+            None => format,
+        };
+        let access_output = match raw.log.access_output.as_str() {
+            "stderr" => AccessOutput::Stderr,
+            "stdout" => AccessOutput::Stdout,
             other => {
                 return Err(ConfigError::invalid(
-                    "log.format",
-                    format!("{other:?} is not one of: text, json"),
+                    "log.access_output",
+                    format!("{other:?} is not one of: stderr, stdout"),
+                ))
+            }
+        };
+        if !(0.0..=1.0).contains(&raw.log.access_sample) {
+            return Err(ConfigError::invalid(
+                "log.access_sample",
+                "must be a number from 0.0 to 1.0",
+            ));
+        }
+        let access_buffer_bytes = match raw.log.access_buffer_bytes {
+            v @ 4096..=1_073_741_824 => v as usize,
+            _ => {
+                return Err(ConfigError::invalid(
+                    "log.access_buffer_bytes",
+                    "must be 4096 to 1073741824 (1 GiB)",
                 ))
             }
         };
@@ -604,11 +689,16 @@ impl Settings {
                 format,
                 level: raw.log.level,
                 access: raw.log.access,
+                access_sample: raw.log.access_sample,
+                access_format,
+                access_output,
+                access_buffer_bytes,
             },
             callback,
             routes,
             ratelimit,
             redis: super::redis::from_raw(raw.redis)?,
+            tracing: super::otel::from_raw(raw.tracing)?,
         })
     }
 
@@ -658,6 +748,7 @@ impl Settings {
                 ca_file: c.ca_file.clone(),
                 usersig_ttl_secs: secs(c.usersig_ttl),
                 request_timeout_ms: ms(c.request_timeout),
+                attempt_timeout_ms: c.attempt_timeout.map(ms),
                 backup_base_url: c
                     .backup_base_url
                     .clone()
@@ -706,6 +797,15 @@ impl Settings {
                 },
                 level: self.log.level.clone(),
                 access: self.log.access,
+                access_sample: self.log.access_sample,
+                access_format: (self.log.access_format != self.log.format).then(|| {
+                    match self.log.access_format {
+                        LogFormat::Text => "text".into(),
+                        LogFormat::Json => "json".into(),
+                    }
+                }),
+                access_output: self.log.access_output.as_str().into(),
+                access_buffer_bytes: self.log.access_buffer_bytes as u64,
             },
             callback: {
                 let cb = &self.callback;
@@ -758,6 +858,7 @@ impl Settings {
                 },
                 None => RawRedis::default(),
             },
+            tracing: super::otel::to_raw(self.tracing.as_ref()),
         }
     }
 }

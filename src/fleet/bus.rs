@@ -1,22 +1,38 @@
 //! The invalidation bus: every invalidation taken by any gateway reaches every
 //! gateway of the fleet, and none is lost silently.
 //!
-//! **Publishing.** [`crate::cache::invalidate::Invalidator`] applies an invalidation to
-//! this gateway's memory and hands the event to [`Bus::publish`] (no waiting). A task
-//! sends queued events in batches: first the L2 side, once, by the publishing gateway
-//! (the accounts' generations; for a group, the accounts of Redis's GroupId index, in
-//! chunks ([`l2::group_event`]); for "everything", the fleet-wide generation), then the
-//! entries, by one script that numbers each one (`n`, from `P:{fleet}:seq`) as it
-//! appends it to the stream `P:{fleet}:bus` (`MAXLEN ~` [`MAXLEN`]). An event leaves the
-//! queue only when all of that has landed: a failure at any step (Redis down, full,
-//! paused) leaves it queued, and the retry does again what is needed (bumping twice
-//! costs nothing). Until an event is in Redis, this gateway does not read L2 for what
-//! it names ([`Pending`]), so its own writes are read back fresh. Past [`MAX_QUEUE`]
-//! events or [`MAX_QUEUED_NAMES`] names the queue collapses into one "everything".
+//! **Events are typed.** An [`Event`] names what changed as precisely as the table of
+//! invalidations did ([`crate::chat::effects`]): entities (a kind and an account or
+//! GroupId each: an account's conversation list, profile, friends..., a group's info
+//! or members), a group event, every entity of a kind, or everything. Every gateway
+//! applies exactly that to its memory ([`Sink`]), so a profile change drops that
+//! profile's entries everywhere and nothing else.
+//!
+//! **Publishing.** [`crate::invalidate::Invalidator`] applies an invalidation to this
+//! gateway's memory and hands the event to [`Bus::publish`] (no waiting). A task sends
+//! queued events in batches: first the L2 side, once, by the publishing gateway (the
+//! entities' generations; for a group, the group's own generations and the accounts of
+//! Redis's GroupId index, in chunks ([`l2::group_event`]); for "everything" and "every
+//! entity of a kind", the fleet-wide generation), then the entries, by one script
+//! that numbers each one (`n`, from `P:{fleet}:seq`) as it appends it to the stream
+//! `P:{fleet}:bus` (`MAXLEN ~` [`MAXLEN`]). An event leaves the queue only when all of
+//! that has landed: a failure at any step (Redis down, full, paused) leaves it queued,
+//! and the retry does again what is needed (bumping twice costs nothing). Until an
+//! event is in Redis, this gateway does not read L2 for what it names ([`Pending`]),
+//! so its own writes are read back fresh. Past [`MAX_QUEUE`] events or
+//! [`MAX_QUEUED_NAMES`] names the queue collapses into one "everything".
 //!
 //! **Receiving.** A task reads the stream (`XREAD BLOCK` on its own connection) from
-//! the position it remembers, and applies other gateways' events to this gateway's
-//! memory only (no re-publishing).
+//! the position it remembers, applies other gateways' events to this gateway's memory
+//! only (no re-publishing), and then records how far it has applied the stream
+//! (`P:{fleet}:ack`, one `ZADD` per batch read).
+//!
+//! **Read-your-writes across the fleet.** A caller whose write went through gateway A
+//! may read through gateway B next. [`Bus::wait_applied`] lets A answer the write only
+//! once its event is in the stream and every live gateway (a heartbeat within
+//! [`super::heartbeat::LIVE`], and a position in the stream) has recorded a position
+//! at or past it, or once the wait's limit (`redis.timeout_ms`) has passed: past it,
+//! the others apply the event within milliseconds, as they would anyway.
 //!
 //! **Loss detection (numbered entries in a stream, with a remembered position).** The
 //! gateway drops its in-memory pages (`chat_gateway_fleet_resyncs_total{reason}`)
@@ -50,13 +66,13 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, histogram};
 use redis::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::conn::{self, Conn, FleetError, Op, Redis};
 use super::keys::Keys;
 use super::l2;
 use super::Shared;
-use crate::cache::PageCache;
+use crate::chat::effects::{Entity, EntityKind};
 use crate::metrics::names;
 
 /// Entries the stream keeps (approximately).
@@ -97,43 +113,162 @@ pub(crate) static PUBLISH_SCRIPT: LazyLock<redis::Script> =
 /// An invalidation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Every page of these accounts.
-    Accounts(Vec<String>),
-    /// Every account whose pages list this GroupId.
+    /// These entities (sorted, each once).
+    Entities(Vec<Entity>),
+    /// A group event: the group's info and members, and the conversation lists of
+    /// every account whose pages list the group.
     Group(String),
+    /// Every entity of a kind.
+    Every(EntityKind),
     /// Everything.
     All,
+}
+
+impl Event {
+    /// Every entity of each account (what an older gateway's "accounts" entry meant).
+    pub fn accounts(accounts: &[&str]) -> Event {
+        let mut list: Vec<Entity> = accounts
+            .iter()
+            .flat_map(|a| {
+                EntityKind::OF_ACCOUNT
+                    .iter()
+                    .map(move |k| Entity::new(*k, *a))
+            })
+            .collect();
+        list.sort();
+        list.dedup();
+        Event::Entities(list)
+    }
+
+    /// The stream entry's kind and value.
+    fn encode(&self) -> (&'static str, String) {
+        match self {
+            Event::Entities(list) => {
+                let mut by_kind: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+                for e in list {
+                    by_kind.entry(e.kind.as_str()).or_default().push(&e.id);
+                }
+                ("e", serde_json::to_string(&by_kind).unwrap_or_default())
+            }
+            Event::Group(g) => ("g", g.clone()),
+            Event::Every(k) => ("k", k.as_str().to_string()),
+            Event::All => ("*", String::new()),
+        }
+    }
+
+    /// The event of a stream entry of kind `k` and value `v` (`None`: not an event).
+    fn decode(k: &str, v: &str) -> Option<Event> {
+        Some(match k {
+            "e" => {
+                let by_kind: std::collections::BTreeMap<String, Vec<String>> =
+                    serde_json::from_str(v).ok()?;
+                let mut list = Vec::new();
+                for (kind, ids) in by_kind {
+                    // A kind this version does not know: everything, to be safe.
+                    let Some(kind) = EntityKind::from_name(&kind) else {
+                        return Some(Event::All);
+                    };
+                    list.extend(ids.into_iter().map(|id| Entity::new(kind, id)));
+                }
+                list.sort();
+                list.dedup();
+                Event::Entities(list)
+            }
+            // An older gateway's "these accounts".
+            "a" => {
+                let accounts: Vec<String> = serde_json::from_str(v).unwrap_or_default();
+                let refs: Vec<&str> = accounts.iter().map(String::as_str).collect();
+                Event::accounts(&refs)
+            }
+            "g" => Event::Group(v.to_string()),
+            "k" => EntityKind::from_name(v).map_or(Event::All, Event::Every),
+            "*" => Event::All,
+            _ => return None,
+        })
+    }
+
+    /// Names it carries (one for a group, a kind or "everything"), for the queue's
+    /// bound.
+    fn names(&self) -> usize {
+        match self {
+            Event::Entities(list) => list.len(),
+            Event::Group(_) | Event::Every(_) | Event::All => 1,
+        }
+    }
+}
+
+/// What the bus does to this gateway's memory: the events other gateways published,
+/// and a drop of everything when one may have been missed.
+pub trait Sink: Send + Sync + 'static {
+    /// Applies an event; returns the get_list pages it dropped.
+    fn apply(&self, event: &Event) -> usize;
+    /// Drops everything; returns the get_list pages dropped.
+    fn drop_all(&self) -> usize;
+    /// Whether anything is cached.
+    fn holds_anything(&self) -> bool;
+}
+
+/// A page store alone (no item store) as a sink: its pages are the conversation
+/// lists.
+impl<T: crate::cache::PageCache> Sink for T {
+    fn apply(&self, event: &Event) -> usize {
+        match event {
+            Event::Entities(list) => list
+                .iter()
+                .filter(|e| e.kind == EntityKind::Conversations)
+                .map(|e| self.invalidate(&e.id))
+                .sum(),
+            Event::Group(g) => self.invalidate_group(g).iter().map(|(_, n)| n).sum(),
+            Event::Every(EntityKind::Conversations) | Event::All => self.invalidate_all(),
+            Event::Every(_) => 0,
+        }
+    }
+
+    fn drop_all(&self) -> usize {
+        self.invalidate_all()
+    }
+
+    fn holds_anything(&self) -> bool {
+        self.stats().pages > 0
+    }
 }
 
 /// What this gateway invalidated but has not yet confirmed in Redis: L2 is not read
 /// for it meanwhile.
 #[derive(Debug, Default)]
 pub struct Pending {
-    accounts: Mutex<HashMap<String, u32>>,
-    /// Group and "everything" events not yet confirmed.
+    /// Per kind: id → events naming it not yet confirmed.
+    entities: [Mutex<HashMap<String, u32>>; EntityKind::ALL.len()],
+    /// Group, "every entity of a kind" and "everything" events not yet confirmed.
     wide: AtomicU32,
 }
 
 impl Pending {
-    /// Whether L2 must not be read for `account` now.
+    /// Whether L2 must not be read for `account`'s pages now.
     pub fn blocks(&self, account: &str) -> bool {
+        self.blocks_entity(EntityKind::Conversations, account)
+    }
+
+    /// Whether L2 must not be read for what depends on the entity `kind` `id` now.
+    pub fn blocks_entity(&self, kind: EntityKind, id: &str) -> bool {
         self.wide.load(Ordering::Acquire) > 0
-            || self
-                .accounts
+            || self.entities[kind.index()]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains_key(account)
+                .contains_key(id)
     }
 
     fn add(&self, e: &Event) {
         match e {
-            Event::Accounts(list) => {
-                let mut m = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-                for a in list {
-                    *m.entry(a.clone()).or_default() += 1;
+            Event::Entities(list) => {
+                for en in list {
+                    let mut m = self.entities[en.kind.index()]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    *m.entry(en.id.clone()).or_default() += 1;
                 }
             }
-            Event::Group(_) | Event::All => {
+            Event::Group(_) | Event::Every(_) | Event::All => {
                 self.wide.fetch_add(1, Ordering::AcqRel);
             }
         }
@@ -141,18 +276,20 @@ impl Pending {
 
     fn done(&self, e: &Event) {
         match e {
-            Event::Accounts(list) => {
-                let mut m = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-                for a in list {
-                    if let Some(n) = m.get_mut(a) {
+            Event::Entities(list) => {
+                for en in list {
+                    let mut m = self.entities[en.kind.index()]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if let Some(n) = m.get_mut(&en.id) {
                         *n -= 1;
                         if *n == 0 {
-                            m.remove(a);
+                            m.remove(&en.id);
                         }
                     }
                 }
             }
-            Event::Group(_) | Event::All => {
+            Event::Group(_) | Event::Every(_) | Event::All => {
                 // Never below zero, whatever the order of confirmations.
                 let _ = self
                     .wide
@@ -160,57 +297,117 @@ impl Pending {
             }
         }
     }
-}
 
-impl Event {
-    /// Names it carries (one for a group or "everything"), for the queue's bound.
-    fn names(&self) -> usize {
-        match self {
-            Event::Accounts(list) => list.len(),
-            Event::Group(_) | Event::All => 1,
-        }
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.entities
+            .iter()
+            .all(|m| m.lock().unwrap_or_else(|p| p.into_inner()).is_empty())
     }
 }
 
-/// Events waiting for Redis, and how many names they hold.
+/// Events waiting for Redis, each with its ticket (in order), and how many names
+/// they hold.
 #[derive(Debug, Default)]
 struct Queue {
-    events: VecDeque<Event>,
+    events: VecDeque<(u64, Event)>,
     names: usize,
+    next_ticket: u64,
 }
 
 impl Queue {
     /// Queues `event` (marked pending); past the bounds, everything queued collapses
-    /// into one "everything". Returns whether it collapsed.
-    fn push(&mut self, event: Event, pending: &Pending) -> bool {
+    /// into one "everything" (with a later ticket, so whoever waits for a dropped
+    /// event waits for it). Returns its ticket and whether the queue collapsed.
+    fn push(&mut self, event: Event, pending: &Pending) -> (u64, bool) {
         pending.add(&event);
         self.names += event.names();
-        self.events.push_back(event);
+        self.next_ticket += 1;
+        self.events.push_back((self.next_ticket, event));
         if self.events.len() <= MAX_QUEUE && self.names <= MAX_QUEUED_NAMES {
-            return false;
+            return (self.next_ticket, false);
         }
-        for e in self.events.drain(..) {
+        for (_, e) in self.events.drain(..) {
             pending.done(&e);
         }
         pending.add(&Event::All);
-        self.events.push_back(Event::All);
+        self.next_ticket += 1;
+        self.events.push_back((self.next_ticket, Event::All));
         self.names = 1;
-        true
+        (self.next_ticket, true)
     }
 }
+
+/// How far publishing has gone: every event up to `ticket` is in the stream, the
+/// last of them numbered `n`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Confirmed {
+    ticket: u64,
+    n: u64,
+}
+
+/// How a wait for the fleet to apply an invalidation ended
+/// (`chat_gateway_fleet_invalidation_waits_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Every live gateway applied it.
+    Everywhere,
+    /// The wait's limit passed first (the others apply it when it reaches them).
+    Timeout,
+    /// Redis is unusable: the event waits in the queue.
+    Unavailable,
+}
+
+impl Applied {
+    /// The `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Applied::Everywhere => "applied",
+            Applied::Timeout => "timeout",
+            Applied::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Whether every live gateway other than `ARGV[3]` has applied the stream up to
+/// `ARGV[1]`. `KEYS[1]`: the heartbeats, `KEYS[2]`: the positions applied. ARGV: n,
+/// LIVE (ms), this gateway's id. A live gateway with no position yet holds no memory
+/// it could serve stale (it drops it when it takes one). Returns how many are behind.
+const BEHIND: &str = r#"
+local now = now_ms()
+local n = tonumber(ARGV[1])
+local behind = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')) do
+  if id ~= ARGV[3] then
+    local at = redis.call('ZSCORE', KEYS[2], id)
+    if at and tonumber(at) < n then behind = behind + 1 end
+  end
+end
+return behind
+"#;
+
+pub(crate) static BEHIND_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{}{BEHIND}", super::heartbeat::LUA_CLOCK)));
+
+/// First pause between two checks of the fleet's positions.
+const ACK_POLL_MIN: Duration = Duration::from_millis(1);
+/// Longest pause between two checks.
+const ACK_POLL_MAX: Duration = Duration::from_millis(4);
 
 /// The bus.
 pub struct Bus {
     redis: Arc<Redis>,
     keys: Keys,
     id: String,
-    cache: Arc<dyn PageCache>,
+    sink: Arc<dyn Sink>,
     shared: Arc<Shared>,
     l2: bool,
     queue: Mutex<Queue>,
     wake: Arc<Notify>,
     /// Whether the reader holds a position in the stream.
     positioned: AtomicBool,
+    /// How far publishing has gone.
+    confirmed: watch::Sender<Confirmed>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -262,7 +459,7 @@ impl Bus {
         redis: Arc<Redis>,
         keys: Keys,
         id: String,
-        cache: Arc<dyn PageCache>,
+        sink: Arc<dyn Sink>,
         shared: Arc<Shared>,
         l2: bool,
     ) -> Arc<Bus> {
@@ -270,33 +467,92 @@ impl Bus {
             redis,
             keys,
             id,
-            cache,
+            sink,
             shared,
             l2,
             queue: Mutex::new(Queue::default()),
             wake: Arc::new(Notify::new()),
             positioned: AtomicBool::new(false),
+            confirmed: watch::Sender::new(Confirmed::default()),
         });
         tokio::spawn(publish_loop(Arc::downgrade(&bus)));
         tokio::spawn(read_loop(Arc::downgrade(&bus)));
         bus
     }
 
-    /// Queues `event` for the fleet (this gateway already applied it to its memory).
-    pub fn publish(&self, event: Event) {
-        if matches!(&event, Event::Accounts(a) if a.is_empty()) {
-            return;
+    /// Queues `event` for the fleet (this gateway already applied it to its memory);
+    /// returns its ticket, for [`Bus::wait_applied`].
+    pub fn publish(&self, event: Event) -> u64 {
+        if matches!(&event, Event::Entities(a) if a.is_empty()) {
+            return 0;
         }
-        {
+        let ticket = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             // Too much to send one by one: the fleet invalidates everything instead.
-            if q.push(event, &self.shared.pending) {
+            let (ticket, collapsed) = q.push(event, &self.shared.pending);
+            if collapsed {
                 tracing::warn!(
                     "more than {MAX_QUEUE} invalidations or {MAX_QUEUED_NAMES} names waiting for Redis; the fleet will drop everything instead"
                 );
             }
-        }
+            ticket
+        };
         self.wake.notify_one();
+        ticket
+    }
+
+    /// Waits, at most `limit`, until the events this gateway queued up to `ticket`
+    /// are in the stream and every other live gateway has applied them.
+    pub async fn wait_applied(&self, ticket: u64, limit: Duration) -> Applied {
+        let outcome = self.wait_applied_inner(ticket, limit).await;
+        counter!(names::FLEET_WAITS, "outcome" => outcome.as_str()).increment(1);
+        outcome
+    }
+
+    async fn wait_applied_inner(&self, ticket: u64, limit: Duration) -> Applied {
+        if ticket == 0 {
+            return Applied::Everywhere;
+        }
+        if !self.redis.is_up() {
+            return Applied::Unavailable;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut rx = self.confirmed.subscribe();
+        let n = match tokio::time::timeout_at(deadline, rx.wait_for(|c| c.ticket >= ticket)).await {
+            Ok(Ok(c)) => c.n,
+            _ => return Applied::Timeout,
+        };
+        let mut pause = ACK_POLL_MIN;
+        loop {
+            let (hb, acks, id) = (self.keys.heartbeat(), self.keys.acks(), self.id.clone());
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let behind = tokio::time::timeout(
+                left,
+                self.redis.run(Op::Publish, |mut c| async move {
+                    let r: redis::RedisResult<u64> = BEHIND_SCRIPT
+                        .key(hb)
+                        .key(acks)
+                        .arg(n)
+                        .arg(super::heartbeat::LIVE.as_millis() as u64)
+                        .arg(id)
+                        .invoke_async(&mut c)
+                        .await;
+                    r
+                }),
+            )
+            .await;
+            match behind {
+                Ok(Ok(0)) => return Applied::Everywhere,
+                Ok(Ok(_)) => {}
+                Ok(Err(FleetError::Down)) => return Applied::Unavailable,
+                Ok(Err(_)) | Err(_) => {}
+            }
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Applied::Timeout;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(ACK_POLL_MAX);
+        }
     }
 
     /// Whether the reader has taken its first position (from then on, every event is
@@ -311,44 +567,46 @@ impl Bus {
     }
 
     /// Sends a batch: the L2 side first, then the numbered entries.
-    async fn send(&self, batch: &[Event]) -> Result<(), FleetError> {
+    async fn send(&self, batch: &[(u64, Event)]) -> Result<u64, FleetError> {
         let mut entries: Vec<(&'static str, String, String)> = Vec::with_capacity(batch.len());
-        for e in batch {
+        for (_, e) in batch {
+            let mut raised = String::new();
             match e {
-                Event::Accounts(list) => {
+                Event::Entities(list) => {
                     if self.l2 {
-                        l2::bump_accounts(&self.redis, &self.keys, list).await?;
+                        l2::bump_entities(&self.redis, &self.keys, list).await?;
                     }
-                    entries.push((
-                        "a",
-                        serde_json::to_string(list).unwrap_or_default(),
-                        String::new(),
-                    ));
                 }
                 Event::Group(g) => {
-                    let mut raised = String::new();
                     if self.l2 {
+                        let own = [
+                            Entity::new(EntityKind::GroupInfo, g.as_str()),
+                            Entity::new(EntityKind::GroupMembers, g.as_str()),
+                        ];
+                        l2::bump_entities(&self.redis, &self.keys, &own).await?;
                         let done =
                             l2::group_event(&self.redis, &self.keys, &self.shared, g).await?;
                         if let Some(gen) = done.raised {
                             raised = gen.to_string();
                         }
                     }
-                    entries.push(("g", g.clone(), raised));
                 }
-                Event::All => {
-                    let gen = if self.l2 {
-                        l2::bump_fleet(&self.redis, &self.keys, &self.shared).await?
-                    } else {
-                        0
-                    };
-                    entries.push(("*", gen.to_string(), String::new()));
+                // L2 cannot name every entity of a kind: it is emptied instead (rare
+                // writes: account_delete, friend_delete_all both ways).
+                Event::Every(_) | Event::All => {
+                    if self.l2 {
+                        raised = l2::bump_fleet(&self.redis, &self.keys, &self.shared)
+                            .await?
+                            .to_string();
+                    }
                 }
             }
+            let (kind, value) = e.encode();
+            entries.push((kind, value, raised));
         }
         let (last_id, n) = self.append(entries).await?;
         tracing::trace!(last_id, n, "published");
-        Ok(())
+        Ok(n)
     }
 
     /// Appends numbered entries; returns the last one's id and number.
@@ -384,20 +642,17 @@ impl Bus {
             return;
         }
         let v = fields.get("v").map(String::as_str).unwrap_or("");
-        let pages = match fields.get("k").map(String::as_str) {
-            Some("a") => {
-                let accounts: Vec<String> = serde_json::from_str(v).unwrap_or_default();
-                accounts.iter().map(|a| self.cache.invalidate(a)).sum()
-            }
-            Some("g") => self.cache.invalidate_group(v).iter().map(|(_, n)| n).sum(),
-            Some("*") => {
-                if let Ok(g) = v.parse::<u64>() {
-                    self.shared.fleet_gen.fetch_max(g, Ordering::AcqRel);
-                }
-                self.cache.invalidate_all()
-            }
-            _ => return,
+        let Some(event) = Event::decode(fields.get("k").map(String::as_str).unwrap_or(""), v)
+        else {
+            return;
         };
+        if event == Event::All {
+            // An older gateway's "everything" carries the raised generation as its value.
+            if let Ok(g) = v.parse::<u64>() {
+                self.shared.fleet_gen.fetch_max(g, Ordering::AcqRel);
+            }
+        }
+        let pages = self.sink.apply(&event);
         counter!(names::FLEET_RECEIVED).increment(1);
         counter!(names::INVALIDATIONS, "source" => "fleet").increment(1);
         counter!(names::INVALIDATED_PAGES, "source" => "fleet").increment(pages as u64);
@@ -411,15 +666,15 @@ impl Bus {
         }
     }
 
-    /// Drops every in-memory page: invalidations may have been missed. After a loss
-    /// of Redis's own state, the whole fleet is told to do the same.
+    /// Drops everything in memory: invalidations may have been missed. After a loss of
+    /// Redis's own state, the whole fleet is told to do the same.
     fn resync(&self, why: Loss) {
-        let pages = self.cache.invalidate_all();
+        let pages = self.sink.drop_all();
         counter!(names::FLEET_RESYNCS, "reason" => why.as_str()).increment(1);
         tracing::warn!(
             reason = why.as_str(),
             pages,
-            "may have missed fleet invalidations; dropped the in-memory pages"
+            "may have missed fleet invalidations; dropped the in-memory entries"
         );
         if why == Loss::Lost {
             self.publish(Event::All);
@@ -434,7 +689,7 @@ async fn publish_loop(weak: std::sync::Weak<Bus>) {
     };
     loop {
         let Some(bus) = weak.upgrade() else { return };
-        let batch: Vec<Event> = {
+        let batch: Vec<(u64, Event)> = {
             let q = bus.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.events.iter().take(BATCH).cloned().collect()
         };
@@ -446,17 +701,26 @@ async fn publish_loop(weak: std::sync::Weak<Bus>) {
             continue;
         }
         match bus.send(&batch).await {
-            Ok(()) => {
+            Ok(n) => {
                 let mut q = bus.queue.lock().unwrap_or_else(|p| p.into_inner());
                 // The queue may have collapsed meanwhile (and confirmed what it
                 // dropped): take off, and confirm, only what is still at its front.
-                for e in &batch {
-                    if q.events.front() == Some(e) {
+                for (t, e) in &batch {
+                    if q.events.front().is_some_and(|(qt, _)| qt == t) {
                         q.events.pop_front();
                         q.names = q.names.saturating_sub(e.names());
                         bus.shared.pending.done(e);
                     }
                 }
+                drop(q);
+                let last = batch.last().map_or(0, |(t, _)| *t);
+                bus.confirmed.send_if_modified(|c| {
+                    let moved = last > c.ticket;
+                    if moved {
+                        *c = Confirmed { ticket: last, n };
+                    }
+                    moved
+                });
                 counter!(names::FLEET_SENT).increment(batch.len() as u64);
             }
             Err(e) => {
@@ -467,6 +731,20 @@ async fn publish_loop(weak: std::sync::Weak<Bus>) {
                 let _ = tokio::time::timeout(Duration::from_millis(200), sessions.changed()).await;
             }
         }
+    }
+}
+
+/// Records that this gateway has applied the stream up to `n` (best effort: a writer
+/// that cannot see it waits until its limit).
+async fn ack(c: &mut Conn, keys: &Keys, me: &str, n: u64) {
+    let r: redis::RedisResult<()> = redis::cmd("ZADD")
+        .arg(keys.acks())
+        .arg(n)
+        .arg(me)
+        .query_async(c)
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "could not record the position applied");
     }
 }
 
@@ -594,6 +872,7 @@ async fn reposition(
     if let Some(w) = why {
         bus.resync(w);
     }
+    ack(c, &bus.keys, &bus.id, n).await;
     Ok(Position {
         id,
         n,
@@ -621,7 +900,7 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
             // Can we carry on from where we were?
             let p = match pos.clone() {
                 None => {
-                    let had_pages = bus.cache.stats().pages > 0;
+                    let had_pages = bus.sink.holds_anything();
                     reposition(
                         &mut c,
                         &bus,
@@ -726,6 +1005,8 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
                     _ => break,
                 }
             } else {
+                // Everything up to here is applied: writers waiting on it may go.
+                let _ = tokio::time::timeout(STEP, ack(&mut c, &bus.keys, &bus.id, cur.n)).await;
                 pos = Some(cur);
             }
         }
@@ -736,8 +1017,12 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
 mod tests {
     use super::*;
 
-    fn accounts(prefix: &str, n: usize) -> Event {
-        Event::Accounts((0..n).map(|i| format!("{prefix}{i}")).collect())
+    fn conversations(prefix: &str, n: usize) -> Event {
+        Event::Entities(
+            (0..n)
+                .map(|i| Entity::new(EntityKind::Conversations, format!("{prefix}{i}")))
+                .collect(),
+        )
     }
 
     #[test]
@@ -746,20 +1031,23 @@ mod tests {
         let mut q = Queue::default();
         // Names: five events of 20,000 fit, the sixth collapses the queue.
         for i in 0..5 {
-            assert!(!q.push(accounts(&format!("e{i}_"), 20_000), &pending));
+            assert!(!q.push(conversations(&format!("e{i}_"), 20_000), &pending).1);
         }
         assert!(pending.blocks("e0_7"));
-        assert!(q.push(accounts("e5_", 20_000), &pending));
+        assert!(!pending.blocks_entity(EntityKind::Profile, "e0_7"));
+        let (ticket, collapsed) = q.push(conversations("e5_", 20_000), &pending);
+        assert!(collapsed);
         assert_eq!(q.events.len(), 1);
         assert_eq!(q.names, 1);
-        assert!(matches!(q.events[0], Event::All));
-        // Only "everything" is pending now; the account map was emptied.
-        assert!(pending.accounts.lock().unwrap().is_empty());
+        // The "everything" that replaced them comes after every ticket handed out.
+        assert!(matches!(q.events[0], (t, Event::All) if t == ticket && t > 6));
+        // Only "everything" is pending now; the entity maps were emptied.
+        assert!(pending.is_empty());
         assert_eq!(pending.wide.load(Ordering::Acquire), 1);
         // Events: past MAX_QUEUE small ones it collapses too.
         let mut q = Queue::default();
         let pending = Pending::default();
-        let collapsed = (0..=MAX_QUEUE).any(|i| q.push(Event::Group(format!("@g{i}")), &pending));
+        let collapsed = (0..=MAX_QUEUE).any(|i| q.push(Event::Group(format!("@g{i}")), &pending).1);
         assert!(collapsed);
         assert_eq!(q.events.len(), 1);
         assert_eq!(pending.wide.load(Ordering::Acquire), 1);
@@ -773,5 +1061,34 @@ mod tests {
         pending.done(&Event::All);
         assert_eq!(pending.wide.load(Ordering::Acquire), 0);
         assert!(!pending.blocks("anyone"));
+    }
+
+    #[test]
+    fn events_round_trip_through_stream_entries() {
+        let events = [
+            Event::Entities(vec![
+                Entity::new(EntityKind::Conversations, "a"),
+                Entity::new(EntityKind::Profile, "a"),
+                Entity::new(EntityKind::Profile, "b\"\\é"),
+                Entity::new(EntityKind::GroupMembers, "@g"),
+            ]),
+            Event::Group("@TGS#1".into()),
+            Event::Every(EntityKind::Friends),
+            Event::All,
+        ];
+        for e in events {
+            let (k, v) = e.encode();
+            assert_eq!(Event::decode(k, &v), Some(e.clone()), "{k} {v}");
+        }
+        // An older gateway's "accounts" entry: every entity of each account.
+        let old = Event::decode("a", r#"["u","v"]"#).unwrap();
+        let Event::Entities(list) = &old else {
+            panic!("{old:?}")
+        };
+        assert_eq!(list.len(), 2 * EntityKind::OF_ACCOUNT.len());
+        // Markers and the unknown are not events; an unknown kind is everything.
+        assert_eq!(Event::decode("h", ""), None);
+        assert_eq!(Event::decode("k", "Nope"), Some(Event::All));
+        assert_eq!(Event::decode("e", r#"{"Nope":["x"]}"#), Some(Event::All));
     }
 }

@@ -167,18 +167,40 @@ tokio::task_local! {
     static BUDGET: Budget;
 }
 
-/// What is left of one request's Redis time.
+/// What is left of one request's Redis time. Operations that overlap (the L2 lookup
+/// and the rate limit's lease of a miss, sent together) are charged once: the budget
+/// counts the time during which at least one of them was waited for.
 #[derive(Debug)]
 struct Budget {
-    /// Microseconds left.
-    left_us: AtomicU64,
+    state: std::sync::Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    /// What was left when no operation was being waited for.
+    left: Duration,
+    /// Operations being waited for now.
+    active: u32,
+    /// Since when at least one has been.
+    since: Option<Instant>,
+}
+
+impl Budget {
+    fn state(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Runs `f` (a request's work) with a Redis budget of `limit`: every operation it runs
-/// through [`Redis::run`] waits at most what is left, and is charged what it took.
+/// through [`Redis::run`] waits at most what is left, and the time spent waiting for
+/// one or more of them is charged.
 pub async fn with_budget<F: Future>(limit: Duration, f: F) -> F::Output {
     let b = Budget {
-        left_us: AtomicU64::new(limit.as_micros() as u64),
+        state: std::sync::Mutex::new(BudgetState {
+            left: limit,
+            active: 0,
+            since: None,
+        }),
     };
     BUDGET.scope(b, f).await
 }
@@ -186,8 +208,48 @@ pub async fn with_budget<F: Future>(limit: Duration, f: F) -> F::Output {
 /// What is left of the current request's Redis budget (`None` outside a request).
 pub fn budget_left() -> Option<Duration> {
     BUDGET
-        .try_with(|b| Duration::from_micros(b.left_us.load(Ordering::Acquire)))
+        .try_with(|b| {
+            let st = b.state();
+            let spent = st.since.map_or(Duration::ZERO, |s| s.elapsed());
+            st.left.saturating_sub(spent)
+        })
         .ok()
+}
+
+/// While it lives, the current request is waiting on Redis (its budget runs down).
+#[derive(Debug)]
+pub struct BudgetWait {
+    _private: (),
+}
+
+impl BudgetWait {
+    /// Starts charging the current request's budget, if there is one.
+    pub fn begin() -> Option<BudgetWait> {
+        BUDGET
+            .try_with(|b| {
+                let mut st = b.state();
+                if st.active == 0 {
+                    st.since = Some(Instant::now());
+                }
+                st.active += 1;
+            })
+            .ok()
+            .map(|()| BudgetWait { _private: () })
+    }
+}
+
+impl Drop for BudgetWait {
+    fn drop(&mut self) {
+        let _ = BUDGET.try_with(|b| {
+            let mut st = b.state();
+            st.active = st.active.saturating_sub(1);
+            if st.active == 0 {
+                if let Some(since) = st.since.take() {
+                    st.left = st.left.saturating_sub(since.elapsed());
+                }
+            }
+        });
+    }
 }
 
 /// Waits for `f` (Redis work running elsewhere, e.g. a store in its own task) at most
@@ -197,21 +259,8 @@ pub async fn within_budget<F: Future>(f: F) -> Option<F::Output> {
     let Some(left) = budget_left() else {
         return Some(f.await);
     };
-    let started = Instant::now();
-    let r = tokio::time::timeout(left, f).await.ok();
-    charge(started.elapsed());
-    r
-}
-
-fn charge(spent: Duration) {
-    let us = spent.as_micros() as u64;
-    let _ = BUDGET.try_with(|b| {
-        let _ = b
-            .left_us
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
-                Some(l.saturating_sub(us))
-            });
-    });
+    let _wait = BudgetWait::begin();
+    tokio::time::timeout(left, f).await.ok()
 }
 
 // ---------------------------------------------------------------------------------
@@ -451,13 +500,31 @@ pub struct FleetHook {
     pub shared: Arc<Shared>,
 }
 
-/// Why Redis was marked down.
+/// Why Redis was marked down (the rate limiter falls back differently).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Strike {
+pub enum LossKind {
+    /// The connection failed (refused, reset, closed): Redis is gone, restarting, or
+    /// unreachable from here.
+    Gone,
     /// Timeouts: slow, maybe for this gateway only.
     Slow,
-    /// Answers that are errors, or operations held while Redis answers others.
+    /// Operations held while Redis answered others: it holds every client's writes
+    /// (`CLIENT PAUSE WRITE`), so nothing is written to it by anyone meanwhile.
+    Held,
+    /// Answers that are errors (full, read-only, denied).
     Refusing,
+}
+
+impl LossKind {
+    /// For logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossKind::Gone => "gone",
+            LossKind::Slow => "slow",
+            LossKind::Held => "held",
+            LossKind::Refusing => "refusing",
+        }
+    }
 }
 
 /// The shared connection and its health.
@@ -475,6 +542,9 @@ pub struct Redis {
     born: Instant,
     /// Timeouts or errors in a row.
     strikes: AtomicU32,
+    /// When the last one counted (µs since `born`): operations already under way then
+    /// that fail too are the same trouble, and count once.
+    last_strike_us: AtomicU64,
     /// Wakes the reconnect loop.
     wake: Arc<Notify>,
     /// The current session; every (re)connection sends a new one.
@@ -486,10 +556,13 @@ pub struct Redis {
     lost_logged: AtomicBool,
     /// Losses so far (each loss gets its number).
     losses: AtomicU64,
-    /// Whether the last loss was Redis being slow (timeouts) rather than gone or
-    /// refusing (a connection error, error answers, paused writes): a slow Redis may
-    /// be slow for this gateway only.
-    lost_slow: AtomicBool,
+    /// What the last loss was, and when.
+    loss: Mutex<(LossKind, Instant)>,
+    /// After a loss to held writes: the connection, kept open (and unused) so that
+    /// what it sent runs when the pause ends.
+    held: ArcSwapOption<Conn>,
+    /// A smoothed round trip of successful operations (µs; 0 until one).
+    rtt_us: AtomicU64,
     /// Marker scripts found missing so far (see [`identify`]).
     markers: AtomicU64,
     /// The last `maxmemory-policy` read.
@@ -528,12 +601,15 @@ impl Redis {
             probe_state: Arc::default(),
             born: Instant::now(),
             strikes: AtomicU32::new(0),
+            last_strike_us: AtomicU64::new(0),
             wake: Arc::new(Notify::new()),
             session: watch::channel(Session::default()).0,
             renew: AtomicBool::new(false),
             lost_logged: AtomicBool::new(false),
             losses: AtomicU64::new(0),
-            lost_slow: AtomicBool::new(false),
+            loss: Mutex::new((LossKind::Gone, Instant::now())),
+            held: ArcSwapOption::empty(),
+            rtt_us: AtomicU64::new(0),
             markers: AtomicU64::new(0),
             policy: Mutex::new(None),
         });
@@ -547,13 +623,96 @@ impl Redis {
         self.conn.load().is_some()
     }
 
-    /// The number of the last loss, and whether Redis was slow then (timeouts) rather
-    /// than gone or refusing (a connection error, error answers, paused writes).
-    pub fn last_loss(&self) -> (u64, bool) {
-        (
-            self.losses.load(Ordering::Acquire),
-            self.lost_slow.load(Ordering::Acquire),
-        )
+    /// The number of the last loss (0: none yet), what it was and when.
+    pub fn last_loss(&self) -> (u64, LossKind, Instant) {
+        let (kind, at) = *self.loss.lock().unwrap_or_else(|p| p.into_inner());
+        (self.losses.load(Ordering::Acquire), kind, at)
+    }
+
+    /// A smoothed round trip of recent successful operations (zero until one).
+    pub fn rtt(&self) -> Duration {
+        Duration::from_micros(self.rtt_us.load(Ordering::Relaxed))
+    }
+
+    fn record_rtt(&self, took: Duration) {
+        let us = took.as_micros().min(u64::MAX as u128) as u64;
+        let _ = self
+            .rtt_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 { us } else { (old * 7 + us) / 8 })
+            });
+    }
+
+    /// Wakes the reconnect loop from its backoff (something suggests Redis works
+    /// again).
+    pub fn nudge(&self) {
+        if !self.is_up() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Runs a write on the connection that Redis holds (after a loss to held writes),
+    /// or on the current one: it is queued behind what Redis holds, and runs when the
+    /// pause ends. Waits `redis.timeout_ms` for the answer: [`FleetError::Blocked`]
+    /// means it is still held (the probes say Redis holds writes); no strike either
+    /// way.
+    pub async fn run_behind_held<T, F, Fut>(&self, op: Op, f: F) -> Result<T, FleetError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let Some(conn) = self.held.load_full().or_else(|| self.conn.load_full()) else {
+            return Err(FleetError::Down);
+        };
+        let fut = f((*conn).clone());
+        tokio::pin!(fut);
+        let half = self.timeout / 2;
+        let res = match tokio::time::timeout(half, &mut fut).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                self.start_probe();
+                tokio::time::timeout(self.timeout - half, &mut fut).await
+            }
+        };
+        match res {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                counter!(names::REDIS_ERRORS, "op" => op.as_str(), "kind" => "error").increment(1);
+                Err(FleetError::Redis(e.to_string()))
+            }
+            Err(_) if self.holds_writes() => Err(FleetError::Blocked),
+            Err(_) => Err(FleetError::Timeout),
+        }
+    }
+
+    /// Runs a read on the side connection that answers `PING` (never held by a
+    /// pause of writes): reads work while Redis holds writes. No strike; waits
+    /// `redis.timeout_ms`.
+    pub async fn read_side<T, F, Fut>(&self, op: Op, f: F) -> Result<T, FleetError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let Some(probes) = self.probe.load_full() else {
+            return Err(FleetError::Down);
+        };
+        let started = Instant::now();
+        match tokio::time::timeout(self.timeout, f(probes.ping.clone())).await {
+            Ok(Ok(v)) => {
+                histogram!(names::REDIS_LATENCY, "op" => op.as_str())
+                    .record(started.elapsed().as_secs_f64());
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                counter!(names::REDIS_ERRORS, "op" => op.as_str(), "kind" => "error").increment(1);
+                Err(FleetError::Redis(e.to_string()))
+            }
+            Err(_) => {
+                counter!(names::REDIS_ERRORS, "op" => op.as_str(), "kind" => "timeout")
+                    .increment(1);
+                Err(FleetError::Timeout)
+            }
+        }
     }
 
     /// `redis.timeout_ms`.
@@ -602,12 +761,26 @@ impl Redis {
         if limit.is_zero() {
             return Err(FleetError::Budget);
         }
-        let started = Instant::now();
-        let r = self.run_within(op, limit, f).await;
-        if budget.is_some() {
-            charge(started.elapsed());
-        }
-        r
+        let _wait = BudgetWait::begin();
+        self.run_within(op, limit, Duration::ZERO, f).await
+    }
+
+    /// Like [`Redis::run`] off any request (`redis.timeout_ms`), but an answer that
+    /// comes later, within `patience` more, is still returned: the operation counts
+    /// as a timeout for Redis's health all the same. (A lease's slot stays usable a
+    /// little past the timeout: see [`super::limiter`].) A held operation (writes
+    /// paused) is not waited for beyond the timeout.
+    pub async fn run_patient<T, F, Fut>(
+        &self,
+        op: Op,
+        patience: Duration,
+        f: F,
+    ) -> Result<T, FleetError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.run_within(op, self.timeout, patience, f).await
     }
 
     /// Like [`Redis::run`] for the bus's bulk work, off any request: waits up to
@@ -617,11 +790,17 @@ impl Redis {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        self.run_within(op, self.timeout.max(BACKGROUND_TIMEOUT), f)
+        self.run_within(op, self.timeout.max(BACKGROUND_TIMEOUT), Duration::ZERO, f)
             .await
     }
 
-    async fn run_within<T, F, Fut>(&self, op: Op, limit: Duration, f: F) -> Result<T, FleetError>
+    async fn run_within<T, F, Fut>(
+        &self,
+        op: Op,
+        limit: Duration,
+        patience: Duration,
+        f: F,
+    ) -> Result<T, FleetError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -630,6 +809,8 @@ impl Redis {
             return Err(FleetError::Down);
         };
         let started = Instant::now();
+        // With tracing on, a round trip made for a recorded request is its child.
+        let span = crate::trace::redis(op.as_str());
         let cut_short = limit < self.timeout;
         let fut = f((*conn).clone());
         tokio::pin!(fut);
@@ -645,11 +826,25 @@ impl Redis {
                 tokio::time::timeout(limit - half, &mut fut).await
             }
         };
+        if let Some(span) = span {
+            let error = match &res {
+                Ok(Ok(_)) => None,
+                Ok(Err(_)) => Some("error"),
+                Err(_) => Some("timeout"),
+            };
+            span.end(
+                error.map_or_else(Vec::new, |e| {
+                    vec![opentelemetry::KeyValue::new("error.type", e)]
+                }),
+                error.is_some(),
+            );
+        }
         match res {
             Ok(Ok(v)) => {
-                histogram!(names::REDIS_LATENCY, "op" => op.as_str())
-                    .record(started.elapsed().as_secs_f64());
+                let took = started.elapsed();
+                histogram!(names::REDIS_LATENCY, "op" => op.as_str()).record(took.as_secs_f64());
                 self.strikes.store(0, Ordering::Relaxed);
+                self.record_rtt(took);
                 Ok(v)
             }
             Ok(Err(e)) => {
@@ -664,9 +859,9 @@ impl Redis {
                     );
                 }
                 if broken {
-                    self.lost(&conn, &format!("{e}"), false);
+                    self.lost(&conn, &format!("{e}"), LossKind::Gone);
                 } else {
-                    self.strike(&conn, Strike::Refusing, "errors");
+                    self.strike(&conn, LossKind::Refusing, "errors", started);
                 }
                 Err(FleetError::Redis(e.to_string()))
             }
@@ -677,17 +872,25 @@ impl Redis {
                     // The request's budget, not Redis, ran out: no strike.
                     return Err(FleetError::Budget);
                 }
-                let since = started.duration_since(self.born).as_micros() as u64;
-                let st = &self.probe_state;
-                if st.ok_us.load(Ordering::Acquire) > since
-                    && st.script_ok_us.load(Ordering::Acquire) <= since
-                    && st.script_pending.load(Ordering::Acquire)
-                {
-                    self.strike(&conn, Strike::Refusing, "held operations (writes paused)");
+                if self.holds_writes() {
+                    self.strike(
+                        &conn,
+                        LossKind::Held,
+                        "held operations (writes paused)",
+                        started,
+                    );
                     Err(FleetError::Blocked)
                 } else {
-                    self.strike(&conn, Strike::Slow, "timeouts");
-                    Err(FleetError::Timeout)
+                    self.strike(&conn, LossKind::Slow, "timeouts", started);
+                    if patience.is_zero() {
+                        return Err(FleetError::Timeout);
+                    }
+                    // Late, but its answer may still be of use.
+                    match tokio::time::timeout(patience, &mut fut).await {
+                        Ok(Ok(v)) => Ok(v),
+                        Ok(Err(e)) => Err(FleetError::Redis(e.to_string())),
+                        Err(_) => Err(FleetError::Timeout),
+                    }
                 }
             }
         }
@@ -704,39 +907,65 @@ impl Redis {
         };
         let st = &self.probe_state;
         let born = self.born;
+        let us = move || born.elapsed().as_micros() as u64;
+        if !st.script_pending.swap(true, Ordering::AcqRel) {
+            st.script_sent_us.store(us(), Ordering::Release);
+            let (st, mut c) = (st.clone(), probes.script.clone());
+            tokio::spawn(async move {
+                let run = NOOP_SCRIPT.invoke_async::<_, i64>(&mut c);
+                let _ = tokio::time::timeout(PROBE_SCRIPT_WAIT, run).await;
+                st.script_pending.store(false, Ordering::Release);
+            });
+        }
         if !st.ping_inflight.swap(true, Ordering::AcqRel) {
             let (st, timeout, mut c) = (st.clone(), self.timeout, probes.ping.clone());
             tokio::spawn(async move {
+                let sent = us();
                 let cmd = redis::cmd("PING");
                 let ping = cmd.query_async::<String>(&mut c);
                 if matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(ref s)) if s == "PONG")
                 {
-                    st.ok_us
-                        .fetch_max(born.elapsed().as_micros() as u64, Ordering::AcqRel);
+                    let mut last = st.ping.lock().unwrap_or_else(|p| p.into_inner());
+                    if sent >= last.0 {
+                        *last = (sent, us().saturating_sub(sent));
+                    }
                 }
                 st.ping_inflight.store(false, Ordering::Release);
             });
         }
-        if !st.script_pending.swap(true, Ordering::AcqRel) {
-            let (st, mut c) = (st.clone(), probes.script.clone());
-            tokio::spawn(async move {
-                let run = NOOP_SCRIPT.invoke_async::<_, i64>(&mut c);
-                if let Ok(Ok(_)) = tokio::time::timeout(PROBE_SCRIPT_WAIT, run).await {
-                    st.script_ok_us
-                        .fetch_max(born.elapsed().as_micros() as u64, Ordering::AcqRel);
-                }
-                st.script_pending.store(false, Ordering::Release);
-            });
-        }
     }
 
-    fn strike(&self, conn: &Arc<Conn>, kind: Strike, what: &str) {
+    /// Whether Redis holds writes now, as the probes tell: the no-op script has been
+    /// pending well past the round trip of a `PING` sent after it (and answered). A
+    /// Redis that is merely slow answers both alike.
+    fn holds_writes(&self) -> bool {
+        let st = &self.probe_state;
+        if !st.script_pending.load(Ordering::Acquire) {
+            return false;
+        }
+        let sent = st.script_sent_us.load(Ordering::Acquire);
+        let (ping_sent, ping_rtt) = *st.ping.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.born.elapsed().as_micros() as u64;
+        ping_sent >= sent && now.saturating_sub(sent) > 2 * ping_rtt + 5_000
+    }
+
+    /// Counts a failed operation begun at `started`: once per run of failures (those
+    /// already under way when the last one counted do not count again), so that
+    /// operations sent together and failing together are one strike, not three.
+    fn strike(&self, conn: &Arc<Conn>, kind: LossKind, what: &str, started: Instant) {
+        let began = started.saturating_duration_since(self.born).as_micros() as u64;
+        let now = self.born.elapsed().as_micros() as u64;
+        let last = self.last_strike_us.load(Ordering::Acquire);
+        if began < last
+            || self
+                .last_strike_us
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
         if self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES {
-            self.lost(
-                conn,
-                &format!("{STRIKES} {what} in a row"),
-                kind == Strike::Slow,
-            );
+            self.lost(conn, &format!("{STRIKES} {what} in a row"), kind);
         }
     }
 
@@ -750,8 +979,11 @@ impl Redis {
         }
     }
 
-    /// Drops `conn` (if it is still the one in use) and starts reconnecting.
-    fn lost(&self, conn: &Arc<Conn>, why: &str, slow: bool) {
+    /// Drops `conn` (if it is still the one in use) and starts reconnecting. When
+    /// Redis holds writes, the connection is kept open (not used) until the next
+    /// session: what it sent is executed when the pause ends (the rate limiter's
+    /// markers, see [`super::limiter`]), and the side connections stay for reads.
+    fn lost(&self, conn: &Arc<Conn>, why: &str, kind: LossKind) {
         let cur = self.conn.load();
         let same = cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn));
         if !same {
@@ -759,9 +991,13 @@ impl Redis {
         }
         let prev = self.conn.compare_and_swap(&*cur, None);
         if prev.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            self.lost_slow.store(slow, Ordering::Release);
+            *self.loss.lock().unwrap_or_else(|p| p.into_inner()) = (kind, Instant::now());
             self.losses.fetch_add(1, Ordering::AcqRel);
-            self.probe.store(None);
+            if kind == LossKind::Held {
+                self.held.store(Some(conn.clone()));
+            } else {
+                self.probe.store(None);
+            }
             gauge!(names::REDIS_UP).set(0.0);
             if !self.lost_logged.swap(true, Ordering::Relaxed) {
                 tracing::error!(
@@ -786,10 +1022,11 @@ struct Probes {
 /// What the probe connections found.
 #[derive(Debug, Default)]
 struct ProbeState {
-    /// When it last answered `PONG` (µs since [`Redis::born`]).
-    ok_us: AtomicU64,
-    /// When it last ran the no-op script.
-    script_ok_us: AtomicU64,
+    /// The last `PING` answered: when it was sent (µs since [`Redis::born`]) and its
+    /// round trip (µs).
+    ping: Mutex<(u64, u64)>,
+    /// When the pending no-op script was sent.
+    script_sent_us: AtomicU64,
     /// Whether a `PING` is in flight.
     ping_inflight: AtomicBool,
     /// Whether the no-op script is pending.
@@ -866,6 +1103,8 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
                 let restarted = changed || e.lost;
                 last_identity = Some(e.identity.clone());
                 r.strikes.store(0, Ordering::Relaxed);
+                // Writes run again: what the held connection sent has run.
+                r.held.store(None);
                 r.probe.store(Some(Arc::new(e.probes)));
                 r.conn.store(Some(Arc::new(e.conn)));
                 gauge!(names::REDIS_UP).set(1.0);
@@ -901,9 +1140,14 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
                 } else {
                     tracing::debug!(error = %why, "Redis still unusable");
                 }
+                let wake = r.wake.clone();
                 drop(r);
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                // A nudge (see Redis::nudge) ends the pause early.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                    _ = wake.notified() => {}
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
@@ -945,14 +1189,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_budget_is_shared_by_the_operations_of_a_request() {
+    async fn a_budget_is_shared_by_the_operations_of_a_request_and_overlaps_count_once() {
         assert_eq!(budget_left(), None);
-        with_budget(Duration::from_millis(50), async {
-            assert_eq!(budget_left(), Some(Duration::from_millis(50)));
-            charge(Duration::from_millis(30));
-            assert_eq!(budget_left(), Some(Duration::from_millis(20)));
-            charge(Duration::from_millis(30));
+        assert!(BudgetWait::begin().is_none());
+        let ms = Duration::from_millis;
+        with_budget(ms(1000), async {
+            assert_eq!(budget_left(), Some(ms(1000)));
+            // Two operations waited for together: charged once.
+            let t = Instant::now();
+            let a = BudgetWait::begin();
+            let b = BudgetWait::begin();
+            tokio::time::sleep(ms(100)).await;
+            drop(a);
+            drop(b);
+            let took = t.elapsed();
+            let left = budget_left().unwrap();
+            assert!(left >= ms(1000) - took, "{left:?} after {took:?}");
+            assert!(left < ms(1000) - took / 2, "{left:?} after {took:?}");
+            // Time not spent waiting on Redis is not charged.
+            tokio::time::sleep(ms(50)).await;
+            assert_eq!(budget_left(), Some(left));
+            // A wait past what is left spends it all.
+            {
+                let _c = BudgetWait::begin();
+                tokio::time::sleep(left + ms(10)).await;
+                assert_eq!(budget_left(), Some(Duration::ZERO));
+            }
             assert_eq!(budget_left(), Some(Duration::ZERO));
+            // A future already done is not refused.
+            assert_eq!(within_budget(async { 1 }).await, Some(1));
         })
         .await;
     }

@@ -75,15 +75,21 @@ redis.call('SET', KEYS[1], fmt(out))
 return {fmt(out), lost, raise}
 "#;
 
-/// `KEYS[1]`: the heartbeats, `KEYS[2]`: the fleet-wide generation. ARGV: gateway id,
-/// LIVE (ms), the generation this gateway knows. A generation below it (the key was
-/// evicted or deleted) is raised past it. Returns {live gateways, generation, raised}.
+/// `KEYS[1]`: the heartbeats, `KEYS[2]`: the fleet-wide generation, `KEYS[3]`: the
+/// positions applied. ARGV: gateway id, LIVE (ms), the generation this gateway knows.
+/// A generation below it (the key was evicted or deleted) is raised past it. The
+/// positions of at most 16 gateways no longer beating (the lowest: they stopped) are
+/// removed. Returns {live gateways, generation, raised, Redis's clock in µs (which the
+/// rate limiter learns its clock from)}.
 const BEAT: &str = r#"
 local now = now_ms()
 local live = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - live)
 redis.call('PEXPIRE', KEYS[1], live * 2)
+for _, m in ipairs(redis.call('ZRANGE', KEYS[3], 0, 15)) do
+  if not redis.call('ZSCORE', KEYS[1], m) then redis.call('ZREM', KEYS[3], m) end
+end
 local g = tonumber(redis.call('GET', KEYS[2]) or '0')
 local known = tonumber(ARGV[3])
 local raise = 0
@@ -92,11 +98,14 @@ if g < known then
   redis.call('SET', KEYS[2], fmt(g))
   raise = 1
 end
-return {redis.call('ZCARD', KEYS[1]), fmt(g), raise}
+local t = redis.call('TIME')
+return {redis.call('ZCARD', KEYS[1]), fmt(g), raise, t[1] .. string.format('%06d', tonumber(t[2]))}
 "#;
 
-/// Leaves the fleet. `KEYS[1]`: the heartbeats. ARGV: gateway id.
-const LEAVE: &str = "return redis.call('ZREM', KEYS[1], ARGV[1])";
+/// Leaves the fleet. `KEYS[1]`: the heartbeats, `KEYS[2]`: the positions applied.
+/// ARGV: gateway id.
+const LEAVE: &str =
+    "redis.call('ZREM', KEYS[2], ARGV[1]) return redis.call('ZREM', KEYS[1], ARGV[1])";
 
 pub(crate) static SESSION_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&format!("{LUA_CLOCK}{SESSION}")));
@@ -184,13 +193,16 @@ pub async fn beat(
 ) -> Option<u32> {
     let hb = keys.heartbeat();
     let gen_key = keys.fleet_gen();
+    let acks = keys.acks();
     let known = shared.fleet_gen.load(Ordering::Acquire);
     let id = id.to_string();
-    let (live, gen, raised): (u32, String, i64) = redis
+    let sent = std::time::Instant::now();
+    let (live, gen, raised, now_us): (u32, String, i64, String) = redis
         .run(Op::Heartbeat, |mut c| async move {
             let r = BEAT_SCRIPT
                 .key(hb)
                 .key(gen_key)
+                .key(acks)
                 .arg(id)
                 .arg(LIVE.as_millis() as u64)
                 .arg(known)
@@ -200,6 +212,7 @@ pub async fn beat(
         })
         .await
         .ok()?;
+    limiter.clock_sample(sent, std::time::Instant::now(), now_us.parse().unwrap_or(0));
     let gen: u64 = gen.parse().unwrap_or(0);
     shared.fleet_gen.fetch_max(gen, Ordering::AcqRel);
     if raised == 1 {
@@ -214,11 +227,13 @@ pub async fn beat(
 /// Removes this gateway from the live set (graceful shutdown).
 pub async fn leave(redis: &Redis, keys: &Keys, id: &str) {
     let hb = keys.heartbeat();
+    let acks = keys.acks();
     let id = id.to_string();
     let _ = redis
         .run(Op::Heartbeat, |mut c| async move {
             let r = LEAVE_SCRIPT
                 .key(hb)
+                .key(acks)
                 .arg(id)
                 .invoke_async::<i64>(&mut c)
                 .await;

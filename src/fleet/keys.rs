@@ -9,8 +9,12 @@
 //!
 //! | key | type | holds | bounded by |
 //! | --- | --- | --- | --- |
-//! | `P:{rl:<command>}` | ZSET | the command's sliding-window log: one member per lease (`<count>\|<nonce>`, scored by the lease's slot in Redis microseconds) and `pause` (scored by the end of a pause) | entries older than the window are removed on every lease; the key expires one window after its newest slot |
-//! | `P:{a:<account>}:gen` | STRING | the account's generation (Redis ms of its last invalidation, or of its first lookup) | expires with the account's last page (`PX`, never extended by an invalidation) |
+//! | `P:{rl:<command>}` | ZSET | the command's sliding-window log: one member per lease (`<count>\|<u>\|<nonce>`, scored by the lease's slot in Redis microseconds), `b\|<birth>` (score 0), `pause` (scored by the end of a pause), and per gateway its check-in (`r\|<id>`), its return from an incident (`m\|<id>\|…`) and its local share while Redis held writes (`l\|<id>\|<share>`), each scored by when it stops counting | members past the window (+ 1 s) removed on every lease; no expiry (so no `volatile-*` policy can evict it; under `allkeys-*` its loss is detected by the birth member) |
+//! | `P:{a:<account>}:gen` | STRING | the generation of the account's conversation list (Redis ms of its last invalidation, or of its first lookup) | expires with the account's last page (`PX`, never extended by an invalidation) |
+//! | `P:{a:<account>}:g:<Kind>`, `P:{g:<GroupId>}:g:<Kind>` | STRING | the generation of another entity (`Profile`, `Exists`, `Friends`, `JoinedGroups`; `GroupInfo`, `GroupMembers`), as above | expires with the last item entry that depends on it |
+//! | `P:{a:<account>}:i:<fleet gen>:<gens>:<row>.<variant>` (or `{g:<GroupId>}`) | STRING | one item entry of a cached read: `<fresh until> <stale until> <stored>` (Redis ms) and the generations it carries from other slots, a newline, the item's bytes | `PX` = TTL + stale window, set by Redis when stored |
+//! | `P:{a:<account>}:iix` (or `{g:<GroupId>}`) | ZSET | the item entries under that account or group, scored by expiry | at most `cache.max_pages_per_account` (the oldest goes); expires with the newest |
+//! | `P:{a:<account>}:lk:i<row>.<variant>` (or `{g:<GroupId>}`) | STRING | the token of the gateway fetching that item | `PX` = `chat.request_timeout_ms` + 1 s |
 //! | `P:{a:<account>}:p:<fleet gen>:<gen>:<page>` | STRING | one page: `<fresh until> <stale until> <stored>` (Redis ms), a newline, Chat's bytes | `PX` = TTL + stale window, set by Redis when stored |
 //! | `P:{a:<account>}:ix` | ZSET | the account's page keys, scored by expiry | at most `cache.max_pages_per_account` (the oldest page goes); expires with the newest page |
 //! | `P:{a:<account>}:lk:<page>` | STRING | the token of the gateway fetching that page | `PX` = `chat.request_timeout_ms` + 1 s |
@@ -18,6 +22,7 @@
 //! | `P:{fleet}:bus` | STREAM | invalidation events, each with its number `n` | `MAXLEN ~` [`super::bus::MAXLEN`] |
 //! | `P:{fleet}:seq` | STRING | the number of the last event | one integer |
 //! | `P:{fleet}:hb` | ZSET | gateway id → its last heartbeat (Redis ms) | members older than [`super::heartbeat::LIVE`] removed each beat; expires when no gateway beats |
+//! | `P:{fleet}:ack` | ZSET | gateway id → the number of the last event it applied | members of gateways no longer beating removed (a few per beat, and on leaving) |
 //! | `P:{fleet}:gen` | STRING | the fleet-wide generation (part of every page's name) | one integer; only ever raised, past every value a gateway has seen |
 //! | `P:{fleet}:groups` | ZSET | GroupId → when its index set expires (Redis ms): a set missing before then was evicted | entries past their time removed (a few per store) |
 //! | `P:{fleet}:gev` | ZSET | GroupId → its last group event (Redis ms): a page fetched before it is not stored | entries older than [`super::l2::EVENT_MEMORY`] removed (a few per event) |
@@ -27,7 +32,18 @@
 //! [`super::bus`]).
 
 use crate::cache::key::PageKey;
+use crate::chat::effects::EntityKind;
 use sha2::{Digest, Sha256};
+
+/// The hash tag of an entity's slot: its account's (`a:<UserID>`) or its group's
+/// (`g:<GroupId>`). Every key of one account, or of one group, shares it.
+pub fn tag(kind: EntityKind, id: &str) -> String {
+    if kind.of_account() {
+        format!("a:{id}")
+    } else {
+        format!("g:{id}")
+    }
+}
 
 /// The fleet's key names.
 #[derive(Debug, Clone)]
@@ -52,6 +68,37 @@ impl Keys {
     /// An account's generation.
     pub fn account_gen(&self, account: &str) -> String {
         format!("{}:{{a:{account}}}:gen", self.base)
+    }
+
+    /// The generation of an entity: an account's conversation list is its pages'
+    /// generation ([`Keys::account_gen`]); any other entity has its own key in its
+    /// account's or group's slot.
+    pub fn entity_gen(&self, kind: EntityKind, id: &str) -> String {
+        match kind {
+            EntityKind::Conversations => self.account_gen(id),
+            k => format!("{}:{{{}}}:g:{}", self.base, tag(k, id), k.as_str()),
+        }
+    }
+
+    /// The prefix of the item entries in the slot `tag` (`<prefix><fleet
+    /// gen>:<gens>:<name>`).
+    pub fn item_prefix(&self, tag: &str) -> String {
+        format!("{}:{{{tag}}}:i:", self.base)
+    }
+
+    /// The index of the item entries in the slot `tag`.
+    pub fn item_index(&self, tag: &str) -> String {
+        format!("{}:{{{tag}}}:iix", self.base)
+    }
+
+    /// The fetch lock of the item entry `name` in the slot `tag`.
+    pub fn item_lock(&self, tag: &str, name: &str) -> String {
+        format!("{}:{{{tag}}}:lk:i{name}", self.base)
+    }
+
+    /// The positions of the stream each gateway has applied.
+    pub fn acks(&self) -> String {
+        format!("{}:{{fleet}}:ack", self.base)
     }
 
     /// The prefix of an account's page keys (`<prefix><fleet gen>:<gen>:<page>`).
@@ -139,7 +186,22 @@ mod tests {
         assert_eq!(tag(&a), tag(&k.lock("alice", "0.0.0.0.63")));
         assert_eq!(tag(&a), tag(&k.page_index("alice")));
         assert_eq!(tag(&a), tag(&format!("{}x", k.page_prefix("alice"))));
+        assert_eq!(tag(&a), tag(&k.entity_gen(EntityKind::Profile, "alice")));
+        assert_eq!(a, k.entity_gen(EntityKind::Conversations, "alice"));
+        let t = super::tag(EntityKind::Friends, "alice");
+        assert_eq!(tag(&a), tag(&k.item_prefix(&t)));
+        assert_eq!(tag(&a), tag(&k.item_index(&t)));
+        assert_eq!(tag(&a), tag(&k.item_lock(&t, "0.ff")));
+        assert_eq!(
+            tag(&k.group("@g")),
+            tag(&k.entity_gen(EntityKind::GroupMembers, "@g"))
+        );
+        assert_eq!(
+            tag(&k.group("@g")),
+            tag(&k.item_index(&super::tag(EntityKind::GroupInfo, "@g")))
+        );
         for fleet in [
+            k.acks(),
             k.heartbeat(),
             k.fleet_gen(),
             k.bus_seq(),

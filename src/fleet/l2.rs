@@ -230,7 +230,7 @@ const POLL_MIN: Duration = Duration::from_millis(5);
 const POLL_MAX: Duration = Duration::from_millis(50);
 
 /// An `EVALSHA` of `s` for a pipeline (the scripts are loaded on every connection).
-fn evalsha(s: &redis::Script, keys: &[&str]) -> redis::Cmd {
+pub(crate) fn evalsha(s: &redis::Script, keys: &[&str]) -> redis::Cmd {
     let mut c = redis::cmd("EVALSHA");
     c.arg(s.get_hash()).arg(keys.len());
     for k in keys {
@@ -241,7 +241,7 @@ fn evalsha(s: &redis::Script, keys: &[&str]) -> redis::Cmd {
 
 /// Runs `pipe`; loads `s` and runs it once more if Redis lost its scripts (`SCRIPT
 /// FLUSH`).
-async fn query_pipe<T: redis::FromRedisValue>(
+pub(crate) async fn query_pipe<T: redis::FromRedisValue>(
     c: &mut Conn,
     pipe: &redis::Pipeline,
     s: &redis::Script,
@@ -685,6 +685,33 @@ pub async fn bump_accounts(
 ) -> Result<(), FleetError> {
     for chunk in accounts.chunks(BUMP_CHUNK) {
         let gens: Vec<String> = chunk.iter().map(|a| keys.account_gen(a)).collect();
+        redis
+            .run_long(Op::Generation, |mut c| async move {
+                let mut p = redis::pipe();
+                for g in &gens {
+                    p.add_command(evalsha(&BUMP_SCRIPT, &[g])).ignore();
+                }
+                let r: redis::RedisResult<()> = query_pipe(&mut c, &p, &BUMP_SCRIPT).await;
+                r
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Invalidates `entities` in L2 (raises their generations), [`BUMP_CHUNK`] per
+/// pipeline. Each is one key in its own account's or group's slot; a generation
+/// that does not exist has nothing depending on it.
+pub async fn bump_entities(
+    redis: &Redis,
+    keys: &Keys,
+    entities: &[crate::chat::effects::Entity],
+) -> Result<(), FleetError> {
+    for chunk in entities.chunks(BUMP_CHUNK) {
+        let gens: Vec<String> = chunk
+            .iter()
+            .map(|e| keys.entity_gen(e.kind, &e.id))
+            .collect();
         redis
             .run_long(Op::Generation, |mut c| async move {
                 let mut p = redis::pipe();

@@ -10,6 +10,8 @@
 //! - [`bus`]: invalidation events to and from every gateway, and loss detection.
 //! - [`l2`]: pages in Redis (on Redis's clock, capped per account), per-account
 //!   generations, the group index, and the fleet fetch lock.
+//! - [`items`]: the item entries of the other cached reads in Redis (the same
+//!   properties, per item), and the per-item fetch lock.
 //! - [`heartbeat`]: live gateways, the fleet-wide generation, and the loss checks of
 //!   every session.
 //! - [`topology`]: `redis.mode`: a Redis Cluster (discovered from seeds, redirections
@@ -25,6 +27,7 @@
 pub mod bus;
 pub mod conn;
 pub mod heartbeat;
+pub mod items;
 pub mod keys;
 pub mod l2;
 pub mod limiter;
@@ -36,23 +39,25 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::cache::PageCache;
 use crate::config::{LiveSettings, Settings};
-pub use bus::Event;
+pub use bus::{Applied, Event, Sink};
 use bus::{Bus, Pending};
 use conn::{Connector, Redis};
+use items::ItemL2;
 use keys::Keys;
 use l2::L2;
 use limiter::FleetLimiter;
 
 /// Every Lua script the fleet runs: loaded on each new connection, so requests never
 /// pay a `NOSCRIPT` round trip (nor a herd of them after a Redis restart).
-pub fn all_scripts() -> [&'static redis::Script; 17] {
+pub fn all_scripts() -> [&'static redis::Script; 24] {
     [
         &conn::NOOP_SCRIPT,
         &limiter::LEASE_SCRIPT,
         &limiter::PAUSE_SCRIPT,
         &limiter::REPLAY_SCRIPT,
+        &limiter::MARK_SCRIPT,
+        &limiter::RETIME_SCRIPT,
         &l2::LOOKUP_SCRIPT,
         &l2::STORE_SCRIPT,
         &l2::UNLOCK_SCRIPT,
@@ -62,7 +67,12 @@ pub fn all_scripts() -> [&'static redis::Script; 17] {
         &l2::GROUP_EVENT_SCRIPT,
         &l2::GROUP_NEXT_SCRIPT,
         &l2::RAISE_SCRIPT,
+        &items::ITEM_LOOKUP_SCRIPT,
+        &items::ITEM_STORE_SCRIPT,
+        &items::GEN_READ_SCRIPT,
+        &items::GEN_TOUCH_SCRIPT,
         &bus::PUBLISH_SCRIPT,
+        &bus::BEHIND_SCRIPT,
         &heartbeat::SESSION_SCRIPT,
         &heartbeat::BEAT_SCRIPT,
         &heartbeat::LEAVE_SCRIPT,
@@ -112,6 +122,7 @@ pub struct Fleet {
     limiter: Arc<FleetLimiter>,
     bus: Arc<Bus>,
     l2: Option<Arc<L2>>,
+    items: Option<Arc<ItemL2>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -131,12 +142,12 @@ fn new_id() -> String {
 impl Fleet {
     /// Joins the fleet `[redis]` describes, if any: starts connecting (in the
     /// background: a Redis that is down delays nothing), the heartbeat, the bus
-    /// (applying other gateways' invalidations to `cache`) and the limiter. Must run
+    /// (applying other gateways' invalidations to `memory`) and the limiter. Must run
     /// inside a tokio runtime. Fails only on a bad `redis.ca_file`. (`_live` is kept
     /// for callers: each L2 store carries the TTL it was fetched with.)
     pub fn start(
         settings: &Settings,
-        cache: Arc<dyn PageCache>,
+        memory: Arc<dyn Sink>,
         _live: Arc<ArcSwap<LiveSettings>>,
     ) -> Result<Option<Arc<Fleet>>, String> {
         let Some(r) = &settings.redis else {
@@ -164,12 +175,22 @@ impl Fleet {
             redis.clone(),
             keys.clone(),
             id.clone(),
-            cache,
+            memory,
             shared.clone(),
             r.l2_cache,
         );
         let l2 = r.l2_cache.then(|| {
             Arc::new(L2::new(
+                redis.clone(),
+                keys.clone(),
+                shared.clone(),
+                id.clone(),
+                settings.chat.request_timeout,
+                settings.cache.max_pages_per_account,
+            ))
+        });
+        let items = r.l2_cache.then(|| {
+            Arc::new(ItemL2::new(
                 redis.clone(),
                 keys.clone(),
                 shared.clone(),
@@ -186,6 +207,7 @@ impl Fleet {
             limiter,
             bus,
             l2,
+            items,
         });
         heartbeat::spawn(&fleet);
         Ok(Some(fleet))
@@ -201,6 +223,17 @@ impl Fleet {
         self.l2.as_ref()
     }
 
+    /// The item entries of the cached reads in L2, when `redis.l2_cache` is on.
+    pub fn item_l2(&self) -> Option<&Arc<ItemL2>> {
+        self.items.as_ref()
+    }
+
+    /// Whether L2 must not be read for what depends on the entity `kind` `id` now
+    /// (this gateway invalidated it, and Redis does not have it yet).
+    pub fn pending(&self, kind: crate::chat::effects::EntityKind, id: &str) -> bool {
+        self.shared.pending.blocks_entity(kind, id)
+    }
+
     /// The connection and its health.
     pub fn redis(&self) -> &Arc<Redis> {
         &self.redis
@@ -211,9 +244,16 @@ impl Fleet {
         &self.bus
     }
 
-    /// Sends an invalidation this gateway took to the rest of the fleet.
-    pub fn publish(&self, event: Event) {
-        self.bus.publish(event);
+    /// Sends an invalidation this gateway took to the rest of the fleet; returns its
+    /// ticket for [`Fleet::wait_applied`].
+    pub fn publish(&self, event: Event) -> u64 {
+        self.bus.publish(event)
+    }
+
+    /// Waits until every live gateway has applied what this gateway published up to
+    /// `ticket`, at most `redis.timeout_ms`.
+    pub async fn wait_applied(&self, ticket: u64) -> Applied {
+        self.bus.wait_applied(ticket, self.redis.timeout()).await
     }
 
     /// Waits (at most `timeout`) until Redis is up, the limiter is in fleet mode and

@@ -43,8 +43,12 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use opentelemetry::KeyValue;
+
 use super::access;
+use super::auth;
 use super::body::{BodyLimits, ChunkError, Chunked};
+use super::handlers;
 use super::listener::{drive_hyper, Conn};
 use super::response::{self, Body};
 use super::router::{self, Listener, GET_LIST_PATH};
@@ -81,24 +85,43 @@ pub struct Front {
     pub header_read_timeout: Duration,
     /// Body limits of this listener.
     pub limits: BodyLimits,
-    /// Whether get_list hits take the shortest path: on the main listener, when no
-    /// caller token or route rule needs the whole request.
+    /// Whether get_list hits take the shortest path: on the main listener, when the
+    /// route rules let get_list through (they are fixed at start-up; caller tokens
+    /// are checked on the path itself).
     pub fast_hits: bool,
+    /// The same for the other cached reads: a bit per row of the reads table (off
+    /// with tracing on: their spans are made on the general path).
+    pub fast_items: u64,
+    /// The access log, when `log.access` is on.
+    pub access: Option<&'static access::AccessLog>,
 }
 
 impl Front {
     /// The front end of `listener`.
     pub fn new(state: Arc<AppState>, listener: Listener, header_read_timeout: Duration) -> Front {
         let limits = listener.body_limits(&state);
-        let fast_hits = listener == Listener::Main
-            && !state.auth_required
-            && state.route_allowed(crate::chat::commands::GET_LIST);
+        let fast_hits =
+            listener == Listener::Main && state.route_allowed(crate::chat::commands::GET_LIST);
+        let fast_items = crate::chat::reads::READS
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                *i < 64
+                    && r.store == crate::chat::reads::Store::Items
+                    && listener == Listener::Main
+                    && state.settings.tracing.is_none()
+                    && state.route_allowed(r.command)
+            })
+            .fold(0u64, |bits, (i, _)| bits | 1 << i);
+        let access = access::get().filter(|_| state.settings.log.access);
         Front {
             state,
             listener,
             header_read_timeout,
             limits,
             fast_hits,
+            fast_items,
+            access,
         }
     }
 }
@@ -114,6 +137,8 @@ struct Head {
     head_method: bool,
     /// The target's path is the cached route.
     get_list: bool,
+    /// The target's path is another cached read: its row of the reads table.
+    item_row: Option<u8>,
     /// Range of the target's path in the buffer (for the reserve's admission).
     path: Range<usize>,
     /// HTTP/1.1 (else 1.0).
@@ -126,6 +151,11 @@ struct Head {
     request_id: Option<Range<usize>>,
     /// The caller's `user-agent` (for the access log).
     user_agent: Option<Range<usize>>,
+    /// `Authorization` (for a caller token).
+    authorization: Option<Range<usize>>,
+    /// W3C `traceparent` and `tracestate` (for tracing).
+    traceparent: Option<Range<usize>>,
+    tracestate: Option<Range<usize>>,
 }
 
 /// The last `Host` value a connection sent that was valid: a keep-alive caller sends
@@ -177,12 +207,15 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
     };
     let method = req.method.unwrap_or("");
     let target = req.path.unwrap_or("").as_bytes();
-    // The cached route's own target is valid as it is: no need to scan it.
-    let (path, get_list) = if target == GET_LIST_PATH.as_bytes() {
-        (target, true)
+    // The cached routes' own targets are valid as they are: no need to scan them.
+    let (path, get_list, item_row) = if target == GET_LIST_PATH.as_bytes() {
+        (target, true, None)
+    } else if let Some(row) = item_row(target) {
+        (target, false, Some(row))
     } else {
         let path = &target[rules::check_target(method.as_bytes(), target)?];
-        (path, path == GET_LIST_PATH.as_bytes())
+        let get_list = path == GET_LIST_PATH.as_bytes();
+        (path, get_list, if get_list { None } else { item_row(path) })
     };
     if len > MAX_HEAD {
         return Err(Refusal::HeadTooLarge);
@@ -192,6 +225,9 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
     let mut no_cache = false;
     let mut request_id = None;
     let mut user_agent = None;
+    let mut authorization = None;
+    let mut traceparent = None;
+    let mut tracestate = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
@@ -210,6 +246,9 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
             6 if is("expect") => check.expect(value),
             13 if is("cache-control") => no_cache |= rules::cache_control_no_cache(value),
             10 if is("user-agent") => user_agent = Some(offset(value)),
+            13 if is("authorization") => authorization = Some(offset(value)),
+            11 if is("traceparent") => traceparent = Some(offset(value)),
+            10 if is("tracestate") => tracestate = Some(offset(value)),
             12 if is("x-request-id")
                 && router::caller_request_id(value)
                 && request_id.is_none() =>
@@ -225,13 +264,31 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
         post: method == "POST",
         head_method: method == "HEAD",
         get_list,
+        item_row,
         path: offset(path),
         http11,
         facts,
         no_cache,
         request_id,
         user_agent,
+        authorization,
+        traceparent,
+        tracestate,
     }))
+}
+
+/// The row of the reads table whose entries are per item, if `path` is exactly its
+/// route.
+fn item_row(path: &[u8]) -> Option<u8> {
+    let command = path.strip_prefix(b"/v4/")?;
+    crate::chat::reads::READS
+        .iter()
+        .position(|r| {
+            r.command.len() == command.len()
+                && r.command.as_bytes() == command
+                && r.store == crate::chat::reads::Store::Items
+        })
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 /// An incomplete head: fine while it may still become a valid one; 414 once its
@@ -328,6 +385,11 @@ struct Connection<'a> {
     stopping: bool,
     /// The last valid `Host` it sent.
     host: HostMemo,
+    /// The entries of a full hit of a cached read being written (kept, empty, from
+    /// one request to the next: no allocation per hit).
+    hits: Vec<Arc<crate::cache::items::ItemEntry>>,
+    /// The caller tokens as this connection sees them (made at its first hit).
+    tokens: Option<auth::TokenView<'a>>,
 }
 
 /// Serves one connection of `front`'s listener until it closes.
@@ -342,6 +404,8 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         deadline,
         stopping: false,
         host: HostMemo::default(),
+        hits: Vec::new(),
+        tokens: None,
     };
     // One timer for the connection's life, re-armed lazily: it fires at most once per
     // header read timeout, not once per request.
@@ -427,7 +491,7 @@ impl Connection<'_> {
             };
             first = false;
             // Only the access log reads when a request started.
-            let started = self.front.state.settings.log.access.then(Instant::now);
+            let started = self.front.access.map(|_| Instant::now());
             self.conn.admit(&self.buf[head.path.clone()]).await;
             // The body: once read, it is at buf[head.len..body_end].
             let body = self.read_body(&head).await;
@@ -448,6 +512,28 @@ impl Connection<'_> {
                         continue;
                     }
                     Some(None) => {}
+                }
+            }
+            // A full hit of another cached read, by the same path.
+            if let Some(row) = head
+                .item_row
+                .filter(|r| self.front.fast_items & (1 << r) != 0)
+            {
+                if body.is_ok() && head.post && !head.no_cache {
+                    match self
+                        .try_item_hit(&head, row, body_end, keep_alive, started)
+                        .await
+                    {
+                        None => return End::Closed,
+                        Some(Some(now)) => {
+                            if !keep_alive {
+                                return End::Answered;
+                            }
+                            self.next_request(body_end, now);
+                            continue;
+                        }
+                        Some(None) => {}
+                    }
                 }
             }
             // Everything else, through the router.
@@ -655,7 +741,19 @@ impl Connection<'_> {
         keep_alive: bool,
         started: Option<Instant>,
     ) -> Option<Option<Instant>> {
-        let state = &self.front.state;
+        let front = self.front;
+        let state = &front.state;
+        // Caller tokens, checked here in constant time (see `auth`): a caller
+        // without a valid one goes to the router, which answers 401.
+        if state.auth_required {
+            let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
+            let view = self
+                .tokens
+                .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens));
+            if !view.check_header(value) {
+                return Some(None);
+            }
+        }
         let Some(req) = key::fast(&self.buf[head.len..body_end]) else {
             return Some(None);
         };
@@ -666,6 +764,13 @@ impl Connection<'_> {
         };
         state.counters.req_hit.increment(1);
         state.counters.hit.increment(1);
+        // With tracing on, the hit's place in a trace: its trace id for the log, and
+        // spans only when it is recorded.
+        let trace = if crate::trace::enabled() {
+            crate::trace::begin(head.traceparent.as_ref().map(|r| &self.buf[r.clone()]))
+        } else {
+            None
+        };
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(
@@ -686,13 +791,8 @@ impl Connection<'_> {
         let body: &[u8] = if head.head_method { b"" } else { &page.body };
         push_u64(out, page.body.len() as u64);
         finish_head(out, head, keep_alive, now);
-        if let Some(started) = started {
-            let text = |r: &Option<Range<usize>>| {
-                r.as_ref()
-                    .and_then(|r| std::str::from_utf8(&self.buf[r.clone()]).ok())
-                    .unwrap_or("")
-            };
-            access::line(&access::Line {
+        if let (Some(log), Some(started)) = (self.front.access, started) {
+            log.log(&access::Line {
                 method: "POST",
                 path: GET_LIST_PATH,
                 status: 200,
@@ -702,14 +802,152 @@ impl Connection<'_> {
                 upstream: Duration::ZERO,
                 bytes: body.len() as u64,
                 duration: now.saturating_duration_since(started),
-                request_id: std::str::from_utf8(request_id).unwrap_or(""),
+                now,
+                request_id,
+                trace_id: trace.map(|t| t.trace_id),
                 peer: self.conn.peer,
-                user_agent: access::truncate_user_agent(text(&head.user_agent)),
+                user_agent: head.user_agent.as_ref().map_or(&b""[..], |r| {
+                    access::truncate_user_agent_bytes(&self.buf[r.clone()])
+                }),
                 listener: self.front.listener.as_str(),
             });
         }
+        let recorded = match &trace {
+            Some(t) if t.sampled => {
+                Some(self.hit_spans(t, head, request_id, started.unwrap_or(now)))
+            }
+            _ => None,
+        };
         write_all(&mut self.stream, &self.out, body).await.ok()?;
+        if let Some(Some(active)) = recorded {
+            active.end(
+                vec![
+                    KeyValue::new("http.response.status_code", 200),
+                    KeyValue::new("chat_gateway.cache", "HIT"),
+                    KeyValue::new("chat.error_code", 0),
+                ],
+                false,
+            );
+        }
         Some(Some(now))
+    }
+
+    /// Serves a full hit of a cached read other than get_list (row `row`) straight
+    /// from the item store ([`handlers::items::fast_hit`]): the head, then the
+    /// answer's pieces (template and items) gathered in one `writev`. Returns as
+    /// [`Connection::try_hit`] does.
+    async fn try_item_hit(
+        &mut self,
+        head: &Head,
+        row: u8,
+        body_end: usize,
+        keep_alive: bool,
+        started: Option<Instant>,
+    ) -> Option<Option<Instant>> {
+        let state = &self.front.state;
+        // Caller tokens, as for a get_list hit: without a valid one, the router.
+        if state.auth_required {
+            let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
+            let view = self
+                .tokens
+                .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens));
+            if !view.check_header(value) {
+                return Some(None);
+            }
+        }
+        let now = Instant::now();
+        let Some(hit) = handlers::items::fast_hit(
+            &self.front.state,
+            usize::from(row),
+            &self.buf[head.len..body_end],
+            now,
+            &mut self.hits,
+        ) else {
+            self.hits.clear();
+            return Some(None);
+        };
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-cache: HIT\r\nage: ",
+        );
+        push_u64(out, hit.age);
+        out.extend_from_slice(b"\r\nx-request-id: ");
+        let fresh_id;
+        let request_id: &[u8] = match &head.request_id {
+            Some(r) => &self.buf[r.clone()],
+            None => {
+                fresh_id = router::fresh_request_id_bytes();
+                &fresh_id
+            }
+        };
+        out.extend_from_slice(request_id);
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        push_u64(out, hit.len as u64);
+        finish_head(out, head, keep_alive, now);
+        if let (Some(log), Some(started)) = (self.front.access, started) {
+            log.log(&access::Line {
+                method: "POST",
+                path: std::str::from_utf8(&self.buf[head.path.clone()]).unwrap_or(""),
+                status: 200,
+                cache: "HIT",
+                code: Some(0),
+                attempts: 0,
+                upstream: Duration::ZERO,
+                bytes: hit.len as u64,
+                duration: now.saturating_duration_since(started),
+                now,
+                request_id,
+                trace_id: None,
+                peer: self.conn.peer,
+                user_agent: head.user_agent.as_ref().map_or(&b""[..], |r| {
+                    access::truncate_user_agent_bytes(&self.buf[r.clone()])
+                }),
+                listener: self.front.listener.as_str(),
+            });
+        }
+        let mut slices = [IoSlice::new(&[]); handlers::items::FAST_PIECES + 1];
+        slices[0] = IoSlice::new(&self.out);
+        let n = hit.pieces(&self.hits, &mut slices[1..]);
+        let written = write_slices(&mut self.stream, &mut slices[..=n]).await;
+        drop(hit);
+        self.hits.clear();
+        written.ok()?;
+        Some(Some(now))
+    }
+
+    /// The spans of a recorded hit: the request's (returned, ended once the answer
+    /// is written) and its cache lookup's.
+    #[cold]
+    fn hit_spans(
+        &self,
+        trace: &crate::trace::RequestTrace,
+        head: &Head,
+        request_id: &[u8],
+        started: Instant,
+    ) -> Option<crate::trace::Active> {
+        let start = crate::trace::wall_clock_at(started);
+        let active = trace.start(
+            concat!("POST ", "/v4/recentcontact/get_list"),
+            start,
+            head.tracestate.as_ref().map(|r| &self.buf[r.clone()]),
+            vec![
+                KeyValue::new("http.request.method", "POST"),
+                KeyValue::new("url.path", GET_LIST_PATH),
+                KeyValue::new(
+                    "chat_gateway.request_id",
+                    String::from_utf8_lossy(request_id).into_owned(),
+                ),
+                KeyValue::new("chat_gateway.listener", self.front.listener.as_str()),
+            ],
+        )?;
+        active.child(
+            "cache lookup",
+            start,
+            std::time::SystemTime::now(),
+            vec![KeyValue::new("chat_gateway.cache.result", "hit")],
+        );
+        Some(active)
     }
 
     /// Writes a response the router made.
@@ -784,6 +1022,18 @@ fn finish_head(out: &mut Vec<u8>, head: &Head, keep_alive: bool, now: Instant) {
     out.extend_from_slice(b"\r\ndate: ");
     out.extend_from_slice(&http_date(now));
     out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Writes every slice, gathered (one system call when the socket takes them all).
+async fn write_slices(stream: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        let n = stream.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
 }
 
 /// Writes `head` then `body`, gathered (one system call when the socket takes it all).

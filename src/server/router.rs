@@ -19,8 +19,9 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
-use super::access::RequestLine;
-use super::auth;
+use opentelemetry::KeyValue;
+
+use super::access::{self, RequestLine};
 use super::body::{read_bounded, BodyLimits};
 use super::handlers;
 use super::response::{self, Body, X_REQUEST_ID};
@@ -144,33 +145,61 @@ pub async fn route(
 }
 
 /// Routes one request whose body has been read (or failed to be): request id, span,
-/// metrics, access log, and the listener's routes. Never fails.
+/// trace, metrics, access log, and the listener's routes. Never fails.
 pub async fn handle(
     state: Arc<AppState>,
-    parts: Parts,
+    mut parts: Parts,
     body: Result<Bytes, GatewayError>,
     peer: SocketAddr,
     listener: Listener,
     started: Instant,
 ) -> Response<Body> {
     let rid = request_id(&parts.headers);
-    let access = state
-        .settings
-        .log
-        .access
-        .then(|| RequestLine::new(&parts, peer, listener.as_str(), started));
+    let path = parts.uri.path();
+    // Probes and scrapes are not traced: they would drown the traces that matter.
+    let trace = match path {
+        "/healthz" | "/readyz" | "/metrics" => None,
+        _ => crate::trace::begin_from(&parts.headers),
+    };
+    let mut access = match access::get() {
+        Some(log) if state.settings.log.access => Some((
+            log,
+            RequestLine::new(&parts, peer, listener.as_str(), started),
+        )),
+        _ => None,
+    };
     let id = rid.to_str().unwrap_or("");
     // The get_list route's span is at debug level: a cache hit logs nothing, and an
     // enabled span costs a formatted allocation per request on the hot path. Its miss
     // path opens an info-level span with the same request id (see get_list.rs).
-    let path = parts.uri.path();
     let span = if path == GET_LIST_PATH {
-        tracing::debug_span!("request", request_id = id, method = %parts.method, path = GET_LIST_PATH)
+        tracing::debug_span!("request", request_id = id, method = %parts.method, path = GET_LIST_PATH, trace_id = tracing::field::Empty)
     } else {
-        tracing::info_span!("request", request_id = id, method = %parts.method, path)
+        tracing::info_span!("request", request_id = id, method = %parts.method, path, trace_id = tracing::field::Empty)
     };
     // get_list counts its own outcomes (hit, miss, ...) with pre-resolved handles.
     let route = route_label(path);
+    let mut active = None;
+    if let Some(t) = &trace {
+        let trace_id = crate::trace::LogTraceId(t.trace_id);
+        span.record("trace_id", tracing::field::display(trace_id));
+        if let Some((_, line)) = &mut access {
+            line.trace_id = Some(t.trace_id);
+        }
+        active = t.start(
+            span_name(&parts.method, path),
+            crate::trace::wall_clock_at(started),
+            parts.headers.get("tracestate").map(|v| v.as_bytes()),
+            vec![
+                KeyValue::new("http.request.method", parts.method.to_string()),
+                KeyValue::new("url.path", path.chars().take(256).collect::<String>()),
+                KeyValue::new("chat_gateway.request_id", id.to_string()),
+                KeyValue::new("chat_gateway.listener", listener.as_str()),
+            ],
+        );
+        parts.extensions.insert(trace_id);
+    }
+    let path = parts.uri.path();
     let mut resp = match body {
         Err(e) if path == GET_LIST_PATH && listener == Listener::Main => {
             handlers::get_list::refuse(&state, e)
@@ -179,9 +208,21 @@ pub async fn handle(
         Ok(body) => {
             let req = Request::from_parts(parts, body);
             match listener {
-                Listener::Main => dispatch(state, req, peer, &rid).instrument(span).await,
+                Listener::Main => {
+                    crate::trace::within(
+                        active.as_ref(),
+                        dispatch(state, req, peer, &rid).instrument(span),
+                    )
+                    .await
+                }
                 Listener::Admin => dispatch_admin(&state, &req),
-                Listener::Callback => dispatch_callback(state, req).instrument(span).await,
+                Listener::Callback => {
+                    crate::trace::within(
+                        active.as_ref(),
+                        dispatch_callback(state, req).instrument(span),
+                    )
+                    .await
+                }
             }
         }
     };
@@ -193,11 +234,47 @@ pub async fn handle(
         };
         crate::metrics::request(route, outcome);
     }
-    if let Some(line) = access {
-        line.write(&resp, &rid);
+    if let Some(a) = active {
+        let status = resp.status().as_u16();
+        let mut attributes = vec![KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        )];
+        if let Some(c) = resp
+            .headers()
+            .get(response::X_CACHE)
+            .and_then(|v| v.to_str().ok())
+        {
+            attributes.push(KeyValue::new("chat_gateway.cache", c.to_string()));
+        }
+        if let Some(code) = resp
+            .extensions()
+            .get::<access::AccessInfo>()
+            .and_then(|i| i.code)
+        {
+            attributes.push(KeyValue::new("chat.error_code", code));
+        }
+        a.end(attributes, status >= 500);
+    }
+    if let Some((log, line)) = access {
+        line.write(log, &resp, &rid);
     }
     resp.headers_mut().insert(X_REQUEST_ID, rid);
     resp
+}
+
+/// A server span's name: the method and the route (`POST /v4/openim/sendmsg`); the
+/// method alone for paths that are no route (their number has no bound).
+fn span_name(method: &Method, path: &str) -> String {
+    let route = matches!(
+        path,
+        GET_LIST_PATH | "/callback" | "/admin/cache/invalidate" | "/quitquitquit"
+    ) || commands::command_of_path(path).is_some();
+    if route && path.len() <= 128 {
+        format!("{method} {path}")
+    } else {
+        method.to_string()
+    }
 }
 
 /// The admin listener: the probes and `/metrics`, open to anyone who reaches it.
@@ -230,8 +307,10 @@ async fn dispatch(
     let method = req.method();
     let server = &state.settings.server;
     if state.auth_required
-        && !auth::is_open(path, server.protect_metrics)
-        && !auth::authorized(&state.secrets.auth_tokens.load(), req.headers())
+        && !super::auth::is_open(path, server.protect_metrics)
+        && !state
+            .caller_tokens
+            .authorized(&state.secrets.auth_tokens, req.headers())
     {
         // Never log the header: it may hold a real token with a typo.
         tracing::debug!(%peer, "caller not authorized");

@@ -58,6 +58,8 @@ pub struct AppState {
     /// `server.auth_tokens_file` set); fixed at start-up, so the hot path reads a
     /// bool.
     pub auth_required: bool,
+    /// The caller tokens, hashed for the constant-time check (hit path and router).
+    pub caller_tokens: crate::server::auth::CallerTokens,
     /// The fleet (`[redis]`): shared rate limit, invalidations, L2.
     pub fleet: Option<Arc<Fleet>>,
 }
@@ -127,6 +129,7 @@ impl AppState {
         let secrets =
             Arc::new(LiveSecrets::new(&settings).on_key_change(move |k| signer.set_key(k.clone())));
         let auth_required = !settings.server.auth_tokens.is_empty();
+        let caller_tokens = crate::server::auth::CallerTokens::new(secrets.auth_tokens.load_full());
         Ok(Arc::new(AppState {
             settings: Arc::new(settings),
             live,
@@ -143,6 +146,7 @@ impl AppState {
             quit: Arc::new(Notify::new()),
             secrets,
             auth_required,
+            caller_tokens,
             fleet,
         }))
     }

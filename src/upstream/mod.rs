@@ -26,7 +26,7 @@ use crate::metrics::names;
 use budget::RetryBudget;
 use client::{ChatClient, Reach, TransportError, UpstreamResponse};
 use failover::{Endpoint, Failover};
-use ratelimit::{LocalRateLimiter, RateLimiter};
+use ratelimit::{LocalRateLimiter, Permit, RateLimiter, Throttled};
 use retry::Decision;
 use signer::Signer;
 
@@ -79,6 +79,8 @@ pub struct Upstream {
     budget: RetryBudget,
     /// Deadline of one caller request, retries included.
     request_timeout: Duration,
+    /// How long one attempt of a read may take (`chat.attempt_timeout_ms`).
+    attempt_timeout: Option<Duration>,
     /// Retry settings, reloadable.
     live: Arc<ArcSwap<LiveSettings>>,
     /// Milliseconds since `started` of the last loud UserSig-refusal log.
@@ -135,6 +137,7 @@ impl Upstream {
             max_wait: rl.max_wait,
             budget: RetryBudget::new(),
             request_timeout: c.request_timeout,
+            attempt_timeout: c.attempt_timeout,
             live,
             last_sig_alarm: AtomicU64::new(u64::MAX),
             started: Instant::now(),
@@ -157,35 +160,80 @@ impl Upstream {
         body: Bytes,
         stats: &CallStats,
     ) -> Result<UpstreamResponse, GatewayError> {
+        self.call_admitted(command, class, body, stats, None).await
+    }
+
+    /// Asks for the first attempt's rate-limit slot of a call of `command` (waiting
+    /// up to `ratelimit.max_wait_ms`), so that the wait can overlap other work (a
+    /// fleet miss asks Redis for its L2 page and its slot together). Hand the result
+    /// to [`Upstream::call_admitted`]; a permit dropped unused goes back.
+    pub async fn admit(&self, command: &str) -> Result<Permit, Throttled> {
+        let max_wait = self.max_wait.min(self.request_timeout);
+        self.limiter.acquire(command, max_wait).await
+    }
+
+    /// Like [`Upstream::call`], with the first attempt's slot already asked for
+    /// ([`Upstream::admit`]). A permit that expired meanwhile is asked for again.
+    pub async fn call_admitted(
+        &self,
+        command: &str,
+        class: CommandClass,
+        body: Bytes,
+        stats: &CallStats,
+        admitted: Option<Result<Permit, Throttled>>,
+    ) -> Result<UpstreamResponse, GatewayError> {
         let deadline = Instant::now() + self.request_timeout;
         let live = self.live.load_full();
         let retry = &live.retry;
         self.budget.record_request(retry.budget_percent);
         let mut attempts = 0u32;
         let mut renewed = false;
+        let mut admitted = admitted;
         loop {
             // A first attempt waits for its rate-limit slot up to ratelimit.max_wait_ms;
             // a retry (or the attempt after a renewal) was already admitted once, so it
             // waits for its slot up to the request's deadline.
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let max_wait = if attempts == 0 {
-                self.max_wait.min(remaining)
-            } else {
-                remaining
+            let permit = match admitted.take() {
+                Some(r) => r,
+                None => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let max_wait = if attempts == 0 {
+                        self.max_wait.min(remaining)
+                    } else {
+                        remaining
+                    };
+                    self.limiter.acquire(command, max_wait).await
+                }
             };
-            if let Err(t) = self.limiter.acquire(command, max_wait).await {
-                counter!(names::RATE_LIMITED, "command" => command_label(command)).increment(1);
-                return Err(GatewayError::RateLimited(t.retry_after));
+            let permit = match permit {
+                Ok(p) => p,
+                Err(t) => {
+                    counter!(names::RATE_LIMITED, "command" => command_label(command)).increment(1);
+                    return Err(GatewayError::RateLimited(t.retry_after));
+                }
+            };
+            if !permit.go() {
+                // It expired before the call could leave: ask again.
+                continue;
             }
             attempts += 1;
             let (endpoint, base) = self.failover.current();
+            let span = crate::trace::attempt(command, attempts, endpoint.as_str());
             let started = Instant::now();
             let result = self
                 .client
-                .send(base, command, body.clone(), deadline)
+                .send(
+                    base,
+                    command,
+                    body.clone(),
+                    self.attempt_deadline(class, started, deadline),
+                )
                 .await;
             self.limiter.returned(command);
             record_call(command, endpoint, &result, started);
+            if let Some(span) = span {
+                end_attempt_span(span, &result);
+            }
             stats.record(started.elapsed());
             if answered(&result) {
                 self.budget.answered();
@@ -267,6 +315,16 @@ impl Upstream {
         }
     }
 
+    /// When the attempt starting at `now` gives up waiting for Chat: a read's at
+    /// `chat.attempt_timeout_ms` (then retried as a timeout, if the deadline allows), a
+    /// write's only at the request's deadline.
+    fn attempt_deadline(&self, class: CommandClass, now: Instant, deadline: Instant) -> Instant {
+        match (class, self.attempt_timeout) {
+            (CommandClass::Read, Some(t)) => deadline.min(now + t),
+            _ => deadline,
+        }
+    }
+
     /// Logs, at most once a minute, that Chat keeps refusing a freshly made UserSig:
     /// a configuration error (key, SDKAppID or region).
     fn sig_alarm(&self, result: &Result<UpstreamResponse, TransportError>) {
@@ -298,6 +356,19 @@ impl Upstream {
 fn answered(result: &Result<UpstreamResponse, TransportError>) -> bool {
     matches!(result, Ok(r) if !r.status.is_server_error()
         && r.chat.is_some_and(|s| !matches!(CodeClass::of(s.code), CodeClass::Transient | CodeClass::Throttled)))
+}
+
+/// Ends an attempt's span with what came back: HTTP status and Chat's `ErrorCode`,
+/// or the kind of failure.
+fn end_attempt_span(span: crate::trace::Child, result: &Result<UpstreamResponse, TransportError>) {
+    match result {
+        Ok(r) => span.end_attempt(Some(r.status.as_u16()), r.chat.map(|s| s.code), None),
+        Err(e) => span.end_attempt(
+            None,
+            None,
+            Some(if e.timeout { "timeout" } else { "transport" }),
+        ),
+    }
 }
 
 /// Turns the last attempt's result into what the caller gets.

@@ -33,7 +33,9 @@
 //! The span is the window plus [`ARRIVAL_MARGIN`]: calls admitted a little apart can
 //! reach Chat closer together (a new connection's set-up delays one, scheduling
 //! another), so what *arrives* at Chat still holds N in any second. A caller woken
-//! more than [`MAX_LATE`] after its slot asks again instead of going. The cost: at
+//! more than [`MAX_LATE`] after its slot has its slot moved to now when every span
+//! still holds at most N with it there (it keeps its turn), and asks again otherwise
+//! (a busy machine costs waits, never the limit). The cost: at
 //! saturation N calls go per 1.06 s (188/s for N = 200), and after a burst of B the
 //! rest of that window is paced at (N − B) per span.
 //!
@@ -70,6 +72,59 @@ const MAX_BUCKETS: usize = 4096;
 /// The shared log's name.
 const OVERFLOW: &str = "(other)";
 
+/// A go-ahead for one call: it must leave before [`Permit::until`]. Dropped unused,
+/// its slot goes back (to the next waiting caller, or the schedule).
+pub struct Permit {
+    until: Instant,
+    /// Called once: with `true` when the call leaves (returns whether it may), with
+    /// `false` when the permit is dropped unused.
+    settle: Option<Box<dyn FnOnce(bool) -> bool + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("until", &self.until)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit {
+    /// A permit valid until `until`; `settle` is told whether it was used.
+    pub fn new(until: Instant, settle: impl FnOnce(bool) -> bool + Send + Sync + 'static) -> Self {
+        Permit {
+            until,
+            settle: Some(Box::new(settle)),
+        }
+    }
+
+    /// When it stops being valid.
+    pub fn until(&self) -> Instant {
+        self.until
+    }
+
+    /// The call leaves now. Returns false (and the permit is gone) when it is no
+    /// longer valid: the caller must ask again.
+    pub fn go(mut self) -> bool {
+        let settle = self.settle.take();
+        if Instant::now() >= self.until {
+            if let Some(f) = settle {
+                f(false);
+            }
+            return false;
+        }
+        settle.is_none_or(|f| f(true))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(f) = self.settle.take() {
+            f(false);
+        }
+    }
+}
+
 /// A refusal: the command's next free slot is `retry_after` away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Throttled {
@@ -80,13 +135,14 @@ pub struct Throttled {
 /// What the upstream needs from a rate limiter.
 pub trait RateLimiter: Send + Sync + 'static {
     /// Waits for one call of `command`'s slot, for at most `max_wait`; refuses at once
-    /// (without waiting) when the slot would be further away. Dropping the future
-    /// before it finishes gives the slot back.
+    /// (without waiting) when the slot would be further away. The permit is valid
+    /// when it is returned; the call leaves with [`Permit::go`]. Dropping the future
+    /// before it finishes, or the permit unused, gives the slot back.
     fn acquire<'a>(
         &'a self,
         command: &'a str,
         max_wait: Duration,
-    ) -> BoxFuture<'a, Result<(), Throttled>>;
+    ) -> BoxFuture<'a, Result<Permit, Throttled>>;
     /// Chat throttled `command`: no call before `pause` from now.
     fn pause(&self, command: &str, pause: Duration);
     /// A call of `command` came back from Chat (whatever the outcome): the burst that
@@ -122,10 +178,28 @@ struct Log {
     /// A burst is open: the limiter was idle when it began and no call admitted since
     /// has come back.
     burst_open: bool,
+    /// The span calls are counted over.
+    span: Duration,
+    /// Seeded from a frozen view of the fleet's log: the fleet's calls (each as the
+    /// interval it may leave within), the fleet's limit N and this gateway's weight G.
+    /// Any span then holds at most N counting the fleet's calls once and this
+    /// gateway's G times (see [`LocalRateLimiter::seed`]).
+    seeded: Option<Seed>,
+}
+
+/// A frozen view of the fleet's log (see [`Log::seeded`]).
+#[derive(Debug, Clone)]
+pub struct Seed {
+    /// Each fleet call as `[from, until]`: it leaves within it.
+    pub calls: Vec<(Instant, Instant)>,
+    /// The fleet's limit, N.
+    pub limit: usize,
+    /// This gateway's calls count this many times (the gateways sharing the fleet).
+    pub weight: usize,
 }
 
 impl Log {
-    fn new(limit: usize, burst: usize) -> Self {
+    fn new(limit: usize, burst: usize, span: Duration) -> Self {
         Log {
             limit: limit.max(1),
             burst: burst.clamp(1, limit.max(1)),
@@ -133,18 +207,54 @@ impl Log {
             paused_until: None,
             full_until: None,
             burst_open: false,
+            span,
+            seeded: None,
+        }
+    }
+
+    /// With a seed, the earliest instant at or after `s` at which one more call keeps
+    /// every span within N: the fleet's calls once, ours `weight` times.
+    fn seeded_slot(&self, mut s: Instant) -> Instant {
+        let Some(seed) = &self.seeded else {
+            return s;
+        };
+        let span = self.span;
+        // Never before a fleet call may leave: then the span ending at s is the fullest
+        // of those holding s.
+        if let Some(last) = seed.calls.iter().map(|c| c.0).max() {
+            s = s.max(last);
+        }
+        loop {
+            let fleet = seed.calls.iter().filter(|c| c.1 + span > s).count();
+            let ours = self.admitted.iter().filter(|t| **t + span > s).count();
+            if fleet + seed.weight.max(1) * (ours + 1) <= seed.limit {
+                return s;
+            }
+            // The earliest instant one of them leaves the span.
+            let next = seed
+                .calls
+                .iter()
+                .map(|c| c.1 + span)
+                .chain(self.admitted.iter().map(|t| *t + span))
+                .filter(|t| *t > s)
+                .min();
+            match next {
+                Some(n) => s = n,
+                None => return s,
+            }
         }
     }
 
     /// Reserves the earliest slot the schedule allows at `now`, if it is within
     /// `max_wait`.
     fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Instant, Throttled> {
-        while self.admitted.front().is_some_and(|t| *t + SPAN <= now) {
+        let span = self.span;
+        while self.admitted.front().is_some_and(|t| *t + span <= now) {
             self.admitted.pop_front();
         }
-        let pace = pace(SPAN, self.limit);
+        let pace = pace(span, self.limit);
         let last = self.admitted.back().copied();
-        let full = self.full_until.map(|f| f + SPAN).filter(|f| *f > now);
+        let full = self.full_until.map(|f| f + span).filter(|f| *f > now);
         if full.is_none() && last.is_none_or(|l| l + pace <= now) {
             self.burst_open = true;
         }
@@ -159,12 +269,12 @@ impl Log {
             None => now,
             Some(last) => {
                 // The span ending at the last slot: M calls, the oldest at e0.
-                let first = self.admitted.partition_point(|t| *t + SPAN <= last);
+                let first = self.admitted.partition_point(|t| *t + span <= last);
                 let room = self.limit.saturating_sub(self.admitted.len() - first);
                 let mut gap = pace;
                 if room >= 1 {
                     let e0 = self.admitted[first];
-                    let spread = (e0 + SPAN).saturating_duration_since(last) / (room as u32 + 1);
+                    let spread = (e0 + span).saturating_duration_since(last) / (room as u32 + 1);
                     gap = gap.max(spread);
                 }
                 now.max(last + gap)
@@ -179,8 +289,9 @@ impl Log {
         let n = self.admitted.len();
         if n >= self.limit {
             // The N-th newest must be a span old.
-            slot = slot.max(self.admitted[n - self.limit] + SPAN);
+            slot = slot.max(self.admitted[n - self.limit] + span);
         }
+        let slot = self.seeded_slot(slot);
         let wait = slot - now;
         if wait > max_wait {
             return Err(Throttled { retry_after: wait });
@@ -195,6 +306,32 @@ impl Log {
         if self.admitted.get(i) == Some(&slot) {
             self.admitted.remove(i);
         }
+    }
+
+    /// Moves `slot` (its caller woke too late for it) to `now`, if every span keeps at
+    /// most N: a span that holds `now` but not `slot` begins after `slot`, so it holds
+    /// only slots after it; with fewer than N of them there is room. Every other span
+    /// holds both or only the old one. Not while paused, counting a full window or
+    /// seeded (the seed's own rule decides there).
+    fn move_to(&mut self, slot: Instant, now: Instant) -> bool {
+        if self.seeded.is_some()
+            || self.paused_until.is_some_and(|p| p > now)
+            || self.full_until.is_some_and(|f| f + self.span > now)
+        {
+            return false;
+        }
+        let i = self.admitted.partition_point(|t| *t < slot);
+        if self.admitted.get(i) != Some(&slot) {
+            return false;
+        }
+        let after = self.admitted.iter().filter(|t| **t > slot).count();
+        if after + 1 > self.limit {
+            return false;
+        }
+        self.admitted.remove(i);
+        let j = self.admitted.partition_point(|t| *t <= now);
+        self.admitted.insert(j, now);
+        true
     }
 }
 
@@ -211,19 +348,38 @@ pub struct LocalRateLimiter {
     logs: RwLock<HashMap<String, Arc<Mutex<Log>>>>,
     /// Every rate is divided by this (1 alone; a fleet's share when Redis is away).
     share: AtomicU32,
+    /// The span calls are counted over ([`SPAN`] alone; the fleet's window as a
+    /// fleet's share).
+    span: Duration,
 }
 
 impl LocalRateLimiter {
     /// A limiter with `default_rate` calls per second per command, overrides, and
     /// bursts after idle of `burst_percent` % of a command's rate.
     pub fn new(default_rate: u32, overrides: BTreeMap<String, u32>, burst_percent: u32) -> Self {
+        Self::with_span(default_rate, overrides, burst_percent, SPAN)
+    }
+
+    /// Like [`LocalRateLimiter::new`], counting calls over `span` instead of [`SPAN`].
+    pub fn with_span(
+        default_rate: u32,
+        overrides: BTreeMap<String, u32>,
+        burst_percent: u32,
+        span: Duration,
+    ) -> Self {
         LocalRateLimiter {
             default_rate: default_rate.max(1),
             overrides,
             burst_percent: burst_percent.clamp(1, 100),
             logs: RwLock::new(HashMap::new()),
             share: AtomicU32::new(1),
+            span: span.max(Duration::from_millis(1)),
         }
+    }
+
+    /// The span calls are counted over.
+    pub fn span(&self) -> Duration {
+        self.span
     }
 
     /// The limit of `command`: its override or the default, divided by the share
@@ -283,9 +439,38 @@ impl LocalRateLimiter {
         };
         let rate = self.rate_of(name) as usize;
         let burst = burst_of(rate, self.burst_percent);
+        let span = self.span;
         map.entry(name.to_string())
-            .or_insert_with(|| Arc::new(Mutex::new(Log::new(rate, burst))))
+            .or_insert_with(|| Arc::new(Mutex::new(Log::new(rate, burst, span))))
             .clone()
+    }
+
+    /// Seeds `command`'s log with a frozen view of the fleet's (Redis holds writes:
+    /// nobody adds to it): from now on any span holds at most `seed.limit` counting
+    /// the fleet's calls once and this gateway's `seed.weight` times, so gateways that
+    /// each keep to it add up to at most N with the fleet's calls.
+    pub fn seed(&self, command: &str, seed: Seed) {
+        let log = self.log(command);
+        log.lock().unwrap_or_else(|p| p.into_inner()).seeded = Some(seed);
+    }
+
+    /// Whether `command`'s log is seeded.
+    pub fn is_seeded(&self, command: &str) -> bool {
+        let log = self.log(command);
+        let seeded = log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seeded
+            .is_some();
+        seeded
+    }
+
+    /// Drops every seed (the fleet's log is live again).
+    pub fn unseed_all(&self) {
+        let logs = self.logs.read().unwrap_or_else(|p| p.into_inner());
+        for log in logs.values() {
+            log.lock().unwrap_or_else(|p| p.into_inner()).seeded = None;
+        }
     }
 
     /// Reserves the earliest slot for one call of `command`: the instant it may go,
@@ -326,7 +511,7 @@ impl RateLimiter for LocalRateLimiter {
         &'a self,
         command: &'a str,
         max_wait: Duration,
-    ) -> BoxFuture<'a, Result<(), Throttled>> {
+    ) -> BoxFuture<'a, Result<Permit, Throttled>> {
         let deadline = Instant::now() + max_wait;
         let reserved = self.reserve(command, max_wait);
         Box::pin(async move {
@@ -344,10 +529,27 @@ impl RateLimiter for LocalRateLimiter {
                 r.used = true;
                 let now = Instant::now();
                 if now <= slot + MAX_LATE {
-                    return Ok(());
+                    // Unused, the slot goes back (the call did not leave).
+                    let log = self.log(command);
+                    return Ok(Permit::new(slot + MAX_LATE, move |used| {
+                        if !used {
+                            log.lock().unwrap_or_else(|p| p.into_inner()).release(slot);
+                        }
+                        true
+                    }));
                 }
-                // Woken too late: the slot is spent, and going now could bring this
-                // call within a second of one a span later. Ask again.
+                // Woken too late: going now could bring this call within a second of
+                // one a span later, unless the slot moves to now (the caller keeps its
+                // turn). Otherwise ask again.
+                let moved = {
+                    let log = self.log(command);
+                    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                    log.move_to(slot, now)
+                };
+                if moved {
+                    slot = now;
+                    continue;
+                }
                 let left = deadline.saturating_duration_since(now);
                 slot = self.reserve(command, left)?;
             }
@@ -389,7 +591,7 @@ mod tests {
     #[test]
     fn a_burst_after_idle_goes_at_once_and_the_rest_is_spread_over_the_window() {
         let t0 = Instant::now();
-        let mut log = Log::new(200, 150);
+        let mut log = Log::new(200, 150, SPAN);
         // 150 concurrent calls: all at once.
         for _ in 0..150 {
             assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
@@ -423,7 +625,7 @@ mod tests {
     #[test]
     fn callers_that_come_back_are_paced_not_given_the_burst() {
         let t0 = Instant::now();
-        let mut log = Log::new(200, 150);
+        let mut log = Log::new(200, 150, SPAN);
         for _ in 0..20 {
             assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
         }
@@ -440,7 +642,7 @@ mod tests {
         // Twenty callers, each asking again 1 ms after its slot, for 4 s of
         // simulated time.
         let t0 = Instant::now();
-        let mut log = Log::new(200, 150);
+        let mut log = Log::new(200, 150, SPAN);
         let mut next_ask: Vec<Instant> = vec![t0; 20];
         let mut slots = Vec::new();
         let mut worst = Duration::ZERO;
@@ -473,7 +675,7 @@ mod tests {
     #[test]
     fn any_span_holds_at_most_the_limit_under_random_demand() {
         let t0 = Instant::now();
-        let mut log = Log::new(20, 15);
+        let mut log = Log::new(20, 15, SPAN);
         let mut slots = Vec::new();
         let mut x = 0x2545F4914F6CDD1Du64;
         let mut now = t0;
@@ -497,7 +699,7 @@ mod tests {
     #[test]
     fn refusals_reserve_nothing_and_released_slots_are_reused() {
         let t0 = Instant::now();
-        let mut log = Log::new(5, 5);
+        let mut log = Log::new(5, 5, SPAN);
         for _ in 0..5 {
             assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
         }
@@ -539,11 +741,75 @@ mod tests {
         assert!(t.retry_after > Duration::from_secs(59));
     }
 
+    #[test]
+    fn a_seeded_share_counts_the_frozen_fleet_once_and_itself_g_times() {
+        let t0 = Instant::now();
+        // N = 10 for the fleet, two gateways: a share of 5. The frozen log holds 4
+        // calls leaving within 20 ms of t0.
+        let mut log = Log::new(5, 5, SPAN);
+        log.seeded = Some(Seed {
+            calls: vec![(t0, t0 + ms(20)); 4],
+            limit: 10,
+            weight: 2,
+        });
+        // 4 + 2 × 3 = 10: three go at once, the fourth when ours leave the span.
+        for _ in 0..3 {
+            assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
+        }
+        let fourth = log.reserve(t0, Duration::from_secs(2)).unwrap();
+        assert!(fourth >= t0 + SPAN, "{:?}", fourth - t0);
+        // A fleet call still to leave (granted ahead) comes first.
+        let mut log = Log::new(5, 5, SPAN);
+        log.seeded = Some(Seed {
+            calls: vec![(t0 + ms(300), t0 + ms(320))],
+            limit: 10,
+            weight: 2,
+        });
+        assert_eq!(log.reserve(t0, Duration::from_secs(1)), Ok(t0 + ms(300)));
+    }
+
+    #[test]
+    fn a_slot_woken_too_late_for_moves_to_now_only_if_every_span_keeps_n() {
+        let t0 = Instant::now();
+        let mut log = Log::new(3, 3, SPAN);
+        for _ in 0..3 {
+            assert_eq!(log.reserve(t0, Duration::ZERO), Ok(t0));
+        }
+        // The fourth's slot is a span later; woken 100 ms past it, it moves there.
+        let s = log.reserve(t0, Duration::from_secs(2)).unwrap();
+        assert_eq!(s, t0 + SPAN);
+        let late = s + ms(100);
+        assert!(log.move_to(s, late));
+        assert_eq!(log.admitted.back(), Some(&late));
+        // Three slots after the first one: moving it would put four in one span.
+        let mut log = Log::new(3, 3, SPAN);
+        let a = log.reserve(t0, Duration::ZERO).unwrap();
+        for k in 1..=3 {
+            log.admitted.push_back(t0 + ms(10 * k));
+        }
+        assert!(!log.move_to(a, t0 + ms(50)));
+        // Paused: no move.
+        let mut log = Log::new(3, 3, SPAN);
+        let a = log.reserve(t0, Duration::ZERO).unwrap();
+        log.paused_until = Some(t0 + ms(500));
+        assert!(!log.move_to(a, t0 + ms(100)));
+    }
+
+    #[tokio::test]
+    async fn an_unused_permit_gives_its_slot_back() {
+        let l = LocalRateLimiter::new(2, BTreeMap::new(), 100);
+        let p = l.acquire("a/b", Duration::ZERO).await.unwrap();
+        assert!(p.until() > Instant::now());
+        drop(p);
+        let log = l.log("a/b");
+        assert_eq!(log.lock().unwrap().admitted.len(), 0);
+    }
+
     #[tokio::test]
     async fn a_caller_that_gives_up_gives_its_slot_back() {
         let l = LocalRateLimiter::new(2, BTreeMap::new(), 100);
-        l.acquire("a/b", Duration::ZERO).await.unwrap();
-        l.acquire("a/b", Duration::ZERO).await.unwrap();
+        assert!(l.acquire("a/b", Duration::ZERO).await.unwrap().go());
+        assert!(l.acquire("a/b", Duration::ZERO).await.unwrap().go());
         l.returned("a/b");
         // The third waits a span; it is dropped before its slot.
         let waiting = l.acquire("a/b", Duration::from_secs(2));

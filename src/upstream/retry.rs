@@ -4,10 +4,15 @@
 //! | what happened | read | write |
 //! |---|---|---|
 //! | connect refused, DNS or TLS handshake failure (never sent) | retry | retry |
-//! | timeout, reset mid-request (may have been sent) | retry | never |
+//! | reset mid-request, a read's attempt timed out (may have been sent) | retry | never |
 //! | HTTP 5xx | retry | never |
 //! | ErrorCode 50004, 50005 | retry | never |
 //! | any other ErrorCode | return | return |
+//!
+//! A retry is made only when the deadline leaves room for it, so a timeout is retried
+//! only when the attempt had less than the whole deadline: a read's attempt with
+//! `chat.attempt_timeout_ms` set. A write's attempt always has the whole remaining
+//! deadline.
 
 use std::time::{Duration, Instant};
 

@@ -27,6 +27,8 @@ pub struct RedisOpts {
     /// With `tls`: the CA and certificate in this directory (as [`make_pki`] writes
     /// them) instead of a CA of its own, so several servers trust each other.
     pub pki_from: Option<PathBuf>,
+    /// At a higher scheduling priority (see [`super::favoured`]).
+    pub favoured: bool,
 }
 
 /// A test CA and a server certificate for 127.0.0.1 / localhost, as files.
@@ -129,6 +131,9 @@ impl RedisServer {
         }
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         die_with_parent(&mut cmd);
+        if self.opts.favoured {
+            super::favoured(&mut cmd);
+        }
         self.child = Some(
             cmd.spawn()
                 .expect("redis-server is installed (scripts/test-deps.sh)"),

@@ -139,7 +139,12 @@ pub async fn invalidate(state: Arc<AppState>, req: Request<Bytes>) -> Response<B
         Ok(e) => e,
         Err(e) => return e.respond(),
     };
-    let dropped = state.invalidator.apply(Source::Admin, &wanted);
+    // Answered once every gateway of the fleet has applied it (or after
+    // `redis.timeout_ms`).
+    let dropped = state
+        .invalidator
+        .apply_and_wait(Source::Admin, &wanted)
+        .await;
     tracing::info!(
         accounts = dropped.accounts,
         pages = dropped.pages,

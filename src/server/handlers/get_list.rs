@@ -4,7 +4,8 @@
 //! miss: coalesced fetch task → (fleet: L2 page, or wait for the gateway that holds
 //!       the fetch lock; one Redis round trip when nobody does) → upstream (signer,
 //!       retries) → store insert (+ L2, by a task of its own) → `MISS`
-//! fleet: all of a request's Redis work shares one budget of `redis.timeout_ms`
+//! fleet: all of a request's Redis work shares one budget of `redis.timeout_ms`; the
+//!       L2 lookup and the rate limit's lease are sent together (one round trip)
 //! Chat failing: a page past its TTL but within `cache.stale_if_error_secs` (from
 //! memory, or from L2) → `STALE`
 
@@ -13,6 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
+use opentelemetry::KeyValue;
 use tracing::Instrument;
 
 use crate::cache::coalesce::Role;
@@ -26,6 +28,7 @@ use crate::fleet::l2::{FetchPlan, MissPlan, L2};
 use crate::server::access::AccessInfo;
 use crate::server::response::{self, age_value, Body, X_CACHE};
 use crate::server::AppState;
+use crate::upstream::ratelimit::{Permit, Throttled};
 use crate::upstream::CallStats;
 
 const HIT: HeaderValue = HeaderValue::from_static("HIT");
@@ -72,24 +75,47 @@ pub async fn handle(
     let no_cache = wants_no_cache(&parts.headers);
     let now = Instant::now();
     let mut stale = None;
-    if !no_cache {
+    let lookup_span = crate::trace::cache_lookup();
+    let result = if no_cache {
+        "skip"
+    } else {
         match state.store.lookup(&parsed.account, &parsed.page, now) {
             Lookup::Fresh(page) => {
                 c.req_hit.increment(1);
                 c.hit.increment(1);
+                if let Some(s) = lookup_span {
+                    s.end(
+                        vec![KeyValue::new("chat_gateway.cache.result", "hit")],
+                        false,
+                    );
+                }
                 return cached(&page, HIT, now);
             }
-            Lookup::Stale(page) => stale = Some(page),
-            Lookup::Miss => {}
+            Lookup::Stale(page) => {
+                stale = Some(page);
+                "stale"
+            }
+            Lookup::Miss => "miss",
         }
+    };
+    if let Some(s) = lookup_span {
+        s.end(
+            vec![KeyValue::new("chat_gateway.cache.result", result)],
+            false,
+        );
     }
 
-    // Past the cache: an info-level span, so what the miss path logs carries the id.
+    // Past the cache: an info-level span, so what the miss path logs carries the id
+    // (and the trace id, with tracing on).
     let span = tracing::info_span!(
         "get_list_miss",
         request_id = request_id.to_str().unwrap_or(""),
         account = &*parsed.account,
+        trace_id = tracing::field::Empty,
     );
+    if let Some(t) = parts.extensions.get::<crate::trace::LogTraceId>() {
+        span.record("trace_id", tracing::field::display(t));
+    }
     miss(state, parsed, no_cache, stale).instrument(span).await
 }
 
@@ -113,17 +139,20 @@ async fn miss(
         .run(
             (account.clone(), page_key.clone()),
             // The fetch runs as its own task: it carries this request's span, so what
-            // it logs has the request id.
+            // it logs has the request id, and its trace (its calls to Chat and Redis
+            // are the request's children).
             move || {
-                fetch(
-                    fetch_state,
-                    account,
-                    page_key,
-                    upstream_body,
-                    fetch_stats,
-                    no_cache,
+                crate::trace::carry(
+                    fetch(
+                        fetch_state,
+                        account,
+                        page_key,
+                        upstream_body,
+                        fetch_stats,
+                        no_cache,
+                    )
+                    .instrument(tracing::Span::current()),
                 )
-                .instrument(tracing::Span::current())
             },
             || {
                 Err(GatewayError::Internal(
@@ -228,10 +257,26 @@ async fn fetch_within_budget(
     // How to store in L2 what Chat answers (generation, our fetch lock's token).
     let mut l2_plan: Option<FetchPlan> = None;
     let mut l2_stale = None;
+    // The first attempt's rate-limit slot, asked for together with the L2 lookup: a
+    // miss that goes to Chat costs one Redis round trip, not two. Unused (L2 answered),
+    // the permit goes to the next caller.
+    let mut admitted: Option<Result<Permit, Throttled>> = None;
     if let Some(l2) = &l2 {
+        let admit = state.upstream.admit(GET_LIST);
+        tokio::pin!(admit);
         if no_cache {
             // A refresh: no L2 answer, but the page it fetches goes to L2 too.
-            if let Ok(found) = l2.lookup(&account, &page_key, false).await {
+            let found = {
+                let lookup = l2.lookup(&account, &page_key, false);
+                tokio::pin!(lookup);
+                loop {
+                    tokio::select! {
+                        f = &mut lookup => break f,
+                        r = &mut admit, if admitted.is_none() => admitted = Some(r),
+                    }
+                }
+            };
+            if let Ok(found) = found {
                 l2_plan = Some(FetchPlan {
                     gen: found.gen,
                     token: None,
@@ -240,7 +285,17 @@ async fn fetch_within_budget(
                 });
             }
         } else {
-            match l2.plan_miss(&account, &page_key).await {
+            let plan = {
+                let plan = l2.plan_miss(&account, &page_key);
+                tokio::pin!(plan);
+                loop {
+                    tokio::select! {
+                        p = &mut plan => break p,
+                        r = &mut admit, if admitted.is_none() => admitted = Some(r),
+                    }
+                }
+            };
+            match plan {
                 MissPlan::Serve(p, now_ms) => {
                     let page = p.to_page(page_key, now_ms);
                     let (stored_at, body) = (page.stored_at, page.body.clone());
@@ -265,10 +320,13 @@ async fn fetch_within_budget(
                 MissPlan::Bypass => {}
             }
         }
+        if admitted.is_none() {
+            admitted = Some(admit.await);
+        }
     }
     let resp = match state
         .upstream
-        .call(GET_LIST, CommandClass::Read, body, &stats)
+        .call_admitted(GET_LIST, CommandClass::Read, body, &stats, admitted)
         .await
     {
         Ok(r) => r,

@@ -3,14 +3,21 @@
 //!
 //! all items fresh: lookups (no allocation per item) → assembled from the template,
 //!       no call to Chat → `HIT`
-//! some missing: ONE call naming only the missing items (coalesced per item: an item
-//!       another request is fetching is awaited, not fetched again) → split back →
-//!       successes stored, per-item failures passed through (never stored) →
-//!       assembled in request order → `PARTIAL` (some from memory) or `MISS`
+//! some missing: (fleet: the fleet's L2, one pipeline for all of them, waiting for
+//!       the items another gateway is fetching) → ONE call naming only the items
+//!       still missing (coalesced per item: an item another request is fetching is
+//!       awaited, not fetched again) → split back → successes stored (in memory, and
+//!       in L2 by a task of its own), per-item failures passed through (never
+//!       stored) → assembled in request order → `PARTIAL` (some from memory) or
+//!       `MISS` (with `x-cache-l2: HIT` when L2 had every missing item)
 //! Chat failing: every missing item with an entry past its TTL but within its stale
 //!       window → `STALE`; otherwise Chat's answer (or the gateway's error) as is
 //! not splittable (request or answer): forwarded unchanged → `BYPASS`
 //! `[cache.commands."…"] enabled = false`: forwarded like any other command.
+//!
+//! On HTTP/1.1 a full hit of a common body never reaches [`handle`]: the front end
+//! asks [`fast_hit`] (the fast scanner, the lookups, no serde, no allocation) and
+//! writes the pieces it returns with one `writev`; anything else comes here.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,12 +28,15 @@ use tracing::Instrument;
 
 use crate::cache::assemble::{self, Template};
 use crate::cache::coalesce::Role;
+use crate::cache::item_fast;
 use crate::cache::item_key::{self, ItemRequest, Parsed};
 use crate::cache::items::{Deps, FetchEpoch, ItemEntry, ItemKey, ItemLookup, KeyBuf};
 use crate::chat::effects::EntityKind;
 use crate::chat::envelope::CodeClass;
-use crate::chat::reads::{AnswerShape, ReadRow, MAX_LISTED_DEPS, READS};
+use crate::chat::reads::{AnswerShape, ReadRow, Store, MAX_LISTED_DEPS, READS};
 use crate::error::GatewayError;
+use crate::fleet::conn;
+use crate::fleet::items::{self as l2_items, Found, ItemL2};
 use crate::server::access::AccessInfo;
 use crate::server::handlers::{get_list, passthrough};
 use crate::server::response::{self, age_value, Body, X_CACHE};
@@ -38,6 +48,9 @@ const PARTIAL: HeaderValue = HeaderValue::from_static("PARTIAL");
 const MISS: HeaderValue = HeaderValue::from_static("MISS");
 const STALE: HeaderValue = HeaderValue::from_static("STALE");
 const BYPASS: HeaderValue = HeaderValue::from_static("BYPASS");
+/// `x-cache-l2: HIT`: every item not in this gateway's memory came from the fleet's
+/// L2, without calling Chat.
+const X_CACHE_L2: http::HeaderName = http::HeaderName::from_static("x-cache-l2");
 
 /// One item of a flight's answer.
 #[derive(Debug, Clone)]
@@ -49,6 +62,10 @@ pub struct FetchedItem {
     /// The entities it depends on: a request that joined the flight serves it only
     /// if none changed since the flight began.
     pub deps: Deps,
+    /// It may be cached (Chat's success for it; stored unless overtaken).
+    pub cached: bool,
+    /// It came from the fleet's L2, not from Chat.
+    pub from_l2: bool,
 }
 
 /// What one flight (one call to Chat for some items) produced.
@@ -80,10 +97,122 @@ pub enum Outcome {
     /// A success the table cannot split: Chat's answer, given as is to a caller
     /// whose whole request this call was; every other caller forwards its own.
     Unsplittable(Bytes),
+    /// A call for some of the flight's items (the others came from L2) could not be
+    /// split: every caller forwards its own request.
+    Forward,
 }
 
 /// A flight's shared result.
 pub type Flight = Arc<Outcome>;
+
+/// A full hit, ready for the HTTP/1.1 front end to write: the template's pieces
+/// around the entries [`fast_hit`] put, in request order, in the caller's vector.
+pub struct FastHit {
+    /// `None` for a single read (its one entry is the whole answer).
+    template: Option<arc_swap::Guard<Arc<Template>>>,
+    /// Seconds since the oldest item was stored.
+    pub age: u64,
+    /// Bytes of the answer.
+    pub len: usize,
+}
+
+/// Most pieces a [`FastHit`] is written in: the prefix, the items, the closing.
+pub const FAST_PIECES: usize = item_fast::MAX_ITEMS + 2;
+
+impl FastHit {
+    /// The answer's pieces, in order, into `out` (room for [`FAST_PIECES`]); returns
+    /// how many. `entries` are those [`fast_hit`] found. Written one after the other
+    /// they are what [`handle`] answers for the same request.
+    pub fn pieces<'s>(
+        &'s self,
+        entries: &'s [Arc<ItemEntry>],
+        out: &mut [std::io::IoSlice<'s>],
+    ) -> usize {
+        if out.len() < entries.len() + 2 {
+            return 0;
+        }
+        let Some(t) = &self.template else {
+            return match entries.first() {
+                Some(e) => {
+                    out[0] = std::io::IoSlice::new(&e.body);
+                    1
+                }
+                None => 0,
+            };
+        };
+        out[0] = std::io::IoSlice::new(t.prefix.as_bytes());
+        let mut k = 1;
+        for (i, e) in entries.iter().enumerate() {
+            out[k] = std::io::IoSlice::new(if i == 0 { &e.body } else { e.with_comma() });
+            k += 1;
+        }
+        out[k] = std::io::IoSlice::new(t.closing.as_bytes());
+        k + 1
+    }
+}
+
+/// A full hit of `body` as a request of row `row`, by the shortest path: the fast
+/// scanner, one lookup per item (the entries, in request order, into `entries`, a
+/// vector the caller keeps from one request to the next), counted as [`handle`]
+/// counts a hit. `None` when it is anything else (the caller then routes the
+/// request to [`handle`]): a body the fast scanner leaves to the general parser, an
+/// item named twice, an item not fresh, caching disabled.
+pub fn fast_hit(
+    state: &AppState,
+    row: usize,
+    body: &[u8],
+    now: Instant,
+    entries: &mut Vec<Arc<ItemEntry>>,
+) -> Option<FastHit> {
+    entries.clear();
+    let r = READS.get(row)?;
+    if r.store != Store::Items || !state.live.load().commands[row].enabled {
+        return None;
+    }
+    let mut req = item_fast::request();
+    if !item_fast::scan(r, body, &mut req) {
+        return None;
+    }
+    let vid = state.items.variant_id_of(row, req.variant());
+    let items = req.items();
+    // Items named twice are Chat's to answer: a bit per hash, and an exact check
+    // when two bits meet.
+    let mut seen = [0u64; 16];
+    let mut len = 0usize;
+    let mut oldest = now;
+    for (i, item) in items.iter().enumerate() {
+        let key = KeyBuf::of_bytes(row, vid, item)?;
+        let h = state.items.key_hash(&key);
+        let bit = (h & 1023) as usize;
+        let (word, mask) = (bit >> 6, 1u64 << (bit & 63));
+        if seen[word] & mask != 0 && items[..i].contains(item) {
+            return None;
+        }
+        seen[word] |= mask;
+        let ItemLookup::Fresh(e) = state.items.lookup_hashed(&key, h, now) else {
+            return None;
+        };
+        len += e.body.len();
+        oldest = oldest.min(e.stored_at);
+        entries.push(e);
+    }
+    let mut hit = FastHit {
+        template: None,
+        age: now.saturating_duration_since(oldest).as_secs(),
+        len,
+    };
+    if let AnswerShape::Items { .. } = r.answer {
+        let t = state.templates.guard(row);
+        hit.len = t.prefix.len() + len + items.len().saturating_sub(1) + t.closing.len();
+        hit.template = Some(t);
+    }
+    let c = &state.read_counters[row];
+    c.hit.increment(1);
+    c.from_memory.increment(items.len() as u64);
+    c.saved.increment(1);
+    c.request_ok.increment(1);
+    Some(hit)
+}
 
 /// Handles one request of the cached read `command` (row `row`).
 pub async fn handle(
@@ -131,6 +260,7 @@ pub async fn handle(
     let mut hits: Vec<Option<Arc<ItemEntry>>> = Vec::with_capacity(n);
     let mut stale: Vec<Option<Arc<ItemEntry>>> = Vec::with_capacity(n);
     let mut missing: Vec<usize> = Vec::new();
+    let lookup_span = crate::trace::cache_lookup();
     for (i, key) in keys.iter().enumerate() {
         let found = if no_cache {
             ItemLookup::Miss
@@ -154,6 +284,15 @@ pub async fn handle(
             }
         }
     }
+    if let Some(s) = lookup_span {
+        let result = match missing.len() {
+            0 => "hit",
+            m if m < n => "partial",
+            _ => "miss",
+        };
+        let result = opentelemetry::KeyValue::new("chat_gateway.cache.result", result);
+        s.end(vec![result], false);
+    }
     if missing.is_empty() {
         c.hit.increment(1);
         c.from_memory.increment(n as u64);
@@ -174,7 +313,11 @@ pub async fn handle(
         command,
         items = n,
         missing = missing.len(),
+        trace_id = tracing::field::Empty,
     );
+    if let Some(t) = parts.extensions.get::<crate::trace::LogTraceId>() {
+        span.record("trace_id", tracing::field::display(t));
+    }
     miss(
         state,
         &parsed,
@@ -222,18 +365,22 @@ async fn miss(
             // Taken before the flight is visible to others: what it answers is checked
             // against invalidations since then.
             let epoch = state.items.begin_fetch();
-            // Its own task, carrying this request's span (and id).
-            fetch(
-                state.clone(),
-                row,
-                variant.clone(),
-                scope.clone(),
-                items,
-                keys,
-                stats.clone(),
-                epoch,
+            // Its own task, carrying this request's span (and id) and its trace (its
+            // calls to Chat and Redis are the request's children).
+            crate::trace::carry(
+                fetch(
+                    state.clone(),
+                    row,
+                    variant.clone(),
+                    scope.clone(),
+                    items,
+                    keys,
+                    stats.clone(),
+                    epoch,
+                    no_cache,
+                )
+                .instrument(tracing::Span::current()),
             )
-            .instrument(tracing::Span::current())
         },
         || {
             Arc::new(Outcome::Error(GatewayError::Internal(
@@ -253,14 +400,15 @@ async fn miss(
         c.coalesced.increment(1);
         // A flight that began before an invalidation this request may have followed
         // (a write acknowledged before it arrived) must not answer for it: those
-        // items are fetched again, by a call of our own.
+        // items are fetched again, by a call of our own. Nor may an entry from L2
+        // answer a request that asked for none (`no-cache`).
         let redo: Vec<usize> = outcomes
             .iter()
             .enumerate()
             .filter(|(_, (o, i))| match &**o {
-                Outcome::Items { epoch, items, .. } => items
-                    .get(*i)
-                    .is_some_and(|f| !state.items.unchanged_since(&f.deps, *epoch)),
+                Outcome::Items { epoch, items, .. } => items.get(*i).is_some_and(|f| {
+                    !state.items.unchanged_since(&f.deps, *epoch) || (no_cache && f.from_l2)
+                }),
                 _ => false,
             })
             .map(|(pos, _)| pos)
@@ -278,6 +426,7 @@ async fn miss(
                 keys,
                 stats.clone(),
                 epoch,
+                true,
             )
             .await;
             for (j, pos) in redo.into_iter().enumerate() {
@@ -293,12 +442,13 @@ async fn miss(
     };
     let command = r.command;
     if let Some(answer) = outcomes.iter().find_map(|(o, _)| match &**o {
-        Outcome::Unsplittable(answer) => Some(answer.clone()),
+        Outcome::Unsplittable(answer) => Some(Some(answer.clone())),
+        Outcome::Forward => Some(None),
         _ => None,
     }) {
         // Our own call named every item of the request with its other fields: its
         // answer is Chat's answer to the request.
-        if led && !joined && hits.iter().all(Option::is_none) {
+        if let (Some(answer), true) = (answer, led && !joined && hits.iter().all(Option::is_none)) {
             tracing::debug!(command, "Chat's answer could not be split; given as is");
             c.bypass.increment(1);
             let mut resp = response::json(StatusCode::OK, answer);
@@ -326,14 +476,26 @@ async fn miss(
         .find(|o| matches!(***o, Outcome::Answer { .. } | Outcome::Error(_)))
         .cloned();
     let mut use_stale = false;
+    let mut stale = stale;
     if let Some(f) = &failure {
+        // Entries L2 had past their TTL (within their stale window) were put in
+        // memory by the flight: they may stand in too.
+        for i in &missing {
+            if stale[*i].is_none() {
+                if let ItemLookup::Stale(e) | ItemLookup::Fresh(e) =
+                    state.items.lookup(&keys[*i], now)
+                {
+                    stale[*i] = Some(e);
+                }
+            }
+        }
         let may_serve_stale = outcomes.iter().zip(&missing).all(|((o, _), i)| match &**o {
             Outcome::Items { .. } => true,
             Outcome::Answer {
                 upstream_failed, ..
             } => *upstream_failed && stale[*i].is_some(),
             Outcome::Error(_) => stale[*i].is_some(),
-            Outcome::Unsplittable(_) => false,
+            Outcome::Unsplittable(_) | Outcome::Forward => false,
         });
         if !may_serve_stale {
             c.bypass.increment(1);
@@ -360,7 +522,7 @@ async fn miss(
     // Assemble, in request order.
     let mut parts: Vec<(Bytes, Option<&str>)> = Vec::with_capacity(parsed.items.len());
     let mut template: Option<&Template> = None;
-    let (mut from_memory, mut from_chat) = (0u64, 0u64);
+    let (mut from_memory, mut from_chat, mut from_l2) = (0u64, 0u64, 0u64);
     let mut next_missing = missing.iter().zip(&outcomes).peekable();
     for (i, item) in parsed.items.iter().enumerate() {
         if let Some(e) = &hits[i] {
@@ -382,7 +544,11 @@ async fn miss(
                     template = t.as_ref();
                 }
                 parts.push((f.body.clone(), f.failed.then_some(item.as_ref())));
-                from_chat += 1;
+                if f.from_l2 {
+                    from_l2 += 1;
+                } else {
+                    from_chat += 1;
+                }
             }
             _ => match &stale[i] {
                 Some(e) => {
@@ -417,7 +583,8 @@ async fn miss(
     };
     c.from_memory.increment(from_memory);
     c.from_chat.increment(from_chat);
-    if !led {
+    c.from_l2.increment(from_l2);
+    if !led || (from_chat == 0 && !use_stale) {
         c.saved.increment(1);
     }
     let x = if use_stale {
@@ -435,12 +602,27 @@ async fn miss(
     };
     let age = if from_memory > 0 { age } else { None };
     let mut resp = answer_with(answer, x, age);
+    if from_l2 > 0 && from_chat == 0 && !use_stale {
+        resp.headers_mut().insert(X_CACHE_L2, HIT);
+    }
     info.attach(&mut resp);
     resp
 }
 
-/// Runs in its own task: one call to Chat for `items`, the answer split, the
-/// successes stored (unless an invalidation since `epoch` overtook them).
+/// The entities an item entry of a batched read (or a single read without listed
+/// dependencies) depends on.
+fn item_deps(state: &AppState, r: &ReadRow, item: &str, scope: Option<&str>) -> Deps {
+    state.items.deps(
+        r.item_deps
+            .iter()
+            .map(|k| (*k, item))
+            .chain(r.scope.iter().filter_map(|(_, k)| scope.map(|s| (*k, s)))),
+    )
+}
+
+/// Runs in its own task: the flight for `items`. In a fleet with L2, the fleet's
+/// entries first ([`fetch_fleet`]); then one call to Chat for the items still
+/// missing ([`fetch_chat`]).
 #[allow(clippy::too_many_arguments)]
 async fn fetch(
     state: Arc<AppState>,
@@ -451,24 +633,280 @@ async fn fetch(
     keys: Vec<ItemKey>,
     stats: Arc<CallStats>,
     epoch: FetchEpoch,
+    no_cache: bool,
 ) -> Flight {
     let r = &READS[row];
-    let body = item_key::upstream_body(r, items.iter().map(|s| &**s), &variant);
+    let fleet = state.fleet.clone().filter(|_| l2_items::in_l2(r));
+    let l2 = fleet.as_ref().and_then(|f| f.item_l2().cloned());
+    let outcome = match (fleet, l2) {
+        (Some(fleet), Some(l2)) => {
+            // All of the flight's Redis work shares one budget of redis.timeout_ms.
+            let f = Fleetwide {
+                fleet: &fleet,
+                l2: &l2,
+                no_cache,
+            };
+            conn::with_budget(
+                fleet.redis().timeout(),
+                f.fetch(
+                    &state,
+                    row,
+                    &variant,
+                    scope.as_deref(),
+                    &items,
+                    &keys,
+                    &stats,
+                    epoch,
+                ),
+            )
+            .await
+        }
+        _ => {
+            fetch_chat(
+                &state,
+                row,
+                &variant,
+                scope.as_deref(),
+                &items,
+                &keys,
+                &stats,
+                epoch,
+            )
+            .await
+        }
+    };
+    Arc::new(outcome)
+}
+
+/// A flight's use of the fleet's L2.
+struct Fleetwide<'f> {
+    fleet: &'f Arc<crate::fleet::Fleet>,
+    l2: &'f Arc<ItemL2>,
+    /// The request asked for no cached answer: L2 is not read (but what Chat answers
+    /// is stored).
+    no_cache: bool,
+}
+
+/// How one item of a flight is stored in L2 after Chat answers it: the generations
+/// and carried generation its fetch began with, and our lock's token.
+type L2Plan = (String, String, Option<String>);
+
+impl Fleetwide<'_> {
+    /// The items L2 has fresh (put in memory), then one call to Chat for the others,
+    /// stored in memory and in L2.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        &self,
+        state: &Arc<AppState>,
+        row: usize,
+        variant: &str,
+        scope: Option<&str>,
+        items: &[Arc<str>],
+        keys: &[ItemKey],
+        stats: &CallStats,
+        epoch: FetchEpoch,
+    ) -> Outcome {
+        let r = &READS[row];
+        let n = items.len();
+        let q = self.l2.query(r, variant, scope, items);
+        // Not read from L2 (nor stored in it): items whose entities this gateway
+        // invalidated and Redis does not have yet.
+        let scope_pending =
+            matches!((r.scope, scope), (Some((_, k)), Some(s)) if self.fleet.pending(k, s));
+        let which: Vec<usize> = (0..n)
+            .filter(|i| {
+                !scope_pending
+                    && !r
+                        .item_deps
+                        .iter()
+                        .any(|k| self.fleet.pending(*k, &items[*i]))
+            })
+            .collect();
+        let found = match (which.is_empty(), self.no_cache) {
+            (true, _) => None,
+            (false, false) => self.l2.plan(&q, &which).await,
+            (false, true) => self.l2.lookup(&q, &which, false).await.ok(),
+        };
+        let mut plans: Vec<Option<L2Plan>> = vec![None; n];
+        let mut out: Vec<Option<FetchedItem>> = vec![None; n];
+        let mut to_fetch: Vec<usize> = Vec::with_capacity(n);
+        let mut by_item: Vec<Option<Found>> = vec![None; n];
+        for (i, f) in which.iter().zip(found.into_iter().flatten()) {
+            by_item[*i] = Some(f);
+        }
+        for (i, f) in by_item.into_iter().enumerate() {
+            match f {
+                Some(Found::Fresh { item, now_ms, .. }) if !self.no_cache => {
+                    let deps = item_deps(state, r, &items[i], scope);
+                    let (stored_at, fresh_until, stale_until) = item.instants(now_ms);
+                    let entry = state.items.entry_at(
+                        &item.body,
+                        epoch,
+                        deps.clone(),
+                        stored_at,
+                        fresh_until,
+                        stale_until,
+                    );
+                    let body = entry.body.clone();
+                    state.items.insert(keys[i].clone(), Arc::new(entry));
+                    out[i] = Some(FetchedItem {
+                        body,
+                        failed: false,
+                        deps,
+                        cached: true,
+                        from_l2: true,
+                    });
+                }
+                Some(Found::Fresh { gens, carried, .. }) => {
+                    plans[i] = Some((gens, carried, None));
+                    to_fetch.push(i);
+                }
+                Some(Found::Fetch {
+                    gens,
+                    carried,
+                    token,
+                    stale,
+                }) => {
+                    if let Some((e, now_ms)) = stale {
+                        // For when Chat fails: stale-if-error from L2 too.
+                        self.keep_stale(state, r, &items[i], scope, &keys[i], epoch, &e, now_ms);
+                    }
+                    plans[i] = Some((gens, carried, token));
+                    to_fetch.push(i);
+                }
+                Some(Found::Theirs { gens, carried }) => {
+                    plans[i] = Some((gens, carried, None));
+                    to_fetch.push(i);
+                }
+                None => to_fetch.push(i),
+            }
+        }
+        if to_fetch.is_empty() {
+            return Outcome::Items {
+                epoch,
+                template: None,
+                items: out.into_iter().flatten().collect(),
+            };
+        }
+        let sub_items: Vec<Arc<str>> = to_fetch.iter().map(|i| items[*i].clone()).collect();
+        let sub_keys: Vec<ItemKey> = to_fetch.iter().map(|i| keys[*i].clone()).collect();
+        let outcome = fetch_chat(
+            state, row, variant, scope, &sub_items, &sub_keys, stats, epoch,
+        )
+        .await;
+        let Outcome::Items {
+            template,
+            items: fetched,
+            ..
+        } = outcome
+        else {
+            let held = to_fetch
+                .iter()
+                .filter_map(|i| plans[*i].as_ref()?.2.clone().map(|t| (*i, t)))
+                .collect();
+            self.l2.unlock_later(&q, held);
+            return match outcome {
+                // Chat's answer to a part of the flight's items is no answer to the
+                // request: each caller forwards its own.
+                Outcome::Unsplittable(_) if to_fetch.len() < n => Outcome::Forward,
+                other => other,
+            };
+        };
+        let mut entries = Vec::new();
+        let mut held = Vec::new();
+        for (f, i) in fetched.into_iter().zip(&to_fetch) {
+            if let Some((gens, carried, token)) = plans[*i].take() {
+                if f.cached && state.items.unchanged_since(&f.deps, epoch) {
+                    entries.push((*i, f.body.clone(), gens, carried, token));
+                } else if let Some(t) = token {
+                    held.push((*i, t));
+                }
+            }
+            out[*i] = Some(f);
+        }
+        self.l2.unlock_later(&q, held);
+        if !entries.is_empty() {
+            // Stored by a task of its own, so that a slow Redis delays the answer by
+            // no more than what is left of the request's budget.
+            let cfg = state.live.load().commands[row];
+            let l2 = self.l2.clone();
+            let store = tokio::spawn(async move {
+                if let Err(e) = l2.store(&q, &entries, cfg.ttl, cfg.stale_if_error).await {
+                    tracing::debug!(error = %e, "items not stored in L2");
+                }
+            });
+            let _ = conn::within_budget(store).await;
+        }
+        Outcome::Items {
+            epoch,
+            template,
+            items: out.into_iter().flatten().collect(),
+        }
+    }
+
+    /// Puts an entry L2 has past its TTL (within its stale window) in memory, unless
+    /// memory has one, so that it may stand in if Chat fails.
+    #[allow(clippy::too_many_arguments)]
+    fn keep_stale(
+        &self,
+        state: &AppState,
+        r: &ReadRow,
+        item: &str,
+        scope: Option<&str>,
+        key: &ItemKey,
+        epoch: FetchEpoch,
+        e: &l2_items::L2Item,
+        now_ms: u64,
+    ) {
+        let Some(k) = KeyBuf::from_key(key) else {
+            return;
+        };
+        if !matches!(state.items.lookup(&k, Instant::now()), ItemLookup::Miss) {
+            return;
+        }
+        let (stored_at, fresh_until, stale_until) = e.instants(now_ms);
+        let entry = state.items.entry_at(
+            &e.body,
+            epoch,
+            item_deps(state, r, item, scope),
+            stored_at,
+            fresh_until,
+            stale_until,
+        );
+        state.items.insert(key.clone(), Arc::new(entry));
+    }
+}
+
+/// One call to Chat for `items`, the answer split, the successes stored in memory
+/// (unless an invalidation since `epoch` overtook them).
+#[allow(clippy::too_many_arguments)]
+async fn fetch_chat(
+    state: &Arc<AppState>,
+    row: usize,
+    variant: &str,
+    scope: Option<&str>,
+    items: &[Arc<str>],
+    keys: &[ItemKey],
+    stats: &CallStats,
+    epoch: FetchEpoch,
+) -> Outcome {
+    let r = &READS[row];
+    let body = item_key::upstream_body(r, items.iter().map(|s| &**s), variant);
     let class = state.command_class(r.command);
-    let resp = match state.upstream.call(r.command, class, body, &stats).await {
+    let resp = match state.upstream.call(r.command, class, body, stats).await {
         Ok(resp) => resp,
-        Err(e) => return Arc::new(Outcome::Error(e)),
+        Err(e) => return Outcome::Error(e),
     };
     let success = resp.status == StatusCode::OK && resp.chat.is_some_and(|s| s.is_success());
     if !success {
         let class = resp.chat.map(|s| CodeClass::of(s.code));
-        return Arc::new(Outcome::Answer {
+        return Outcome::Answer {
             status: resp.status,
             code: resp.chat.map(|s| s.code),
             upstream_failed: resp.status.is_server_error()
                 || matches!(class, Some(CodeClass::Transient | CodeClass::Throttled)),
             body: resp.body,
-        });
+        };
     }
     // The settings in force when the answer is stored (a reload may have come).
     let cfg = state.live.load().commands[row];
@@ -513,22 +951,18 @@ async fn fetch(
                     body,
                     failed: false,
                     deps,
+                    cached: cacheable,
+                    from_l2: false,
                 }],
             }
         }
-        AnswerShape::Items { .. } => match split_for(r, &resp.body, &items) {
+        AnswerShape::Items { .. } => match split_for(r, &resp.body, items) {
             None => Outcome::Unsplittable(resp.body.clone()),
             Some((split, order)) => {
                 let mut fetched = Vec::with_capacity(items.len());
                 for (name, (key, at)) in items.iter().zip(keys.iter().zip(order)) {
                     let a = &split.items[at];
-                    let deps = state.items.deps(
-                        r.item_deps.iter().map(|k| (*k, &**name)).chain(
-                            r.scope
-                                .iter()
-                                .filter_map(|(_, k)| scope.as_deref().map(|s| (*k, s))),
-                        ),
-                    );
+                    let deps = item_deps(state, r, name, scope);
                     let body = if a.cacheable {
                         store(a.raw.as_bytes(), key, &deps)
                     } else {
@@ -538,6 +972,8 @@ async fn fetch(
                         body,
                         failed: a.failed,
                         deps,
+                        cached: a.cacheable,
+                        from_l2: false,
                     });
                 }
                 if split.items.iter().all(|i| !i.failed) {
@@ -551,7 +987,7 @@ async fn fetch(
             }
         },
     };
-    Arc::new(outcome)
+    outcome
 }
 
 /// Splits an answer and finds each of `items` in it: the split and, per item, the

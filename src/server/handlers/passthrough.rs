@@ -2,7 +2,9 @@
 //! caching is disabled): forwarded with the gateway's credentials, the body as is
 //! (an empty body as `{}`), Chat's answer returned as is. A write invalidates what
 //! the table of invalidations ([`crate::chat::effects`]) says it changes once Chat
-//! has answered, whatever the outcome (a failed write may still have been applied).
+//! has answered, whatever the outcome (a failed write may still have been applied),
+//! and, in a fleet, answers once every gateway has applied it (or after
+//! `redis.timeout_ms`).
 
 use std::sync::Arc;
 
@@ -34,7 +36,10 @@ pub async fn forward(state: &Arc<AppState>, command: &str, mut body: Bytes) -> R
         .call(command, class, body.clone(), &stats)
         .await;
     let changed = effects::of_write(command, class == CommandClass::Write, &body);
-    state.invalidator.apply(Source::WriteThrough, &changed);
+    state
+        .invalidator
+        .apply_and_wait(Source::WriteThrough, &changed)
+        .await;
     let (mut resp, code) = match result {
         Ok(r) => {
             let code = r.chat.map(|s| s.code);
