@@ -49,8 +49,8 @@ fn data_node(
         password: opts.password.clone(),
         tls: opts.tls,
         extra,
-        port: None,
         pki_from: pki.cloned(),
+        ..RedisOpts::default()
     })
 }
 
