@@ -7,6 +7,8 @@
 #     and the Redis round trips of a memory miss before Chat and after the answer;
 #   - invalidation lag: an admin invalidation on gateway 1 until gateways 2 and 3
 #     answer MISS (p50/p99 over 400 samples), and the gateways' lag histogram;
+#   - these two (Redis operations per call, invalidation lag) again with the
+#     gateways on a Redis Cluster of 3 masters (lines `BENCH cluster: ...`);
 #   - what an L2 hit adds over an in-memory hit (request latency p50/p99);
 #   - memory-hit throughput of a gateway with [redis] set against one without (wrk);
 #   - a group event over 100,006 indexed accounts: time to apply it everywhere, and

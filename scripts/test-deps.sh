@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the programs the test suite starts or calls, when they are missing:
 #   redis-server  (the fleet tests start real Redis servers on free loopback ports)
+#   redis-sentinel (tests/fleet_topology.rs starts a Sentinel set)
 #   promtool      (Debian's `prometheus` package: metrics format and alert-rule tests)
 #   python3       (tests/http1.rs uploads through Python's http.client, as `requests` does;
 #                  tests/examples.rs runs examples/clients/list_conversations.py)
@@ -14,6 +15,7 @@ set -euo pipefail
 # command -> Debian package
 declare -A NEED=(
   [redis-server]=redis-server
+  [redis-sentinel]=redis-sentinel
   [redis-cli]=redis-tools
   [promtool]=prometheus
   [python3]=python3

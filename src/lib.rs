@@ -57,7 +57,8 @@
 //!   health ([`fleet::conn`]), the keys ([`fleet::keys`]), the fleet-wide rate limit
 //!   ([`fleet::limiter`]), invalidation events and loss detection ([`fleet::bus`]), the
 //!   shared L2 page cache and fetch lock ([`fleet::l2`]), the item entries in L2
-//!   ([`fleet::items`]), and the heartbeat ([`fleet::heartbeat`]).
+//!   ([`fleet::items`]), the heartbeat ([`fleet::heartbeat`]), and Redis Cluster
+//!   and Sentinel behind one connection type ([`fleet::topology`]).
 //! - [`error`]: the request error type: where each failure came from and what the
 //!   caller is told (its response is built in [`server::response`]).
 //! - [`metrics`]: every metric family (registered from the first scrape) and

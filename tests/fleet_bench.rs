@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::redis::topology::{RedisCluster, TopologyOpts};
 use common::redis::RedisServer;
 use common::*;
 use http_body_util::{BodyExt, Full};
@@ -51,9 +52,13 @@ async fn fleet_of(
     redis: &RedisServer,
     extra: &[(&str, &str)],
 ) -> Vec<Gateway> {
-    let r = format!("url = \"{}\"\n", redis.url());
+    fleet_on(n, fake, &format!("url = \"{}\"\n", redis.url()), extra).await
+}
+
+/// `n` gateways with `r` as their `[redis]` section.
+async fn fleet_on(n: usize, fake: &FakeChat, r: &str, extra: &[(&str, &str)]) -> Vec<Gateway> {
     let mut sections: Vec<(&str, &str)> = vec![
-        ("redis", &r),
+        ("redis", r),
         ("cache", "ttl_secs = 60"),
         ("log", "level = \"warn,chat_gateway::cmd=info\""),
     ];
@@ -91,11 +96,30 @@ fn us(d: Duration) -> String {
 #[ignore]
 async fn redis_ops_per_admitted_call_at_saturation() {
     let redis = RedisServer::start();
+    let section = format!("url = \"{}\"\n", redis.url());
+    saturation("", &section, || redis.command_calls()).await;
+}
+
+/// The same on a Redis Cluster of 3 masters (no replicas), beside standalone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn cluster_redis_ops_per_admitted_call_at_saturation() {
+    let cluster = RedisCluster::start(3, 0, TopologyOpts::default());
+    let section = format!("mode = \"cluster\"\nurl = \"{}\"\n", cluster.url(0));
+    saturation("cluster: ", &section, || cluster.command_calls_by_name()).await;
+}
+
+/// Saturates the rate limit over 3 gateways on `section`; `tag` starts each line.
+async fn saturation(
+    tag: &str,
+    section: &str,
+    commands: impl Fn() -> std::collections::BTreeMap<String, u64>,
+) {
     let fake = FakeChat::start(echo_pages()).await;
-    let gws = fleet_of(
+    let gws = fleet_on(
         3,
         &fake,
-        &redis,
+        section,
         &[
             (
                 "ratelimit",
@@ -107,7 +131,7 @@ async fn redis_ops_per_admitted_call_at_saturation() {
     .await;
     let calls = 1500usize;
     let gws = Arc::new(gws);
-    let before = redis.command_calls();
+    let before = commands();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..calls {
@@ -125,7 +149,7 @@ async fn redis_ops_per_admitted_call_at_saturation() {
         t.await.unwrap();
     }
     let took = started.elapsed();
-    let after = redis.command_calls();
+    let after = commands();
     let mut by_op = std::collections::BTreeMap::new();
     for gw in gws.iter() {
         let m = metrics_text(gw).await;
@@ -148,12 +172,12 @@ async fn redis_ops_per_admitted_call_at_saturation() {
         after.get("evalsha").copied().unwrap_or(0) - before.get("evalsha").copied().unwrap_or(0);
     let n = calls as f64;
     println!(
-        "BENCH saturation: {calls} distinct misses over 3 gateways, N = 200/s, took {:.1} s ({:.0} calls/s at Chat)",
+        "BENCH {tag}saturation: {calls} distinct misses over 3 gateways, N = 200/s, took {:.1} s ({:.0} calls/s at Chat)",
         took.as_secs_f64(),
         n / took.as_secs_f64()
     );
     println!(
-        "BENCH rate-limit Redis operations per admitted call: {:.3} ({} lease scripts)",
+        "BENCH {tag}rate-limit Redis operations per admitted call: {:.3} ({} lease scripts)",
         by_op["ratelimit"] / n,
         by_op["ratelimit"]
     );
@@ -162,18 +186,18 @@ async fn redis_ops_per_admitted_call_at_saturation() {
         .map(|(k, v)| format!("{k} {:.3}", v / n))
         .collect();
     println!(
-        "BENCH Redis round trips per admitted call by op: {}",
+        "BENCH {tag}Redis round trips per admitted call by op: {}",
         per_call.join(", ")
     );
     println!(
-        "BENCH EVALSHA per admitted call (INFO commandstats): {:.2}",
+        "BENCH {tag}EVALSHA per admitted call (INFO commandstats): {:.2}",
         evalsha as f64 / n
     );
     // Every call here was a memory miss: before Chat it made the L2 lookup (which
     // takes the fetch lock in the same script) and, now and then, a rate-limit lease;
     // the L2 store runs after the answer, in a task of its own.
     println!(
-        "BENCH Redis round trips per memory miss: before Chat {:.3} (L2 lookup {:.3}, rate limit {:.3}); after the answer, not waited for beyond the request's budget: L2 store {:.3}",
+        "BENCH {tag}Redis round trips per memory miss: before Chat {:.3} (L2 lookup {:.3}, rate limit {:.3}); after the answer, not waited for beyond the request's budget: L2 store {:.3}",
         (by_op["lock"] + by_op["l2_get"] + by_op["ratelimit"]) / n,
         (by_op["lock"] + by_op["l2_get"]) / n,
         by_op["ratelimit"] / n,
@@ -185,12 +209,26 @@ async fn redis_ops_per_admitted_call_at_saturation() {
 #[ignore]
 async fn invalidation_lag_across_three_gateways() {
     let redis = RedisServer::start();
+    invalidation_lag("", &format!("url = \"{}\"\n", redis.url())).await;
+}
+
+/// The same on a Redis Cluster of 3 masters (no replicas), beside standalone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn cluster_invalidation_lag_across_three_gateways() {
+    let cluster = RedisCluster::start(3, 0, TopologyOpts::default());
+    let section = format!("mode = \"cluster\"\nurl = \"{}\"\n", cluster.url(0));
+    invalidation_lag("cluster: ", &section).await;
+}
+
+/// Invalidation lag over 3 gateways on `section`; `tag` starts each line.
+async fn invalidation_lag(tag: &str, section: &str) {
     let fake = FakeChat::start(echo_pages()).await;
     let gws = Arc::new(
-        fleet_of(
+        fleet_on(
             3,
             &fake,
-            &redis,
+            section,
             &[("ratelimit", "per_command_per_sec = 100000")],
         )
         .await,
@@ -223,7 +261,7 @@ async fn invalidation_lag_across_three_gateways() {
     }
     let n = lags.len();
     println!(
-        "BENCH invalidation lag (admin call on gateway 1 sent → first MISS on gateways 2 and 3, {n} samples): p50 {}, p99 {}, max {}",
+        "BENCH {tag}invalidation lag (admin call on gateway 1 sent → first MISS on gateways 2 and 3, {n} samples): p50 {}, p99 {}, max {}",
         us(pct(&mut lags, 0.5)),
         us(pct(&mut lags, 0.99)),
         us(pct(&mut lags, 1.0))
@@ -239,7 +277,7 @@ async fn invalidation_lag_across_three_gateways() {
         ));
     }
     println!(
-        "BENCH lag histogram on gateways 2 and 3 (publication → applied): {}",
+        "BENCH {tag}lag histogram on gateways 2 and 3 (publication → applied): {}",
         hist.join("; ")
     );
 }

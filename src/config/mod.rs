@@ -17,7 +17,7 @@ pub mod settings;
 use std::path::Path;
 
 pub use otel::TracingSettings;
-pub use redis::{RedisSettings, RedisUrl};
+pub use redis::{RedisMode, RedisSettings, RedisUrl};
 pub use secret::Secret;
 pub use settings::{
     AccessOutput, CacheSettings, ChatSettings, CommandCache, LiveSettings, LogFormat, LogSettings,

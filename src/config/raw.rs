@@ -65,6 +65,29 @@ pub struct RawRedis {
     pub lease_ms: u64,
     pub latency_allowance_ms: u64,
     pub expected_gateways: u64,
+    /// `standalone`, `cluster` or `sentinel`.
+    pub mode: String,
+    /// More cluster seed nodes (besides `url`); each may hold a password.
+    #[serde(serialize_with = "redacted_redis_urls")]
+    pub urls: Vec<Secret>,
+    /// The sentinels (`mode = "sentinel"`); each may hold a password.
+    #[serde(serialize_with = "redacted_redis_urls")]
+    pub sentinels: Vec<Secret>,
+    /// The name the sentinels know the primary by.
+    pub master_name: Option<String>,
+}
+
+/// Redis URLs, each as [`redacted_redis_url`] shows one.
+fn redacted_redis_urls<S: serde::Serializer>(u: &[Secret], s: S) -> Result<S::Ok, S::Error> {
+    let shown: Vec<String> = u
+        .iter()
+        .map(|u| {
+            super::redis::RedisUrl::parse("redis.urls", u.expose())
+                .map(|u| u.redacted())
+                .unwrap_or_else(|_| "<redacted>".to_string())
+        })
+        .collect();
+    s.collect_seq(shown)
 }
 
 /// A Redis URL as `redis://user:<redacted>@host:port/db`; all of it redacted if it
@@ -91,6 +114,10 @@ impl Default for RawRedis {
             lease_ms: 20,
             latency_allowance_ms: 40,
             expected_gateways: 1,
+            mode: "standalone".into(),
+            urls: Vec::new(),
+            sentinels: Vec::new(),
+            master_name: None,
         }
     }
 }
@@ -342,6 +369,8 @@ pub const SECRET_KEYS: &[&str] = &[
     "callback.token",
     "server.auth_tokens",
     "redis.url",
+    "redis.urls",
+    "redis.sentinels",
 ];
 
 impl RawConfig {
@@ -380,6 +409,8 @@ impl RawConfig {
                 .with_list_parse_key("retry.idempotent_commands")
                 .with_list_parse_key("routes.allow")
                 .with_list_parse_key("routes.deny")
+                .with_list_parse_key("redis.urls")
+                .with_list_parse_key("redis.sentinels")
                 .source(Some(env_map)),
         );
         let cfg = builder

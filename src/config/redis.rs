@@ -34,6 +34,55 @@ pub struct RedisSettings {
     /// of the rate limit is N divided by this (or by the live gateways last seen, if
     /// more) while Redis is unusable.
     pub expected_gateways: u32,
+    /// Which kind of Redis deployment `url` (and `urls`, `sentinels`) name.
+    pub mode: RedisMode,
+    /// More cluster seed nodes, besides `url` (`mode = "cluster"`).
+    pub urls: Vec<RedisUrl>,
+    /// The sentinels (`mode = "sentinel"`).
+    pub sentinels: Vec<RedisUrl>,
+    /// The name the sentinels know the primary by (`mode = "sentinel"`).
+    pub master_name: Option<String>,
+}
+
+/// `redis.mode`: what kind of Redis deployment the fleet uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedisMode {
+    /// One endpoint (`redis.url`): a server, a proxy, or a managed primary endpoint.
+    #[default]
+    Standalone,
+    /// A Redis Cluster: `redis.url` (and `redis.urls`) are seed nodes, the topology is
+    /// discovered and followed.
+    Cluster,
+    /// A primary managed by Sentinel: `redis.sentinels` name it by
+    /// `redis.master_name`; `redis.url` gives the primary's credentials, TLS and
+    /// database.
+    Sentinel,
+}
+
+impl RedisMode {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+        }
+    }
+
+    fn parse(s: &str) -> Option<RedisMode> {
+        match s.trim() {
+            "" | "standalone" => Some(RedisMode::Standalone),
+            "cluster" => Some(RedisMode::Cluster),
+            "sentinel" => Some(RedisMode::Sentinel),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for RedisMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// A parsed `redis://` or `rediss://` URL. `Debug`, `Display` and `Serialize` show it
@@ -198,6 +247,91 @@ pub fn from_raw(r: RawRedis) -> Result<Option<RedisSettings>, ConfigError> {
         .ok()
         .filter(|g| (1..=10_000).contains(g))
         .ok_or_else(|| ConfigError::invalid("redis.expected_gateways", "must be 1 to 10000"))?;
+    let mode = RedisMode::parse(&r.mode).ok_or_else(|| {
+        ConfigError::invalid(
+            "redis.mode",
+            "must be \"standalone\", \"cluster\" or \"sentinel\"",
+        )
+    })?;
+    let parse_all = |key: &str, list: &[Secret]| -> Result<Vec<RedisUrl>, ConfigError> {
+        list.iter()
+            .filter(|u| !u.expose().trim().is_empty())
+            .map(|u| RedisUrl::parse(key, u.expose()))
+            .collect()
+    };
+    let urls = parse_all("redis.urls", &r.urls)?;
+    let sentinels = parse_all("redis.sentinels", &r.sentinels)?;
+    let master_name = r
+        .master_name
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty());
+    let only_for = |key: &str, mode: &str| {
+        ConfigError::invalid(key, format!("is only used with redis.mode = \"{mode}\""))
+    };
+    match mode {
+        RedisMode::Standalone => {
+            if !urls.is_empty() {
+                return Err(only_for("redis.urls", "cluster"));
+            }
+        }
+        RedisMode::Cluster => {
+            if url.db != 0 {
+                return Err(ConfigError::invalid(
+                    "redis.url",
+                    "a Redis Cluster has database 0 only (the path must be /0 or empty)",
+                ));
+            }
+            // One client for every node: the same scheme and credentials.
+            for u in &urls {
+                if u.tls != url.tls || u.username != url.username || u.password != url.password {
+                    return Err(ConfigError::invalid(
+                        "redis.urls",
+                        "every seed node needs the same scheme, user and password as redis.url",
+                    ));
+                }
+                if u.db != 0 {
+                    return Err(ConfigError::invalid(
+                        "redis.urls",
+                        "a Redis Cluster has database 0 only (the path must be /0 or empty)",
+                    ));
+                }
+            }
+        }
+        RedisMode::Sentinel => {
+            if !urls.is_empty() {
+                return Err(only_for("redis.urls", "cluster"));
+            }
+            let Some(first) = sentinels.first() else {
+                return Err(ConfigError::invalid(
+                    "redis.sentinels",
+                    "must list at least one sentinel (redis://host:26379) with redis.mode = \"sentinel\"",
+                ));
+            };
+            if sentinels.iter().any(|s| {
+                s.tls != first.tls || s.username != first.username || s.password != first.password
+            }) {
+                return Err(ConfigError::invalid(
+                    "redis.sentinels",
+                    "every sentinel needs the same scheme, user and password",
+                ));
+            }
+            if master_name.is_none() {
+                return Err(ConfigError::invalid(
+                    "redis.master_name",
+                    "must be set with redis.mode = \"sentinel\" (the name the sentinels monitor)",
+                ));
+            }
+        }
+    }
+    if mode != RedisMode::Sentinel {
+        if !sentinels.is_empty() {
+            return Err(only_for("redis.sentinels", "sentinel"));
+        }
+        if master_name.is_some() {
+            return Err(only_for("redis.master_name", "sentinel"));
+        }
+    }
+    let any_tls = url.tls || sentinels.iter().any(|s| s.tls);
     if let Some(ca) = &r.ca_file {
         if !ca.is_file() {
             return Err(ConfigError::invalid(
@@ -205,7 +339,7 @@ pub fn from_raw(r: RawRedis) -> Result<Option<RedisSettings>, ConfigError> {
                 format!("{} is not a readable file", ca.display()),
             ));
         }
-        if !url.tls {
+        if !any_tls {
             return Err(ConfigError::invalid(
                 "redis.ca_file",
                 "is only used with a rediss:// URL",
@@ -221,6 +355,10 @@ pub fn from_raw(r: RawRedis) -> Result<Option<RedisSettings>, ConfigError> {
         lease: Duration::from_millis(r.lease_ms),
         latency_allowance: Duration::from_millis(r.latency_allowance_ms),
         expected_gateways,
+        mode,
+        urls,
+        sentinels,
+        master_name,
     }))
 }
 
@@ -247,5 +385,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("redis.url") && !e.contains("pw"), "{e}");
+    }
+
+    fn raw(mode: &str, url: &str) -> RawRedis {
+        RawRedis {
+            url: Some(Secret::new(url)),
+            mode: mode.into(),
+            ..RawRedis::default()
+        }
+    }
+
+    fn refused(r: RawRedis, key: &str) {
+        let e = from_raw(r).unwrap_err().to_string();
+        assert!(e.contains(key), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn each_mode_takes_its_own_keys() {
+        let s = from_raw(raw("", "redis://h/1")).unwrap().unwrap();
+        assert_eq!(s.mode, RedisMode::Standalone);
+        refused(raw("replicated", "redis://h"), "redis.mode");
+
+        let mut c = raw("cluster", "rediss://:s3cret@n1:7000");
+        c.urls = vec![Secret::new("rediss://:s3cret@n2:7000"), Secret::new("")];
+        let s = from_raw(c).unwrap().unwrap();
+        assert_eq!((s.mode, s.urls.len()), (RedisMode::Cluster, 1));
+        let shown = serde_json::to_string(&s).unwrap();
+        assert!(shown.contains("\"mode\":\"cluster\"") && !shown.contains("s3cret"));
+        refused(raw("cluster", "redis://n1:7000/2"), "redis.url");
+        let mut c = raw("cluster", "rediss://:s3cret@n1:7000");
+        c.urls = vec![Secret::new("redis://:s3cret@n2:7000")];
+        refused(c, "redis.urls");
+        let mut c = raw("standalone", "redis://n1");
+        c.urls = vec![Secret::new("redis://n2")];
+        refused(c, "redis.urls");
+
+        let mut t = raw("sentinel", "rediss://:s3cret@mymaster/3");
+        t.sentinels = vec![
+            Secret::new("redis://:s3cret@s1:26379"),
+            Secret::new("redis://:s3cret@s2:26379"),
+        ];
+        t.master_name = Some(" mymaster ".into());
+        let s = from_raw(t).unwrap().unwrap();
+        assert_eq!(s.master_name.as_deref(), Some("mymaster"));
+        assert_eq!(s.sentinels.len(), 2);
+        refused(raw("sentinel", "redis://x"), "redis.sentinels");
+        let mut t = raw("sentinel", "redis://x");
+        t.sentinels = vec![Secret::new("redis://s1:26379")];
+        refused(t, "redis.master_name");
+        let mut t = raw("cluster", "redis://x");
+        t.master_name = Some("m".into());
+        refused(t, "redis.master_name");
     }
 }

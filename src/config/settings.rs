@@ -847,6 +847,14 @@ impl Settings {
                     lease_ms: ms(r.lease),
                     latency_allowance_ms: ms(r.latency_allowance),
                     expected_gateways: u64::from(r.expected_gateways),
+                    mode: r.mode.as_str().to_string(),
+                    urls: r.urls.iter().map(|u| Secret::new(u.redacted())).collect(),
+                    sentinels: r
+                        .sentinels
+                        .iter()
+                        .map(|u| Secret::new(u.redacted()))
+                        .collect(),
+                    master_name: r.master_name.clone(),
                 },
                 None => RawRedis::default(),
             },

@@ -65,11 +65,10 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, histogram};
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{watch, Notify};
 
-use super::conn::{self, FleetError, Op, Redis};
+use super::conn::{self, Conn, FleetError, Op, Redis};
 use super::keys::Keys;
 use super::l2;
 use super::Shared;
@@ -737,7 +736,7 @@ async fn publish_loop(weak: std::sync::Weak<Bus>) {
 
 /// Records that this gateway has applied the stream up to `n` (best effort: a writer
 /// that cannot see it waits until its limit).
-async fn ack(c: &mut MultiplexedConnection, keys: &Keys, me: &str, n: u64) {
+async fn ack(c: &mut Conn, keys: &Keys, me: &str, n: u64) {
     let r: redis::RedisResult<()> = redis::cmd("ZADD")
         .arg(keys.acks())
         .arg(n)
@@ -750,11 +749,7 @@ async fn ack(c: &mut MultiplexedConnection, keys: &Keys, me: &str, n: u64) {
 }
 
 /// Appends a marker entry and returns its id and number: a position that exists.
-async fn mark(
-    c: &mut MultiplexedConnection,
-    keys: &Keys,
-    me: &str,
-) -> redis::RedisResult<(String, u64)> {
+async fn mark(c: &mut Conn, keys: &Keys, me: &str) -> redis::RedisResult<(String, u64)> {
     PUBLISH_SCRIPT
         .key(keys.bus())
         .key(keys.bus_seq())
@@ -769,7 +764,7 @@ async fn mark(
 
 /// The counter and the stream's last entry's number (-1: the stream is empty or
 /// gone), read together (`MULTI`: reads only, so a Redis pausing writes answers it).
-async fn check(c: &mut MultiplexedConnection, keys: &Keys) -> redis::RedisResult<(u64, i64)> {
+async fn check(c: &mut Conn, keys: &Keys) -> redis::RedisResult<(u64, i64)> {
     let (counter, last): (Option<u64>, Value) = redis::pipe()
         .atomic()
         .cmd("GET")
@@ -864,7 +859,7 @@ fn text(v: &Value) -> String {
 
 /// Takes a new position (a marker) and then drops the memory, if `why`.
 async fn reposition(
-    c: &mut MultiplexedConnection,
+    c: &mut Conn,
     bus: &Bus,
     identity: &str,
     why: Option<Loss>,
@@ -914,7 +909,7 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
                     )
                     .await?
                 }
-                Some(p) if p.identity != identity => {
+                Some(p) if super::topology::server_changed(&p.identity, &identity) => {
                     reposition(&mut c, &bus, &identity, Some(Loss::Restart)).await?
                 }
                 Some(p) => {

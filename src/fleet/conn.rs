@@ -1,6 +1,7 @@
 //! The one place every Redis operation goes through: the connection (TCP or rustls
-//! TLS), the deadlines, the health state, the reconnect loop, and what each new
-//! session finds out about the server.
+//! TLS; or, with `redis.mode`, a cluster or a Sentinel-named primary, see
+//! [`super::topology`]), the deadlines, the health state, the reconnect loop, and
+//! what each new session finds out about the server.
 //!
 //! - **Deadlines.** An operation on behalf of a request runs under that request's
 //!   Redis budget ([`with_budget`]): `redis.timeout_ms` for all of the request's Redis
@@ -46,6 +47,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
 use super::keys::Keys;
+pub use super::topology::Conn;
+use super::topology::{self, Topology};
 use super::Shared;
 use crate::config::RedisUrl;
 use crate::metrics::names;
@@ -270,6 +273,8 @@ pub struct Connector {
     tls: Option<tokio_rustls::TlsConnector>,
     /// `CLIENT SETNAME` prefix: `chat-gateway:<gateway id>`.
     name: String,
+    /// A cluster or a Sentinel-managed primary (`redis.mode`); `None`: `url` itself.
+    topology: Option<Arc<Topology>>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -297,7 +302,14 @@ impl Connector {
             url,
             tls,
             name: format!("chat-gateway:{gateway_id}"),
+            topology: None,
         })
+    }
+
+    /// Connects through `topology` (a cluster, sentinels) instead of to `url`.
+    pub fn with_topology(mut self, topology: Option<Topology>) -> Self {
+        self.topology = topology.map(Arc::new);
+        self
     }
 
     /// The URL, for logs (password redacted).
@@ -314,7 +326,24 @@ impl Connector {
     /// Opens a new multiplexed connection (authenticated, database selected, named
     /// `chat-gateway:<gateway id>:<role>` in `CLIENT LIST`). Its driver runs as a
     /// task; it ends when the connection does.
-    pub async fn connect(&self, role: &str) -> RedisResult<MultiplexedConnection> {
+    pub async fn connect(&self, role: &str) -> RedisResult<Conn> {
+        let mut conn = match &self.topology {
+            Some(t) => {
+                let cfg = AsyncConnectionConfig::new().set_response_timeout(None);
+                t.connect(cfg).await?
+            }
+            None => Conn::Single(self.connect_url().await?),
+        };
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(format!("{}:{role}", self.name))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(conn)
+    }
+
+    /// A connection to `url` itself.
+    async fn connect_url(&self) -> RedisResult<MultiplexedConnection> {
         let u = &self.url;
         let tcp = TcpStream::connect((u.host.as_str(), u.port)).await?;
         tcp.set_nodelay(true)?;
@@ -347,12 +376,6 @@ impl Connector {
             }
         };
         drop(driver);
-        let mut conn = conn;
-        redis::cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(format!("{}:{role}", self.name))
-            .query_async::<()>(&mut conn)
-            .await?;
         Ok(conn)
     }
 }
@@ -383,10 +406,13 @@ pub fn log_denied(command: &str, consequence: &str) {
 /// user may not run `INFO`, `marker:<n>` where `n` is `markers` plus one if `marker`
 /// had to be loaded (it was not on this server process).
 pub async fn identify(
-    c: &mut MultiplexedConnection,
+    c: &mut Conn,
     marker: &redis::Script,
     markers: &AtomicU64,
 ) -> RedisResult<String> {
+    if let Some(id) = topology::cluster_identity(c).await? {
+        return Ok(id);
+    }
     match redis::cmd("INFO")
         .arg("server")
         .query_async::<String>(c)
@@ -420,7 +446,7 @@ pub async fn identify(
 
 /// Reads `maxmemory-policy` (when the user may) and reports one the fleet does not
 /// support. Returns the policy, if read.
-async fn check_policy(c: &mut MultiplexedConnection, last: &Mutex<Option<String>>) {
+async fn check_policy(c: &mut Conn, last: &Mutex<Option<String>>) {
     let policy = match redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory-policy")
@@ -507,7 +533,7 @@ pub struct Redis {
     timeout: Duration,
     fleet: Option<FleetHook>,
     /// The connection in use; `None` while Redis is down.
-    conn: ArcSwapOption<MultiplexedConnection>,
+    conn: ArcSwapOption<Conn>,
     /// Side connections (`PING`, a no-op script): tell a slow Redis from one that
     /// holds our operations while it answers others.
     probe: ArcSwapOption<Probes>,
@@ -523,6 +549,9 @@ pub struct Redis {
     wake: Arc<Notify>,
     /// The current session; every (re)connection sends a new one.
     session: watch::Sender<Session>,
+    /// A new session is wanted while this one works (the servers behind it changed:
+    /// [`topology::watch`]).
+    renew: AtomicBool,
     /// Whether the loss was logged (so the recovery is logged, once).
     lost_logged: AtomicBool,
     /// Losses so far (each loss gets its number).
@@ -531,7 +560,7 @@ pub struct Redis {
     loss: Mutex<(LossKind, Instant)>,
     /// After a loss to held writes: the connection, kept open (and unused) so that
     /// what it sent runs when the pause ends.
-    held: ArcSwapOption<MultiplexedConnection>,
+    held: ArcSwapOption<Conn>,
     /// A smoothed round trip of successful operations (µs; 0 until one).
     rtt_us: AtomicU64,
     /// Marker scripts found missing so far (see [`identify`]).
@@ -575,6 +604,7 @@ impl Redis {
             last_strike_us: AtomicU64::new(0),
             wake: Arc::new(Notify::new()),
             session: watch::channel(Session::default()).0,
+            renew: AtomicBool::new(false),
             lost_logged: AtomicBool::new(false),
             losses: AtomicU64::new(0),
             loss: Mutex::new((LossKind::Gone, Instant::now())),
@@ -628,7 +658,7 @@ impl Redis {
     /// way.
     pub async fn run_behind_held<T, F, Fut>(&self, op: Op, f: F) -> Result<T, FleetError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let Some(conn) = self.held.load_full().or_else(|| self.conn.load_full()) else {
@@ -660,7 +690,7 @@ impl Redis {
     /// `redis.timeout_ms`.
     pub async fn read_side<T, F, Fut>(&self, op: Op, f: F) -> Result<T, FleetError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let Some(probes) = self.probe.load_full() else {
@@ -723,7 +753,7 @@ impl Redis {
     /// `redis.timeout_ms`. Fails at once while Redis is down.
     pub async fn run<T, F, Fut>(&self, op: Op, f: F) -> Result<T, FleetError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let budget = budget_left();
@@ -747,7 +777,7 @@ impl Redis {
         f: F,
     ) -> Result<T, FleetError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         self.run_within(op, self.timeout, patience, f).await
@@ -757,7 +787,7 @@ impl Redis {
     /// [`BACKGROUND_TIMEOUT`] (or `redis.timeout_ms` if longer).
     pub async fn run_long<T, F, Fut>(&self, op: Op, f: F) -> Result<T, FleetError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         self.run_within(op, self.timeout.max(BACKGROUND_TIMEOUT), Duration::ZERO, f)
@@ -772,7 +802,7 @@ impl Redis {
         f: F,
     ) -> Result<T, FleetError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let Some(conn) = self.conn.load_full() else {
@@ -922,13 +952,7 @@ impl Redis {
     /// Counts a failed operation begun at `started`: once per run of failures (those
     /// already under way when the last one counted do not count again), so that
     /// operations sent together and failing together are one strike, not three.
-    fn strike(
-        &self,
-        conn: &Arc<MultiplexedConnection>,
-        kind: LossKind,
-        what: &str,
-        started: Instant,
-    ) {
+    fn strike(&self, conn: &Arc<Conn>, kind: LossKind, what: &str, started: Instant) {
         let began = started.saturating_duration_since(self.born).as_micros() as u64;
         let now = self.born.elapsed().as_micros() as u64;
         let last = self.last_strike_us.load(Ordering::Acquire);
@@ -945,11 +969,21 @@ impl Redis {
         }
     }
 
+    /// Starts a new session while this one keeps serving (the servers behind the
+    /// connection changed, e.g. a cluster failover): once established, it replaces
+    /// the connection and is announced like a reconnection.
+    pub fn renew(&self, why: &str) {
+        if !self.renew.swap(true, Ordering::AcqRel) {
+            tracing::warn!(redis = %self.connector.url(), reason = why, "Redis topology changed; starting a new session");
+            self.wake.notify_one();
+        }
+    }
+
     /// Drops `conn` (if it is still the one in use) and starts reconnecting. When
     /// Redis holds writes, the connection is kept open (not used) until the next
     /// session: what it sent is executed when the pause ends (the rate limiter's
     /// markers, see [`super::limiter`]), and the side connections stay for reads.
-    fn lost(&self, conn: &Arc<MultiplexedConnection>, why: &str, kind: LossKind) {
+    fn lost(&self, conn: &Arc<Conn>, why: &str, kind: LossKind) {
         let cur = self.conn.load();
         let same = cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn));
         if !same {
@@ -980,9 +1014,9 @@ impl Redis {
 /// The side connections that tell a slow Redis from one that holds scripts.
 struct Probes {
     /// For `PING`.
-    ping: MultiplexedConnection,
+    ping: Conn,
     /// For the no-op script.
-    script: MultiplexedConnection,
+    script: Conn,
 }
 
 /// What the probe connections found.
@@ -1010,7 +1044,7 @@ fn denied_command(e: &redis::RedisError) -> String {
 
 /// What one successful attempt established.
 struct Established {
-    conn: MultiplexedConnection,
+    conn: Conn,
     probes: Probes,
     identity: String,
     /// The fleet's state in Redis went back (see [`super::heartbeat::session`]).
@@ -1028,7 +1062,7 @@ async fn establish(r: &Redis, last_identity: Option<&str>) -> RedisResult<Establ
         script.load_async(&mut c).await?;
     }
     check_policy(&mut c, &r.policy).await;
-    let changed = last_identity.is_some_and(|prev| prev != identity);
+    let changed = last_identity.is_some_and(|prev| topology::server_changed(prev, &identity));
     let lost = match &r.fleet {
         Some(h) => super::heartbeat::session(&mut c, &h.keys, &h.shared, changed).await?,
         None => false,
@@ -1052,7 +1086,7 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
     let mut seq = 0u64;
     loop {
         let Some(r) = weak.upgrade() else { return };
-        if r.is_up() {
+        if r.is_up() && !r.renew.swap(false, Ordering::AcqRel) {
             let wake = r.wake.clone();
             let notified = wake.notified();
             drop(r);
@@ -1063,7 +1097,9 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
         match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
             Ok(Ok(e)) => {
                 seq += 1;
-                let changed = last_identity.as_ref().is_some_and(|p| *p != e.identity);
+                let changed = last_identity
+                    .as_ref()
+                    .is_some_and(|p| topology::server_changed(p, &e.identity));
                 let restarted = changed || e.lost;
                 last_identity = Some(e.identity.clone());
                 r.strikes.store(0, Ordering::Relaxed);
@@ -1091,7 +1127,11 @@ async fn reconnect_loop(weak: std::sync::Weak<Redis>) {
                     Ok(Err(e)) => describe(&e),
                     _ => "connecting timed out (or Redis does not take writes now)".to_string(),
                 };
-                if !r.lost_logged.swap(true, Ordering::Relaxed) {
+                if r.is_up() {
+                    // A renewal failed; the current session still serves: try again.
+                    r.renew.store(true, Ordering::Release);
+                    tracing::debug!(error = %why, "new Redis session not established yet");
+                } else if !r.lost_logged.swap(true, Ordering::Relaxed) {
                     tracing::error!(
                         redis = %r.connector.url(),
                         error = %why,

@@ -27,9 +27,8 @@ use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
 use metrics::{counter, gauge};
-use redis::aio::MultiplexedConnection;
 
-use super::conn::{Op, Redis};
+use super::conn::{Conn, Op, Redis};
 use super::keys::Keys;
 use super::limiter::FleetLimiter;
 use super::Shared;
@@ -153,7 +152,7 @@ impl Flush {
 /// generation after a loss or when the server `changed`, and learns it. Returns
 /// whether Redis lost state this gateway had seen.
 pub async fn session(
-    c: &mut MultiplexedConnection,
+    c: &mut Conn,
     keys: &Keys,
     shared: &Shared,
     changed: bool,

@@ -586,7 +586,7 @@ impl ItemL2 {
 /// Runs `pipe`; loads `scripts` and runs it once more if Redis lost its scripts
 /// (`SCRIPT FLUSH`; they are loaded on every new connection).
 async fn query_pipe<T: redis::FromRedisValue>(
-    c: &mut redis::aio::MultiplexedConnection,
+    c: &mut super::conn::Conn,
     pipe: &redis::Pipeline,
     scripts: &[&redis::Script],
 ) -> redis::RedisResult<T> {

@@ -43,9 +43,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use metrics::counter;
-use redis::aio::MultiplexedConnection;
 
-use super::conn::{FleetError, Op, Redis};
+use super::conn::{Conn, FleetError, Op, Redis};
 use super::heartbeat::LUA_CLOCK;
 use super::keys::{page_name, Keys};
 use super::Shared;
@@ -243,7 +242,7 @@ pub(crate) fn evalsha(s: &redis::Script, keys: &[&str]) -> redis::Cmd {
 /// Runs `pipe`; loads `s` and runs it once more if Redis lost its scripts (`SCRIPT
 /// FLUSH`).
 pub(crate) async fn query_pipe<T: redis::FromRedisValue>(
-    c: &mut MultiplexedConnection,
+    c: &mut Conn,
     pipe: &redis::Pipeline,
     s: &redis::Script,
 ) -> redis::RedisResult<T> {

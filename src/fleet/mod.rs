@@ -14,6 +14,9 @@
 //!   properties, per item), and the per-item fetch lock.
 //! - [`heartbeat`]: live gateways, the fleet-wide generation, and the loss checks of
 //!   every session.
+//! - [`topology`]: `redis.mode`: a Redis Cluster (discovered from seeds, redirections
+//!   followed, pipelines split by hash tag) or a Sentinel-managed primary, behind one
+//!   connection type; failovers of either treated as restarts.
 //!
 //! Redis trouble is never an outage: no request waits more than `redis.timeout_ms` on
 //! it in all, and while it is down the gateway serves from memory, then Chat, with the
@@ -28,6 +31,7 @@ pub mod items;
 pub mod keys;
 pub mod l2;
 pub mod limiter;
+pub mod topology;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -150,7 +154,8 @@ impl Fleet {
             return Ok(None);
         };
         let id = new_id();
-        let connector = Connector::new(r.url.clone(), r.ca_file.as_deref(), &id)?;
+        let connector = Connector::new(r.url.clone(), r.ca_file.as_deref(), &id)?
+            .with_topology(topology::Topology::new(r)?);
         let keys = Keys::new(&r.key_prefix, settings.chat.sdkappid);
         let shared = Arc::new(Shared::default());
         let hook = conn::FleetHook {
@@ -158,6 +163,7 @@ impl Fleet {
             shared: shared.clone(),
         };
         let redis = Redis::start_with(connector, r.timeout, Some(hook));
+        topology::watch(&redis, r.mode);
         let limiter = FleetLimiter::start(
             redis.clone(),
             keys.clone(),

@@ -27,10 +27,20 @@ impl TestCa {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names for the CA and the leaf: OpenSSL (redis-server's TLS between
+        // replicas, cluster nodes and sentinels) takes a leaf named like its issuer
+        // for a self-signed one.
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "chat-gateway test CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let leaf_key = KeyPair::generate().unwrap();
         let leaf_params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let mut leaf_params = leaf_params;
+        leaf_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
         let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
         let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
         TestCa {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::die_with_parent;
 
+pub mod topology;
+
 /// How to start the server.
 #[derive(Debug, Clone, Default)]
 pub struct RedisOpts {
@@ -22,6 +24,9 @@ pub struct RedisOpts {
     pub extra: Vec<(String, String)>,
     /// Listen on this port (e.g. one gateways were told about before it ran).
     pub port: Option<u16>,
+    /// With `tls`: the CA and certificate in this directory (as [`make_pki`] writes
+    /// them) instead of a CA of its own, so several servers trust each other.
+    pub pki_from: Option<PathBuf>,
     /// At a higher scheduling priority (see [`super::favoured`]).
     pub favoured: bool,
 }
@@ -33,7 +38,7 @@ pub struct TestPki {
     pub key: PathBuf,
 }
 
-fn make_pki(dir: &std::path::Path) -> TestPki {
+pub fn make_pki(dir: &std::path::Path) -> TestPki {
     let ca = super::TestCa::new();
     let pki = TestPki {
         ca_pem: dir.join("ca.pem"),
@@ -56,7 +61,7 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
@@ -70,7 +75,14 @@ impl RedisServer {
     /// A server with options.
     pub fn start_with(opts: RedisOpts) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
-        let pki = opts.tls.then(|| make_pki(dir.path()));
+        let pki = opts.tls.then(|| match &opts.pki_from {
+            Some(d) => TestPki {
+                ca_pem: d.join("ca.pem"),
+                cert: d.join("redis.crt"),
+                key: d.join("redis.key"),
+            },
+            None => make_pki(dir.path()),
+        });
         let mut s = RedisServer {
             port: opts.port.unwrap_or_else(free_port),
             tls_port: opts.tls.then(free_port),
