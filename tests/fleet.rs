@@ -311,9 +311,11 @@ async fn webhook(gw: &Gateway, command: &str, body: serde_json::Value) -> Answer
     post(&url, body.to_string()).await
 }
 
-/// Caches `account` in every gateway's memory; returns the version cached.
+/// Caches `account` in every gateway's memory; returns the newest version cached.
+/// (Usually one version: the first fetch's, through L2. A gateway that asks before
+/// the first one's L2 store has landed, which runs after its answer, fetches its own.)
 async fn warm(gws: &[Gateway], account: &str) -> u64 {
-    let v = version(&get_list(&gws[0], account).await);
+    let mut newest = version(&get_list(&gws[0], account).await);
     for gw in gws {
         let a = get_list(gw, account).await;
         let a = if header(&a, "x-cache") == "HIT" {
@@ -322,9 +324,9 @@ async fn warm(gws: &[Gateway], account: &str) -> u64 {
             get_list(gw, account).await
         };
         assert_eq!(header(&a, "x-cache"), "HIT");
-        assert_eq!(version(&a), v);
+        newest = newest.max(version(&a));
     }
-    v
+    newest
 }
 
 /// After an invalidation at `t0`: every gateway's next get_list of `account` is a
@@ -348,7 +350,10 @@ async fn assert_fresh_everywhere(
                 );
                 break;
             }
-            assert_eq!(version(&a), old);
+            assert!(
+                version(&a) <= old,
+                "a hit newer than any page cached before"
+            );
             // A bound for a busy machine, not a speed figure (bench/fleet.sh measures
             // the lag): an event not applied within it was lost.
             assert!(

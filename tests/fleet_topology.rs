@@ -28,6 +28,7 @@ const N: usize = 40;
 const TIMEOUT_MS: u64 = 100;
 /// `ratelimit.max_wait_ms`.
 const MAX_WAIT_MS: u64 = 3000;
+const PORTRAIT: &str = "/v4/profile/portrait_get";
 /// What a busy 2-core machine may add to a request (scheduling, the fake Chat, HTTP).
 const SLACK: Duration = Duration::from_millis(400);
 
@@ -185,6 +186,45 @@ async fn fleet_behaviours(gws: &[Gateway], fake: &FakeChat) {
         assert_eq!(header(&b, "x-cache-l2"), "HIT", "served from L2: {b:?}");
     }
     assert_eq!(calls_to(fake, GET_LIST).len(), 1, "one upstream call");
+
+    // Item entries: a portrait_get of 20 accounts (20 hash tags, so 20 slots on a
+    // cluster) fetched by one gateway is served to the others from L2, byte for byte.
+    fake.reset();
+    fake.set_responder(Box::new(|r: &Recorded, n| {
+        if r.path == PORTRAIT {
+            let items: Vec<serde_json::Value> = r.json()["To_Account"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|u| {
+                    serde_json::json!({"To_Account": u, "ResultCode": 0, "ResultInfo": "",
+                        "ProfileItem": [{"Tag": "Tag_Profile_IM_Nick", "Value": format!("{}-{n}", u.as_str().unwrap_or(""))}]})
+                })
+                .collect();
+            Reply::Json(
+                serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","ErrorDisplay":"","UserProfileItem": items}),
+                Duration::ZERO,
+            )
+        } else {
+            Reply::Json(
+                serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}),
+                Duration::ZERO,
+            )
+        }
+    }));
+    let accounts: Vec<String> = (0..20).map(|i| format!("p{i:02}")).collect();
+    let body =
+        serde_json::json!({"To_Account": accounts, "TagList": ["Tag_Profile_IM_Nick"]}).to_string();
+    let first = post(&gws[0].url(PORTRAIT), body.clone()).await;
+    assert_eq!(json(&first)["ErrorCode"], 0, "{first:?}");
+    assert_eq!(header(&first, "x-cache"), "MISS");
+    for gw in &gws[1..] {
+        let b = post(&gw.url(PORTRAIT), body.clone()).await;
+        assert_eq!(json(&b), json(&first), "the same answer");
+        assert_eq!(header(&b, "x-cache-l2"), "HIT", "items from L2: {b:?}");
+    }
+    assert_eq!(calls_to(fake, PORTRAIT).len(), 1, "one upstream call");
+    fake.set_responder(versioned());
 
     // Fleet coalescing: concurrent cold misses on every gateway, one call.
     fake.reset();
