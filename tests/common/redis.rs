@@ -59,6 +59,10 @@ pub struct RedisServer {
     opts: RedisOpts,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Starts retried on another port (its first one was taken meanwhile).
+    respawns: u32,
+    /// Whether it has answered once (a restart keeps its port, whatever happens).
+    up_once: bool,
 }
 
 pub fn free_port() -> u16 {
@@ -90,6 +94,8 @@ impl RedisServer {
             opts,
             child: None,
             dir,
+            respawns: 0,
+            up_once: false,
         };
         s.spawn();
         s
@@ -140,12 +146,25 @@ impl RedisServer {
         );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.ping() {
+            // Exited at once: most likely its free port was taken meanwhile by
+            // another test; a server started on a port of its own choosing tries others.
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited && !self.up_once && self.opts.port.is_none() && self.respawns < 5 {
+                self.respawns += 1;
+                self.port = free_port();
+                self.tls_port = self.tls_port.map(|_| free_port());
+                return self.spawn();
+            }
             assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
+                !exited && Instant::now() < deadline,
+                "redis-server did not answer PING (exited: {exited})"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        self.up_once = true;
     }
 
     /// Whether the server answers PING on its plain port.
