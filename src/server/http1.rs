@@ -745,14 +745,8 @@ impl Connection<'_> {
         let state = &front.state;
         // Caller tokens, checked here in constant time (see `auth`): a caller
         // without a valid one goes to the router, which answers 401.
-        if state.auth_required {
-            let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
-            let view = self
-                .tokens
-                .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens));
-            if !view.check_header(value) {
-                return Some(None);
-            }
+        if !self.caller_allowed(head) {
+            return Some(None);
         }
         let Some(req) = key::fast(&self.buf[head.len..body_end]) else {
             return Some(None);
@@ -832,6 +826,21 @@ impl Connection<'_> {
         Some(Some(now))
     }
 
+    /// Whether the request may take a fast path as far as caller tokens go: no
+    /// tokens are set, or its `Authorization` carries one (compared in constant time
+    /// against this connection's view of the list, made at its first hit).
+    #[inline]
+    fn caller_allowed(&mut self, head: &Head) -> bool {
+        let state = &self.front.state;
+        if !state.auth_required {
+            return true;
+        }
+        let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
+        self.tokens
+            .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens))
+            .check_header(value)
+    }
+
     /// Serves a full hit of a cached read other than get_list (row `row`) straight
     /// from the item store ([`handlers::items::fast_hit`]): the head, then the
     /// answer's pieces (template and items) gathered in one `writev`. Returns as
@@ -844,16 +853,9 @@ impl Connection<'_> {
         keep_alive: bool,
         started: Option<Instant>,
     ) -> Option<Option<Instant>> {
-        let state = &self.front.state;
         // Caller tokens, as for a get_list hit: without a valid one, the router.
-        if state.auth_required {
-            let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
-            let view = self
-                .tokens
-                .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens));
-            if !view.check_header(value) {
-                return Some(None);
-            }
+        if !self.caller_allowed(head) {
+            return Some(None);
         }
         let now = Instant::now();
         let Some(hit) = handlers::items::fast_hit(
