@@ -44,10 +44,6 @@ async fn call(method: &str, url: &str, body: &str) -> Answer {
     .expect("request")
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
 #[tokio::test]
 async fn unknown_paths_wrong_methods_and_a_silent_chat() {
     let fake = FakeChat::start(Box::new(|_, _| {

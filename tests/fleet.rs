@@ -72,30 +72,6 @@ async fn fleet_of(
     gws
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
-async fn wait_metric(gw: &Gateway, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = metrics_text(gw).await;
-        if metric(&m, name) == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never became {want}; metrics:\n{}\nlog:\n{}",
-            m.lines()
-                .filter(|l| l.contains("redis") || l.contains("fleet"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn get_list(gw: &Gateway, account: &str) -> Answer {
     post(
         &gw.url(GET_LIST),

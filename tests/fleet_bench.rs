@@ -78,10 +78,6 @@ async fn fleet_on(n: usize, fake: &FakeChat, r: &str, extra: &[(&str, &str)]) ->
     gws
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;

@@ -81,18 +81,6 @@ impl Rng {
     }
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
-async fn wait_metric(gw: &Gateway, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&metrics_text(gw).await, name) != want {
-        assert!(Instant::now() < deadline, "{name} never became {want}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The emulator (Chat's rate limit off: the run makes many calls), a redis-server
 /// and three gateways on it.
 async fn fleet() -> (EmulatorHandle, RedisServer, Vec<Gateway>) {

@@ -25,26 +25,6 @@ fn portrait(accounts: &[&str]) -> String {
     json!({"To_Account": accounts, "TagList": ["Tag_Profile_IM_Nick"]}).to_string()
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
-async fn wait_metric(gw: &Gateway, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = metrics_text(gw).await;
-        if metric(&m, name) == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never became {want}; log:\n{}",
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 struct Fleet {
     redis: RedisServer,
     fake: FakeChat,

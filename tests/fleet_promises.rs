@@ -46,25 +46,6 @@ fn gateway_toml(fake: &FakeChat, redis_url: &str, prefix: &str) -> String {
     )
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
-async fn wait_metric(gw: &Gateway, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if metric(&metrics_text(gw).await, name) == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never became {want}:\n{}",
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn get_list(gw: &Gateway, account: &str) -> Answer {
     post(
         &gw.url(GET_LIST),
@@ -127,8 +108,14 @@ async fn an_invalidation_taken_without_redis_reaches_the_fleet_when_it_returns()
     let b = Gateway::start(&gateway_toml(&fake, &redis.url(), "chat-gateway")).await;
     let c = Gateway::start(&gateway_toml(&fake, &redis.url(), "chat-gateway")).await;
     for gw in [&a, &b, &c] {
-        wait_metric(gw, "chat_gateway_redis_up", 1.0).await;
-        wait_metric(gw, "chat_gateway_fleet_gateways", 3.0).await;
+        wait_metric_within(gw, "chat_gateway_redis_up", 1.0, Duration::from_secs(15)).await;
+        wait_metric_within(
+            gw,
+            "chat_gateway_fleet_gateways",
+            3.0,
+            Duration::from_secs(15),
+        )
+        .await;
     }
     let old = warm(&[&a, &b, &c], "queued").await;
     let kept = warm(&[&a, &b, &c], "kept").await;
@@ -199,9 +186,21 @@ async fn key_prefixes_make_separate_fleets_on_one_redis() {
     ];
     let two = Gateway::start(&gateway_toml(&fake, &redis.url(), "fleet-two")).await;
     for gw in one.iter() {
-        wait_metric(gw, "chat_gateway_fleet_gateways", 2.0).await;
+        wait_metric_within(
+            gw,
+            "chat_gateway_fleet_gateways",
+            2.0,
+            Duration::from_secs(15),
+        )
+        .await;
     }
-    wait_metric(&two, "chat_gateway_fleet_gateways", 1.0).await;
+    wait_metric_within(
+        &two,
+        "chat_gateway_fleet_gateways",
+        1.0,
+        Duration::from_secs(15),
+    )
+    .await;
 
     // A page fetched by fleet one is in its L2, not in fleet two's.
     let first = get_list(&one[0], "shared").await;
@@ -268,7 +267,13 @@ async fn chat_throttling_pauses_the_command_for_the_whole_fleet() {
     let a = Gateway::start(&gateway_toml(&fake, &redis.url(), "chat-gateway")).await;
     let b = Gateway::start(&gateway_toml(&fake, &redis.url(), "chat-gateway")).await;
     for gw in [&a, &b] {
-        wait_metric(gw, "chat_gateway_fleet_gateways", 2.0).await;
+        wait_metric_within(
+            gw,
+            "chat_gateway_fleet_gateways",
+            2.0,
+            Duration::from_secs(15),
+        )
+        .await;
     }
     let body = r#"{"To_Account":["x"]}"#;
     assert_eq!(json(&post(&a.url(ONLINE), body).await)["ErrorCode"], 70050);

@@ -77,31 +77,18 @@ async fn fleet(n: usize, fake: &FakeChat, redis: &str) -> Vec<Gateway> {
         gws.push(Gateway::start(&toml).await);
     }
     for gw in &gws {
-        wait_metric(gw, "chat_gateway_redis_up", 1.0).await;
+        wait_metric_within(gw, "chat_gateway_redis_up", 1.0, Duration::from_secs(20)).await;
     }
     for gw in &gws {
-        wait_metric(gw, "chat_gateway_fleet_gateways", n as f64).await;
+        wait_metric_within(
+            gw,
+            "chat_gateway_fleet_gateways",
+            n as f64,
+            Duration::from_secs(20),
+        )
+        .await;
     }
     gws
-}
-
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
-async fn wait_metric(gw: &Gateway, name: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if metric(&metrics_text(gw).await, name) == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never became {want}; log:\n{}",
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn get_list(gw: &Gateway, account: &str) -> Answer {

@@ -29,10 +29,6 @@ fn pages() -> Responder {
     })
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
 /// Waits until every gateway shows `name` = `want` (at most `timeout`).
 async fn wait_metric(gws: &[Gateway], name: &str, want: f64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

@@ -18,10 +18,6 @@ fn ok() -> serde_json::Value {
     serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","ContactItem":[]})
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
 /// Sends `n` requests to `path` at once; returns (served, refused with 60007).
 async fn burst(gw: &Gateway, path: &str, n: usize) -> (usize, usize) {
     let url = std::sync::Arc::new(gw.url(path));

@@ -17,10 +17,6 @@ fn ok() -> serde_json::Value {
     serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":"","MsgTime":1,"MsgKey":"k"})
 }
 
-async fn metrics_text(gw: &Gateway) -> String {
-    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
-}
-
 /// A TLS server whose certificate no one trusts (a test CA the gateway was not
 /// given): every handshake fails. Counts the connections it took.
 async fn untrusted_tls() -> (std::net::SocketAddr, Arc<AtomicUsize>) {

@@ -666,3 +666,34 @@ pub fn k8s_swap(dir: &std::path::Path, name: &str, version: &str, content: &str)
     std::os::unix::fs::symlink(&v, dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
 }
+
+/// The gateway's `/metrics` text.
+pub async fn metrics_text(gw: &Gateway) -> String {
+    String::from_utf8_lossy(&get(&gw.url("/metrics")).await.unwrap().2).into_owned()
+}
+
+/// Waits until `gw`'s metric `name` (with its labels) reads `want`, for 10 s at most.
+pub async fn wait_metric(gw: &Gateway, name: &str, want: f64) {
+    wait_metric_within(gw, name, want, Duration::from_secs(10)).await
+}
+
+/// [`wait_metric`] with its own limit (a fleet of many processes starts slower).
+pub async fn wait_metric_within(gw: &Gateway, name: &str, want: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = metrics_text(gw).await;
+        if metric(&m, name) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became {want}; Redis and fleet metrics:\n{}\nlog:\n{}",
+            m.lines()
+                .filter(|l| l.contains("redis") || l.contains("fleet"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
