@@ -651,11 +651,10 @@ async fn skewed_clocks_change_neither_freshness_nor_age() {
 }
 
 /// 6. Redis answers 45 ms late (a proxy delays its replies; `timeout_ms` 50): a memory
-/// miss answered from L2 makes one round trip (p99 within `timeout_ms` + 20 ms), and
-/// so does a miss fetched from Chat in the common case (its L2 lookup and its
-/// rate-limit lease go together; the L2 store runs after the answer): median within
-/// `timeout_ms` + 20 ms, p99 within two round trips (a lease asked again). None is
-/// refused or bypasses L2 for want of Redis time.
+/// miss answered from L2 makes one round trip, and so does a miss fetched from Chat
+/// (its L2 lookup and its rate-limit lease go together; the L2 store runs after the
+/// answer): p99 of each within `timeout_ms` + 20 ms. None is refused or bypasses L2
+/// for want of Redis time.
 #[tokio::test]
 async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     let _alone = MACHINE.write().await;
@@ -722,14 +721,10 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     let timeout = Duration::from_millis(50);
     let slack = Duration::from_millis(20);
     assert!(l2_p99 <= timeout + slack, "{report}\n{}", logs());
-    // One round trip (the lookup and the lease together) in the common case: two one
-    // after the other would take 90 ms or more.
-    let chat_p50 = pct(&mut from_chat, 0.5);
-    assert!(chat_p50 <= timeout + slack, "{report}\n{}", logs());
-    // At worst a lease asked again (a busy machine wakes a caller past its permit, or
-    // Redis answers later than its timeout), never more: two round trips, with slack
-    // for a busy machine.
-    assert!(chat_p99 <= 2 * timeout + 3 * slack, "{report}\n{}", logs());
+    // One round trip (the lookup and the lease together): two one after the other
+    // would take 90 ms or more. A lease asked again (a caller woken past its permit)
+    // is the rare exception, not the 99th percentile.
+    assert!(chat_p99 <= timeout + slack, "{report}\n{}", logs());
 }
 
 /// 7. `CLIENT PAUSE 3000 WRITE` under 45 misses a second (N = 200): no caller gets a

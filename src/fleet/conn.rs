@@ -53,6 +53,17 @@ use super::Shared;
 use crate::config::RedisUrl;
 use crate::metrics::names;
 
+/// Whether an operation whose timer has just fired was in fact answered: on a
+/// starved process (a busy machine runs it late) the timer and Redis's reply become
+/// ready in the same turn, and the reply is read by the connection's own task, which
+/// may not have run yet. One yield lets it run; an answer found then is an answer,
+/// not a timeout, so a late scheduler never passes for a slow Redis (strikes, "Redis
+/// lost", the limiter's full window). Costs nothing unless the timer fired.
+async fn answered_meanwhile<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
+    tokio::task::yield_now().await;
+    futures_util::FutureExt::now_or_never(fut)
+}
+
 /// Timeouts or errors in a row that mark Redis down.
 pub const STRIKES: u32 = 3;
 /// Longest pause between reconnection attempts.
@@ -671,7 +682,10 @@ impl Redis {
             Ok(r) => Ok(r),
             Err(_) => {
                 self.start_probe();
-                tokio::time::timeout(self.timeout - half, &mut fut).await
+                match tokio::time::timeout(self.timeout - half, &mut fut).await {
+                    Ok(r) => Ok(r),
+                    Err(e) => answered_meanwhile(&mut fut).await.ok_or(e),
+                }
             }
         };
         match res {
@@ -823,7 +837,10 @@ impl Redis {
                 if !cut_short {
                     self.start_probe();
                 }
-                tokio::time::timeout(limit - half, &mut fut).await
+                match tokio::time::timeout(limit - half, &mut fut).await {
+                    Ok(r) => Ok(r),
+                    Err(e) => answered_meanwhile(&mut fut).await.ok_or(e),
+                }
             }
         };
         if let Some(span) = span {
