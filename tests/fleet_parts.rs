@@ -146,8 +146,8 @@ async fn a_pause_from_one_gateway_holds_the_others() {
     let a = limiter(&redis.url(), "a", 100).await;
     let b = limiter(&redis.url(), "b", 100).await;
     assert!(b.acquire(CMD, Duration::ZERO).await.is_ok_and(|p| p.go()));
-    a.pause(CMD, Duration::from_secs(2));
-    // The pause reaches Redis asynchronously; it is there within a moment.
+    a.pause(CMD, Duration::from_secs(2)).await;
+    // The pause is in Redis once `pause` returns.
     let deadline = Instant::now() + Duration::from_secs(2);
     let refused = loop {
         match b.acquire(CMD, Duration::from_millis(100)).await {

@@ -669,8 +669,13 @@ impl ClockSync {
         let (s, r) = (self.us(sent), self.us(recv));
         let mut q = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         q.push_back((s, r, redis_us));
+        // Samples expire by their age when this round trip was sent: the lead it asked
+        // for was reckoned from them ([`ClockSync::slowest_back`]), so its answer is
+        // read with them too (an older sample is still a true bracket, widened by the
+        // drift since; expiry only keeps the set recent). Dropping them in between
+        // would move its slot later by the width they kept out, once.
         let max_age = CLOCK_SAMPLE_AGE.as_micros() as i64;
-        while q.front().is_some_and(|x| r - x.1 > max_age) {
+        while q.front().is_some_and(|x| s - x.1 > max_age) {
             q.pop_front();
         }
         if q.len() > CLOCK_SAMPLES {
@@ -728,10 +733,17 @@ impl ClockSync {
     /// gateway must count it (µs): a slot at Redis time s may be used from local time
     /// s − lo on, so an answer read at R and received at r allows a slot at
     /// `R + (r − R + lo)` to be used on arrival. The largest recent such lead.
+    /// Only the samples that a round trip sent now reads its answer with count
+    /// ([`ClockSync::add`]).
     fn slowest_back(&self) -> Option<i64> {
         let q = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        let (lo, _) = Self::bounds(&q, self.us(Instant::now()));
-        q.iter()
+        let now = self.us(Instant::now());
+        let max_age = CLOCK_SAMPLE_AGE.as_micros() as i64;
+        let fresh: VecDeque<(i64, i64, i64)> =
+            q.iter().filter(|x| now - x.1 <= max_age).copied().collect();
+        let (lo, _) = Self::bounds(&fresh, now);
+        fresh
+            .iter()
             .map(|&(s, r, t)| (r - t + lo).clamp(0, r - s))
             .max()
     }
@@ -1719,7 +1731,7 @@ impl FleetLimiter {
         }
         if pause > now {
             let p = Duration::from_micros((pause - now) as u64);
-            self.fallback.pause(name, p);
+            self.fallback.pause_now(name, p);
         }
         tracing::debug!(
             calls = calls.len(),
@@ -2070,8 +2082,8 @@ impl RateLimiter for FleetLimiter {
         })
     }
 
-    fn pause(&self, command: &str, pause: Duration) {
-        self.fallback.pause(command, pause);
+    fn pause<'a>(&'a self, command: &'a str, pause: Duration) -> BoxFuture<'a, ()> {
+        self.fallback.pause_now(command, pause);
         let st = self.state(command);
         let name = {
             let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
@@ -2080,16 +2092,14 @@ impl RateLimiter for FleetLimiter {
             s.pool.clear();
             s.name.clone()
         };
-        let Some(me) = self.this.upgrade() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let key = self.keys.limiter(&name);
         let pause_us = pause.as_micros() as u64;
-        rt.spawn(async move {
-            let _ = me
+        // Written before the caller is answered (at most `redis.timeout_ms`, or what is
+        // left of the request's Redis budget): once a gateway has answered Chat's
+        // throttling code, every lease of the fleet respects the pause. A write that
+        // fails leaves the pause to this gateway (and to Chat).
+        Box::pin(async move {
+            let _ = self
                 .redis
                 .run(Op::Ratelimit, |mut c| async move {
                     let r = PAUSE_SCRIPT
@@ -2100,7 +2110,7 @@ impl RateLimiter for FleetLimiter {
                     r
                 })
                 .await;
-        });
+        })
     }
 
     fn returned(&self, command: &str) {

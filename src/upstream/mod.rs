@@ -273,7 +273,7 @@ impl Upstream {
                     } else {
                         PAUSE_THROTTLED
                     };
-                    self.limiter.pause(command, pause);
+                    self.limiter.pause(command, pause).await;
                     tracing::warn!(
                         command,
                         code,

@@ -143,8 +143,10 @@ pub trait RateLimiter: Send + Sync + 'static {
         command: &'a str,
         max_wait: Duration,
     ) -> BoxFuture<'a, Result<Permit, Throttled>>;
-    /// Chat throttled `command`: no call before `pause` from now.
-    fn pause(&self, command: &str, pause: Duration);
+    /// Chat throttled `command`: no call before `pause` from now. The future ends once
+    /// the pause holds wherever it must (for a fleet, once Redis has it or could not
+    /// take it in time), so that the caller is answered after, not before.
+    fn pause<'a>(&'a self, command: &'a str, pause: Duration) -> BoxFuture<'a, ()>;
     /// A call of `command` came back from Chat (whatever the outcome): the burst that
     /// opened when the limiter was idle is over (see the module doc).
     fn returned(&self, command: &str);
@@ -354,6 +356,14 @@ pub struct LocalRateLimiter {
 }
 
 impl LocalRateLimiter {
+    /// Chat throttled `command`: no call before `pause` from now.
+    pub fn pause_now(&self, command: &str, pause: Duration) {
+        let log = self.log(command);
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + pause;
+        log.paused_until = Some(log.paused_until.map_or(until, |p| p.max(until)));
+    }
+
     /// A limiter with `default_rate` calls per second per command, overrides, and
     /// bursts after idle of `burst_percent` % of a command's rate.
     pub fn new(default_rate: u32, overrides: BTreeMap<String, u32>, burst_percent: u32) -> Self {
@@ -556,11 +566,9 @@ impl RateLimiter for LocalRateLimiter {
         })
     }
 
-    fn pause(&self, command: &str, pause: Duration) {
-        let log = self.log(command);
-        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-        let until = Instant::now() + pause;
-        log.paused_until = Some(log.paused_until.map_or(until, |p| p.max(until)));
+    fn pause<'a>(&'a self, command: &'a str, pause: Duration) -> BoxFuture<'a, ()> {
+        self.pause_now(command, pause);
+        Box::pin(std::future::ready(()))
     }
 
     fn returned(&self, command: &str) {
@@ -736,7 +744,7 @@ mod tests {
         assert!(l.reserve("a/b", Duration::ZERO).is_err());
         // Another command has its own log.
         assert!(l.reserve("c/d", Duration::ZERO).is_ok());
-        l.pause("c/d", Duration::from_secs(60));
+        l.pause_now("c/d", Duration::from_secs(60));
         let t = l.reserve("c/d", Duration::from_secs(1)).unwrap_err();
         assert!(t.retry_after > Duration::from_secs(59));
     }
