@@ -171,13 +171,8 @@ pub fn tally(out: &[Outcome]) -> String {
 pub fn fake_chat_apart(responder: super::Responder) -> super::FakeChat {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        // Chat's clock should not stall with this machine's load: ask for a higher
-        // priority for this thread (ignored where not permitted).
-        // SAFETY: plain syscalls on the calling thread.
-        unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, -10);
-        }
+        // Chat's clock should not stall with this machine's load.
+        super::favour_this_thread();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
