@@ -231,11 +231,16 @@ impl Invalidator {
         if effects.is_empty() {
             return (d, 0);
         }
+        // The fleet first: publishing marks what the effects name as pending (no L2
+        // read of it until Redis has the event), so that a read arriving once memory
+        // has dropped an entry cannot refill it from an L2 entry that the event has
+        // not reached yet. (The other way round, such a read stored the old entry
+        // again, and this gateway never applies its own event from the stream.)
+        let ticket = self.publish(effects);
         for e in effects {
             self.memory.apply(e, &mut d);
             tracing::debug!(source = source.as_str(), effect = ?e, "invalidated");
         }
-        let ticket = self.publish(effects);
         if effects.contains(&Effect::All) {
             tracing::info!(
                 source = source.as_str(),
