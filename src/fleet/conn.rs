@@ -6,7 +6,8 @@
 //! - **Deadlines.** An operation on behalf of a request runs under that request's
 //!   Redis budget ([`with_budget`]): `redis.timeout_ms` for all of the request's Redis
 //!   work together, not per operation. Other operations get `redis.timeout_ms` each
-//!   ([`Redis::run`]); the invalidation bus's bulk work gets [`BACKGROUND_TIMEOUT`]
+//!   ([`Redis::run`]); the invalidation bus's bulk work, L2 stores and lock releases
+//!   (off the request path) get [`BACKGROUND_TIMEOUT`]
 //!   ([`Redis::run_long`]). Every operation is recorded in
 //!   `chat_gateway_redis_latency_seconds{op}` or `chat_gateway_redis_errors_total{op,kind}`.
 //! - **Health.** While Redis is down, operations fail at once with [`FleetError::Down`]:
@@ -74,8 +75,12 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the probe's no-op script may stay pending (Redis holding scripts).
 const PROBE_SCRIPT_WAIT: Duration = Duration::from_secs(30);
-/// The deadline of one step of the bus's bulk work (a chunk of a group's accounts),
-/// off the request path; never less than `redis.timeout_ms`.
+/// The deadline of Redis work off the request path: one step of the bus's bulk work
+/// (a chunk of a group's accounts), an L2 store (it runs in a task of its own once
+/// the caller is answered, or while the request waits what is left of its budget)
+/// and the release of a fetch lock. Never less than `redis.timeout_ms`. A store cut
+/// off at `redis.timeout_ms` on a Redis that answers a little later would leave its
+/// lock held, and the next gateway's miss would wait for it.
 pub const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `maxmemory-policy` values the fleet supports: Redis never evicts, or evicts only

@@ -547,7 +547,7 @@ impl ItemL2 {
         }
         let stored: Vec<i64> = self
             .redis
-            .run(Op::L2Put, |mut c| async move {
+            .run_long(Op::L2Put, |mut c| async move {
                 let r = query_pipe(&mut c, &p, &[&ITEM_STORE_SCRIPT, &GEN_TOUCH_SCRIPT]).await;
                 r
             })
@@ -568,7 +568,7 @@ impl ItemL2 {
             .collect();
         tokio::spawn(async move {
             let _ = redis
-                .run(Op::Lock, |mut c| async move {
+                .run_long(Op::Lock, |mut c| async move {
                     let mut p = redis::pipe();
                     for (lock, token) in &locks {
                         p.add_command(evalsha(&UNLOCK_SCRIPT, &[lock]))

@@ -576,7 +576,7 @@ impl L2 {
             let memory_ms = EVENT_MEMORY.as_millis() as u64;
             let last_event: String = self
                 .redis
-                .run(Op::L2Put, |mut c| async move {
+                .run_long(Op::L2Put, |mut c| async move {
                     let mut p = redis::pipe();
                     for set in &sets {
                         p.add_command(evalsha(&INDEX_SCRIPT, &[set]))
@@ -617,7 +617,7 @@ impl L2 {
         let body = body.clone();
         let stored: i64 = self
             .redis
-            .run(Op::L2Put, |mut c| async move {
+            .run_long(Op::L2Put, |mut c| async move {
                 let r = STORE_SCRIPT
                     .key(gen_key)
                     .key(lock_key)
@@ -645,7 +645,7 @@ impl L2 {
         let token = token.to_string();
         let _ = self
             .redis
-            .run(Op::Lock, |mut c| async move {
+            .run_long(Op::Lock, |mut c| async move {
                 let r = UNLOCK_SCRIPT
                     .key(lock_key)
                     .arg(token)
@@ -663,7 +663,7 @@ impl L2 {
         let token = token.to_string();
         tokio::spawn(async move {
             let _ = redis
-                .run(Op::Lock, |mut c| async move {
+                .run_long(Op::Lock, |mut c| async move {
                     let r = UNLOCK_SCRIPT
                         .key(lock_key)
                         .arg(token)
