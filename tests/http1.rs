@@ -869,6 +869,59 @@ async fn sigterm_tells_keep_alive_clients_and_finishes_in_flight_requests() {
     assert!(status.success(), "{status:?}");
 }
 
+/// SIGTERM: an idle HTTP/1.1 keep-alive connection, waiting for its next request
+/// after a hit, is closed at once (not at the header read timeout, nor at the end
+/// of the shutdown grace), and the process exits 0.
+#[tokio::test]
+async fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let fake = FakeChat::start(echo_pages()).await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[
+            (
+                "server",
+                "shutdown_grace_secs = 60
+header_read_timeout_ms = 60000",
+            ),
+            ("cache", "ttl_secs = 600"),
+        ],
+    ))
+    .await;
+    let mut c = RawConn::connect(gw.addr).await;
+    let request = post_head(GET_LIST, r#"{"From_Account":"idle1"}"#, "");
+    for expect in ["MISS", "HIT", "HIT"] {
+        c.send(request.as_bytes()).await.unwrap();
+        let r = c.response(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), expect);
+        assert_eq!(r.header("connection"), "", "kept alive");
+    }
+    // Idle: still open a while later.
+    assert!(c
+        .closed_by(std::time::Instant::now() + Duration::from_millis(300))
+        .await
+        .is_none());
+    let signalled = std::time::Instant::now();
+    gw.signal(libc::SIGTERM);
+    let closed = c
+        .closed_by(signalled + Duration::from_secs(10))
+        .await
+        .expect("the idle connection is closed after SIGTERM");
+    eprintln!(
+        "idle keep-alive connection closed {:?} after SIGTERM",
+        closed - signalled
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let mut gw = gw;
+        gw.wait_exit(Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .expect("exited before the shutdown grace ended");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(fake.count(), 1, "one call to Chat: the miss");
+}
+
 /// HTTP/2 requests (served by hyper) are held to the target rules every HTTP/1.x
 /// request is: what hyper's URI parser lets through and the rules refuse is 400.
 #[tokio::test]

@@ -216,7 +216,7 @@ pub fn fast(body: &[u8]) -> Option<GetListRequest<'_>> {
             (11, _) => b"AssistFlags",
             _ => return None,
         };
-        if name != known {
+        if !same_name(name, known) {
             return None;
         }
         let slot = match name.len() {
@@ -258,6 +258,23 @@ pub fn fast(body: &[u8]) -> Option<GetListRequest<'_>> {
         account: Cow::Borrowed(account?),
         page: PageKey::from_fields(nums, None),
     })
+}
+
+/// `name == known`, for a `known` of 8 to 16 bytes (the fields' names): its first
+/// and its last eight bytes compared as two words, not by a call to `memcmp`.
+#[inline(always)]
+fn same_name(name: &[u8], known: &[u8]) -> bool {
+    match (
+        name.first_chunk::<8>(),
+        name.last_chunk::<8>(),
+        known.first_chunk::<8>(),
+        known.last_chunk::<8>(),
+    ) {
+        (Some(a), Some(b), Some(c), Some(d)) if name.len() == known.len() && known.len() <= 16 => {
+            a == c && b == d
+        }
+        _ => name == known,
+    }
 }
 
 /// The index of the first byte at or after `i` that is not JSON whitespace.
@@ -316,17 +333,23 @@ fn cursor(b: &[u8], i: usize) -> Option<(Option<u64>, usize)> {
     if rest.starts_with(b"null") {
         return Some((None, i + 4));
     }
-    let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
-    // No digits, a leading zero, too many digits, or a fraction/exponent: not ours.
-    if digits == 0 || digits > 19 || (digits > 1 && rest[0] == b'0') {
+    // The digits, read and added up in one pass.
+    let mut v = 0u64;
+    let mut digits = 0;
+    while let Some(c) = rest.get(digits).filter(|c| c.is_ascii_digit()) {
+        if digits == 19 {
+            return None; // too many digits
+        }
+        v = v * 10 + u64::from(c - b'0');
+        digits += 1;
+    }
+    // No digits, a leading zero, or a fraction/exponent: not ours.
+    if digits == 0 || (digits > 1 && rest[0] == b'0') {
         return None;
     }
     if matches!(rest.get(digits), Some(b'.' | b'e' | b'E')) {
         return None;
     }
-    let v = rest[..digits]
-        .iter()
-        .fold(0u64, |v, c| v * 10 + u64::from(c - b'0'));
     Some((Some(v), i + digits))
 }
 
@@ -726,8 +749,14 @@ mod tests {
         assert_eq!(r.account, "u");
         assert_eq!(r.page.time_stamp, 17);
         assert_eq!(r.page.assist_flags, 63);
+        let r = fast(br#"{"From_Account":"u","TopStartIndex":9999999999999999999}"#).unwrap();
+        assert_eq!(r.page.top_start_index, 9_999_999_999_999_999_999);
         for body in [
             &br#"{}"#[..],
+            br#"{"From_Account":"u","TimeStamq":1}"#,
+            br#"{"From_Account":"u","TimeXtamp":1}"#,
+            br#"{"From_Accounu":"u"}"#,
+            br#"{"From_Account":"u","TimeStamp":12345678901234567890}"#,
             br#"{"From_Account":"a\"b"}"#,
             br#"{"From_Account":"u","X":1}"#,
             br#"{"From_Account":"u","TimeStamp":01}"#,

@@ -178,12 +178,20 @@ impl TokenView<'_> {
         let Some(value) = value else {
             return false;
         };
-        if value.len() <= MEMO && same(value, &self.memo[..value.len()], self.memo_len) {
-            return true;
+        match self.memo.get(..value.len()) {
+            Some(memo) if same(value, memo, self.memo_len) => true,
+            _ => self.check_and_remember(value),
         }
+    }
+
+    /// An `Authorization` value other than the one remembered: parsed, checked, and
+    /// remembered when accepted.
+    #[cold]
+    #[inline(never)]
+    fn check_and_remember(&mut self, value: &[u8]) -> bool {
         let ok = self.check(bearer(value));
-        if ok && value.len() <= MEMO {
-            self.memo[..value.len()].copy_from_slice(value);
+        if let Some(memo) = self.memo.get_mut(..value.len()).filter(|_| ok) {
+            memo.copy_from_slice(value);
             self.memo_len = value.len();
         }
         ok
@@ -202,7 +210,8 @@ impl TokenView<'_> {
 
 /// Whether `a` equals the remembered `b[..len]` (`len` 0: nothing remembered), in
 /// time that depends on `a.len()` only: every byte of `a` is compared, words at a
-/// time, the differences OR-ed together, and only the total is looked at.
+/// time (the last word overlapping the one before when the length is not a multiple
+/// of eight), the differences OR-ed together, and only the total is looked at.
 #[inline]
 fn same(a: &[u8], b: &[u8], len: usize) -> bool {
     debug_assert_eq!(a.len(), b.len());
@@ -212,8 +221,13 @@ fn same(a: &[u8], b: &[u8], len: usize) -> bool {
     for (x, y) in ac.iter().zip(bc) {
         diff |= u64::from_ne_bytes(*x) ^ u64::from_ne_bytes(*y);
     }
-    for (x, y) in at.iter().zip(bt) {
-        diff |= u64::from(x ^ y);
+    match (a.last_chunk::<8>(), b.last_chunk::<8>()) {
+        (Some(x), Some(y)) => diff |= u64::from_ne_bytes(*x) ^ u64::from_ne_bytes(*y),
+        _ => {
+            for (x, y) in at.iter().zip(bt) {
+                diff |= u64::from(x ^ y);
+            }
+        }
     }
     std::hint::black_box(diff) == 0
 }

@@ -30,11 +30,12 @@
 //! Limits: a request head of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] header
 //! lines (431 beyond), a target of at most [`super::rules::MAX_TARGET`] bytes (414).
 
+use std::future::Future;
 use std::io::IoSlice;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -231,7 +232,7 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
-        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        let is = |n: &str| name_is(name, n.as_bytes());
         match name.len() {
             4 if is("host") => {
                 if memo.holds(value) {
@@ -275,6 +276,41 @@ fn parse_head(buf: &[u8], memo: &mut HostMemo) -> Result<Option<Head>, Refusal> 
         traceparent,
         tracestate,
     }))
+}
+
+/// Whether the header name `name` (a token, as `httparse` checked it) is `lower`
+/// (lowercase letters and `-` only), in any case: a word at a time. Setting
+/// bit 5 of every byte lowercases a letter and maps nothing else onto a lowercase
+/// letter or `-` but CR, which a token cannot hold.
+#[inline(always)]
+fn name_is(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower.iter().all(|c| c.is_ascii_lowercase() || *c == b'-'));
+    if name.len() != lower.len() {
+        return false;
+    }
+    if let (Some(b), Some(d)) = (name.last_chunk::<8>(), lower.last_chunk::<8>()) {
+        // Whole words, then the last eight bytes (overlapping the last whole word).
+        const CASE: u64 = 0x2020_2020_2020_2020;
+        let word = |w: &[u8; 8]| u64::from_ne_bytes(*w);
+        let (words, _) = name.as_chunks::<8>();
+        let (lower_words, _) = lower.as_chunks::<8>();
+        return words
+            .iter()
+            .zip(lower_words)
+            .all(|(a, c)| word(a) | CASE == word(c))
+            && word(b) | CASE == word(d);
+    }
+    if let (Some(a), Some(b), Some(c), Some(d)) = (
+        name.first_chunk::<4>(),
+        name.last_chunk::<4>(),
+        lower.first_chunk::<4>(),
+        lower.last_chunk::<4>(),
+    ) {
+        const CASE: u32 = 0x2020_2020;
+        return u32::from_ne_bytes(*a) | CASE == u32::from_ne_bytes(*c)
+            && u32::from_ne_bytes(*b) | CASE == u32::from_ne_bytes(*d);
+    }
+    name.eq_ignore_ascii_case(lower)
 }
 
 /// The row of the reads table whose entries are per item, if `path` is exactly its
@@ -379,10 +415,15 @@ struct Connection<'a> {
     buf: BytesMut,
     /// The head of the answer being written (reused).
     out: Vec<u8>,
-    /// When the next request head must have arrived.
-    deadline: Instant,
+    /// When it started waiting for the next request head, which must arrive within
+    /// the header read timeout (the deadline is only worked out when the timer
+    /// fires, not at every request).
+    idle_since: Instant,
     /// Whether shutdown has started.
     stopping: bool,
+    /// The waker the timer and the shutdown signal were last polled with
+    /// ([`Connection::read_more`]).
+    armed: Option<Waker>,
     /// The last valid `Host` it sent.
     host: HostMemo,
     /// The entries of a full hit of a cached read being written (kept, empty, from
@@ -394,15 +435,17 @@ struct Connection<'a> {
 
 /// Serves one connection of `front`'s listener until it closes.
 pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
-    let deadline = Instant::now() + front.header_read_timeout;
+    let opened = Instant::now();
+    let deadline = opened + front.header_read_timeout;
     let mut c = Connection {
         front: &front,
         stream,
         conn,
         buf: BytesMut::with_capacity(INIT_BUF),
         out: Vec::with_capacity(512),
-        deadline,
+        idle_since: opened,
         stopping: false,
+        armed: None,
         host: HostMemo::default(),
         hits: Vec::new(),
         tokens: None,
@@ -617,10 +660,15 @@ impl Connection<'_> {
             // A large request grew the buffer: give it back.
             self.buf = BytesMut::with_capacity(INIT_BUF);
         }
-        self.deadline = now + self.front.header_read_timeout;
+        self.idle_since = now;
     }
 
     /// Reads more bytes, until the header read deadline.
+    ///
+    /// The timer and the shutdown signal keep the waker they were last polled with.
+    /// While that is this task's (`armed`), they are polled again only once they
+    /// have fired (`Sleep::is_elapsed`, the signal's `has_changed`: two loads),
+    /// not every time the connection waits for a request.
     async fn read_more(
         &mut self,
         mut timer: Pin<&mut tokio::time::Sleep>,
@@ -629,29 +677,53 @@ impl Connection<'_> {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(INIT_BUF);
         }
-        loop {
-            tokio::select! {
-                biased;
-                r = self.stream.read_buf(&mut self.buf) => {
-                    return match r {
-                        Ok(0) | Err(_) => Read::Closed,
-                        Ok(_) => Read::Data,
-                    };
-                }
-                _ = timer.as_mut() => {
-                    let now = Instant::now();
-                    if now >= self.deadline {
-                        tracing::debug!(peer = %self.conn.peer, "no request head in time; closing");
-                        return Read::Timeout;
-                    }
-                    timer.as_mut().reset(self.deadline.into());
-                }
-                _ = stopped.as_mut(), if !self.stopping => {
-                    self.stopping = true;
-                    return Read::Stop;
-                }
+        let Connection {
+            front,
+            stream,
+            conn,
+            buf,
+            idle_since,
+            stopping,
+            armed,
+            ..
+        } = self;
+        let read = stream.read_buf(buf);
+        tokio::pin!(read);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                return Poll::Ready(match r {
+                    Ok(0) | Err(_) => Read::Closed,
+                    Ok(_) => Read::Data,
+                });
             }
-        }
+            let registered = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            let mut poll_timer = !registered || timer.is_elapsed();
+            while poll_timer {
+                if timer.as_mut().poll(cx).is_pending() {
+                    poll_timer = false;
+                    continue;
+                }
+                let deadline = *idle_since + front.header_read_timeout;
+                if Instant::now() >= deadline {
+                    tracing::debug!(peer = %conn.peer, "no request head in time; closing");
+                    return Poll::Ready(Read::Timeout);
+                }
+                // Re-armed: polled again, to register it.
+                timer.as_mut().reset(deadline.into());
+            }
+            if !*stopping
+                && (!registered || conn.stop.has_changed().unwrap_or(true))
+                && stopped.as_mut().poll(cx).is_ready()
+            {
+                *stopping = true;
+                return Poll::Ready(Read::Stop);
+            }
+            if !registered {
+                *armed = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Reads the request's body, whatever its framing, within the listener's limits:
@@ -829,16 +901,23 @@ impl Connection<'_> {
     /// Whether the request may take a fast path as far as caller tokens go: no
     /// tokens are set, or its `Authorization` carries one (compared in constant time
     /// against this connection's view of the list, made at its first hit).
-    #[inline]
+    #[inline(always)]
     fn caller_allowed(&mut self, head: &Head) -> bool {
-        let state = &self.front.state;
-        if !state.auth_required {
-            return true;
-        }
+        !self.front.state.auth_required || self.token_allowed(head)
+    }
+
+    /// [`Connection::caller_allowed`] with caller tokens set.
+    #[inline(never)]
+    fn token_allowed(&mut self, head: &Head) -> bool {
         let value = head.authorization.as_ref().map(|r| &self.buf[r.clone()]);
-        self.tokens
-            .get_or_insert_with(|| state.caller_tokens.view(&state.secrets.auth_tokens))
-            .check_header(value)
+        let tokens = match &mut self.tokens {
+            Some(view) => view,
+            none => {
+                let state = &self.front.state;
+                none.insert(state.caller_tokens.view(&state.secrets.auth_tokens))
+            }
+        };
+        tokens.check_header(value)
     }
 
     /// Serves a full hit of a cached read other than get_list (row `row`) straight
@@ -1153,6 +1232,45 @@ mod tests {
 
     fn parse(buf: &[u8]) -> Result<Option<Head>, Refusal> {
         parse_head(buf, &mut HostMemo::default())
+    }
+
+    /// Header names are told apart as `eq_ignore_ascii_case` tells them, for every
+    /// name a token can be: each known name with each byte replaced by every token
+    /// character, and cut or grown by one.
+    #[test]
+    fn header_names_compare_as_ascii_case_insensitive() {
+        let tchar = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+        for known in [
+            "host",
+            "expect",
+            "connection",
+            "user-agent",
+            "tracestate",
+            "traceparent",
+            "x-request-id",
+            "cache-control",
+            "authorization",
+            "content-length",
+            "transfer-encoding",
+        ] {
+            let lower = known.as_bytes();
+            assert!(name_is(lower, lower));
+            assert!(name_is(known.to_ascii_uppercase().as_bytes(), lower));
+            assert!(!name_is(&lower[1..], lower));
+            assert!(!name_is(format!("{known}s").as_bytes(), lower));
+            for i in 0..lower.len() {
+                for c in (0..=255u8).filter(|c| tchar(*c)) {
+                    let mut name = lower.to_vec();
+                    name[i] = c;
+                    assert_eq!(
+                        name_is(&name, lower),
+                        name.eq_ignore_ascii_case(lower),
+                        "{:?} against {known}",
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+            }
+        }
     }
 
     /// The memo of a connection's last valid `Host` changes no verdict.

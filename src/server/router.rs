@@ -77,11 +77,27 @@ pub fn fresh_request_id_bytes() -> [u8; 16] {
         s.set(x);
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     });
+    hex16(n)
+}
+
+/// `n` as 16 lowercase hex digits, most significant first, eight at a time: each
+/// half's nibbles are spread to one byte each, then turned into digits or letters
+/// all at once (no table, no loop).
+fn hex16(n: u64) -> [u8; 16] {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let half = |x: u64| -> [u8; 8] {
+        // 0x0000_0000_abcd_efgh -> 0x0a0b_0c0d_0e0f_0g0h (one nibble per byte).
+        let x = (x | x << 16) & 0x0000_ffff_0000_ffff;
+        let x = (x | x << 8) & 0x00ff_00ff_00ff_00ff;
+        let x = (x | x << 4) & 0x0f0f_0f0f_0f0f_0f0f;
+        // 1 in each byte that is 10 or more (no carry: each byte is at most 0x15).
+        let letters = ((x + 6 * ONES) >> 4) & ONES;
+        (x + u64::from(b'0') * ONES + letters * u64::from(b'a' - b'0' - 10)).to_be_bytes()
+    };
+    let (hi, lo) = (half(n >> 32), half(n & 0xffff_ffff));
     let mut buf = [0u8; 16];
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, slot) in buf.iter_mut().enumerate() {
-        *slot = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
-    }
+    buf[..8].copy_from_slice(&hi);
+    buf[8..].copy_from_slice(&lo);
     buf
 }
 
@@ -346,5 +362,43 @@ async fn dispatch(
             Some(_) => GatewayError::MethodNotAllowed("POST").respond(),
             None => GatewayError::NotFound(path.to_string()).respond(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_sixteen_hex_digits() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            15,
+            16,
+            0xabcdef,
+            u64::MAX,
+            1 << 63,
+            0x0123_4567_89ab_cdef,
+        ]
+        .into_iter()
+        .chain(std::iter::repeat_with(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }))
+        .take(10_000)
+        {
+            assert_eq!(hex16(n), format!("{n:016x}").as_bytes(), "{n:#x}");
+        }
+        let (a, b) = (fresh_request_id_bytes(), fresh_request_id_bytes());
+        assert_ne!(a, b);
+        assert!(a
+            .iter()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
     }
 }
