@@ -38,7 +38,10 @@
 //! gateway drops its in-memory pages (`chat_gateway_fleet_resyncs_total{reason}`)
 //! before serving from them again whenever it may have missed an event:
 //! - `restart`: the server is not the one the position was taken on (Redis restarted,
-//!   possibly empty, or failed over; see [`conn::Session`]);
+//!   possibly empty, or failed over; see [`conn::Session`]). Checked on every
+//!   reconnection of the reader, and whenever the gateway's session says the servers
+//!   changed (the reader's own connection may outlive a failover: a cluster's old
+//!   primary stays up as a replica);
 //! - `gap`: entries are missing: the next entry read is not numbered one past the last
 //!   one (the stream was trimmed past the position, or deleted and re-created), or
 //!   the counter is past the last entry read while the stream does not hold that
@@ -885,8 +888,17 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
     let mut backoff = Duration::from_millis(50);
     // The bus connection's own marker (see conn::identify).
     let markers = AtomicU64::new(0);
+    // The gateway's sessions: one that says the servers changed (a restart, a
+    // failover the topology watcher saw) sends the reader back to check its own
+    // server, since its connection may have outlived the change (a cluster's old
+    // primary stays up as a replica).
+    let mut sessions = match weak.upgrade() {
+        Some(b) => b.redis.sessions(),
+        None => return,
+    };
     loop {
         let Some(bus) = weak.upgrade() else { return };
+        sessions.borrow_and_update();
         let connector = bus.redis.connector().clone();
         let marker = connector.marker("bus");
         let stream = bus.keys.bus();
@@ -937,8 +949,11 @@ async fn read_loop(weak: std::sync::Weak<Bus>) {
             }
         };
         backoff = Duration::from_millis(50);
-        // Read until the connection fails.
+        // Read until the connection fails, or the servers may have changed.
         while let Some(p) = pos.clone() {
+            if sessions.has_changed().unwrap_or(false) && sessions.borrow_and_update().restarted {
+                break;
+            }
             let mut cmd = redis::cmd("XREAD");
             cmd.arg("COUNT")
                 .arg(READ_COUNT)
