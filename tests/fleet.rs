@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::{RedisOpts, RedisServer};
 use common::*;
+use common::{page_of as get_list, page_version as version};
 use sha2::{Digest, Sha256};
 
 const GET_LIST: &str = "/v4/recentcontact/get_list";
@@ -70,20 +71,6 @@ async fn fleet_of(
         wait_metric(gw, "chat_gateway_fleet_gateways", n as f64).await;
     }
     gws
-}
-
-async fn get_list(gw: &Gateway, account: &str) -> Answer {
-    post(
-        &gw.url(GET_LIST),
-        format!(r#"{{"From_Account":"{account}"}}"#),
-    )
-    .await
-}
-
-fn version(a: &Answer) -> u64 {
-    json(a)["Version"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no version: {:?}", a.2))
 }
 
 fn get_list_calls(fake: &FakeChat) -> Vec<Instant> {

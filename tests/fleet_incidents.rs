@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::{RedisOpts, RedisServer, TcpProxy};
 use common::*;
+use common::{page_of as get_list, page_version as version};
 use sha2::{Digest, Sha256};
 
 const GET_LIST: &str = "/v4/recentcontact/get_list";
@@ -139,20 +140,6 @@ async fn wait_metric_at_least(gw: &Gateway, name: &str, want: f64, within: Durat
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn get_list(gw: &Gateway, account: &str) -> Answer {
-    post(
-        &gw.url(GET_LIST),
-        format!(r#"{{"From_Account":"{account}"}}"#),
-    )
-    .await
-}
-
-fn version(a: &Answer) -> u64 {
-    json(a)["Version"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no version: {a:?}"))
 }
 
 /// Caches each account on every gateway (memory and L2); returns the version cached.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, TcpProxy};
 use common::*;
+use common::{page_of as get_list, page_version as version};
 
 const GET_LIST: &str = "/v4/recentcontact/get_list";
 const ONLINE: &str = "/v4/openim/query_online_status";
@@ -44,20 +45,6 @@ fn gateway_toml(fake: &FakeChat, redis_url: &str, prefix: &str) -> String {
         &fake.url(),
         &[("redis", &redis), ("cache", "ttl_secs = 60")],
     )
-}
-
-async fn get_list(gw: &Gateway, account: &str) -> Answer {
-    post(
-        &gw.url(GET_LIST),
-        format!(r#"{{"From_Account":"{account}"}}"#),
-    )
-    .await
-}
-
-fn version(a: &Answer) -> u64 {
-    json(a)["Version"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no version: {:?}", a.2))
 }
 
 /// Caches `account` in every gateway's memory; returns the version cached.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::topology::{RedisCluster, SentinelSet, TopologyOpts};
 use common::*;
+use common::{page_of as get_list, page_version as version};
 use sha2::{Digest, Sha256};
 
 const GET_LIST: &str = "/v4/recentcontact/get_list";
@@ -89,20 +90,6 @@ async fn fleet(n: usize, fake: &FakeChat, redis: &str) -> Vec<Gateway> {
         .await;
     }
     gws
-}
-
-async fn get_list(gw: &Gateway, account: &str) -> Answer {
-    post(
-        &gw.url(GET_LIST),
-        format!(r#"{{"From_Account":"{account}"}}"#),
-    )
-    .await
-}
-
-fn version(a: &Answer) -> u64 {
-    json(a)["Version"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no version: {a:?}"))
 }
 
 fn calls_to(fake: &FakeChat, path: &str) -> Vec<Instant> {

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::page_of as get_list;
 use common::*;
 use sha2::{Digest, Sha256};
 
@@ -27,14 +28,6 @@ fn first_peer(a: &Answer) -> String {
         .or(item["GroupId"].as_str())
         .unwrap_or("")
         .to_string()
-}
-
-async fn get_list(gw: &Gateway, account: &str) -> Answer {
-    post(
-        &gw.url(GET_LIST),
-        format!(r#"{{"From_Account":"{account}"}}"#),
-    )
-    .await
 }
 
 #[tokio::test]

@@ -709,3 +709,20 @@ pub async fn wait_metric_within(gw: &Gateway, name: &str, want: f64, within: Dur
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Asks `gw` for `account`'s first get_list page (Chat's own body, no credentials).
+pub async fn page_of(gw: &Gateway, account: &str) -> Answer {
+    post(
+        &gw.url("/v4/recentcontact/get_list"),
+        format!(r#"{{"From_Account":"{account}"}}"#),
+    )
+    .await
+}
+
+/// The `Version` of a get_list answer: the fake Chat of the fleet tests numbers every
+/// page it serves, so a higher one is a fresher page.
+pub fn page_version(a: &Answer) -> u64 {
+    json(a)["Version"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no version: {a:?}"))
+}
