@@ -21,6 +21,16 @@ pub struct TopologyOpts {
     pub tls: bool,
 }
 
+impl TopologyOpts {
+    /// The credentials part of a URL: `:pw@`, or nothing without a password.
+    fn url_auth(&self) -> String {
+        self.password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default()
+    }
+}
+
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
@@ -350,12 +360,7 @@ impl RedisCluster {
     /// A seed URL for node `i`: `redis://[:pw@]127.0.0.1:port/0`, or with TLS
     /// `rediss://[:pw@]localhost:tls_port/0`.
     pub fn url(&self, i: usize) -> String {
-        let auth = self
-            .opts
-            .password
-            .as_ref()
-            .map(|p| format!(":{p}@"))
-            .unwrap_or_default();
+        let auth = self.opts.url_auth();
         let n = &self.nodes[i];
         match n.tls_port {
             Some(p) if self.opts.tls => format!("rediss://{auth}localhost:{p}/0"),
@@ -573,12 +578,7 @@ impl SentinelSet {
     /// `redis.url` for the primaries: their scheme, credentials and database (the
     /// host is not used: the sentinels name the primary).
     pub fn primary_url(&self) -> String {
-        let auth = self
-            .opts
-            .password
-            .as_ref()
-            .map(|p| format!(":{p}@"))
-            .unwrap_or_default();
+        let auth = self.opts.url_auth();
         let scheme = if self.opts.tls { "rediss" } else { "redis" };
         format!("{scheme}://{auth}{}/0", self.master_name)
     }
