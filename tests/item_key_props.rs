@@ -194,8 +194,7 @@ fn fast_agrees(row: usize, body: &[u8]) -> Result<Option<Vec<String>>, String> {
         return Ok(None);
     }
     let items: Vec<String> = f
-        .items()
-        .iter()
+        .items(body)
         .map(|s| String::from_utf8(s.to_vec()).unwrap())
         .collect();
     let mut sorted = items.clone();

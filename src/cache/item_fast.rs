@@ -24,20 +24,43 @@ pub const MAX_VARIANT: usize = 512;
 /// Deepest nesting in the other fields.
 pub const MAX_DEPTH: usize = 8;
 
-/// A request the fast scanner read: items borrowed from the body, the variant in a
-/// stack buffer.
-pub struct FastRequest<'a> {
-    items: [&'a [u8]; MAX_ITEMS],
+/// A request the fast scanner read: where its items are in the body, and the
+/// variant. Meant to be kept and reused (one per connection): scanning a request
+/// initializes nothing in it beyond what it writes.
+pub struct FastRequest {
+    /// Each item's `(start, end)` in the body scanned.
+    items: [(u32, u32); MAX_ITEMS],
     n: usize,
     variant: [u8; MAX_VARIANT],
     variant_len: usize,
+    /// The other fields' canonical values, one after the other (scratch).
+    values: [u8; MAX_VARIANT],
 }
 
-impl<'a> FastRequest<'a> {
-    /// The items, in request order (each valid UTF-8: the body was checked).
+impl FastRequest {
+    /// How many items.
     #[inline]
-    pub fn items(&self) -> &[&'a [u8]] {
-        &self.items[..self.n]
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether it holds no item (never, after a successful scan).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Item `i` of the request scanned from `body` (valid UTF-8: the body was
+    /// checked). `body` must be the body scanned.
+    #[inline]
+    pub fn item<'b>(&self, body: &'b [u8], i: usize) -> &'b [u8] {
+        let (s, e) = self.items[i];
+        body.get(s as usize..e as usize).unwrap_or_default()
+    }
+
+    /// The items of the request scanned from `body`, in request order.
+    pub fn items<'b>(&'b self, body: &'b [u8]) -> impl Iterator<Item = &'b [u8]> + 'b {
+        (0..self.n).map(move |i| self.item(body, i))
     }
 
     /// The other fields, canonical (as [`super::item_key::ItemRequest::variant`]),
@@ -76,12 +99,13 @@ fn zero_bytes(w: u64) -> u64 {
     w.wrapping_sub(splat(1)) & !w & splat(0x80)
 }
 
-/// Whether a word of string content may hold a `"`, a `\`, a control character or
-/// a byte that is not ASCII.
+/// The high bit of each byte of a word of string content that may be a `"`, a `\`,
+/// a control character or a byte that is not ASCII (zero when none is; the lowest
+/// one set is always a true one).
 #[inline]
-fn special(w: u64) -> bool {
+fn special(w: u64) -> u64 {
     let ctrl = w.wrapping_sub(splat(0x20)) & !w & splat(0x80);
-    (zero_bytes(w ^ splat(b'"')) | zero_bytes(w ^ splat(b'\\')) | ctrl | (w & splat(0x80))) != 0
+    zero_bytes(w ^ splat(b'"')) | zero_bytes(w ^ splat(b'\\')) | ctrl | (w & splat(0x80))
 }
 
 struct Scan<'a> {
@@ -118,7 +142,7 @@ impl<'a> Scan<'a> {
     }
 
     /// A string without escapes or control characters: its content. Eight bytes at
-    /// a time while none of them may end it.
+    /// a time, each word's first byte that may end it found at once.
     #[inline]
     fn string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
@@ -126,7 +150,11 @@ impl<'a> Scan<'a> {
         loop {
             while let Some(chunk) = self.s.get(self.i..self.i + 8) {
                 let w = u64::from_le_bytes(<[u8; 8]>::try_from(chunk).ok()?);
-                if special(w) {
+                let m = special(w);
+                if m != 0 {
+                    // The lowest flagged byte is a true one (false alarms only
+                    // ever sit above a true one).
+                    self.i += (m.trailing_zeros() / 8) as usize;
                     break;
                 }
                 self.i += 8;
@@ -272,31 +300,34 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// An item: a string of 1 to `max` bytes.
+    /// An item: a string of 1 to `max` bytes; where its content is in the body.
     #[inline]
-    fn item(&mut self, max: usize) -> Option<&'a [u8]> {
+    fn item(&mut self, max: usize) -> Option<(u32, u32)> {
         let s = self.string()?;
-        (!s.is_empty() && s.len() <= max).then_some(s)
+        // The closing quote is the last byte read.
+        let end = self.i - 1;
+        (!s.is_empty() && s.len() <= max).then_some(((end - s.len()) as u32, end as u32))
     }
 }
 
 /// Reads `body` as a request of `row` into `out`; `false` when the general parser
 /// must decide.
-pub fn scan<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> bool {
+pub fn scan(row: &ReadRow, body: &[u8], out: &mut FastRequest) -> bool {
     scan_inner(row, body, out).is_some()
 }
 
-/// A fresh, empty request to scan into.
-pub fn request<'a>() -> FastRequest<'a> {
-    FastRequest {
-        items: [b""; MAX_ITEMS],
+/// A request to scan into (boxed: it is a few kilobytes, kept and reused).
+pub fn request() -> Box<FastRequest> {
+    Box::new(FastRequest {
+        items: [(0, 0); MAX_ITEMS],
         n: 0,
         variant: [0; MAX_VARIANT],
         variant_len: 0,
-    }
+        values: [0; MAX_VARIANT],
+    })
 }
 
-fn scan_inner<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> Option<()> {
+fn scan_inner(row: &ReadRow, body: &[u8], out: &mut FastRequest) -> Option<()> {
     let mut sc = Scan {
         s: body,
         i: 0,
@@ -308,9 +339,8 @@ fn scan_inner<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> O
     let mut names: [&[u8]; MAX_FIELDS] = [b""; MAX_FIELDS];
     let mut spans: [(u16, u16); MAX_FIELDS] = [(0, 0); MAX_FIELDS];
     let mut fields = 0usize;
-    let mut values = [0u8; MAX_VARIANT];
     let mut vals = Out {
-        buf: &mut values,
+        buf: &mut out.values,
         len: 0,
     };
     let mut items_seen = false;
@@ -390,6 +420,7 @@ fn scan_inner<'a>(row: &ReadRow, body: &'a [u8], out: &mut FastRequest<'a>) -> O
     if sc.non_ascii && std::str::from_utf8(body).is_err() {
         return None;
     }
+    let values = &out.values;
     let value = |k: usize| &values[spans[k].0 as usize..spans[k].1 as usize];
     for req in row.required {
         let k = (0..fields).find(|k| names[*k] == req.as_bytes())?;
@@ -440,8 +471,7 @@ mod tests {
         let mut f = request();
         let fast = scan(r, body.as_bytes(), &mut f).then(|| {
             (
-                f.items()
-                    .iter()
+                f.items(body.as_bytes())
                     .map(|s| String::from_utf8(s.to_vec()).unwrap())
                     .collect::<Vec<_>>(),
                 String::from_utf8(f.variant().to_vec()).unwrap(),

@@ -449,12 +449,60 @@ impl ItemStore {
     fn hash(&self, key: &[u8]) -> u64 {
         let (head, item) = key.split_at(key.len().min(17));
         let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
-        let v = word(head.get(1..9).unwrap_or(&[]))
-            ^ word(head.get(9..17).unwrap_or(&[])).rotate_left(29);
-        let h = self.hasher.hash_one(item) ^ v ^ u64::from(head.first().copied().unwrap_or(0));
+        let variant = u128::from(word(head.get(1..9).unwrap_or(&[])))
+            | (u128::from(word(head.get(9..17).unwrap_or(&[]))) << 64);
+        self.hash_parts(head.first().copied().unwrap_or(0), variant, item)
+    }
+
+    /// [`ItemStore::hash`] of a key given as its parts (the row's byte, the variant
+    /// id, the item), without writing the key out.
+    #[inline(always)]
+    fn hash_parts(&self, row: u8, variant: u128, item: &[u8]) -> u64 {
+        let v = (variant as u64) ^ ((variant >> 64) as u64).rotate_left(29);
+        let h = self.hasher.hash_one(item) ^ v ^ u64::from(row);
         // One multiply-xorshift round so that the variant's bits reach every bit used.
         let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         h ^ (h >> 29)
+    }
+
+    /// The hash of the key of `item` of `row` in `variant` (what
+    /// [`ItemStore::key_hash`] gives for its [`KeyBuf`]); `None` when no key can
+    /// hold the item.
+    #[inline]
+    pub fn item_hash(&self, row: usize, variant: VariantId, item: &[u8]) -> Option<u64> {
+        (17 + item.len() <= MAX_KEY).then(|| self.hash_parts(row as u8, variant.0, item))
+    }
+
+    /// [`ItemStore::lookup_hashed`] of the key of `item` of `row` in `variant`
+    /// whose [`ItemStore::item_hash`] is `h`, without writing the key out (the hit
+    /// path's lookup).
+    #[inline]
+    pub fn lookup_item(
+        &self,
+        row: usize,
+        variant: VariantId,
+        item: &[u8],
+        h: u64,
+        now: Instant,
+    ) -> ItemLookup {
+        let vid = variant.0.to_le_bytes();
+        let found = {
+            let shard = read(self.shard(h));
+            shard
+                .table
+                .find(h, |s| {
+                    s.hash == h
+                        && s.key.len() == 17 + item.len()
+                        && s.key[0] == row as u8
+                        && s.key[1..17] == vid
+                        && key_eq(&s.key[17..], item)
+                })
+                .map(|s| s.entry.clone())
+        };
+        match found {
+            Some(e) => self.judge(e, now),
+            None => ItemLookup::Miss,
+        }
     }
 
     #[inline]
@@ -527,6 +575,13 @@ impl ItemStore {
                 None => return ItemLookup::Miss,
             }
         };
+        self.judge(e, now)
+    }
+
+    /// What a found entry is worth at `now` (and a note for the eviction that it
+    /// was read).
+    #[inline(always)]
+    fn judge(&self, e: Arc<ItemEntry>, now: Instant) -> ItemLookup {
         if !e.visited.load(Ordering::Relaxed) {
             e.visited.store(true, Ordering::Relaxed);
         }
@@ -834,6 +889,42 @@ mod tests {
             s.lookup(&KeyBuf::new(0, b, "u").unwrap(), Instant::now()),
             ItemLookup::Miss
         ));
+    }
+
+    #[test]
+    fn the_hit_path_lookup_by_parts_is_the_lookup_by_key() {
+        let s = store();
+        let (a, b) = (s.variant_id(0, ""), s.variant_id(0, r#","TagList":["b"]"#));
+        for (row, v, item) in [(0, a, "u"), (1, a, "u"), (0, b, "u"), (0, a, "uv")] {
+            let e = s.entry(item.as_bytes(), s.begin_fetch(), s.deps([]), T, T);
+            let key = KeyBuf::new(row, v, item).unwrap();
+            assert!(s.insert(key.to_key(), Arc::new(e)));
+        }
+        let now = Instant::now();
+        let long = "x".repeat(MAX_KEY - 17);
+        for row in 0..3 {
+            for v in [a, b, s.variant_id(2, "")] {
+                for item in ["u", "uv", "v", "", "uvw", long.as_str()] {
+                    let key = KeyBuf::new(row, v, item).unwrap();
+                    let h = s.item_hash(row, v, item.as_bytes()).unwrap();
+                    assert_eq!(h, s.key_hash(&key), "{row} {item}");
+                    let by_key = s.lookup(&key, now);
+                    let by_parts = s.lookup_item(row, v, item.as_bytes(), h, now);
+                    match (&by_key, &by_parts) {
+                        (ItemLookup::Fresh(x), ItemLookup::Fresh(y)) => {
+                            assert!(Arc::ptr_eq(x, y));
+                            assert_eq!(&x.body[..], item.as_bytes());
+                        }
+                        (ItemLookup::Miss, ItemLookup::Miss) => {}
+                        _ => panic!("{row} {item}: {by_key:?} vs {by_parts:?}"),
+                    }
+                }
+            }
+        }
+        // An item no key can hold has no hash (as it has no key).
+        assert!(s.item_hash(0, a, long.as_bytes()).is_some());
+        assert!(s.item_hash(0, a, format!("{long}x").as_bytes()).is_none());
+        assert!(KeyBuf::new(0, a, &format!("{long}x")).is_none());
     }
 
     #[test]

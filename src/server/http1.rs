@@ -429,6 +429,9 @@ struct Connection<'a> {
     /// The entries of a full hit of a cached read being written (kept, empty, from
     /// one request to the next: no allocation per hit).
     hits: Vec<Arc<crate::cache::items::ItemEntry>>,
+    /// The fast scanner's scratch for cached-read hits (a few KB, made at the
+    /// connection's first such request and kept: no hit initializes it).
+    fast_req: Option<Box<crate::cache::item_fast::FastRequest>>,
     /// The caller tokens as this connection sees them (made at its first hit).
     tokens: Option<auth::TokenView<'a>>,
 }
@@ -448,6 +451,7 @@ pub async fn drive(front: Arc<Front>, stream: TcpStream, conn: Conn) {
         armed: None,
         host: HostMemo::default(),
         hits: Vec::new(),
+        fast_req: None,
         tokens: None,
     };
     // One timer for the connection's life, re-armed lazily: it fires at most once per
@@ -942,6 +946,8 @@ impl Connection<'_> {
             usize::from(row),
             &self.buf[head.len..body_end],
             now,
+            self.fast_req
+                .get_or_insert_with(crate::cache::item_fast::request),
             &mut self.hits,
         ) else {
             self.hits.clear();

@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::cache::assemble::{self, Template};
 use crate::cache::coalesce::Role;
-use crate::cache::item_fast;
+use crate::cache::item_fast::{self, FastRequest};
 use crate::cache::item_key::{self, ItemRequest, Parsed};
 use crate::cache::items::{Deps, FetchEpoch, ItemEntry, ItemKey, ItemLookup, KeyBuf};
 use crate::chat::effects::EntityKind;
@@ -162,6 +162,7 @@ pub fn fast_hit(
     row: usize,
     body: &[u8],
     now: Instant,
+    req: &mut FastRequest,
     entries: &mut Vec<Arc<ItemEntry>>,
 ) -> Option<FastHit> {
     entries.clear();
@@ -169,33 +170,32 @@ pub fn fast_hit(
     if r.store != Store::Items || !state.live.load().commands[row].enabled {
         return None;
     }
-    let mut req = item_fast::request();
-    if !item_fast::scan(r, body, &mut req) {
+    if !item_fast::scan(r, body, req) {
         return None;
     }
     let vid = state.items.variant_id_of(row, req.variant());
-    let items = req.items();
     // Items named twice are Chat's to answer: a bit per hash, and an exact check
     // when two bits meet.
     let mut seen = [0u64; 16];
     let mut len = 0usize;
     let mut oldest = now;
-    for (i, item) in items.iter().enumerate() {
-        let key = KeyBuf::of_bytes(row, vid, item)?;
-        let h = state.items.key_hash(&key);
+    for i in 0..req.len() {
+        let item = req.item(body, i);
+        let h = state.items.item_hash(row, vid, item)?;
         let bit = (h & 1023) as usize;
         let (word, mask) = (bit >> 6, 1u64 << (bit & 63));
-        if seen[word] & mask != 0 && items[..i].contains(item) {
+        if seen[word] & mask != 0 && req.items(body).take(i).any(|o| o == item) {
             return None;
         }
         seen[word] |= mask;
-        let ItemLookup::Fresh(e) = state.items.lookup_hashed(&key, h, now) else {
+        let ItemLookup::Fresh(e) = state.items.lookup_item(row, vid, item, h, now) else {
             return None;
         };
         len += e.body.len();
         oldest = oldest.min(e.stored_at);
         entries.push(e);
     }
+    let items = req.len();
     let mut hit = FastHit {
         template: None,
         age: now.saturating_duration_since(oldest).as_secs(),
@@ -203,12 +203,12 @@ pub fn fast_hit(
     };
     if let AnswerShape::Items { .. } = r.answer {
         let t = state.templates.guard(row);
-        hit.len = t.prefix.len() + len + items.len().saturating_sub(1) + t.closing.len();
+        hit.len = t.prefix.len() + len + items.saturating_sub(1) + t.closing.len();
         hit.template = Some(t);
     }
     let c = &state.read_counters[row];
     c.hit.increment(1);
-    c.from_memory.increment(items.len() as u64);
+    c.from_memory.increment(items as u64);
     c.saved.increment(1);
     c.request_ok.increment(1);
     Some(hit)
