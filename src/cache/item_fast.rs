@@ -124,21 +124,29 @@ impl<'a> Scan<'a> {
         }
     }
 
+    /// `c`, after any whitespace (the next byte first: compact JSON has none).
     #[inline]
     fn eat(&mut self, c: u8) -> Option<()> {
-        self.ws();
-        if self.s.get(self.i) == Some(&c) {
-            self.i += 1;
-            Some(())
-        } else {
-            None
+        if self.s.get(self.i) != Some(&c) {
+            self.ws();
+            if self.s.get(self.i) != Some(&c) {
+                return None;
+            }
         }
+        self.i += 1;
+        Some(())
     }
 
+    /// The next byte that is not whitespace (whitespace is at most a space).
     #[inline]
     fn peek(&mut self) -> Option<u8> {
-        self.ws();
-        self.s.get(self.i).copied()
+        match self.s.get(self.i) {
+            Some(&b) if b > b' ' => Some(b),
+            _ => {
+                self.ws();
+                self.s.get(self.i).copied()
+            }
+        }
     }
 
     /// A string without escapes or control characters: its content. Eight bytes at
