@@ -113,10 +113,13 @@ async fn three_gateways_keep_one_rate_limit_under_a_burst_of_misses() {
         &[
             ("ratelimit", "per_command_per_sec = 50\nmax_wait_ms = 20000"),
             ("chat", "request_timeout_ms = 30000"),
-            // The latency spread on the way to Chat that the window budgets for: a
-            // busy machine stalls a call between its permit and Chat for 100 ms and
-            // more, past the default 40 ms (the limit is N at Chat given this spread).
-            ("redis", "latency_allowance_ms = 150"),
+            // The latency spread on the way to Chat that the window budgets for (the
+            // limit is N at Chat given this spread). A starved 2-core box (a CPU hog
+            // on one core, builds on the other) stalls a call between its permit and
+            // Chat noting it for 100 ms and more, once 236 ms (54 in a second with
+            // 150 here): half a second, twice that. It costs throughput (N per
+            // 1.52 s), not exactness: at most 50 in any second at Chat still.
+            ("redis", "latency_allowance_ms = 500"),
         ],
     )
     .await;

@@ -637,16 +637,20 @@ async fn skewed_clocks_change_neither_freshness_nor_age() {
     assert_eq!(calls, list.len(), "one Chat call per page");
 }
 
-/// 6. Redis answers 45 ms late (a proxy delays its replies; `timeout_ms` 50): a memory
+/// 6. Redis answers 85 ms late (a proxy delays its replies; `timeout_ms` 100): a memory
 /// miss answered from L2 makes one round trip, and so does a miss fetched from Chat
 /// (its L2 lookup and its rate-limit lease go together; the L2 store runs after the
-/// answer): p99 of each within `timeout_ms` + 20 ms. None is refused or bypasses L2
-/// for want of Redis time.
+/// answer): p99 of each within `timeout_ms` + 60 ms. None is refused or bypasses L2
+/// for want of Redis time. The figures set one bounded wait (85 ms, plus what a busy
+/// machine adds: p99 108-117 ms from Chat with a CPU hog beside it) and two round
+/// trips (never under 170 ms, however idle or busy the machine: the proxy holds each
+/// reply 85 ms; 178-189 ms measured) apart by more than scheduling noise on a busy
+/// 2-core box crosses; Redis's lateness stays 15 ms inside the timeout.
 #[tokio::test]
 async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     let _alone = MACHINE.write().await;
     // Redis, the gateways, and this test's thread (its clock, the fake Chat and the
-    // proxy's threads) at a higher priority: 45 ms of a 50 ms budget leaves little
+    // proxy's threads) at a higher priority: 85 ms of a 100 ms budget leaves little
     // for a machine busy with other builds.
     favour_this_thread();
     let redis = RedisServer::start_with(RedisOpts {
@@ -656,10 +660,29 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     let proxy = TcpProxy::start(redis.addr());
     let fake = FakeChat::start(versioned()).await;
     let url = proxy.redis_url(None);
-    let gws = fleet_prepared(2, &fake, &url, &[DEBUG_LOG], &[], favoured).await;
-    proxy.delay_replies(Duration::from_millis(45));
-    // The first lease after Redis slowed down finds its slot past on arrival (its lead
-    // was set by the fast round trips before) and asks again: once, not counted.
+    let timeout = Duration::from_millis(100);
+    let late = Duration::from_millis(85);
+    let slack = Duration::from_millis(60);
+    // The bound stays below the floor of two round trips, so they always fail it.
+    assert!(timeout + slack < 2 * late);
+    // A permit stays usable 100 ms past its slot (`lease_ms`, 20 by default): a
+    // starved box (a CPU hog on one core) delivers a lease's answer 20 ms and more
+    // later than the ones before, and a caller past its permit asks Redis again (a
+    // second round trip, 230-330 ms with the default). Only the rate limit's window
+    // grows by it (these misses come one at a time).
+    let redis_conf = format!("timeout_ms = {}\nlease_ms = 100", timeout.as_millis());
+    let gws = fleet_prepared(
+        2,
+        &fake,
+        &url,
+        &[DEBUG_LOG, ("redis", &redis_conf)],
+        &[],
+        favoured,
+    )
+    .await;
+    proxy.delay_replies(late);
+    // The first lease after Redis slowed down may find its slot past on arrival (its
+    // lead was set by the fast round trips before) and ask again: once, not counted.
     let first = get_list(&gws[0], "slow_first").await;
     assert_eq!(header(&first, "x-cache"), "MISS", "{first:?}");
     let (mut from_l2, mut from_chat) = (Vec::new(), Vec::new());
@@ -668,7 +691,7 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
         let t = Instant::now();
         let a = get_list(&gws[0], acc).await;
         from_chat.push(t.elapsed());
-        if t.elapsed() > Duration::from_millis(70) {
+        if t.elapsed() > timeout + slack / 2 {
             eprintln!("slow: gateway 1 {acc} {:?} {a:?}", t.elapsed());
         }
         assert_eq!(
@@ -685,7 +708,7 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
         let t = Instant::now();
         let b = get_list(&gws[1], acc).await;
         let took = t.elapsed();
-        if took > Duration::from_millis(70) {
+        if took > timeout + slack / 2 {
             eprintln!("slow: gateway 2 {acc} {took:?} {b:?}");
         }
         assert_eq!(json(&b)["ErrorCode"], 0, "{b:?}");
@@ -699,7 +722,7 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     assert!(l2_hits >= 70, "only {l2_hits} of 100 answered from L2");
     let (l2_p99, chat_p99) = (pct(&mut from_l2, 0.99), pct(&mut from_chat, 0.99));
     let report = format!(
-        "Redis 45 ms late: misses from L2 p50 {:?} p99 {l2_p99:?} max {:?}; from Chat p50 {:?} p99 {chat_p99:?} max {:?}",
+        "Redis {late:?} late, timeout {timeout:?}: misses from L2 p50 {:?} p99 {l2_p99:?} max {:?}; from Chat p50 {:?} p99 {chat_p99:?} max {:?}",
         pct(&mut from_l2, 0.5),
         pct(&mut from_l2, 1.0),
         pct(&mut from_chat, 0.5),
@@ -707,11 +730,9 @@ async fn a_slow_redis_costs_a_miss_at_most_its_budget() {
     );
     eprintln!("{report}");
     let logs = || format!("{}\n---\n{}", gws[0].log_text(), gws[1].log_text());
-    let timeout = Duration::from_millis(50);
-    let slack = Duration::from_millis(20);
     assert!(l2_p99 <= timeout + slack, "{report}\n{}", logs());
     // One round trip (the lookup and the lease together): two one after the other
-    // would take 90 ms or more. A lease asked again (a caller woken past its permit)
+    // would take 170 ms or more. A lease asked again (a caller woken past its permit)
     // is the rare exception, not the 99th percentile.
     assert!(chat_p99 <= timeout + slack, "{report}\n{}", logs());
 }
