@@ -489,3 +489,66 @@ async fn redis_unreachable_while_the_gateways_start_keeps_n() {
     assert!(alone > 0 && alone <= 3 * 50, "{alone}");
     assert!(wait_metric(&gws, "chat_gateway_redis_up", 1.0, Duration::from_secs(5)).await);
 }
+
+/// The fleet's window budgets `redis.latency_allowance_ms` for the spread of the
+/// latency on the way to Chat: with an allowance of a second, N calls are spaced over
+/// 1 s + `lease_ms` + 1 s, so even a window of 1.5 s holds at most N arrivals at Chat
+/// (a window that left the allowance out would let 2N arrive within 1.5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_window_budgets_the_latency_allowance() {
+    let _alone = MACHINE.lock().await;
+    let redis = favoured_redis();
+    let fake = fake_chat_apart(pages());
+    let toml = config_toml(
+        &fake.url(),
+        &[
+            (
+                "redis",
+                &format!(
+                    "url = \"{}\"\ntimeout_ms = 250\nlatency_allowance_ms = 1000\n",
+                    redis.url()
+                ),
+            ),
+            ("ratelimit", "per_command_per_sec = 10\nmax_wait_ms = 20000"),
+            ("chat", "request_timeout_ms = 30000"),
+            ("cache", "ttl_secs = 60"),
+        ],
+    );
+    let gw = Gateway::start_prepared(&toml, favoured).await;
+    assert!(
+        wait_metric(
+            std::slice::from_ref(&gw),
+            "chat_gateway_redis_up",
+            1.0,
+            Duration::from_secs(10)
+        )
+        .await,
+        "Redis never up; log:\n{}",
+        gw.log_text()
+    );
+    let base = gw.url("");
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            get_list(&base, &format!("allowance_{i}")).await
+        }));
+    }
+    for t in tasks {
+        let o = t.await.unwrap();
+        assert!(o.ok(), "{o:?}");
+    }
+    let at = arrivals(&fake);
+    assert_eq!(at.len(), 30);
+    let most = max_in_window(&at, Duration::from_millis(1500));
+    let t0 = *at.iter().min().unwrap();
+    let mut ms: Vec<u128> = at.iter().map(|t| (*t - t0).as_millis()).collect();
+    ms.sort();
+    eprintln!(
+        "latency allowance 1 s: at most {most} calls at Chat within 1.5 s; arrivals (ms): {ms:?}"
+    );
+    assert!(
+        most <= 10,
+        "{most} calls at Chat within 1.5 s (N = 10, window 2.02 s); arrivals (ms): {ms:?}"
+    );
+}
