@@ -393,6 +393,18 @@ impl std::fmt::Debug for ItemStore {
     }
 }
 
+/// A key's parts: the row's byte, the variant id, the item (as [`KeyBuf::of_bytes`]
+/// writes them; a key too short for them, which no [`KeyBuf`] is, gives zeros).
+#[inline]
+fn split_key(key: &[u8]) -> (u8, u128, &[u8]) {
+    let (head, item) = key.split_at(key.len().min(17));
+    let variant = head
+        .get(1..17)
+        .and_then(|v| <[u8; 16]>::try_from(v).ok())
+        .map_or(0, u128::from_le_bytes);
+    (head.first().copied().unwrap_or(0), variant, item)
+}
+
 /// Whether two keys are equal: eight bytes at a time, inline (keys are short, and a
 /// call to `memcmp` costs more than comparing them).
 #[inline]
@@ -447,11 +459,8 @@ impl ItemStore {
     /// with the row and variant id (which are themselves keyed hashes).
     #[inline]
     fn hash(&self, key: &[u8]) -> u64 {
-        let (head, item) = key.split_at(key.len().min(17));
-        let word = |c: &[u8]| <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
-        let variant = u128::from(word(head.get(1..9).unwrap_or(&[])))
-            | (u128::from(word(head.get(9..17).unwrap_or(&[]))) << 64);
-        self.hash_parts(head.first().copied().unwrap_or(0), variant, item)
+        let (row, variant, item) = split_key(key);
+        self.hash_parts(row, variant, item)
     }
 
     /// [`ItemStore::hash`] of a key given as its parts (the row's byte, the variant
@@ -465,17 +474,16 @@ impl ItemStore {
         h ^ (h >> 29)
     }
 
-    /// The hash of the key of `item` of `row` in `variant` (what
-    /// [`ItemStore::key_hash`] gives for its [`KeyBuf`]); `None` when no key can
-    /// hold the item.
+    /// The hash of the key of `item` of `row` in `variant` (what the store hashes
+    /// its [`KeyBuf`] to); `None` when no key can hold the item.
     #[inline]
     pub fn item_hash(&self, row: usize, variant: VariantId, item: &[u8]) -> Option<u64> {
         (17 + item.len() <= MAX_KEY).then(|| self.hash_parts(row as u8, variant.0, item))
     }
 
-    /// [`ItemStore::lookup_hashed`] of the key of `item` of `row` in `variant`
-    /// whose [`ItemStore::item_hash`] is `h`, without writing the key out (the hit
-    /// path's lookup).
+    /// [`ItemStore::lookup`] of the key of `item` of `row` in `variant` whose
+    /// [`ItemStore::item_hash`] is `h`, without writing the key out (the hit path's
+    /// lookup, which hashes every item anyway to tell items named twice).
     #[inline]
     pub fn lookup_item(
         &self,
@@ -485,7 +493,14 @@ impl ItemStore {
         h: u64,
         now: Instant,
     ) -> ItemLookup {
-        let vid = variant.0.to_le_bytes();
+        self.find(row as u8, variant.0, item, h, now)
+    }
+
+    /// The one way an entry is found: by its key's parts and their hash. Holds the
+    /// shard's read lock only to clone the entry's `Arc`; allocates nothing.
+    #[inline(always)]
+    fn find(&self, row: u8, variant: u128, item: &[u8], h: u64, now: Instant) -> ItemLookup {
+        let vid = variant.to_le_bytes();
         let found = {
             let shard = read(self.shard(h));
             shard
@@ -493,15 +508,28 @@ impl ItemStore {
                 .find(h, |s| {
                     s.hash == h
                         && s.key.len() == 17 + item.len()
-                        && s.key[0] == row as u8
+                        && s.key[0] == row
                         && s.key[1..17] == vid
                         && key_eq(&s.key[17..], item)
                 })
                 .map(|s| s.entry.clone())
         };
-        match found {
-            Some(e) => self.judge(e, now),
-            None => ItemLookup::Miss,
+        let Some(e) = found else {
+            return ItemLookup::Miss;
+        };
+        // Read: the eviction gives it a second chance.
+        if !e.visited.load(Ordering::Relaxed) {
+            e.visited.store(true, Ordering::Relaxed);
+        }
+        if !self.gens.valid(&e) {
+            return ItemLookup::Miss;
+        }
+        if now < e.fresh_until {
+            ItemLookup::Fresh(e)
+        } else if now < e.stale_until {
+            ItemLookup::Stale(e)
+        } else {
+            ItemLookup::Miss
         }
     }
 
@@ -550,51 +578,11 @@ impl ItemStore {
         )
     }
 
-    /// Finds an entry; allocates nothing, and holds the shard's read lock only to
-    /// clone the entry's `Arc`.
+    /// Finds an entry (see [`ItemStore::find`]).
     #[inline]
     pub fn lookup(&self, key: &KeyBuf, now: Instant) -> ItemLookup {
-        self.lookup_hashed(key, self.key_hash(key), now)
-    }
-
-    /// The hash of `key` (for [`ItemStore::lookup_hashed`]; the hit path also uses
-    /// it to tell items named twice).
-    #[inline]
-    pub fn key_hash(&self, key: &KeyBuf) -> u64 {
-        self.hash(key.as_bytes())
-    }
-
-    /// [`ItemStore::lookup`] of a key whose [`ItemStore::key_hash`] is `h`.
-    #[inline]
-    pub fn lookup_hashed(&self, key: &KeyBuf, h: u64, now: Instant) -> ItemLookup {
-        let k = key.as_bytes();
-        let e = {
-            let shard = read(self.shard(h));
-            match shard.table.find(h, |s| s.hash == h && key_eq(&s.key, k)) {
-                Some(s) => s.entry.clone(),
-                None => return ItemLookup::Miss,
-            }
-        };
-        self.judge(e, now)
-    }
-
-    /// What a found entry is worth at `now` (and a note for the eviction that it
-    /// was read).
-    #[inline(always)]
-    fn judge(&self, e: Arc<ItemEntry>, now: Instant) -> ItemLookup {
-        if !e.visited.load(Ordering::Relaxed) {
-            e.visited.store(true, Ordering::Relaxed);
-        }
-        if !self.gens.valid(&e) {
-            return ItemLookup::Miss;
-        }
-        if now < e.fresh_until {
-            ItemLookup::Fresh(e)
-        } else if now < e.stale_until {
-            ItemLookup::Stale(e)
-        } else {
-            ItemLookup::Miss
-        }
+        let (row, variant, item) = split_key(key.as_bytes());
+        self.find(row, variant, item, self.hash_parts(row, variant, item), now)
     }
 
     /// Marks the start of a fetch.
@@ -907,7 +895,7 @@ mod tests {
                 for item in ["u", "uv", "v", "", "uvw", long.as_str()] {
                     let key = KeyBuf::new(row, v, item).unwrap();
                     let h = s.item_hash(row, v, item.as_bytes()).unwrap();
-                    assert_eq!(h, s.key_hash(&key), "{row} {item}");
+                    assert_eq!(h, s.hash(key.as_bytes()), "{row} {item}");
                     let by_key = s.lookup(&key, now);
                     let by_parts = s.lookup_item(row, v, item.as_bytes(), h, now);
                     match (&by_key, &by_parts) {
