@@ -198,7 +198,7 @@ async fn quitquitquit_is_for_loopback_callers_only() {
         panic!("no non-loopback address on this machine to call /quitquitquit from");
     };
     let any = if own.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-    let mut gw = Gateway::start(&config_toml(
+    let gw = Gateway::start(&config_toml(
         &fake.url(),
         &[(
             "server",
@@ -237,14 +237,14 @@ async fn quitquitquit_is_for_loopback_callers_only() {
     )
     .await;
     assert_eq!(a.0, 200);
-    let status = tokio::task::spawn_blocking(move || gw.wait_exit(Duration::from_secs(10)))
+    let status = gw
+        .exited(Duration::from_secs(10))
         .await
-        .unwrap()
         .expect("exits after /quitquitquit from loopback");
     assert_eq!(status.code(), Some(0));
 
     // A dual-stack listener sees an IPv4 loopback caller as ::ffff:127.0.0.1.
-    let mut gw = Gateway::start(&config_toml(
+    let gw = Gateway::start(&config_toml(
         &fake.url(),
         &[(
             "server",
@@ -258,9 +258,6 @@ async fn quitquitquit_is_for_loopback_callers_only() {
     )
     .await;
     assert_eq!(a.0, 200, "IPv4 loopback through [::]: {:?}", a.2);
-    let status = tokio::task::spawn_blocking(move || gw.wait_exit(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .expect("exits");
+    let status = gw.exited(Duration::from_secs(10)).await.expect("exits");
     assert_eq!(status.code(), Some(0));
 }

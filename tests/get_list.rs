@@ -303,7 +303,7 @@ async fn sigterm_lets_a_slow_request_finish_and_refuses_new_connections() {
         )
     }))
     .await;
-    let mut gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
     let url = gw.url(GET_LIST);
     let slow = tokio::spawn(async move { post(&url, r#"{"From_Account":"user_0001"}"#).await });
     // Wait until the request is at Chat, then signal.
@@ -332,10 +332,7 @@ async fn sigterm_lets_a_slow_request_finish_and_refuses_new_connections() {
         0,
         "the in-flight caller got its answer"
     );
-    let status = tokio::task::spawn_blocking(move || gw.wait_exit(Duration::from_secs(5)))
-        .await
-        .unwrap()
-        .expect("exits");
+    let status = gw.exited(Duration::from_secs(5)).await.expect("exits");
     assert_eq!(status.code(), Some(0));
 }
 

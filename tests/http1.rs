@@ -859,13 +859,7 @@ async fn sigterm_tells_keep_alive_clients_and_finishes_in_flight_requests() {
     let (types, closed) = h2_frames(&mut raw, Duration::from_secs(5)).await;
     assert!(types.contains(&GOAWAY), "no GOAWAY: {types:?}");
     assert!(closed);
-    let status = tokio::task::spawn_blocking(move || {
-        let mut gw = gw;
-        gw.wait_exit(Duration::from_secs(10))
-    })
-    .await
-    .unwrap()
-    .expect("exited");
+    let status = gw.exited(Duration::from_secs(10)).await.expect("exited");
     assert!(status.success(), "{status:?}");
 }
 
@@ -911,13 +905,10 @@ header_read_timeout_ms = 60000",
         "idle keep-alive connection closed {:?} after SIGTERM",
         closed - signalled
     );
-    let status = tokio::task::spawn_blocking(move || {
-        let mut gw = gw;
-        gw.wait_exit(Duration::from_secs(20))
-    })
-    .await
-    .unwrap()
-    .expect("exited before the shutdown grace ended");
+    let status = gw
+        .exited(Duration::from_secs(20))
+        .await
+        .expect("exited before the shutdown grace ended");
     assert!(status.success(), "{status:?}");
     assert_eq!(fake.count(), 1, "one call to Chat: the miss");
 }

@@ -570,6 +570,15 @@ impl Gateway {
         }
     }
 
+    /// [`Gateway::wait_exit`] off the runtime's threads (it polls with sleeps), for
+    /// async tests.
+    pub async fn exited(self, timeout: Duration) -> Option<ExitStatus> {
+        let mut gw = self;
+        tokio::task::spawn_blocking(move || gw.wait_exit(timeout))
+            .await
+            .expect("the waiting thread")
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
