@@ -68,17 +68,7 @@ async fn a_burst_of_150_concurrent_misses_after_idle_goes_at_once() {
     )
     .await;
     let base = gw.url("");
-    let mut tasks = Vec::new();
-    for i in 0..150 {
-        let base = base.clone();
-        tasks.push(tokio::spawn(async move {
-            get_list(&base, &format!("burst_{i}")).await
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
+    let out = burst(&base, 150, "burst").await;
     assert!(out.iter().all(|o| o.ok()), "{}", tally(&out));
     assert_eq!(arrivals(&fake).len(), 150);
     // How long each waited in the gateway besides its call to Chat (the access log's
@@ -133,17 +123,7 @@ async fn past_the_burst_callers_are_paced_and_refused_only_past_max_wait() {
     .await;
     let base = gw.url("");
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..40 {
-        let base = base.clone();
-        tasks.push(tokio::spawn(async move {
-            get_list(&base, &format!("paced_{i}")).await
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
+    let out = burst(&base, 40, "paced").await;
     let ok = out.iter().filter(|o| o.ok()).count();
     let refused: Vec<&Outcome> = out.iter().filter(|o| o.status == 429).collect();
     let mut at_chat = arrivals(&fake);

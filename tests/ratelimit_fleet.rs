@@ -527,17 +527,8 @@ async fn the_fleet_window_budgets_the_latency_allowance() {
         gw.log_text()
     );
     let base = gw.url("");
-    let mut tasks = Vec::new();
-    for i in 0..30 {
-        let base = base.clone();
-        tasks.push(tokio::spawn(async move {
-            get_list(&base, &format!("allowance_{i}")).await
-        }));
-    }
-    for t in tasks {
-        let o = t.await.unwrap();
-        assert!(o.ok(), "{o:?}");
-    }
+    let out = burst(&base, 30, "allowance").await;
+    assert!(out.iter().all(|o| o.ok()), "{}", tally(&out));
     let at = arrivals(&fake);
     assert_eq!(at.len(), 30);
     let most = max_in_window(&at, Duration::from_millis(1500));

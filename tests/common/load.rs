@@ -114,6 +114,22 @@ pub async fn get_list_on(client: &Http, base: &str, account: &str) -> Outcome {
     }
 }
 
+/// `n` get_list misses sent to `base` all at once (accounts `{tag}_0` to
+/// `{tag}_{n-1}`, each on a connection of its own); their outcomes, in that order.
+pub async fn burst(base: &str, n: usize, tag: &str) -> Vec<Outcome> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (base, account) = (base.to_string(), format!("{tag}_{i}"));
+            tokio::spawn(async move { get_list(&base, &account).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("a caller task"));
+    }
+    out
+}
+
 /// `callers` closed-loop callers (caller i on `bases[i % len]`), each sending distinct
 /// get_list misses one after another on a keep-alive connection until `run` has
 /// passed. A caller refused with 429 waits 100 ms before its next request (as a
