@@ -18,12 +18,14 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use metrics::counter;
 use serde::Serialize;
 
 use crate::cache::items::ItemStore;
 use crate::cache::PageCache;
 use crate::chat::effects::{Effect, Entity, EntityKind};
+use crate::config::LiveSettings;
 use crate::fleet::{Event, Fleet, Sink};
 
 /// Where an invalidation came from.
@@ -197,6 +199,8 @@ pub struct Invalidator {
     memory: Arc<Memory>,
     /// The fleet told about it, if any.
     fleet: Option<Arc<Fleet>>,
+    /// Where `cache.group_events` is read (live), if anywhere (else its default).
+    live: Option<Arc<ArcSwap<LiveSettings>>>,
 }
 
 impl std::fmt::Debug for Invalidator {
@@ -211,7 +215,14 @@ impl Invalidator {
         Invalidator {
             memory,
             fleet: None,
+            live: None,
         }
+    }
+
+    /// The same, reading `cache.group_events` from `live`.
+    pub fn with_live(mut self, live: Arc<ArcSwap<LiveSettings>>) -> Self {
+        self.live = Some(live);
+        self
     }
 
     /// The same, publishing every invalidation to `fleet`.
@@ -231,6 +242,14 @@ impl Invalidator {
         if effects.is_empty() {
             return (d, 0);
         }
+        // What a group event reaches is decided here, once, for this gateway's memory
+        // and the fleet alike: the fleet applies the effects as published.
+        let scope = self
+            .live
+            .as_ref()
+            .map(|l| l.load().group_events)
+            .unwrap_or_default();
+        let effects: &[Effect] = &scope.widen(effects);
         // The fleet first: publishing marks what the effects name as pending (no L2
         // read of it until Redis has the event), so that a read arriving once memory
         // has dropped an entry cannot refill it from an L2 entry that the event has

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use chat_gateway::chat::effects::GroupEventScope;
 use chat_gateway::config::{load_with_env, ConfigError};
 
 fn file(text: &str) -> tempfile::NamedTempFile {
@@ -197,6 +198,7 @@ fn per_command_cache_settings_default_override_and_are_checked() {
     let (id, r) = row("profile/portrait_get").unwrap();
     assert_eq!(s.live.commands[id].ttl.as_secs(), r.ttl_secs);
     assert_eq!(s.cache.items_percent, 25);
+    assert_eq!(s.live.group_events, GroupEventScope::AllPages);
     assert_eq!(
         s.cache.items_bytes() + s.cache.pages_bytes(),
         s.cache.max_bytes
@@ -217,6 +219,25 @@ fn per_command_cache_settings_default_override_and_are_checked() {
     assert!(!s.live.commands[check].enabled);
     assert_eq!(s.live.commands[check].stale_if_error.as_secs(), 0);
     assert_eq!(s.cache.items_percent, 40);
+    let listing = load_with_env(
+        Some(
+            file(&format!(
+                "{BASE}\n[cache]\ngroup_events = \"listing-accounts\"\n"
+            ))
+            .path(),
+        ),
+        env(&[]),
+    )
+    .unwrap();
+    assert_eq!(listing.live.group_events, GroupEventScope::ListingAccounts);
+    let from_env = load_with_env(
+        Some(file(BASE).path()),
+        env(&[("CHAT_GATEWAY__CACHE__GROUP_EVENTS", "listing-accounts")]),
+    )
+    .unwrap();
+    assert_eq!(from_env.live.group_events, GroupEventScope::ListingAccounts);
+    let again = load_with_env(Some(file(&listing.to_toml()).path()), env(&[])).unwrap();
+    assert_eq!(again.live.group_events, GroupEventScope::ListingAccounts);
     // get_list's row mirrors cache.ttl_secs.
     let (gl, _) = row("recentcontact/get_list").unwrap();
     assert_eq!(s.live.commands[gl].ttl, s.live.cache_ttl);
@@ -247,6 +268,7 @@ fn per_command_cache_settings_default_override_and_are_checked() {
         ("[cache.commands.\"profile/portrait_get\"]\nttl = 5", "ttl"),
         ("[cache]\nitems_percent = 0", "cache.items_percent"),
         ("[cache]\nitems_percent = 91", "cache.items_percent"),
+        ("[cache]\ngroup_events = \"members\"", "cache.group_events"),
     ] {
         let f = file(&format!("{BASE}\n{extra}\n"));
         let e = load_with_env(Some(f.path()), env(&[])).unwrap_err();

@@ -405,3 +405,212 @@ async fn changes_from_a_client_reach_every_gateway() {
     );
     assert!(applied >= 40.0, "{applied}");
 }
+
+/// A first get_list page, as the tests ask it.
+fn first_page(account: &str) -> String {
+    json!({"From_Account": account, "TimeStamp": 0, "StartIndex": 0,
+           "TopTimeStamp": 0, "TopStartIndex": 0, "AssistFlags": 15})
+    .to_string()
+}
+
+/// The GroupIds a get_list answer lists.
+fn listed_groups(page: &Value) -> Vec<String> {
+    page["SessionItem"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i["GroupId"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A heavy account of the emulator's world and two groups it is a member of that its
+/// first page does not list (its conversations with them are further down).
+async fn unlisting_member(emu: &EmulatorHandle) -> (String, String, String) {
+    let world: Value = serde_json::from_slice(
+        &get(&format!("{}/__emulator/world", emu.base_url()))
+            .await
+            .unwrap()
+            .2,
+    )
+    .unwrap();
+    for m in world["heavy_accounts"].as_array().unwrap() {
+        let m = m.as_str().unwrap();
+        let page = direct(emu, GET_LIST, &first_page(m)).await;
+        let on_page = listed_groups(&page);
+        let dump: Value = serde_json::from_slice(
+            &get(&format!("{}/__emulator/accounts/{m}", emu.base_url()))
+                .await
+                .unwrap()
+                .2,
+        )
+        .unwrap();
+        let below: Vec<String> = listed_groups(&dump)
+            .into_iter()
+            .filter(|g| !on_page.contains(g))
+            .collect();
+        if below.len() >= 2 {
+            return (m.to_string(), below[0].clone(), below[1].clone());
+        }
+    }
+    panic!("no heavy account is in two groups below its first page");
+}
+
+/// `m`'s first page, read twice through `gw`: the second read is a memory hit.
+async fn cached_first_page(gw: &Gateway, m: &str) -> Value {
+    post(&gw.url(GET_LIST), first_page(m)).await;
+    let a = post(&gw.url(GET_LIST), first_page(m)).await;
+    assert_eq!(header(&a, "x-cache"), "HIT", "{m}'s first page is cached");
+    json(&a)
+}
+
+fn group_msg(g: &str, random: u32) -> String {
+    json!({"GroupId": g, "Random": random,
+           "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "to every member"}}]})
+    .to_string()
+}
+
+/// A group message changes every member's conversation list, and neither the write
+/// nor its webhook names the members. A member whose cached first page does not list
+/// the group (its conversation is further down): after a group message through one
+/// gateway, and after one sent "from a client" and announced by webhook to another,
+/// every gateway serves that member's first page as the emulator answers it (with the
+/// group now on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_message_reaches_members_whose_cached_pages_do_not_list_the_group() {
+    let _alone = MACHINE.lock().await;
+    let (emu, _redis, gws) = fleet().await;
+    let (m, g1, g2) = unlisting_member(&emu).await;
+    let set = format!("{}/__emulator/callback", emu.base_url());
+    let hook = gws[1].url("/callback");
+    assert_eq!(post(&set, json!({ "url": hook }).to_string()).await.0, 200);
+
+    // Through a gateway: answered once every gateway has applied it.
+    for gw in &gws {
+        assert!(!listed_groups(&cached_first_page(gw, &m).await).contains(&g1));
+    }
+    let w = post(
+        &gws[0].url("/v4/group_open_http_svc/send_group_msg"),
+        group_msg(&g1, 7),
+    )
+    .await;
+    assert_eq!(json(&w)["ErrorCode"], 0, "{:?}", w.2);
+    let want = sans_request_id(direct(&emu, GET_LIST, &first_page(&m)).await);
+    assert!(
+        listed_groups(&want).contains(&g1),
+        "the message moved {g1} onto {m}'s first page"
+    );
+    for gw in &gws {
+        let got = sans_request_id(json(&post(&gw.url(GET_LIST), first_page(&m)).await));
+        assert!(
+            got == want,
+            "{} served {m}'s old first page after a message to {g1}:\n got {:.400}\nwant {:.400}",
+            gw.addr,
+            got.to_string(),
+            want.to_string()
+        );
+    }
+
+    // From a client, announced by Group.CallbackAfterSendMsg to one gateway.
+    for gw in &gws {
+        assert!(!listed_groups(&cached_first_page(gw, &m).await).contains(&g2));
+    }
+    let client = format!(
+        "{}/__emulator/client/group_open_http_svc/send_group_msg?as={m}",
+        emu.base_url()
+    );
+    let c = post(&client, group_msg(&g2, 8)).await;
+    assert_eq!(c.0, 200, "{:?}", c.2);
+    let want = sans_request_id(direct(&emu, GET_LIST, &first_page(&m)).await);
+    assert!(listed_groups(&want).contains(&g2));
+    // Within 5 s (the TTL is 10 s: a fresh answer before then is the webhook's doing).
+    for gw in &gws {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = sans_request_id(json(&post(&gw.url(GET_LIST), first_page(&m)).await));
+            if got == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still serves {m}'s old first page 5 s after a message to {g2} from a client:\n got {:.400}",
+                gw.addr,
+                got.to_string()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// `cache.group_events = "listing-accounts"` keeps the pages of accounts that do not
+/// list the group: a member whose cached first page does not list it is served that
+/// page after a group message, until its TTL (the trade-off of that scope). The key
+/// is reloaded live: back to `all-pages`, the next group message reaches the member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_accounts_scope_keeps_an_unlisting_members_page_and_reloads_live() {
+    let _alone = MACHINE.lock().await;
+    let cfg = EmulatorConfig {
+        faults: emulator::FaultSettings {
+            rate_limit: 0,
+            ..Default::default()
+        },
+        ..EmulatorConfig::default()
+    };
+    let emu = emulator::spawn(cfg).await.unwrap();
+    let (m, g1, g2) = unlisting_member(&emu).await;
+    let secret = emu.config().secret_key.clone();
+    let toml = config_toml_with(
+        &emu.base_url(),
+        &secret,
+        &[(
+            "cache",
+            "ttl_secs = 60\ngroup_events = \"listing-accounts\"",
+        )],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let gw = Gateway::start_file(dir, path.clone(), &[]).await;
+
+    let before = cached_first_page(&gw, &m).await;
+    let w = post(
+        &gw.url("/v4/group_open_http_svc/send_group_msg"),
+        group_msg(&g1, 7),
+    )
+    .await;
+    assert_eq!(json(&w)["ErrorCode"], 0, "{:?}", w.2);
+    let a = post(&gw.url(GET_LIST), first_page(&m)).await;
+    assert_eq!(header(&a, "x-cache"), "HIT", "the old page stays");
+    assert_eq!(json(&a), before);
+    let now = direct(&emu, GET_LIST, &first_page(&m)).await;
+    assert!(listed_groups(&now).contains(&g1) && !listed_groups(&before).contains(&g1));
+
+    std::fs::write(&path, toml.replace("listing-accounts", "all-pages")).unwrap();
+    assert!(
+        gw.wait_log("listing-accounts -> all-pages", Duration::from_secs(5))
+            .await,
+        "reloaded: {}",
+        gw.log_text()
+    );
+    post(
+        &gw.url("/admin/cache/invalidate"),
+        json!({"From_Account": m}).to_string(),
+    )
+    .await;
+    let before = cached_first_page(&gw, &m).await;
+    assert!(!listed_groups(&before).contains(&g2));
+    post(
+        &gw.url("/v4/group_open_http_svc/send_group_msg"),
+        group_msg(&g2, 8),
+    )
+    .await;
+    let a = post(&gw.url(GET_LIST), first_page(&m)).await;
+    assert_eq!(header(&a, "x-cache"), "MISS");
+    assert_eq!(
+        sans_request_id(json(&a)),
+        sans_request_id(direct(&emu, GET_LIST, &first_page(&m)).await)
+    );
+    assert!(listed_groups(&json(&a)).contains(&g2));
+}

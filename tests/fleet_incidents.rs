@@ -379,15 +379,20 @@ async fn a_group_event_while_redis_is_full_lands_when_there_is_room() {
     );
 }
 
+/// Each gateway under `cache.group_events = "listing-accounts"`: a group event walks
+/// the group's index of accounts in Redis.
+const LISTING: &[(&str, &str)] = &[("CHAT_GATEWAY__CACHE__GROUP_EVENTS", "listing-accounts")];
+
 /// 3. A group of 100,000 members (the index holds 100,000 accounts besides the six
-/// real ones): the event reaches every gateway with no stale read, its Redis work is
-/// chunked (no command of it runs 5 ms or more), and nothing times out.
+/// real ones), under `listing-accounts`: the event reaches every gateway with no
+/// stale read, its Redis work is chunked (no command of it runs 5 ms or more), and
+/// nothing times out.
 #[tokio::test]
 async fn a_group_of_100000_members_is_invalidated_in_bounded_steps() {
     let _shared = MACHINE.read().await;
     let redis = RedisServer::start();
     let fake = FakeChat::start(versioned()).await;
-    let gws = fleet_of(3, &fake, &redis.url(), &[]).await;
+    let gws = fleet_with_env(3, &fake, &redis.url(), &[], &[LISTING; 3]).await;
     let list = accounts("member", 6);
     let old = warm(&gws, &list).await;
 
@@ -520,14 +525,15 @@ async fn an_evicted_fleet_generation_is_raised_not_restarted() {
     }
 }
 
-/// 4b. A group's index evicted (`DEL`): the group event finds it gone before its time,
-/// treats it as a loss (the fleet-wide generation raised), and no read is stale.
+/// 4b. A group's index evicted (`DEL`), under `listing-accounts`: the group event
+/// finds it gone before its time, treats it as a loss (the fleet-wide generation
+/// raised), and no read is stale.
 #[tokio::test]
 async fn an_evicted_group_index_is_a_detected_loss() {
     let _shared = MACHINE.read().await;
     let redis = RedisServer::start();
     let fake = FakeChat::start(versioned()).await;
-    let gws = fleet_of(3, &fake, &redis.url(), &[]).await;
+    let gws = fleet_with_env(3, &fake, &redis.url(), &[], &[LISTING; 3]).await;
     let list = accounts("evicted_index", 15);
     let old = warm(&gws, &list).await;
     let before = received(&gws).await;

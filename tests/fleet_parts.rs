@@ -441,6 +441,7 @@ fn body(text: &str) -> Bytes {
 fn plan(f: &l2::Found, token: Option<&str>) -> FetchPlan {
     FetchPlan {
         gen: f.gen,
+        gens: f.gens,
         token: token.map(str::to_string),
         stale: None,
         since_ms: f.now_ms,

@@ -181,9 +181,9 @@ async fn webhooks_invalidate_only_when_signed_by_us() {
     );
 }
 
-#[tokio::test]
-async fn group_webhook_invalidates_exactly_the_members_listing_the_group() {
-    let fake = FakeChat::start(Box::new(|r: &Recorded, _| {
+/// Pages of alice and bob list `@TGS#team`, carol's `@TGS#other`.
+fn team_pages() -> Responder {
+    Box::new(|r: &Recorded, _| {
         let acc = r.json()["From_Account"].as_str().unwrap().to_string();
         let group = if acc == "carol" {
             "@TGS#other"
@@ -193,9 +193,43 @@ async fn group_webhook_invalidates_exactly_the_members_listing_the_group() {
         let mut page = page_for(&acc, 0);
         page["SessionItem"][1]["GroupId"] = serde_json::json!(group);
         Reply::Json(page, Duration::ZERO)
-    }))
-    .await;
+    })
+}
+
+/// By default a group event drops every cached page: a member whose cached pages
+/// do not list the group (carol's page does not show `@TGS#team`; it may be further
+/// down her list) is not served a page the message may have changed.
+#[tokio::test]
+async fn group_webhook_drops_every_cached_page_by_default() {
+    let fake = FakeChat::start(team_pages()).await;
     let gw = Gateway::start(&config_toml(&fake.url(), &[])).await;
+    for a in ["alice", "bob", "carol"] {
+        assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "MISS");
+        assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "HIT");
+    }
+    let a = callback(
+        &gw,
+        SDKAPPID,
+        "Group.CallbackAfterSendMsg",
+        None,
+        serde_json::json!({"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":"@TGS#team","From_Account":"alice","Type":"Public"}),
+    )
+    .await;
+    assert_eq!(a.0, 200);
+    for a in ["alice", "bob", "carol"] {
+        assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "MISS", "{a}");
+    }
+}
+
+#[tokio::test]
+async fn under_listing_accounts_a_group_webhook_invalidates_exactly_the_members_listing_the_group()
+{
+    let fake = FakeChat::start(team_pages()).await;
+    let gw = Gateway::start(&config_toml(
+        &fake.url(),
+        &[("cache", "group_events = \"listing-accounts\"")],
+    ))
+    .await;
     for a in ["alice", "bob", "carol"] {
         assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "MISS");
     }

@@ -133,6 +133,74 @@ impl Effect {
     }
 }
 
+/// How far a group event reaches into conversation lists (`cache.group_events`).
+///
+/// A group message (and a group's creation, a member joining or leaving, the group's
+/// destruction, a change of its profile) changes the conversation list of **every
+/// member** (`recentcontact-family.md`), and no write or webhook names the members.
+/// The gateway knows only the accounts whose cached pages list the group; a member
+/// whose cached pages do not (the group below the first page, or not yet in the
+/// list) would have its old first page served until the TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupEventScope {
+    /// Every cached conversation page goes (memory and L2), so none is served that
+    /// a group event may have changed. The default.
+    #[default]
+    AllPages,
+    /// Only the pages of the accounts whose cached pages list the group: more
+    /// get_list hits when groups are busy, and a member whose cached pages do not
+    /// list the group is served its old pages until the TTL.
+    ListingAccounts,
+}
+
+impl GroupEventScope {
+    /// Every scope.
+    pub const ALL: [GroupEventScope; 2] =
+        [GroupEventScope::AllPages, GroupEventScope::ListingAccounts];
+
+    /// The name `cache.group_events` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupEventScope::AllPages => "all-pages",
+            GroupEventScope::ListingAccounts => "listing-accounts",
+        }
+    }
+
+    /// The scope named `name`.
+    pub fn from_name(name: &str) -> Option<GroupEventScope> {
+        GroupEventScope::ALL
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+
+    /// `effects` as they reach under this scope: with [`GroupEventScope::AllPages`],
+    /// a group event is its group's info and members, and every conversation list;
+    /// with [`GroupEventScope::ListingAccounts`] it stays a group event (which drops
+    /// the pages of the accounts that list the group).
+    pub fn widen(self, effects: &[Effect]) -> std::borrow::Cow<'_, [Effect]> {
+        let groups = effects.iter().any(|e| matches!(e, Effect::Group(_)));
+        if self == GroupEventScope::ListingAccounts || !groups {
+            return std::borrow::Cow::Borrowed(effects);
+        }
+        let mut out: Vec<Effect> = Vec::with_capacity(effects.len() + 2);
+        for e in effects {
+            match e {
+                Effect::Group(g) => {
+                    out.push(Effect::one(EntityKind::GroupInfo, g.as_str()));
+                    out.push(Effect::one(EntityKind::GroupMembers, g.as_str()));
+                }
+                other => out.push(other.clone()),
+            }
+        }
+        let every = Effect::Every(EntityKind::Conversations);
+        if !out.contains(&every) {
+            out.push(every);
+        }
+        std::borrow::Cow::Owned(out)
+    }
+}
+
 /// Where the names an effect applies to are found in a JSON body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -617,6 +685,41 @@ mod tests {
             assert_eq!(k.of_account(), EntityKind::OF_ACCOUNT.contains(&k));
         }
         assert_eq!(EntityKind::from_name("GroupId"), None);
+    }
+
+    #[test]
+    fn a_group_event_reaches_every_conversation_list_unless_scoped_to_listing_accounts() {
+        let effects = [
+            Effect::Group("@g".into()),
+            one(K::Profile, "a"),
+            Effect::Group("@h".into()),
+        ];
+        assert_eq!(
+            GroupEventScope::AllPages.widen(&effects).into_owned(),
+            vec![
+                one(K::GroupInfo, "@g"),
+                one(K::GroupMembers, "@g"),
+                one(K::Profile, "a"),
+                one(K::GroupInfo, "@h"),
+                one(K::GroupMembers, "@h"),
+                Effect::Every(K::Conversations),
+            ]
+        );
+        assert_eq!(
+            GroupEventScope::ListingAccounts
+                .widen(&effects)
+                .into_owned(),
+            effects.to_vec()
+        );
+        let none = [one(K::Profile, "a")];
+        assert_eq!(
+            GroupEventScope::AllPages.widen(&none).into_owned(),
+            none.to_vec()
+        );
+        for s in GroupEventScope::ALL {
+            assert_eq!(GroupEventScope::from_name(s.as_str()), Some(s));
+        }
+        assert_eq!(GroupEventScope::default(), GroupEventScope::AllPages);
     }
 
     #[test]

@@ -275,6 +275,9 @@ pub struct RawCache {
     pub stale_if_error_secs: u64,
     pub max_pages_per_account: u64,
     pub items_percent: u64,
+    /// What a group event drops of the conversation lists: `all-pages` or
+    /// `listing-accounts`.
+    pub group_events: String,
     /// `[cache.commands."service/command"]`, one table per cached read.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub commands: std::collections::BTreeMap<String, RawCommandCache>,
@@ -288,6 +291,7 @@ impl Default for RawCache {
             stale_if_error_secs: 300,
             max_pages_per_account: 64,
             items_percent: 25,
+            group_events: "all-pages".into(),
             commands: Default::default(),
         }
     }

@@ -179,6 +179,11 @@ fn live_changes(old: &LiveSettings, new: &LiveSettings) -> Vec<String> {
         old.stale_if_error.as_secs().to_string(),
         new.stale_if_error.as_secs().to_string(),
     );
+    cmp(
+        "cache.group_events",
+        old.group_events.as_str().to_string(),
+        new.group_events.as_str().to_string(),
+    );
     for (a, b) in old.commands.iter().zip(&new.commands) {
         if a.command == crate::chat::commands::GET_LIST {
             continue;

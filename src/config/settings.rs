@@ -226,6 +226,9 @@ pub struct LiveSettings {
     /// `[cache.commands."…"]`, indexed like [`crate::chat::reads::READS`].
     #[serde(rename = "cache_commands")]
     pub commands: Vec<CommandCache>,
+    /// `cache.group_events`: what a group event drops of the conversation lists.
+    #[serde(rename = "cache_group_events")]
+    pub group_events: crate::chat::effects::GroupEventScope,
 }
 
 /// `[retry]`
@@ -547,10 +550,20 @@ impl Settings {
                 "must be at least retry.base_delay_ms",
             ));
         }
+        let group_events = crate::chat::effects::GroupEventScope::from_name(
+            &raw.cache.group_events,
+        )
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "cache.group_events",
+                "must be \"all-pages\" or \"listing-accounts\"",
+            )
+        })?;
         let live = LiveSettings {
             cache_ttl,
             stale_if_error,
             commands,
+            group_events,
             retry: RetrySettings {
                 max_attempts: max_attempts as u32,
                 base_delay: Duration::from_millis(r.base_delay_ms),
@@ -761,6 +774,7 @@ impl Settings {
                 stale_if_error_secs: secs(self.live.stale_if_error),
                 max_pages_per_account: self.cache.max_pages_per_account as u64,
                 items_percent: u64::from(self.cache.items_percent),
+                group_events: self.live.group_events.as_str().to_string(),
                 commands: self
                     .live
                     .commands

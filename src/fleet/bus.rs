@@ -99,13 +99,12 @@ const STEP: Duration = Duration::from_secs(2);
 /// Returns {id, n} of the last entry.
 const PUBLISH: &str = r#"
 local id, n
-for i = 3, #ARGV, 3 do
+for i = 3, #ARGV, 4 do
   n = redis.call('INCR', KEYS[2])
-  if ARGV[i + 2] ~= '' then
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'o', ARGV[2], 'k', ARGV[i], 'v', ARGV[i + 1], 'n', n, 'f', ARGV[i + 2])
-  else
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'o', ARGV[2], 'k', ARGV[i], 'v', ARGV[i + 1], 'n', n)
-  end
+  local e = {'o', ARGV[2], 'k', ARGV[i], 'v', ARGV[i + 1], 'n', n}
+  if ARGV[i + 2] ~= '' then e[#e + 1] = 'f'; e[#e + 1] = ARGV[i + 2] end
+  if ARGV[i + 3] ~= '' then e[#e + 1] = 'p'; e[#e + 1] = ARGV[i + 3] end
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(e))
 end
 return {id, n}
 "#;
@@ -571,9 +570,11 @@ impl Bus {
 
     /// Sends a batch: the L2 side first, then the numbered entries.
     async fn send(&self, batch: &[(u64, Event)]) -> Result<u64, FleetError> {
-        let mut entries: Vec<(&'static str, String, String)> = Vec::with_capacity(batch.len());
+        let mut entries: Vec<(&'static str, String, String, String)> =
+            Vec::with_capacity(batch.len());
         for (_, e) in batch {
             let mut raised = String::new();
+            let mut pages_raised = String::new();
             match e {
                 Event::Entities(list) => {
                     if self.l2 {
@@ -594,6 +595,15 @@ impl Bus {
                         }
                     }
                 }
+                // Every conversation list (a group event under `cache.group_events =
+                // "all-pages"`): every L2 page becomes unreachable, the items stay.
+                Event::Every(EntityKind::Conversations) => {
+                    if self.l2 {
+                        pages_raised = l2::bump_pages(&self.redis, &self.keys, &self.shared)
+                            .await?
+                            .to_string();
+                    }
+                }
                 // L2 cannot name every entity of a kind: it is emptied instead (rare
                 // writes: account_delete, friend_delete_all both ways).
                 Event::Every(_) | Event::All => {
@@ -605,7 +615,7 @@ impl Bus {
                 }
             }
             let (kind, value) = e.encode();
-            entries.push((kind, value, raised));
+            entries.push((kind, value, raised, pages_raised));
         }
         let (last_id, n) = self.append(entries).await?;
         tracing::trace!(last_id, n, "published");
@@ -615,7 +625,7 @@ impl Bus {
     /// Appends numbered entries; returns the last one's id and number.
     async fn append(
         &self,
-        entries: Vec<(&'static str, String, String)>,
+        entries: Vec<(&'static str, String, String, String)>,
     ) -> Result<(String, u64), FleetError> {
         let stream = self.keys.bus();
         let seq = self.keys.bus_seq();
@@ -625,8 +635,8 @@ impl Bus {
             .run_long(Op::Publish, |mut c| async move {
                 let mut inv = PUBLISH_SCRIPT.key(stream);
                 inv.key(seq).arg(MAXLEN).arg(id);
-                for (kind, v, f) in &entries {
-                    inv.arg(*kind).arg(v).arg(f);
+                for (kind, v, f, pg) in &entries {
+                    inv.arg(*kind).arg(v).arg(f).arg(pg);
                 }
                 let r = inv.invoke_async(&mut c).await;
                 r
@@ -640,6 +650,9 @@ impl Bus {
     fn apply(&self, entry_id: &str, fields: &HashMap<String, String>) {
         if let Some(g) = fields.get("f").and_then(|f| f.parse::<u64>().ok()) {
             self.shared.fleet_gen.fetch_max(g, Ordering::AcqRel);
+        }
+        if let Some(g) = fields.get("p").and_then(|f| f.parse::<u64>().ok()) {
+            self.shared.pages_gen.fetch_max(g, Ordering::AcqRel);
         }
         if fields.get("o").is_some_and(|o| *o == self.id) {
             return;
@@ -759,6 +772,7 @@ async fn mark(c: &mut Conn, keys: &Keys, me: &str) -> redis::RedisResult<(String
         .arg(MAXLEN)
         .arg(me)
         .arg("h")
+        .arg("")
         .arg("")
         .arg("")
         .invoke_async(c)

@@ -169,6 +169,15 @@ pub async fn session(
         .await?;
     let gen: u64 = gen.parse().unwrap_or(0);
     shared.fleet_gen.fetch_max(gen, Ordering::AcqRel);
+    // The conversation pages' generation, so that this gateway reads the pages the
+    // others store from the start (events carry it from then on).
+    let pages: Option<u64> = redis::cmd("GET")
+        .arg(keys.pages_gen())
+        .query_async(c)
+        .await?;
+    shared
+        .pages_gen
+        .fetch_max(pages.unwrap_or(0), Ordering::AcqRel);
     if lost == 1 {
         tracing::warn!(
             known_generation = known,

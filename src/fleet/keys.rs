@@ -150,6 +150,11 @@ impl Keys {
     pub fn fleet_gen(&self) -> String {
         format!("{}:{{fleet}}:gen", self.base)
     }
+
+    /// The generation of every conversation page.
+    pub fn pages_gen(&self) -> String {
+        format!("{}:{{fleet}}:pgen", self.base)
+    }
 }
 
 /// A page's name within its account: the cursors and flags in clear, plus a digest of
@@ -204,6 +209,7 @@ mod tests {
             k.acks(),
             k.heartbeat(),
             k.fleet_gen(),
+            k.pages_gen(),
             k.bus_seq(),
             k.group_registry(),
             k.group_events(),

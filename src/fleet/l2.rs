@@ -328,11 +328,38 @@ pub enum Lock {
     Theirs,
 }
 
+/// The fleet-wide generations in a page's name: the fleet's (everything) and the
+/// conversation pages' (every conversation list).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageGens {
+    /// [`Shared::fleet_gen`].
+    pub fleet: u64,
+    /// [`Shared::pages_gen`].
+    pub pages: u64,
+}
+
+impl PageGens {
+    /// The generations this gateway knows now.
+    pub fn known(shared: &Shared) -> PageGens {
+        PageGens {
+            fleet: shared.fleet_gen.load(Ordering::Acquire),
+            pages: shared.pages_gen.load(Ordering::Acquire),
+        }
+    }
+
+    /// As they appear in a page's key.
+    fn name(self) -> String {
+        format!("{}.{}", self.fleet, self.pages)
+    }
+}
+
 /// What a lookup found.
 #[derive(Debug, Clone)]
 pub struct Found {
     /// The account's generation (store with it).
     pub gen: u64,
+    /// The fleet-wide generations the lookup read with (store with them).
+    pub gens: PageGens,
     /// The page, fresh or not.
     pub page: Option<L2Page>,
     /// The fetch lock.
@@ -359,6 +386,10 @@ pub enum MissPlan {
 pub struct FetchPlan {
     /// The generation to store with.
     pub gen: u64,
+    /// The fleet-wide generations to store with: those known when the fetch began,
+    /// so that a page fetched before "every conversation list" (or "everything") is
+    /// stored where no gateway that applied it looks.
+    pub gens: PageGens,
     /// Our lock's token, if we hold the lock.
     pub token: Option<String>,
     /// A page past its TTL but within the stale window, and Redis's time then.
@@ -433,7 +464,8 @@ impl L2 {
         let gen_key = self.keys.account_gen(account);
         let lock_key = self.keys.lock(account, &page);
         let prefix = self.keys.page_prefix(account);
-        let fleet_gen = self.shared.fleet_gen.load(Ordering::Acquire);
+        let gens = PageGens::known(&self.shared);
+        let gens_name = gens.name();
         let token = format!("{}:{}", self.id, self.seq.fetch_add(1, Ordering::Relaxed));
         let px = self.lock_px.as_millis() as u64;
         let op = if lock { Op::Lock } else { Op::L2Get };
@@ -444,7 +476,7 @@ impl L2 {
                 let r = LOOKUP_SCRIPT
                     .key(gen_key)
                     .key(lock_key)
-                    .arg(fleet_gen)
+                    .arg(gens_name)
                     .arg(page)
                     .arg(tok)
                     .arg(px)
@@ -457,6 +489,7 @@ impl L2 {
             .await?;
         Ok(Found {
             gen: gen.parse().unwrap_or(0),
+            gens,
             page: value.as_deref().and_then(L2Page::decode),
             lock: match state {
                 1 => Lock::Mine(token),
@@ -478,7 +511,7 @@ impl L2 {
         let mut pause = POLL_MIN;
         let mut waited = false;
         let mut stale: Option<(L2Page, u64)> = None;
-        let mut last: Option<(u64, u64)> = None;
+        let mut last: Option<(u64, PageGens, u64)> = None;
         loop {
             let found = match self.lookup(account, key, true).await {
                 Ok(f) => f,
@@ -488,10 +521,11 @@ impl L2 {
                     // generation seen, if any.
                     counter!(names::L2_REQUESTS, "result" => "error").increment(1);
                     return match last {
-                        Some((gen, since_ms)) => {
+                        Some((gen, gens, since_ms)) => {
                             counter!(names::FLEET_COALESCED, "outcome" => "timeout").increment(1);
                             MissPlan::Fetch(FetchPlan {
                                 gen,
+                                gens,
                                 token: None,
                                 stale,
                                 since_ms,
@@ -518,11 +552,14 @@ impl L2 {
             }
             // The fetch begins now, as far as group events are concerned (the first
             // lookup's time: a page fetched after a wait is still no newer than that).
-            let since_ms = last.map_or(now_ms, |(_, s)| s);
+            let since_ms = last.map_or(now_ms, |(_, _, s)| s);
+            // Likewise the generations: those of the first lookup.
+            let gens = last.map_or(found.gens, |(_, g, _)| g);
             match found.lock {
                 Lock::Mine(token) => {
                     return MissPlan::Fetch(FetchPlan {
                         gen: found.gen,
+                        gens,
                         token: Some(token),
                         stale,
                         since_ms,
@@ -532,13 +569,14 @@ impl L2 {
                     counter!(names::FLEET_COALESCED, "outcome" => "timeout").increment(1);
                     return MissPlan::Fetch(FetchPlan {
                         gen: found.gen,
+                        gens,
                         token: None,
                         stale,
                         since_ms,
                     });
                 }
                 Lock::None | Lock::Theirs => {
-                    last = Some((found.gen, since_ms));
+                    last = Some((found.gen, gens, since_ms));
                     waited = true;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(POLL_MAX);
@@ -611,7 +649,7 @@ impl L2 {
         let lock_key = self.keys.lock(account, &name);
         let index = self.keys.page_index(account);
         let prefix = self.keys.page_prefix(account);
-        let fleet_gen = self.shared.fleet_gen.load(Ordering::Acquire);
+        let gens_name = plan.gens.name();
         let gen = plan.gen;
         let max_pages = self.max_pages;
         let body = body.clone();
@@ -622,7 +660,7 @@ impl L2 {
                     .key(gen_key)
                     .key(lock_key)
                     .key(index)
-                    .arg(fleet_gen)
+                    .arg(gens_name)
                     .arg(gen)
                     .arg(name)
                     .arg(body.as_ref())
@@ -805,6 +843,23 @@ pub async fn group_event(
         done.accounts += next.len();
         bumped = next;
     }
+}
+
+/// Raises the conversation pages' generation past every value this gateway has seen
+/// (every L2 page is then unreachable; the items stay); returns the new value (and
+/// learns it).
+pub async fn bump_pages(redis: &Redis, keys: &Keys, shared: &Shared) -> Result<u64, FleetError> {
+    let key = keys.pages_gen();
+    let known = shared.pages_gen.load(Ordering::Acquire);
+    let v: String = redis
+        .run_long(Op::Generation, |mut c| async move {
+            let r = RAISE_SCRIPT.key(key).arg(known).invoke_async(&mut c).await;
+            r
+        })
+        .await?;
+    let g = v.parse().unwrap_or(0);
+    shared.pages_gen.fetch_max(g, Ordering::AcqRel);
+    Ok(g)
 }
 
 /// Raises the fleet-wide generation past every value this gateway has seen; returns

@@ -105,8 +105,12 @@ pub fn wall_ms() -> u64 {
 pub struct Shared {
     /// Invalidations of this gateway not yet confirmed in Redis.
     pub pending: Pending,
-    /// The highest fleet-wide generation seen (part of every L2 page's name).
+    /// The highest fleet-wide generation seen (part of every L2 page's and item's name).
     pub fleet_gen: AtomicU64,
+    /// The highest conversation-pages generation seen (part of every L2 page's name):
+    /// "every conversation list" (a group event under `cache.group_events =
+    /// "all-pages"`) raises it, leaving the L2 items alone.
+    pub pages_gen: AtomicU64,
     /// The highest event number this gateway read or published: a counter below it
     /// means Redis lost writes.
     pub seq_seen: AtomicU64,

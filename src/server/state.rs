@@ -132,9 +132,11 @@ impl AppState {
         let caller_tokens = crate::server::auth::CallerTokens::new(secrets.auth_tokens.load_full());
         Ok(Arc::new(AppState {
             settings: Arc::new(settings),
+            invalidator: Invalidator::new(memory)
+                .with_fleet(fleet.clone())
+                .with_live(live.clone()),
             live,
             upstream,
-            invalidator: Invalidator::new(memory).with_fleet(fleet.clone()),
             store,
             inflight: Inflight::default(),
             counters: GetListCounters::new(),

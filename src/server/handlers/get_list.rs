@@ -279,6 +279,7 @@ async fn fetch_within_budget(
             if let Ok(found) = found {
                 l2_plan = Some(FetchPlan {
                     gen: found.gen,
+                    gens: found.gens,
                     token: None,
                     stale: None,
                     since_ms: found.now_ms,
