@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -446,6 +447,96 @@ fn plan(f: &l2::Found, token: Option<&str>) -> FetchPlan {
         stale: None,
         since_ms: f.now_ms,
     }
+}
+
+/// "Every conversation list" raises the conversation pages' generation: every L2 page
+/// is out of reach of a gateway that learned it, a fetch that began before it stores
+/// where no such gateway looks, and a gateway that has not learned it yet still
+/// reads under the old value (until its event arrives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_conversation_list_puts_every_l2_page_out_of_reach() {
+    let redis = RedisServer::start();
+    let (r1, g1, s1) = l2_for(&redis.url(), "one", Duration::from_millis(600));
+    let (r2, g2, s2) = l2_for(&redis.url(), "two", Duration::from_millis(600));
+    assert!(r1.wait_up(Duration::from_secs(5)).await && r2.wait_up(Duration::from_secs(5)).await);
+    let key = PageKey::default();
+    let (ttl, stale) = (Duration::from_secs(30), Duration::from_secs(30));
+    let keys = Keys::new("t", 1);
+    for a in ["alice", "bob"] {
+        let f = g1.lookup(a, &key, false).await.unwrap();
+        assert!(g1
+            .store(a, &body(a), &key, &plan(&f, None), ttl, stale)
+            .await
+            .unwrap());
+        assert!(g2.lookup(a, &key, false).await.unwrap().page.is_some());
+    }
+    // A fetch of carol's page begins before the event.
+    let early = g2.lookup("carol", &key, false).await.unwrap();
+
+    let raised = l2::bump_pages(&r1, &keys, &s1).await.unwrap();
+    assert_eq!(s1.pages_gen.load(Ordering::Acquire), raised);
+    for a in ["alice", "bob"] {
+        assert!(
+            g1.lookup(a, &key, false).await.unwrap().page.is_none(),
+            "{a}"
+        );
+        // The other gateway has not applied the event yet: the old value, the old page.
+        assert!(
+            g2.lookup(a, &key, false).await.unwrap().page.is_some(),
+            "{a}"
+        );
+    }
+    // Its event arrives.
+    s2.pages_gen.fetch_max(raised, Ordering::AcqRel);
+    assert!(g2
+        .lookup("alice", &key, false)
+        .await
+        .unwrap()
+        .page
+        .is_none());
+    // The early fetch stores, under the generations it began with: nobody reads it.
+    assert!(g2
+        .store(
+            "carol",
+            &body("carol old"),
+            &key,
+            &plan(&early, None),
+            ttl,
+            stale
+        )
+        .await
+        .unwrap());
+    assert!(g1
+        .lookup("carol", &key, false)
+        .await
+        .unwrap()
+        .page
+        .is_none());
+    assert!(g2
+        .lookup("carol", &key, false)
+        .await
+        .unwrap()
+        .page
+        .is_none());
+    // A fetch that begins after it is shared again.
+    let f = g2.lookup("carol", &key, false).await.unwrap();
+    assert!(g2
+        .store(
+            "carol",
+            &body("carol new"),
+            &key,
+            &plan(&f, None),
+            ttl,
+            stale
+        )
+        .await
+        .unwrap());
+    let got = g1.lookup("carol", &key, false).await.unwrap().page.unwrap();
+    assert_eq!(got.body, body("carol new"));
+    // The value only moves forward, even with its key gone (evicted).
+    redis.command(&["DEL", &keys.pages_gen()]).unwrap();
+    let again = l2::bump_pages(&r2, &keys, &s2).await.unwrap();
+    assert!(again > raised, "{again} <= {raised}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -417,6 +417,11 @@ impl ItemL2 {
                     Err(e) => return Err(FleetError::Redis(e.to_string())),
                 };
             let now_ms: u64 = now.parse().unwrap_or(0);
+            // The fleet-wide generation read with, ahead of the slot's: a fetch stores
+            // under the generations it began with, so an entry fetched before
+            // "everything" (or "every entity of a kind") is stored where no gateway that
+            // applied it looks.
+            let gens = format!("{fleet_gen}:{gens}");
             let entry = value
                 .as_deref()
                 .and_then(L2Item::decode)
@@ -521,10 +526,10 @@ impl ItemL2 {
         }
         let ttl_ms = ttl.as_millis().max(1) as u64;
         let stale_ms = stale.as_millis() as u64;
-        let fleet_gen = self.shared.fleet_gen.load(Ordering::Acquire);
         let mut p = redis::pipe();
         for (i, body, gens, carried, token) in entries {
             let s = &q.spots[*i];
+            let (fleet_gen, gens) = gens.split_once(':').unwrap_or(("0", gens.as_str()));
             let index = self.keys.item_index(&s.tag);
             let mut keys: Vec<&str> = vec![&s.lock, &index];
             keys.extend(s.gens.iter().map(String::as_str));
