@@ -12,8 +12,10 @@
 //! gateway's memory and hands the event to [`Bus::publish`] (no waiting). A task sends
 //! queued events in batches: first the L2 side, once, by the publishing gateway (the
 //! entities' generations; for a group, the group's own generations and the accounts of
-//! Redis's GroupId index, in chunks ([`l2::group_event`]); for "everything" and "every
-//! entity of a kind", the fleet-wide generation), then the entries, by one script
+//! Redis's GroupId index, in chunks ([`l2::group_event`]); for "every conversation
+//! list", the conversation pages' generation ([`l2::bump_pages`], carried in the entry
+//! as `p`); for "everything" and any other "every entity of a kind", the fleet-wide
+//! generation, carried as `f`), then the entries, by one script
 //! that numbers each one (`n`, from `P:{fleet}:seq`) as it appends it to the stream
 //! `P:{fleet}:bus` (`MAXLEN ~` [`MAXLEN`]). An event leaves the queue only when all of
 //! that has landed: a failure at any step (Redis down, full, paused) leaves it queued,

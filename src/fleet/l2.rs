@@ -1,7 +1,8 @@
 //! The shared L2 page cache in Redis, its generations, its group index, and the fleet
 //! fetch lock.
 //!
-//! - **Pages.** Each page is a key of its own, `P:{a:<account>}:p:<fleet gen>:<gen>:<page>`,
+//! - **Pages.** Each page is a key of its own,
+//!   `P:{a:<account>}:p:<fleet gen>.<pages gen>:<gen>:<page>`,
 //!   stored with `PX` = TTL + stale window: Redis removes it then, whatever happens to
 //!   the account meanwhile, so Redis memory is bounded by the TTL. An account's index
 //!   (`:ix`, scored by expiry) holds at most `cache.max_pages_per_account` page keys:
@@ -18,7 +19,9 @@
 //!   no generation creates one (Redis ms), so a generation, once read, is never read
 //!   again after the key was lost (expired or evicted): a fetch that began before an
 //!   invalidation can never store. "Invalidate everything" raises the fleet-wide
-//!   generation ([`super::heartbeat`]).
+//!   generation ([`super::heartbeat`]); "every conversation list" raises the
+//!   conversation pages' generation ([`bump_pages`]). A fetch stores under the two
+//!   fleet-wide generations its first lookup read with ([`FetchPlan::gens`]).
 //! - **Lock.** A miss that finds no fresh page takes `P:{a:<account>}:lk:<page>` with
 //!   `SET NX PX` and a token (in the same script as the lookup: one round trip); the
 //!   store releases it by compare-and-delete; a gateway that dies mid-fetch frees it
