@@ -15,6 +15,7 @@ use bytes::Bytes;
 use chat_gateway::cache::key::PageKey;
 use chat_gateway::cache::store::{Lookup, Page, PageStore};
 use chat_gateway::cache::PageCache;
+use chat_gateway::chat::effects::EntityKind;
 use chat_gateway::config::{self, RedisUrl, Settings};
 use chat_gateway::fleet::conn::{Connector, Redis};
 use chat_gateway::fleet::keys::Keys;
@@ -311,6 +312,47 @@ async fn bus_client_id(redis: &RedisServer, m: &Member) -> String {
         assert!(Instant::now() < deadline, "no bus connection");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// "Every conversation list" events sent together share one raise of the
+/// conversation pages' generation (a flood of group webhooks is not one Redis round
+/// trip per event), and every gateway learns it and drops its pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_conversation_list_events_sent_together_share_one_raise() {
+    let redis = RedisServer::start();
+    let a = member(&redis.url()).await;
+    let b = member(&redis.url()).await;
+    bus_client_id(&redis, &b).await;
+    b.cache("alice", &[]);
+    // Writes paused: the events wait in the queue and go out together.
+    redis
+        .command(&["CLIENT", "PAUSE", "1500", "WRITE"])
+        .unwrap();
+    for _ in 0..5 {
+        a.fleet.publish(Event::Every(EntityKind::Conversations));
+    }
+    b.wait_gone("alice").await;
+    let entries = redis
+        .command(&["XRANGE", "chat-gateway:1400000000:{fleet}:bus", "-", "+"])
+        .unwrap();
+    let lines: Vec<&str> = entries.lines().collect();
+    let raised: Vec<&str> = lines
+        .windows(2)
+        .filter(|w| w[0] == "p")
+        .map(|w| w[1])
+        .collect();
+    assert_eq!(raised.len(), 5, "{entries}");
+    let mut distinct = raised.clone();
+    distinct.sort();
+    distinct.dedup();
+    // The first event may have gone out alone before the others were queued.
+    assert!(distinct.len() <= 2, "one raise per event: {raised:?}");
+    let pgen: u64 = redis
+        .command(&["GET", "chat-gateway:1400000000:{fleet}:pgen"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(raised.last().unwrap().parse::<u64>().unwrap(), pgen);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -574,6 +574,9 @@ impl Bus {
     async fn send(&self, batch: &[(u64, Event)]) -> Result<u64, FleetError> {
         let mut entries: Vec<(&'static str, String, String, String)> =
             Vec::with_capacity(batch.len());
+        // One raise of the conversation pages' generation serves every "every
+        // conversation list" of the batch: all of them were taken before it.
+        let mut pages_raised_once: Option<String> = None;
         for (_, e) in batch {
             let mut raised = String::new();
             let mut pages_raised = String::new();
@@ -601,9 +604,11 @@ impl Bus {
                 // "all-pages"`): every L2 page becomes unreachable, the items stay.
                 Event::Every(EntityKind::Conversations) => {
                     if self.l2 {
-                        pages_raised = l2::bump_pages(&self.redis, &self.keys, &self.shared)
-                            .await?
-                            .to_string();
+                        if pages_raised_once.is_none() {
+                            let g = l2::bump_pages(&self.redis, &self.keys, &self.shared).await?;
+                            pages_raised_once = Some(g.to_string());
+                        }
+                        pages_raised = pages_raised_once.clone().unwrap_or_default();
                     }
                 }
                 // L2 cannot name every entity of a kind: it is emptied instead (rare
