@@ -81,9 +81,8 @@ impl Rng {
     }
 }
 
-/// The emulator (Chat's rate limit off: the run makes many calls), a redis-server
-/// and three gateways on it.
-async fn fleet() -> (EmulatorHandle, RedisServer, Vec<Gateway>) {
+/// The emulator, with Chat's rate limit off (the runs make many calls).
+async fn emulator_unlimited() -> EmulatorHandle {
     let cfg = EmulatorConfig {
         faults: emulator::FaultSettings {
             rate_limit: 0,
@@ -91,7 +90,13 @@ async fn fleet() -> (EmulatorHandle, RedisServer, Vec<Gateway>) {
         },
         ..EmulatorConfig::default()
     };
-    let emu = emulator::spawn(cfg).await.unwrap();
+    emulator::spawn(cfg).await.unwrap()
+}
+
+/// The emulator (Chat's rate limit off: the run makes many calls), a redis-server
+/// and three gateways on it.
+async fn fleet() -> (EmulatorHandle, RedisServer, Vec<Gateway>) {
+    let emu = emulator_unlimited().await;
     let redis = RedisServer::start();
     let secret = emu.config().secret_key.clone();
     // A generous Redis time on a busy 2-core machine: a write waits at most this for
@@ -551,14 +556,7 @@ async fn a_group_message_reaches_members_whose_cached_pages_do_not_list_the_grou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listing_accounts_scope_keeps_an_unlisting_members_page_and_reloads_live() {
     let _alone = MACHINE.lock().await;
-    let cfg = EmulatorConfig {
-        faults: emulator::FaultSettings {
-            rate_limit: 0,
-            ..Default::default()
-        },
-        ..EmulatorConfig::default()
-    };
-    let emu = emulator::spawn(cfg).await.unwrap();
+    let emu = emulator_unlimited().await;
     let (m, g1, g2) = unlisting_member(&emu).await;
     let secret = emu.config().secret_key.clone();
     let toml = config_toml_with(

@@ -196,6 +196,19 @@ fn team_pages() -> Responder {
     })
 }
 
+/// `Group.CallbackAfterSendMsg` for `@TGS#team`, accepted.
+async fn team_message(gw: &Gateway) {
+    let a = callback(
+        gw,
+        SDKAPPID,
+        "Group.CallbackAfterSendMsg",
+        None,
+        serde_json::json!({"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":"@TGS#team","From_Account":"alice","Type":"Public"}),
+    )
+    .await;
+    assert_eq!(a.0, 200);
+}
+
 /// By default a group event drops every cached page: a member whose cached pages
 /// do not list the group (carol's page does not show `@TGS#team`; it may be further
 /// down her list) is not served a page the message may have changed.
@@ -207,15 +220,7 @@ async fn group_webhook_drops_every_cached_page_by_default() {
         assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "MISS");
         assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "HIT");
     }
-    let a = callback(
-        &gw,
-        SDKAPPID,
-        "Group.CallbackAfterSendMsg",
-        None,
-        serde_json::json!({"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":"@TGS#team","From_Account":"alice","Type":"Public"}),
-    )
-    .await;
-    assert_eq!(a.0, 200);
+    team_message(&gw).await;
     for a in ["alice", "bob", "carol"] {
         assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "MISS", "{a}");
     }
@@ -233,15 +238,7 @@ async fn under_listing_accounts_a_group_webhook_invalidates_exactly_the_members_
     for a in ["alice", "bob", "carol"] {
         assert_eq!(header(&get_list(&gw, a).await, "x-cache"), "MISS");
     }
-    let a = callback(
-        &gw,
-        SDKAPPID,
-        "Group.CallbackAfterSendMsg",
-        None,
-        serde_json::json!({"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":"@TGS#team","From_Account":"alice","Type":"Public"}),
-    )
-    .await;
-    assert_eq!(a.0, 200);
+    team_message(&gw).await;
     assert_eq!(header(&get_list(&gw, "alice").await, "x-cache"), "MISS");
     assert_eq!(header(&get_list(&gw, "bob").await, "x-cache"), "MISS");
     assert_eq!(

@@ -852,32 +852,27 @@ pub async fn group_event(
 /// (every L2 page is then unreachable; the items stay); returns the new value (and
 /// learns it).
 pub async fn bump_pages(redis: &Redis, keys: &Keys, shared: &Shared) -> Result<u64, FleetError> {
-    let key = keys.pages_gen();
-    let known = shared.pages_gen.load(Ordering::Acquire);
-    let v: String = redis
-        .run_long(Op::Generation, |mut c| async move {
-            let r = RAISE_SCRIPT.key(key).arg(known).invoke_async(&mut c).await;
-            r
-        })
-        .await?;
-    let g = v.parse().unwrap_or(0);
-    shared.pages_gen.fetch_max(g, Ordering::AcqRel);
-    Ok(g)
+    raise(redis, keys.pages_gen(), &shared.pages_gen).await
 }
 
 /// Raises the fleet-wide generation past every value this gateway has seen; returns
 /// the new value (and learns it).
 pub async fn bump_fleet(redis: &Redis, keys: &Keys, shared: &Shared) -> Result<u64, FleetError> {
-    let key = keys.fleet_gen();
-    let known = shared.fleet_gen.load(Ordering::Acquire);
+    raise(redis, keys.fleet_gen(), &shared.fleet_gen).await
+}
+
+/// Raises the fleet-wide generation at `key` past its value, Redis's clock and
+/// `known` (the highest value this gateway has seen), and learns the new value.
+async fn raise(redis: &Redis, key: String, known: &AtomicU64) -> Result<u64, FleetError> {
+    let seen = known.load(Ordering::Acquire);
     let v: String = redis
         .run_long(Op::Generation, |mut c| async move {
-            let r = RAISE_SCRIPT.key(key).arg(known).invoke_async(&mut c).await;
+            let r = RAISE_SCRIPT.key(key).arg(seen).invoke_async(&mut c).await;
             r
         })
         .await?;
     let g = v.parse().unwrap_or(0);
-    shared.fleet_gen.fetch_max(g, Ordering::AcqRel);
+    known.fetch_max(g, Ordering::AcqRel);
     Ok(g)
 }
 
