@@ -206,12 +206,17 @@ fn sign(t: u64) -> String {
 }
 
 async fn group_webhook(gw: &Gateway) {
+    group_webhook_for(gw, GROUP).await;
+}
+
+/// `Group.CallbackAfterSendMsg` for `group`, signed, accepted.
+async fn group_webhook_for(gw: &Gateway, group: &str) {
     let t = chat_gateway::upstream::signer::unix_now();
     let url = gw.url(&format!(
         "/callback?SdkAppid={SDKAPPID}&CallbackCommand=Group.CallbackAfterSendMsg&contenttype=json&Sign={}&RequestTime={t}",
         sign(t)
     ));
-    let body = serde_json::json!({"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":GROUP,"From_Account":"x"});
+    let body = serde_json::json!({"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":group,"From_Account":"x"});
     let a = post(&url, body.to_string()).await;
     assert_eq!(json(&a)["ErrorCode"], 0, "{a:?}");
 }
@@ -589,6 +594,44 @@ async fn a_stream_deleted_while_a_gateway_is_stopped_is_a_detected_gap() {
     assert!(
         stale.is_empty(),
         "stale reads after the stream's loss:\n{}",
+        stale.join("\n")
+    );
+}
+
+/// 4d. The same with a group event (`cache.group_events = "all-pages"`, for a group
+/// the cached pages do not list): L2 still holds every page under the conversation
+/// pages' old generation, which only the lost entry carried. On waking the gateway
+/// learns the generations from Redis before it drops its memory, so it never reads
+/// those pages again.
+#[tokio::test]
+async fn a_group_event_lost_with_the_stream_while_a_gateway_is_stopped_leaves_nothing_stale() {
+    let _shared = MACHINE.read().await;
+    let redis = RedisServer::start();
+    let fake = FakeChat::start(versioned()).await;
+    let gws = fleet_of(3, &fake, &redis.url(), &[]).await;
+    let list = accounts("deleted_stream_group", 3);
+    let old = warm(&gws, &list).await;
+
+    gws[2].signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = received(&gws[..2]).await;
+    group_webhook_for(&gws[0], "@TGS#listed_nowhere").await;
+    wait_received(&gws[1..2], &before[1..2], 1.0).await;
+    redis
+        .command(&["DEL", &format!("{PREFIX}:{{fleet}}:bus")])
+        .unwrap();
+    gws[2].signal(libc::SIGCONT);
+    wait_metric_at_least(
+        &gws[2],
+        "chat_gateway_fleet_resyncs_total{reason=\"gap\"}",
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    let stale = stale_reads(&gws, &list, &old).await;
+    assert!(
+        stale.is_empty(),
+        "stale reads after a group event lost with the stream:\n{}",
         stale.join("\n")
     );
 }

@@ -890,6 +890,11 @@ async fn reposition(
 ) -> redis::RedisResult<Position> {
     let (id, n) = mark(c, &bus.keys, &bus.id).await?;
     bus.shared.seq_seen.fetch_max(n, Ordering::AcqRel);
+    // The fleet-wide generations as they are now: the events before the position may
+    // have raised them and be lost (a gap), and only their entries carried the new
+    // values. Learnt before memory is dropped, so that no read after the drop goes
+    // to L2 under a generation an event left behind.
+    learn_generations(c, bus).await?;
     bus.positioned.store(true, Ordering::Release);
     // The position is taken first: every event after it will be read, every one
     // before it is covered by this drop.
@@ -902,6 +907,24 @@ async fn reposition(
         n,
         identity: identity.to_string(),
     })
+}
+
+/// Learns the fleet-wide generation and the conversation pages' generation from
+/// Redis (both keys share the stream's slot, so the bus connection reaches them).
+async fn learn_generations(c: &mut Conn, bus: &Bus) -> redis::RedisResult<()> {
+    // Two GETs in one round trip (the fleet's ACL user has no MGET).
+    let (fleet, pages): (Option<u64>, Option<u64>) = redis::pipe()
+        .get(bus.keys.fleet_gen())
+        .get(bus.keys.pages_gen())
+        .query_async(c)
+        .await?;
+    bus.shared
+        .fleet_gen
+        .fetch_max(fleet.unwrap_or(0), Ordering::AcqRel);
+    bus.shared
+        .pages_gen
+        .fetch_max(pages.unwrap_or(0), Ordering::AcqRel);
+    Ok(())
 }
 
 async fn read_loop(weak: std::sync::Weak<Bus>) {
