@@ -243,7 +243,11 @@ impl<T: crate::cache::PageCache> Sink for T {
 pub struct Pending {
     /// Per kind: id → events naming it not yet confirmed.
     entities: [Mutex<HashMap<String, u32>>; EntityKind::ALL.len()],
-    /// Group, "every entity of a kind" and "everything" events not yet confirmed.
+    /// Per kind: "every entity of the kind" events not yet confirmed (a group event
+    /// under `all-pages` is "every conversation list": it holds back L2 pages only,
+    /// not the items).
+    every: [AtomicU32; EntityKind::ALL.len()],
+    /// Group and "everything" events not yet confirmed.
     wide: AtomicU32,
 }
 
@@ -256,6 +260,7 @@ impl Pending {
     /// Whether L2 must not be read for what depends on the entity `kind` `id` now.
     pub fn blocks_entity(&self, kind: EntityKind, id: &str) -> bool {
         self.wide.load(Ordering::Acquire) > 0
+            || self.every[kind.index()].load(Ordering::Acquire) > 0
             || self.entities[kind.index()]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -272,7 +277,10 @@ impl Pending {
                     *m.entry(en.id.clone()).or_default() += 1;
                 }
             }
-            Event::Group(_) | Event::Every(_) | Event::All => {
+            Event::Every(k) => {
+                self.every[k.index()].fetch_add(1, Ordering::AcqRel);
+            }
+            Event::Group(_) | Event::All => {
                 self.wide.fetch_add(1, Ordering::AcqRel);
             }
         }
@@ -293,8 +301,13 @@ impl Pending {
                     }
                 }
             }
-            Event::Group(_) | Event::Every(_) | Event::All => {
-                // Never below zero, whatever the order of confirmations.
+            // Never below zero, whatever the order of confirmations.
+            Event::Every(k) => {
+                let _ =
+                    self.every[k.index()]
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+            }
+            Event::Group(_) | Event::All => {
                 let _ = self
                     .wide
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
@@ -1110,6 +1123,26 @@ mod tests {
         assert!(collapsed);
         assert_eq!(q.events.len(), 1);
         assert_eq!(pending.wide.load(Ordering::Acquire), 1);
+    }
+
+    #[test]
+    fn every_entity_of_a_kind_holds_back_that_kind_only() {
+        let pending = Pending::default();
+        let every = Event::Every(EntityKind::Conversations);
+        pending.add(&every);
+        assert!(pending.blocks("anyone"));
+        assert!(!pending.blocks_entity(EntityKind::Profile, "anyone"));
+        assert!(!pending.blocks_entity(EntityKind::GroupInfo, "@g"));
+        pending.done(&every);
+        pending.done(&every);
+        assert!(!pending.blocks("anyone"));
+        // A group event (listing-accounts) and "everything" hold back everything.
+        for e in [Event::Group("@g".into()), Event::All] {
+            pending.add(&e);
+            assert!(pending.blocks_entity(EntityKind::Profile, "anyone"));
+            pending.done(&e);
+            assert!(!pending.blocks_entity(EntityKind::Profile, "anyone"));
+        }
     }
 
     #[test]
