@@ -297,8 +297,12 @@ async fn warm(gws: &[Gateway], account: &str) -> u64 {
     newest
 }
 
-/// After an invalidation at `t0`: every gateway's next get_list of `account` is a
-/// MISS with a page newer than `old`, within 100 ms.
+/// After an invalidation at `t0`: every gateway stops serving the old page of
+/// `account` within 3 s; its next answer from Chat is a page newer than `old`, and it
+/// caches again (MISS). A fetch that another drop of the account overtakes is
+/// answered from Chat without being cached (BYPASS): an event delivered twice (its
+/// publisher retried after a Redis hiccup) or a resync does that. The next request
+/// then fetches again; a hit after a fresh answer must be fresh too.
 async fn assert_fresh_everywhere(
     gws: &[Gateway],
     account: &str,
@@ -307,26 +311,45 @@ async fn assert_fresh_everywhere(
     what: &str,
 ) {
     for (i, gw) in gws.iter().enumerate() {
+        let mut answered_fresh = false;
         loop {
             let a = get_list(gw, account).await;
-            if header(&a, "x-cache") != "HIT" {
-                assert_eq!(header(&a, "x-cache"), "MISS", "{what}: gateway {}", i + 1);
+            let x = header(&a, "x-cache");
+            if x == "HIT" {
+                if answered_fresh {
+                    assert!(
+                        version(&a) > old,
+                        "{what}: gateway {} served the old page after a fresh one",
+                        i + 1
+                    );
+                    break;
+                }
+                assert!(
+                    version(&a) <= old,
+                    "a hit newer than any page cached before"
+                );
+            } else {
+                assert!(
+                    x == "MISS" || x == "BYPASS",
+                    "{what}: gateway {}: {x} {a:?}",
+                    i + 1
+                );
+                assert_eq!(json(&a)["ErrorCode"], 0, "{what}: gateway {}: {a:?}", i + 1);
                 assert!(
                     version(&a) > old,
                     "{what}: gateway {} served the old page",
                     i + 1
                 );
-                break;
+                if x == "MISS" {
+                    break;
+                }
+                answered_fresh = true;
             }
-            assert!(
-                version(&a) <= old,
-                "a hit newer than any page cached before"
-            );
             // A bound for a busy machine, not a speed figure (bench/fleet.sh measures
             // the lag): an event not applied within it was lost.
             assert!(
                 t0.elapsed() < Duration::from_secs(3),
-                "{what}: gateway {} still served the old page after {:?}",
+                "{what}: gateway {} still served the old page (or cached nothing) after {:?}",
                 i + 1,
                 t0.elapsed()
             );
