@@ -265,7 +265,11 @@ struct Member {
 }
 
 async fn member(url: &str) -> Member {
-    let s = settings(url, &[]);
+    member_with(url, &[]).await
+}
+
+async fn member_with(url: &str, extra: &[(&str, &str)]) -> Member {
+    let s = settings(url, extra);
     let store = Arc::new(PageStore::new(1 << 20, 64));
     let live = Arc::new(ArcSwap::from_pointee(s.live.clone()));
     let fleet = Fleet::start(&s, store.clone(), live).unwrap().unwrap();
@@ -353,6 +357,92 @@ async fn every_conversation_list_events_sent_together_share_one_raise() {
         .parse()
         .unwrap();
     assert_eq!(raised.last().unwrap().parse::<u64>().unwrap(), pgen);
+}
+
+/// Every command Redis runs, as MONITOR shows it (a thread reading until Redis goes).
+fn monitor(port: u16) -> Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::{BufRead, Write};
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"MONITOR\r\n").unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut first = String::new();
+    r.read_line(&mut first).unwrap();
+    assert_eq!(first.trim_end(), "+OK");
+    let out = lines.clone();
+    std::thread::spawn(move || {
+        for l in r.lines() {
+            let Ok(l) = l else { return };
+            out.lock().unwrap().push(l);
+        }
+    });
+    lines
+}
+
+/// An event whose append ran but whose answer was lost (writes paused past the
+/// publisher's wait: it sends the batch again, on a new session when its connection is
+/// given up) is in the stream once, and the others apply it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sent_again_after_its_answer_was_lost_is_appended_once() {
+    let redis = RedisServer::start();
+    // Without L2 the append is the event's only write: the pause holds the append.
+    let a = member_with(&redis.url(), &[("CHAT_GATEWAY__REDIS__L2_CACHE", "false")]).await;
+    let stream = "chat-gateway:1400000000:{fleet}:bus";
+    let seen = monitor(redis.port);
+    redis
+        .command(&["CLIENT", "PAUSE", "4000", "WRITE"])
+        .unwrap();
+    a.fleet.publish(Event::accounts(&["alice"]));
+    let started = Instant::now();
+    while a.fleet.bus().queued() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the event never left the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Every attempt the pause held has run once the last one answered; the monitor
+    // has shown them all once it shows a command sent after.
+    redis.command(&["ECHO", "monitor-sync"]).unwrap();
+    let started = Instant::now();
+    while !seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("monitor-sync"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "MONITOR shows nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The publish script's calls naming the event (its receipt key is its mark).
+    let attempts = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("\"EVALSHA\"") && l.contains(":sent:") && l.contains("alice"))
+        .count();
+    assert!(
+        attempts >= 2,
+        "the publisher sent the event {attempts} time(s): this test shows nothing"
+    );
+    let entries = redis.command(&["XRANGE", stream, "-", "+"]).unwrap();
+    let appended = entries.lines().filter(|l| l.contains("alice")).count();
+    assert_eq!(appended, 1, "sent {attempts} times: {entries}");
+    // A later event goes out as usual.
+    a.fleet.publish(Event::accounts(&["bob"]));
+    let started = Instant::now();
+    loop {
+        let entries = redis.command(&["XRANGE", stream, "-", "+"]).unwrap();
+        if entries.lines().any(|l| l.contains("bob")) {
+            assert_eq!(entries.lines().filter(|l| l.contains("alice")).count(), 1);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{entries}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

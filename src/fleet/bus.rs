@@ -19,7 +19,9 @@
 //! that numbers each one (`n`, from `P:{fleet}:seq`) as it appends it to the stream
 //! `P:{fleet}:bus` (`MAXLEN ~` [`MAXLEN`]). An event leaves the queue only when all of
 //! that has landed: a failure at any step (Redis down, full, paused) leaves it queued,
-//! and the retry does again what is needed (bumping twice costs nothing). Until an
+//! and the retry does again what is needed (bumping twice costs nothing; the script
+//! skips entries it already appended, by the gateway's receipt
+//! `P:{fleet}:sent:<id>`, so an event whose answer was lost is applied once). Until an
 //! event is in Redis, this gateway does not read L2 for what it names ([`Pending`]),
 //! so its own writes are read back fresh. Past [`MAX_QUEUE`] events or
 //! [`MAX_QUEUED_NAMES`] names the queue collapses into one "everything".
@@ -96,17 +98,35 @@ const BLOCK: Duration = Duration::from_millis(1000);
 /// How long the reader waits for any other step (a check, a marker).
 const STEP: Duration = Duration::from_secs(2);
 
-/// Appends numbered entries. `KEYS[1]`: the stream, `KEYS[2]`: the counter. ARGV:
-/// MAXLEN, origin, then per entry: kind, value, fleet generation ('' for none).
-/// Returns {id, n} of the last entry.
+/// Appends numbered entries. `KEYS[1]`: the stream, `KEYS[2]`: the counter, `KEYS[3]`:
+/// the publishing gateway's receipt (its last ticket appended, that entry's number
+/// and id). ARGV: MAXLEN, origin, then per entry: ticket ('0': a marker, always
+/// appended), kind, value, fleet generation ('' for none), pages generation ('' for
+/// none). An entry whose ticket the receipt already covers is skipped: a batch sent
+/// again because its answer was lost (a dropped connection, a timeout) is appended
+/// once. Returns {id, n} of the last entry of the batch in the stream.
 const PUBLISH: &str = r#"
 local id, n
-for i = 3, #ARGV, 4 do
-  n = redis.call('INCR', KEYS[2])
-  local e = {'o', ARGV[2], 'k', ARGV[i], 'v', ARGV[i + 1], 'n', n}
-  if ARGV[i + 2] ~= '' then e[#e + 1] = 'f'; e[#e + 1] = ARGV[i + 2] end
-  if ARGV[i + 3] ~= '' then e[#e + 1] = 'p'; e[#e + 1] = ARGV[i + 3] end
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(e))
+local last = 0
+local done = redis.call('GET', KEYS[3])
+if done then
+  local t, dn, did = string.match(done, '^(%d+) (%d+) (.+)$')
+  if t then last = tonumber(t); n = tonumber(dn); id = did end
+end
+local top = last
+for i = 3, #ARGV, 5 do
+  local t = tonumber(ARGV[i]) or 0
+  if t == 0 or t > last then
+    n = redis.call('INCR', KEYS[2])
+    local e = {'o', ARGV[2], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'n', n}
+    if ARGV[i + 3] ~= '' then e[#e + 1] = 'f'; e[#e + 1] = ARGV[i + 3] end
+    if ARGV[i + 4] ~= '' then e[#e + 1] = 'p'; e[#e + 1] = ARGV[i + 4] end
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(e))
+    if t > top then top = t end
+  end
+end
+if top > last then
+  redis.call('SET', KEYS[3], string.format('%d %d %s', top, n, id), 'PX', 600000)
 end
 return {id, n}
 "#;
@@ -585,12 +605,12 @@ impl Bus {
 
     /// Sends a batch: the L2 side first, then the numbered entries.
     async fn send(&self, batch: &[(u64, Event)]) -> Result<u64, FleetError> {
-        let mut entries: Vec<(&'static str, String, String, String)> =
+        let mut entries: Vec<(u64, &'static str, String, String, String)> =
             Vec::with_capacity(batch.len());
         // One raise of the conversation pages' generation serves every "every
         // conversation list" of the batch: all of them were taken before it.
         let mut pages_raised_once: Option<String> = None;
-        for (_, e) in batch {
+        for (ticket, e) in batch {
             let mut raised = String::new();
             let mut pages_raised = String::new();
             match e {
@@ -635,7 +655,7 @@ impl Bus {
                 }
             }
             let (kind, value) = e.encode();
-            entries.push((kind, value, raised, pages_raised));
+            entries.push((*ticket, kind, value, raised, pages_raised));
         }
         let (last_id, n) = self.append(entries).await?;
         tracing::trace!(last_id, n, "published");
@@ -645,18 +665,19 @@ impl Bus {
     /// Appends numbered entries; returns the last one's id and number.
     async fn append(
         &self,
-        entries: Vec<(&'static str, String, String, String)>,
+        entries: Vec<(u64, &'static str, String, String, String)>,
     ) -> Result<(String, u64), FleetError> {
         let stream = self.keys.bus();
         let seq = self.keys.bus_seq();
+        let sent = self.keys.bus_sent(&self.id);
         let id = self.id.clone();
         let (last_id, n): (String, u64) = self
             .redis
             .run_long(Op::Publish, |mut c| async move {
                 let mut inv = PUBLISH_SCRIPT.key(stream);
-                inv.key(seq).arg(MAXLEN).arg(id);
-                for (kind, v, f, pg) in &entries {
-                    inv.arg(*kind).arg(v).arg(f).arg(pg);
+                inv.key(seq).key(sent).arg(MAXLEN).arg(id);
+                for (ticket, kind, v, f, pg) in &entries {
+                    inv.arg(*ticket).arg(*kind).arg(v).arg(f).arg(pg);
                 }
                 let r = inv.invoke_async(&mut c).await;
                 r
@@ -789,8 +810,10 @@ async fn mark(c: &mut Conn, keys: &Keys, me: &str) -> redis::RedisResult<(String
     PUBLISH_SCRIPT
         .key(keys.bus())
         .key(keys.bus_seq())
+        .key(keys.bus_sent(me))
         .arg(MAXLEN)
         .arg(me)
+        .arg(0)
         .arg("h")
         .arg("")
         .arg("")

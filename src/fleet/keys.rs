@@ -136,6 +136,12 @@ impl Keys {
         format!("{}:{{fleet}}:seq", self.base)
     }
 
+    /// What gateway `id` last appended to the stream ("ticket n entry-id"): a batch
+    /// sent again after its answer was lost is not appended twice.
+    pub fn bus_sent(&self, id: &str) -> String {
+        format!("{}:{{fleet}}:sent:{id}", self.base)
+    }
+
     /// The invalidation stream.
     pub fn bus(&self) -> String {
         format!("{}:{{fleet}}:bus", self.base)
