@@ -27,6 +27,42 @@ pub fn max_per_second(times: &[Instant]) -> usize {
     max_in_window(times, Duration::from_secs(1))
 }
 
+/// The busiest one-second window of `times`, for a failure message: how many, and
+/// the gaps (ms) around its first and last arrivals (a call that arrived late shows as
+/// a long gap before the window's first, or a short run at its end).
+pub fn busiest_second(times: &[Instant]) -> String {
+    let mut t = times.to_vec();
+    t.sort();
+    let w = Duration::from_secs(1);
+    let (mut best, mut at, mut j) = (0, (0, 0), 0);
+    for i in 0..t.len() {
+        while t[i] >= t[j] + w {
+            j += 1;
+        }
+        if i - j + 1 > best {
+            best = i - j + 1;
+            at = (j, i);
+        }
+    }
+    if t.is_empty() {
+        return "no arrivals".into();
+    }
+    let ms = |k: usize| t[k].duration_since(t[0]).as_secs_f64() * 1000.0;
+    let around = |k: usize| -> Vec<String> {
+        (k.saturating_sub(3)..(k + 4).min(t.len()))
+            .map(|x| format!("{x}@{:.2}", ms(x)))
+            .collect()
+    };
+    format!(
+        "{best} in [{:.2} ms, {:.2} ms] of {} arrivals; around its first: {:?}; around its last: {:?}",
+        ms(at.0),
+        ms(at.0) + 1000.0,
+        t.len(),
+        around(at.0),
+        around(at.1)
+    )
+}
+
 /// When the fake Chat received each get_list call.
 pub fn arrivals(fake: &super::FakeChat) -> Vec<Instant> {
     fake.calls()
